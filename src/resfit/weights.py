@@ -1,0 +1,436 @@
+"""Pretrained weights: a registry, verified downloads, safe loading, and ``create_model``.
+
+The ImageNet entries are read from torchvision's own weights metadata (address, hash prefix,
+preprocessing, categories, accuracy), never copied by hand. The CIFAR-10 entries are the
+checkpoints of He et al.'s CIFAR ResNets trained by Yerlan Idelbayev (pytorch_resnet_cifar10).
+
+Files are never unpickled: ``torch.load(..., weights_only=True)`` or safetensors.
+
+Environment:
+- ``RESFIT_CACHE_DIR``: cache root (default ``$XDG_CACHE_HOME/resfit`` or ``~/.cache/resfit``);
+  weights live in its ``weights/`` folder.
+- ``RESFIT_WEIGHTS_MIRROR``: a base URL (``http://host/path/``) or a local folder that holds the
+  weight files under their file names; used instead of the original addresses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .models import get_spec
+
+log = logging.getLogger("resfit")
+
+__all__ = [
+    "WeightsSpec",
+    "WeightsError",
+    "create_model",
+    "download_weights",
+    "get_weights",
+    "list_weights",
+    "load_state_dict_file",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+WEIGHT_SUFFIXES = (".pth", ".pt", ".th", ".bin", ".safetensors")
+
+
+class WeightsError(RuntimeError):
+    """A weights file cannot be found, fetched, verified or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """One set of pretrained weights and everything needed to use them."""
+
+    name: str
+    arch: str
+    url: str
+    sha256: str  # full digest, or the prefix that torchvision puts in its file names
+    num_classes: int
+    categories: tuple[str, ...]
+    input_size: int
+    resize_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+    metrics: dict[str, float] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def filename(self) -> str:
+        return urllib.parse.urlparse(self.url).path.rsplit("/", 1)[-1]
+
+    def preprocessing(self) -> dict[str, object]:
+        return {
+            "input_size": self.input_size,
+            "resize_size": self.resize_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+        }
+
+
+_WEIGHTS: dict[str, WeightsSpec] = {}
+_DEFAULT_FOR_ARCH: dict[str, str] = {}
+
+
+def _register_torchvision() -> None:
+    from torchvision.models import get_model_weights
+
+    for arch in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
+        enum = get_model_weights(arch)
+        for w in enum:
+            t = w.transforms()
+            meta = w.meta
+            # torchvision file names end in the first 8+ hex digits of the file's sha256.
+            hash_prefix = Path(w.url).stem.rsplit("-", 1)[-1]
+            spec = WeightsSpec(
+                name=f"{arch}.{w.name.lower()}",
+                arch=arch,
+                url=w.url,
+                sha256=hash_prefix,
+                num_classes=len(meta["categories"]),
+                categories=tuple(meta["categories"]),
+                input_size=t.crop_size[0],
+                resize_size=t.resize_size[0],
+                mean=tuple(t.mean),
+                std=tuple(t.std),
+                interpolation=t.interpolation.value,
+                metrics={
+                    k.replace("acc@", "top"): v for k, v in meta["_metrics"]["ImageNet-1K"].items()
+                },
+                source=f"torchvision {enum.__name__}.{w.name}",
+            )
+            _WEIGHTS[spec.name] = spec
+        _DEFAULT_FOR_ARCH[arch] = f"{arch}.{enum.DEFAULT.name.lower()}"
+
+
+_CIFAR_BASE = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
+# depth -> (sha256 of the file, published test error in % on the lossless CIFAR-10 test set)
+_CIFAR_CHECKPOINTS = {
+    20: ("12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8", 8.27),
+    32: ("d509ac1820d7f25398913559d7e81a13229b1e7adc5648e3bfa5e22dc137f850", 7.37),
+    44: ("014dd6541728a1c700b1642ab640e211dc6eb8ed507d70697458dc8f8a0ae2e4", 6.90),
+    56: ("4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367", 6.61),
+}
+
+
+def _register_cifar() -> None:
+    for depth, (sha, err) in _CIFAR_CHECKPOINTS.items():
+        arch = f"resnet{depth}_cifar"
+        spec = WeightsSpec(
+            name=f"{arch}.cifar10",
+            arch=arch,
+            url=f"{_CIFAR_BASE}resnet{depth}-{sha[:8]}.th",
+            sha256=sha,
+            num_classes=10,
+            categories=CIFAR10_CLASSES,
+            input_size=32,
+            resize_size=32,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            metrics={"top1": round(100 - err, 2)},
+            source="Yerlan Idelbayev, pytorch_resnet_cifar10 (BSD-2-Clause)",
+        )
+        _WEIGHTS[spec.name] = spec
+        _DEFAULT_FOR_ARCH[arch] = spec.name
+
+
+_register_torchvision()
+_register_cifar()
+
+
+def list_weights(arch: str | None = None) -> list[str]:
+    """Registered weight names, optionally only those for one architecture."""
+    return sorted(n for n, s in _WEIGHTS.items() if arch is None or s.arch == arch)
+
+
+def get_weights(name: str, arch: str | None = None) -> WeightsSpec:
+    """Look up registered weights by name; ``"pretrained"`` means the default for ``arch``."""
+    if name in ("pretrained", "default", "DEFAULT"):
+        if arch is None or arch not in _DEFAULT_FOR_ARCH:
+            raise WeightsError(
+                f"no pretrained weights are registered for {arch!r}; `resfit weights` lists them"
+            )
+        name = _DEFAULT_FOR_ARCH[arch]
+    # Accept torchvision's spelling too: ResNet50_Weights.IMAGENET1K_V2
+    if name not in _WEIGHTS and "_Weights." in name:
+        head, tag = name.split("_Weights.", 1)
+        name = f"{head.lower()}.{tag.lower()}"
+    if name not in _WEIGHTS:
+        raise WeightsError(
+            f"unknown weights {name!r}: give a registered name (`resfit weights` lists them, "
+            f"e.g. {', '.join(list(_WEIGHTS)[:2])}) or the path of a "
+            f"{'/'.join(WEIGHT_SUFFIXES)} file"
+        )
+    return _WEIGHTS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Download
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("RESFIT_CACHE_DIR")
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "resfit"
+
+
+def weights_dir() -> Path:
+    return cache_dir() / "weights"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _source_url(spec: WeightsSpec) -> str:
+    mirror = os.environ.get("RESFIT_WEIGHTS_MIRROR")
+    if not mirror:
+        return spec.url
+    if "://" not in mirror:  # a local folder
+        return Path(mirror).expanduser().resolve().joinpath(spec.filename).as_uri()
+    return mirror.rstrip("/") + "/" + spec.filename
+
+
+def download_weights(spec: WeightsSpec, progress: bool = True) -> Path:
+    """Return the verified local file for ``spec``, downloading it into the cache if needed.
+
+    The download goes to a temporary file beside the target and is renamed into place only
+    after its sha256 matched, so a failed or tampered download leaves nothing behind.
+    """
+    folder = weights_dir()
+    target = folder / spec.filename
+    if target.exists():
+        if _sha256(target).startswith(spec.sha256):
+            return target
+        raise WeightsError(
+            f"{target} does not match the sha256 expected for {spec.name} ({spec.sha256}...): "
+            f"delete it and try again"
+        )
+    url = _source_url(spec)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{spec.filename}.", suffix=".part", dir=folder)
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as resp:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            from tqdm.auto import tqdm
+
+            with tqdm(
+                total=total, unit="B", unit_scale=True, desc=spec.filename, disable=not progress
+            ) as bar:
+                for chunk in iter(lambda: resp.read(1 << 20), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+        if not digest.hexdigest().startswith(spec.sha256):
+            raise WeightsError(
+                f"downloaded {spec.filename} from {url} but its sha256 {digest.hexdigest()[:16]}... "
+                f"does not match the expected {spec.sha256[:16]}...: the file is corrupt or not "
+                f"the published one; nothing was kept in {folder}"
+            )
+        os.replace(tmp, target)
+        return target
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        reason = getattr(e, "reason", e)
+        raise WeightsError(
+            f"could not download {spec.filename} for {spec.name} from {url} ({reason}). "
+            f"Offline? Put the file {spec.filename} (from {spec.url}) in {folder}, "
+            f"or set RESFIT_WEIGHTS_MIRROR to a server or folder that has it."
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading state dicts
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a state dict from .safetensors or a torch file without unpickling arbitrary objects.
+
+    Understands the common wrappers: ``{'state_dict': ...}`` (the CIFAR checkpoints),
+    ``{'model': ...}``, resfit's own checkpoints, and the ``module.`` prefix of DataParallel.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            sd: object = load_file(str(path))
+        except Exception as e:
+            raise WeightsError(f"{path} is not a valid safetensors file ({e})") from None
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise WeightsError(
+                f"refused to load {path}: it holds Python objects other than tensors, and "
+                f"resfit never unpickles those (they can run code). Re-save it as a plain "
+                f"state dict or as .safetensors. ({str(e).splitlines()[0]})"
+            ) from None
+        except Exception as e:
+            raise WeightsError(f"{path} is not a readable PyTorch weights file ({e})") from None
+    for key in ("state_dict", "model", "model_state_dict", "model_state"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise WeightsError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    prefix = "module."
+    if all(k.startswith(prefix) for k in sd):
+        sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    return sd
+
+
+def _adapt_state_dict(sd: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Map other layouts onto ours: CIFAR checkpoints call the classifier ``linear`` and
+    store no ``num_batches_tracked``."""
+    sd = {("fc." + k[len("linear.") :] if k.startswith("linear.") else k): v for k, v in sd.items()}
+    own = model.state_dict()
+    for k, v in own.items():
+        if k.endswith("num_batches_tracked") and k not in sd:
+            sd[k] = torch.zeros_like(v)
+    return sd
+
+
+def _check_fits(sd: dict[str, Tensor], model: nn.Module, arch: str, source: str) -> None:
+    own = model.state_dict()
+    body = lambda keys: {k for k in keys if not k.startswith("fc.")}  # noqa: E731
+    missing = sorted(body(own) - body(sd))
+    unexpected = sorted(body(sd) - body(own))
+    wrong = sorted(
+        k for k in body(own) & body(sd) if own[k].shape != sd[k].shape and k != "conv1.weight"
+    )
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(
+                f"{len(wrong)} of another shape (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)})"
+            )
+        raise WeightsError(
+            f"{source} does not fit architecture {arch!r}: {'; '.join(parts)}. "
+            f"Pick the --arch it was trained with."
+        )
+
+
+def _adapt_in_chans(weight: Tensor, in_chans: int) -> Tensor:
+    if weight.shape[1] == in_chans:
+        return weight
+    if in_chans == 1:
+        # A grey image is R = G = B: summing the RGB filters gives the same response.
+        return weight.sum(dim=1, keepdim=True)
+    repeats = -(-in_chans // weight.shape[1])
+    return weight.repeat(1, repeats, 1, 1)[:, :in_chans] * (weight.shape[1] / in_chans)
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int | None = None,
+    weights: str | os.PathLike | None = None,
+    in_chans: int = 3,
+    progress: bool = True,
+    **kwargs,
+) -> nn.Module:
+    """Build architecture ``name``, optionally with pretrained ``weights``.
+
+    ``weights`` is a registered name (``resfit weights`` lists them; ``"pretrained"`` picks the
+    architecture's default) or a local .pth/.pt/.th/.safetensors file. With a ``num_classes``
+    other than the checkpoint's, the classifier is replaced and re-initialised; with
+    ``in_chans=1`` the first convolution's RGB filters are summed.
+
+    The model gets a ``pretrained_cfg`` dict: preprocessing, categories and the weights' source.
+    """
+    spec_model = get_spec(name)
+    if weights is None:
+        model = spec_model.build(
+            num_classes=num_classes or spec_model.default_num_classes, in_chans=in_chans, **kwargs
+        )
+        model.pretrained_cfg = {}
+        return model
+
+    wspec: WeightsSpec | None = None
+    wpath = Path(weights)
+    if str(weights).endswith(WEIGHT_SUFFIXES) or wpath.exists():
+        sd = load_state_dict_file(wpath)
+        source = str(wpath)
+    else:
+        wspec = get_weights(str(weights), arch=name)
+        if wspec.arch != name:
+            raise WeightsError(
+                f"weights {wspec.name} are for {wspec.arch}, not {name}: "
+                f"use --arch {wspec.arch} or other weights ({', '.join(list_weights(name)) or 'none registered'})"
+            )
+        sd = load_state_dict_file(download_weights(wspec, progress=progress))
+        source = wspec.name
+
+    ckpt_classes = (
+        sd["fc.weight" if "fc.weight" in sd else "linear.weight"].shape[0]
+        if ("fc.weight" in sd or "linear.weight" in sd)
+        else None
+    )
+    model = spec_model.build(num_classes=ckpt_classes or spec_model.default_num_classes, **kwargs)
+    sd = _adapt_state_dict(sd, model)
+    _check_fits(sd, model, name, source)
+    if "fc.weight" not in sd:
+        raise WeightsError(f"{source} has no classifier weights (fc or linear)")
+    model.load_state_dict(sd, strict=True)
+
+    if in_chans != model.conv1.in_channels:
+        w = _adapt_in_chans(model.conv1.weight.data, in_chans)
+        conv = model.conv1
+        model.conv1 = nn.Conv2d(
+            in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False
+        )
+        model.conv1.weight.data.copy_(w)
+
+    categories: list[str] | None = list(wspec.categories) if wspec else None
+    if num_classes is not None and num_classes != model.fc.out_features:
+        log.warning(
+            "replacing the %d-class head of %s with a new, randomly initialised %d-class head",
+            model.fc.out_features,
+            source,
+            num_classes,
+        )
+        model.reset_classifier(num_classes)
+        categories = None
+    model.pretrained_cfg = {
+        "weights": source,
+        "categories": categories,
+        **(wspec.preprocessing() if wspec else {}),
+    }
+    return model

@@ -1,0 +1,174 @@
+"""The weights registry, verified downloads from a local mirror, and safe loading."""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torchvision.io import decode_jpeg
+
+import resfit
+from resfit.weights import WeightsError, download_weights, get_weights, load_state_dict_file
+
+from .conftest import CIFAR_CKPTS, CIFAR_ZIP, need
+
+
+def test_registry_takes_imagenet_entries_from_torchvision_metadata() -> None:
+    for depth in (18, 34, 50, 101, 152):
+        tv_enum = torchvision.models.get_model_weights(f"resnet{depth}")
+        for w in tv_enum:
+            spec = get_weights(f"resnet{depth}.{w.name.lower()}")
+            assert spec.url == w.url
+            assert spec.url.endswith(f"-{spec.sha256}.pth")
+            assert spec.categories == tuple(w.meta["categories"])
+            assert spec.metrics["top1"] == w.meta["_metrics"]["ImageNet-1K"]["acc@1"]
+            assert spec.resize_size == w.transforms().resize_size[0]
+        assert get_weights("pretrained", arch=f"resnet{depth}").name.endswith(
+            tv_enum.DEFAULT.name.lower()
+        )
+    assert get_weights("ResNet50_Weights.IMAGENET1K_V2").name == "resnet50.imagenet1k_v2"
+
+
+def test_registry_lists_the_four_cifar_checkpoints() -> None:
+    names = [n for n in resfit.list_weights() if n.endswith(".cifar10")]
+    assert names == [f"resnet{d}_cifar.cifar10" for d in (20, 32, 44, 56)]
+    spec = get_weights("resnet56_cifar.cifar10")
+    assert spec.filename == "resnet56-4bfd9763.th" and len(spec.sha256) == 64
+    assert spec.metrics["top1"] == pytest.approx(93.39)
+
+
+# Published by the reference implementation on the 10,000 lossy JPEG test images.
+REFERENCE_TOP1 = {20: 81.03, 32: 82.56, 44: 82.67, 56: 83.20}
+PARAMS = {20: 269_722, 32: 464_154, 44: 658_586, 56: 853_018}
+
+
+@pytest.fixture(scope="module")
+def cifar_test_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    need(CIFAR_ZIP)
+    images, labels = [], []
+    with zipfile.ZipFile(CIFAR_ZIP) as z:
+        names = sorted(n for n in z.namelist() if n.startswith("test/") and n.endswith(".jpg"))
+        classes = sorted({n.split("/")[1] for n in names})
+        for n in names:
+            data = torch.frombuffer(bytearray(z.read(n)), dtype=torch.uint8)
+            images.append(decode_jpeg(data))
+            labels.append(classes.index(n.split("/")[1]))
+    assert len(images) == 10_000
+    return torch.stack(images), torch.tensor(labels)
+
+
+@pytest.mark.parametrize("depth", sorted(REFERENCE_TOP1))
+def test_cifar_checkpoint_from_mirror_scores_the_reference_accuracy(
+    depth: int, cifar_mirror: Path, cifar_test_tensors
+) -> None:
+    images, labels = cifar_test_tensors
+    model = resfit.create_model(f"resnet{depth}_cifar", weights="pretrained", progress=False)
+    assert (
+        cifar_mirror / "weights" / get_weights(f"resnet{depth}_cifar.cifar10").filename
+    ).exists()
+    assert sum(p.numel() for p in model.parameters()) == PARAMS[depth]
+    cfg = model.pretrained_cfg
+    mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for i in range(0, len(images), 1000):
+            x = (images[i : i + 1000].float() / 255 - mean) / std
+            correct += (model(x).argmax(1) == labels[i : i + 1000]).sum().item()
+    assert 100 * correct / len(images) == pytest.approx(REFERENCE_TOP1[depth], abs=0.05)
+
+
+def test_download_with_wrong_hash_fails_and_leaves_the_cache_clean(
+    file_server, tmp_path: Path, monkeypatch
+) -> None:
+    spec = get_weights("resnet20_cifar.cifar10")
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / spec.filename).write_bytes(b"not the published checkpoint" * 1000)
+    monkeypatch.setenv("RESFIT_WEIGHTS_MIRROR", file_server(served))
+    monkeypatch.setenv("RESFIT_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(WeightsError, match="does not match the expected"):
+        download_weights(spec, progress=False)
+    leftovers = list((tmp_path / "cache").rglob("*"))
+    assert [p for p in leftovers if p.is_file()] == []
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_offline_download_names_the_file_and_the_folder(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("RESFIT_WEIGHTS_MIRROR", f"http://127.0.0.1:{_closed_port()}/")
+    monkeypatch.setenv("RESFIT_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(WeightsError) as err:
+        resfit.create_model("resnet50", weights="pretrained", progress=False)
+    msg = str(err.value)
+    assert "resnet50-11ad3fa6.pth" in msg and str(tmp_path / "cache" / "weights") in msg
+    assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
+
+
+def test_a_file_put_in_the_cache_by_hand_is_used_offline(tmp_path: Path, monkeypatch) -> None:
+    ckpt = need(CIFAR_CKPTS) / "resnet20-12fca82f.th"
+    monkeypatch.setenv("RESFIT_WEIGHTS_MIRROR", f"http://127.0.0.1:{_closed_port()}/")
+    monkeypatch.setenv("RESFIT_CACHE_DIR", str(tmp_path))
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / ckpt.name).write_bytes(ckpt.read_bytes())
+    model = resfit.create_model("resnet20_cifar", weights="resnet20_cifar.cifar10")
+    assert model.pretrained_cfg["categories"][0] == "airplane"
+
+
+def test_mirror_can_be_a_local_folder(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("RESFIT_WEIGHTS_MIRROR", str(need(CIFAR_CKPTS)))
+    monkeypatch.setenv("RESFIT_CACHE_DIR", str(tmp_path))
+    resfit.create_model("resnet32_cifar", weights="pretrained", progress=False)
+    assert (tmp_path / "weights" / "resnet32-d509ac18.th").exists()
+
+
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_pickle_carrying_a_payload_is_refused_and_does_not_run(tmp_path: Path) -> None:
+    marker = tmp_path / "payload-ran"
+    evil = tmp_path / "evil.pth"
+    with open(evil, "wb") as f:
+        pickle.dump({"state_dict": {"w": _Payload(str(marker))}}, f)
+    with pytest.raises(WeightsError, match="never unpickles"):
+        resfit.create_model("resnet18", weights=evil)
+    assert not marker.exists()
+
+
+def test_safetensors_and_cifar_layout_load(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    src = resfit.create_model("resnet20_cifar")
+    # The CIFAR checkpoints' own layout: wrapped, `module.`-prefixed, head named `linear`.
+    sd = {f"module.{k.replace('fc.', 'linear.')}": v for k, v in src.state_dict().items()}
+    sd = {k: v for k, v in sd.items() if "num_batches_tracked" not in k}
+    torch.save({"best_prec1": 90.0, "state_dict": sd}, tmp_path / "ck.th")
+    save_file(src.state_dict(), tmp_path / "ck.safetensors")
+    for name in ("ck.th", "ck.safetensors"):
+        model = resfit.create_model("resnet20_cifar", weights=tmp_path / name)
+        torch.testing.assert_close(model.fc.weight, src.fc.weight)
+    assert set(load_state_dict_file(tmp_path / "ck.th")) == set(sd_key[7:] for sd_key in sd)
+
+
+def test_unknown_weights_name_and_wrong_arch_are_clear() -> None:
+    with pytest.raises(WeightsError, match="unknown weights 'resnet50.nope'"):
+        resfit.create_model("resnet50", weights="resnet50.nope")
+    with pytest.raises(WeightsError, match="are for resnet18, not resnet50"):
+        resfit.create_model("resnet50", weights="resnet18.imagenet1k_v1")
+    with pytest.raises(WeightsError, match="does not exist"):
+        resfit.create_model("resnet50", weights="missing/file.pth")
