@@ -1,0 +1,234 @@
+"""Find images that appear in more than one split (train / val / test leakage).
+
+A photo in both train and test makes the test accuracy a memory test. Two kinds are found:
+
+- ``exact``: byte-identical files (sha256 of the file), e.g. the same file copied twice;
+- ``near``: the same picture re-encoded, resized, slightly brightened or stored with a different
+  EXIF orientation: a 64-bit perceptual hash (pHash: the signs of the 8x8 lowest 2-D DCT
+  frequencies of a 32x32 grey thumbnail, against their median) within a Hamming distance.
+
+Speed: JPEGs are decoded with PIL's ``draft`` mode (the decoder scales by 1/2..1/8 in the DCT
+domain, so a 4000 px photo costs about as much as a 500 px one) in a thread pool (PIL releases
+the GIL while decoding); the all-pairs comparison is a vectorised XOR + popcount.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps
+
+log = logging.getLogger("resfit")
+
+__all__ = [
+    "Duplicate",
+    "ImageHash",
+    "find_duplicates",
+    "hamming",
+    "hash_image",
+    "hash_images",
+    "phash",
+    "remove_leaks",
+]
+
+_HASH_SIZE = 32  # the grey thumbnail the DCT runs on
+_LOW = 8  # keep the LOW x LOW lowest frequencies: 64 bits
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """One pair of matching images in two different splits (``split_a`` comes first in order)."""
+
+    split_a: str
+    path_a: Path
+    split_b: str
+    path_b: Path
+    kind: Literal["exact", "near"]
+    distance: int  # Hamming distance of the perceptual hashes; 0 for exact copies
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["path_a"], d["path_b"] = str(self.path_a), str(self.path_b)
+        return d
+
+
+@dataclass(frozen=True)
+class ImageHash:
+    """The two fingerprints of one file; ``phash`` is None when the file does not decode."""
+
+    path: Path
+    sha256: str
+    phash: int | None
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    # Orthonormal DCT-II basis: row k is cos(pi * (2i + 1) * k / 2n), scaled.
+    i = np.arange(n)
+    m = np.cos(np.pi * (2 * i[None, :] + 1) * np.arange(n)[:, None] / (2 * n))
+    m[0] *= 1 / np.sqrt(2)
+    return m * np.sqrt(2 / n)
+
+
+_DCT = _dct_matrix(_HASH_SIZE)
+_BIT_WEIGHTS = (1 << np.arange(_LOW * _LOW - 1, -1, -1, dtype=np.uint64)).astype(np.uint64)
+
+
+def phash(image: Image.Image) -> int:
+    """64-bit perceptual hash of an (already oriented) image."""
+    grey = image.convert("L").resize((_HASH_SIZE, _HASH_SIZE), Image.Resampling.BOX)
+    pixels = np.asarray(grey, dtype=np.float64)
+    low = (_DCT @ pixels @ _DCT.T)[:_LOW, :_LOW].reshape(-1)
+    # The DC term only says how bright the picture is: leave it out of the median so a
+    # brightened copy keeps the same bits.
+    bits = low > np.median(low[1:])
+    return int(np.sum(_BIT_WEIGHTS[bits], dtype=np.uint64))
+
+
+def hamming(a: int, b: int) -> int:
+    """Number of differing bits between two hashes."""
+    return (a ^ b).bit_count()
+
+
+def _open_small(data: bytes) -> Image.Image:
+    im = Image.open(io.BytesIO(data))
+    # JPEG only: decode straight to grey at 1/2..1/8 scale, still >= 64 px a side.
+    im.draft("L", (2 * _HASH_SIZE, 2 * _HASH_SIZE))
+    im.load()
+    # The picture as people see it: a copy that differs only in its EXIF orientation tag (and
+    # the correspondingly rotated pixels) is the same picture.
+    return ImageOps.exif_transpose(im)
+
+
+def hash_image(path: str | os.PathLike) -> ImageHash:
+    """Fingerprint one file. Raises OSError when it cannot be read at all."""
+    path = Path(path)
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        ph: int | None = phash(_open_small(data))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        log.warning("cannot decode %s (%s): only exact copies of it will be found", path, e)
+        ph = None
+    return ImageHash(path, digest, ph)
+
+
+def _safe_hash(path: Path) -> ImageHash | None:
+    try:
+        return hash_image(path)
+    except OSError as e:
+        log.warning("cannot read %s (%s): left out of the duplicate scan", path, e)
+        return None
+
+
+def hash_images(paths: Iterable[str | os.PathLike], workers: int | None = None) -> list[ImageHash]:
+    """Fingerprint many files in parallel, in order; unreadable files are left out (logged)."""
+    paths = [Path(p) for p in paths]
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers <= 1 or len(paths) < 32:
+        results = [_safe_hash(p) for p in paths]
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(_safe_hash, paths, chunksize=16))
+    return [r for r in results if r is not None]
+
+
+def _near_pairs(a: np.ndarray, b: np.ndarray, max_distance: int) -> Iterable[tuple[int, int, int]]:
+    # Blocks of rows keep the XOR matrix small (4096 x len(b) uint64).
+    for start in range(0, len(a), 4096):
+        block = a[start : start + 4096, None] ^ b[None, :]
+        dist = np.bitwise_count(block)
+        rows, cols = np.nonzero(dist <= max_distance)
+        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+            yield start + r, c, int(dist[r, c])
+
+
+def find_duplicates(
+    splits: dict[str, list[Path]],
+    max_distance: int = 4,
+    workers: int | None = None,
+) -> list[Duplicate]:
+    """Every pair of exact or near-duplicate images that sit in two *different* splits.
+
+    ``splits``: split name -> image files, e.g. ``{"train": [...], "val": [...]}``; pairs are
+    reported with the earlier split (in the dict's order) as ``split_a``. ``max_distance``: the
+    largest pHash Hamming distance (of 64 bits) that still counts as the same picture; 0 finds
+    only re-encodings, 4 also resized / recompressed / brightened copies, above ~10 unrelated
+    photos start to match. Duplicates within one split are not reported (harmless for leakage).
+    """
+    if not 0 <= max_distance <= 64:
+        raise ValueError(f"max_distance must be in [0, 64], got {max_distance}")
+    names = list(splits)
+    all_paths = [Path(p) for name in names for p in splits[name]]
+    hashed = {h.path: h for h in hash_images(all_paths, workers=workers)}
+    per_split = {
+        name: [hashed[Path(p)] for p in splits[name] if Path(p) in hashed] for name in names
+    }
+
+    found: list[Duplicate] = []
+    for name_a, name_b in combinations(names, 2):
+        hs_a, hs_b = per_split[name_a], per_split[name_b]
+        by_sha: dict[str, list[ImageHash]] = {}
+        for h in hs_b:
+            by_sha.setdefault(h.sha256, []).append(h)
+        exact: set[tuple[Path, Path]] = set()
+        for h in hs_a:
+            for other in by_sha.get(h.sha256, ()):
+                exact.add((h.path, other.path))
+                found.append(Duplicate(name_a, h.path, name_b, other.path, "exact", 0))
+
+        with_a = [h for h in hs_a if h.phash is not None]
+        with_b = [h for h in hs_b if h.phash is not None]
+        if not with_a or not with_b:
+            continue
+        arr_a = np.array([h.phash for h in with_a], dtype=np.uint64)
+        arr_b = np.array([h.phash for h in with_b], dtype=np.uint64)
+        for i, j, d in _near_pairs(arr_a, arr_b, max_distance):
+            pa, pb = with_a[i].path, with_b[j].path
+            if (pa, pb) not in exact and pa != pb:
+                found.append(Duplicate(name_a, pa, name_b, pb, "near", d))
+    order = {n: k for k, n in enumerate(names)}
+    found.sort(key=lambda d: (order[d.split_a], order[d.split_b], d.distance, str(d.path_a)))
+    return found
+
+
+def remove_leaks(
+    splits: dict[str, list[Path]],
+    duplicates: list[Duplicate] | None = None,
+    max_distance: int = 4,
+    priority: Sequence[str] = ("train", "val", "test"),
+) -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
+    """Which files to drop so no picture is in two splits: returns ``(kept, dropped)``.
+
+    Of each duplicate pair the copy in the split earlier in ``priority`` stays (train keeps its
+    images; val and test lose theirs); splits not in ``priority`` rank after it, in the order
+    of ``splits``. ``duplicates`` defaults to ``find_duplicates(splits, max_distance)``.
+    Both dicts have every split, in the order given, files in their original order.
+    """
+    if duplicates is None:
+        duplicates = find_duplicates(splits, max_distance=max_distance)
+    rank = {name: k for k, name in enumerate(priority)}
+    for name in splits:
+        rank.setdefault(name, len(rank))
+    drop: dict[str, set[Path]] = {name: set() for name in splits}
+    for d in duplicates:
+        if d.split_a == d.split_b:
+            continue
+        loser, path = (
+            (d.split_b, d.path_b)
+            if rank.get(d.split_a, len(rank)) <= rank.get(d.split_b, len(rank))
+            else (d.split_a, d.path_a)
+        )
+        drop.setdefault(loser, set()).add(Path(path))
+    kept = {name: [p for p in files if Path(p) not in drop[name]] for name, files in splits.items()}
+    dropped = {name: [p for p in files if Path(p) in drop[name]] for name, files in splits.items()}
+    return kept, dropped
