@@ -4,16 +4,40 @@ Measured on the project's 2-core Xeon (AVX-512 with VNNI but *without* AVX512_BF
 a bf16 GEMM runs at 59 GFLOP/s against 261 for fp32, and ResNet-50 with bf16 autocast is
 2.3x slower than fp32. So ``auto`` picks bf16 on a CPU only where the CPU has native bf16
 (AVX512_BF16 or AMX), and fp32 elsewhere; on CUDA it picks bf16 (Ampere and newer) or fp16.
+int8 is not a PyTorch path here: it is the ONNX Runtime engine of :mod:`resfit.export`.
+
+``prepare_for_inference`` turns a model into the fastest correct callable for a device: a
+copy in eval mode with every BatchNorm folded into the convolution before it, channels-last
+memory (oneDNN's native layout for convolutions on CPU, tensor cores' on GPU), autocast for
+bf16/fp16 and, on request, ``torch.compile``. ``bench/inference.py`` measures each step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
-from collections.abc import Iterator
+import logging
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
+
+log = logging.getLogger("resfit")
+
+__all__ = [
+    "PRECISIONS",
+    "InferenceModel",
+    "autocast",
+    "cpu_has_native_bf16",
+    "describe",
+    "fold_conv_bn",
+    "pick_device",
+    "pick_precision",
+    "prepare_for_inference",
+]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
@@ -74,3 +98,128 @@ def describe(device: torch.device, precision: str) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} ({precision})"
     return f"CPU x{torch.get_num_threads()} threads ({precision})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference fast path
+
+
+def _fold_pairs(parent: nn.Module) -> list[tuple[str, str]]:
+    """(conv, bn) attribute pairs of ``parent`` whose forward computes exactly ``bn(conv(x))``.
+
+    Only layouts known to chain conv -> BN directly are folded: resfit's blocks and stems
+    (``convN`` feeds ``bnN``) and ``nn.Sequential`` (a Conv2d followed by a BatchNorm2d). An
+    unknown module may use its BN on something else, so it is left alone.
+    """
+    from .models import BasicBlock, Bottleneck, CifarResNet, ResNet
+
+    children = dict(parent.named_children())
+    pairs: list[tuple[str, str]] = []
+    if isinstance(parent, nn.Sequential):
+        names = list(children)
+        for a, b in zip(names, names[1:], strict=False):
+            pairs.append((a, b))
+    elif isinstance(parent, BasicBlock | Bottleneck | ResNet | CifarResNet):
+        pairs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
+    return [
+        (c, b)
+        for c, b in pairs
+        if isinstance(children.get(c), nn.Conv2d)
+        and isinstance(children.get(b), nn.BatchNorm2d)
+        and children[b].track_running_stats
+    ]
+
+
+def fold_conv_bn(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with each BatchNorm folded into the preceding conv.
+
+    In eval mode BN is a per-channel affine map, so it merges into the conv's weight and bias:
+    one fewer pass over every activation. ``model`` itself is not changed.
+    """
+    folded = copy.deepcopy(model).eval()
+    for parent in list(folded.modules()):
+        for conv_name, bn_name in _fold_pairs(parent):
+            conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+            setattr(parent, conv_name, torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn))
+            setattr(parent, bn_name, nn.Identity())
+    return folded
+
+
+class InferenceModel:
+    """A prepared model: call it on an NCHW float batch (any device), get fp32 logits.
+
+    ``module`` is the (folded) copy that runs; ``precision`` is resolved (never ``auto``).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        device: torch.device,
+        precision: str,
+        *,
+        folded: bool,
+        compiled: bool,
+    ) -> None:
+        self.module = module
+        self.device = device
+        self.precision = precision
+        self.folded = folded
+        self.compiled = compiled
+        self._fn: Callable[[Tensor], Tensor] = torch.compile(module) if compiled else module
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            try:
+                out = self._fn(x)
+            except Exception as e:
+                if not self.compiled:
+                    raise
+                # torch.compile needs a working C++ toolchain; a laptop may lack one. Eager
+                # is the same computation, only slower, so fall back rather than fail.
+                warnings.warn(
+                    f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                    f"running eagerly",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self.compiled, self._fn = False, self.module
+                out = self._fn(x)
+        return out.float()
+
+    def __repr__(self) -> str:
+        return (
+            f"InferenceModel({type(self.module).__name__}, {describe(self.device, self.precision)}, "
+            f"folded={self.folded}, compiled={self.compiled})"
+        )
+
+
+def prepare_for_inference(
+    model: nn.Module,
+    device: str | torch.device | None = "auto",
+    precision: str = "auto",
+    compile: bool = False,
+    *,
+    fold_bn: bool = True,
+) -> InferenceModel:
+    """The fastest correct eager (or compiled) callable for ``model`` on ``device``.
+
+    Works on a copy (``model`` keeps its weights, device and train/eval mode): eval mode,
+    conv+BN folding (``fold_bn``), channels-last weights and inputs, autocast for bf16/fp16,
+    and ``torch.compile`` when ``compile`` (its first call compiles, which takes a while).
+    ``precision="auto"`` follows :func:`pick_precision`. int8 is served by the ONNX engine
+    (:func:`resfit.export.quantize_int8`), not here.
+    """
+    dev = pick_device(device)
+    prec = pick_precision(dev, precision)
+    if prec == "int8":
+        raise ValueError(
+            "int8 runs on ONNX Runtime, not PyTorch: export with resfit.export.export_onnx, "
+            "quantize with quantize_int8 and run OnnxClassifier (or `resfit predict --engine onnx`)"
+        )
+    module = fold_conv_bn(model) if fold_bn else copy.deepcopy(model).eval()
+    # Weights stay fp32 under autocast: it casts per op, and keeps accuracy-sensitive ops fp32.
+    module = module.to(dev, memory_format=torch.channels_last)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return InferenceModel(module, dev, prec, folded=fold_bn, compiled=compile)
