@@ -466,7 +466,8 @@ def _errors_section(data: ReportData, m: _Metrics) -> str:
         f"<p>{len(wrong)} mistake(s); the {len(top)} the model was surest about "
         "(calibrated probability of the wrong class). "
         + (
-            "Right of each photo: Grad-CAM for the predicted class (red = what drove the mistake). "
+            "Left: the photo; right: what the model saw, with Grad-CAM for the predicted class "
+            "(red = the regions that drove the mistake). "
             if data.explain
             else ""
         )
@@ -502,9 +503,9 @@ def _calibration_section(data: ReportData, m: _Metrics) -> str:
     )
     mood = (
         "over-confident (probabilities too close to 0 and 1)"
-        if m.temperature > 1.05
+        if m.temperature > 1.1
         else "under-confident"
-        if m.temperature < 0.95
+        if m.temperature < 0.9
         else "about right"
     )
     text = (
@@ -609,10 +610,10 @@ table.num td:not(:first-child){text-align:right;font-variant-numeric:tabular-num
 .bad{color:#c0262d;font-weight:600}
 img.fig{max-width:100%;height:auto;display:block;margin:8px 0}
 .gallery{display:flex;flex-wrap:wrap;gap:12px}
-figure.wrong{margin:0;border:1px solid #dde1e7;border-radius:6px;padding:8px;background:#fafbfc;width:356px}
-figure.wrong img.thumb{width:172px;height:172px;object-fit:contain;background:#eee;margin-right:4px}
+figure.wrong{margin:0;border:1px solid #dde1e7;border-radius:6px;padding:8px;background:#fafbfc;width:340px}
+figure.wrong img.thumb{width:164px;height:164px;object-fit:contain;background:#eee;margin-right:4px}
 figure.wrong figcaption{font-size:13px;margin-top:4px;word-break:break-all}
-.missing{display:inline-block;width:172px;height:172px;background:#eee;color:#777;font-size:12px;text-align:center;line-height:172px;vertical-align:top}
+.missing{display:inline-block;width:164px;height:164px;background:#eee;color:#777;font-size:12px;text-align:center;line-height:164px;vertical-align:top}
 .big{font-size:30px;font-weight:600;margin:4px 0}.ci{font-size:16px;font-weight:400;color:#5b6472}
 pre{background:#f3f4f6;padding:10px;overflow:auto;font-size:13px;max-height:600px}
 footer{color:#8a93a0;font-size:12px;margin:20px 0}
