@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import os
 import tempfile
@@ -222,8 +223,12 @@ def quantize_int8(
     proto = onnx.load(str(src))
     inp = proto.graph.input[0]
     dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+    batches = iter(calib)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("quantize_int8 needs calibration images; calib yielded none")
     reader_cls = type("_Reader", (_Calibration, CalibrationDataReader), {})
-    reader = reader_cls(inp.name, calib, tuple(dims[1:]))
+    reader = reader_cls(inp.name, itertools.chain([first], batches), tuple(dims[1:]))
     meta = {p.key: p.value for p in proto.metadata_props}
     with tempfile.TemporaryDirectory(prefix="resfit-quant-") as work:
         pre = Path(work) / "pre.onnx"
@@ -239,8 +244,6 @@ def quantize_int8(
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
             )
-            if reader.count == 0:
-                raise ValueError("quantize_int8 needs calibration images; calib yielded none")
             qproto = onnx.load(str(tmp))
             cfg = json.loads(meta.get(METADATA_KEY, "{}"))
             cfg.update(precision="int8", calibration_images=reader.count)
