@@ -7,6 +7,9 @@ import logging
 import sys
 
 from . import models, weights
+from .data import DataError
+from .inference import RunError
+from .training import TrainConfig, TrainingError
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -24,6 +27,183 @@ def _cmd_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument(
+        "data", help="image folder (train/ val/ test/ or class folders) or a CSV manifest"
+    )
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument(
+        "--arch",
+        default=d.arch,
+        help=f"architecture (default {d.arch}); `resfit models` lists them",
+    )
+    p.add_argument(
+        "--weights", help="pretrained weights: a registered name, 'pretrained', or a file"
+    )
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument(
+        "--img-size", type=int, help="input size (default: the weights', else 224 or 32)"
+    )
+    p.add_argument(
+        "--lr", type=float, help="peak learning rate (default: by optimizer and transfer)"
+    )
+    p.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adam", "adamw"])
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--schedule", default=d.schedule, choices=["cosine", "onecycle", "constant"])
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this value")
+    p.add_argument(
+        "--early-stopping",
+        type=int,
+        metavar="PATIENCE",
+        help="stop after this many epochs without a better val accuracy",
+    )
+    p.add_argument("--augment", default="standard", choices=["none", "light", "standard", "strong"])
+    p.add_argument("--rotation", type=float, help="augmentation: max rotation in degrees")
+    p.add_argument("--translate", type=float, help="augmentation: max shift, fraction of the size")
+    p.add_argument("--hflip", type=float, help="augmentation: horizontal flip probability")
+    p.add_argument("--vflip", type=float, help="augmentation: vertical flip probability")
+    p.add_argument("--color-jitter", type=float, help="augmentation: colour jitter strength")
+    p.add_argument("--mixup", type=float, help="augmentation: MixUp alpha (0 = off)")
+    p.add_argument("--cutmix", type=float, help="augmentation: CutMix alpha (0 = off)")
+    p.add_argument(
+        "--freeze",
+        default=d.freeze,
+        choices=["none", "stem", "layer1", "layer2", "layer3", "layer4", "backbone"],
+    )
+    p.add_argument(
+        "--train-bn", action="store_true", help="keep BatchNorm in the frozen part training"
+    )
+    p.add_argument("--in-chans", type=int, default=d.in_chans, choices=[1, 3])
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--test-fraction", type=float, default=d.test_fraction)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--deterministic", action="store_true")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument(
+        "--sync-bn", action="store_true", help="SyncBatchNorm across GPUs under torchrun"
+    )
+    p.add_argument("--workers", type=int, default=d.workers)
+    p.add_argument("--tensorboard", action="store_true")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+_AUG_FLAGS = ("rotation", "translate", "hflip", "vflip", "color_jitter", "mixup", "cutmix")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    from .augmentation import AugmentConfig
+
+    aug = AugmentConfig(args.augment, **{k: getattr(args, k) for k in _AUG_FLAGS})
+    names = {f for f in TrainConfig.__dataclass_fields__} - {"augment", "classes", "mean", "std"}
+    values = {k: getattr(args, k) for k in names if hasattr(args, k)}
+    return TrainConfig(**values, augment=aug)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .training import train
+
+    result = train(config_from_args(args), resume=args.resume)
+    if result.history:
+        print(
+            f"best val accuracy {result.best_val_accuracy:.4f} (epoch {result.best_epoch}); run in {result.run_dir}"
+        )
+    if result.test:
+        print(f"test accuracy {result.test['accuracy']:.4f} on {result.test['n']} images")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluation import evaluate
+
+    res = evaluate(
+        args.run,
+        args.data,
+        out=args.out,
+        batch_size=args.batch_size,
+        device=args.device,
+        precision=args.precision,
+        progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps(res.summary()))
+    else:
+        print(
+            f"accuracy {res.accuracy:.4f}  top-5 {res.top5:.4f}  balanced {res.balanced_accuracy:.4f}  macro-F1 {res.macro_f1:.4f}  n={res.n}"
+        )
+        for row in res.per_class:
+            print(
+                f"  {row['class']:20s} precision {row['precision']:.3f} recall {row['recall']:.3f} f1 {row['f1']:.3f} n={row['support']}"
+            )
+        if res.skipped:
+            print(f"skipped {len(res.skipped)} unreadable file(s)")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .inference import Predictor, write_predictions_csv
+
+    predictor = Predictor.from_run(args.run, device=args.device, precision=args.precision)
+    preds, skipped = predictor.predict(args.inputs, top_k=args.top_k, batch_size=args.batch_size)
+    text = write_predictions_csv(args.out, preds, args.top_k)
+    if args.out:
+        print(f"wrote {len(preds)} predictions to {args.out}")
+    else:
+        sys.stdout.write(text)
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    return 0
+
+
+def _cmd_augment_preview(args: argparse.Namespace) -> int:
+    from .augmentation import AugmentConfig, base_size_for, preview_grid
+    from .data import decode_all, discover
+    from .weights import IMAGENET_MEAN, IMAGENET_STD
+
+    splits = discover(args.data, seed=args.seed)
+    per_class: dict[int, list] = {}
+    for s in splits.train:
+        per_class.setdefault(s.label, [])
+        if len(per_class[s.label]) < 1:
+            per_class[s.label].append(s)
+    samples = [s for v in per_class.values() for s in v][: args.rows]
+    decoded = decode_all(samples, base_size_for(args.img_size), progress=False)
+    cfg = AugmentConfig(args.augment, **{k: getattr(args, k) for k in _AUG_FLAGS})
+    grid = preview_grid(
+        decoded.images,
+        cfg,
+        args.img_size,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        views=args.views,
+        seed=args.seed,
+    )
+    from torchvision.io import write_png
+
+    write_png(grid, args.out)
+    print(
+        f"wrote {args.out}: {len(samples)} images (first column: eval view) x {args.views} augmented views, preset {args.augment}"
+    )
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(out=args.out, quick=args.quick)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resfit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -36,6 +216,51 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("weights", help="list the registered pretrained weights")
     p.add_argument("--arch", help="only the weights for this architecture")
     p.set_defaults(func=_cmd_weights)
+
+    p = sub.add_parser("train", help="train a classifier on an image folder")
+    _add_train_args(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="score a run on labelled images (top-1, top-5, per class)")
+    p.add_argument("run")
+    p.add_argument(
+        "data", help="a folder of class folders, or a data root whose test/ split is used"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--out", help="folder for the metrics files (default RUN/eval-<data>)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("predict", help="predict new images with a run")
+    p.add_argument("run")
+    p.add_argument("inputs", nargs="+", help="files, folders (recursive) or globs")
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--out", help="CSV file to write (default: print)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("augment-preview", help="write a PNG grid of augmented samples")
+    p.add_argument("data")
+    p.add_argument("--out", default="augment-preview.png")
+    p.add_argument("--augment", default="standard", choices=["none", "light", "standard", "strong"])
+    for flag in _AUG_FLAGS:
+        p.add_argument("--" + flag.replace("_", "-"), type=float)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--rows", type=int, default=6)
+    p.add_argument("--views", type=int, default=7)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_augment_preview)
+
+    p = sub.add_parser(
+        "demo", help="the main job, offline: train, transfer and compare on real digits"
+    )
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="fewer epochs (for the tests)")
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 
@@ -48,7 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, weights.WeightsError) as e:
+    except (
+        ValueError,
+        FileNotFoundError,
+        weights.WeightsError,
+        DataError,
+        RunError,
+        TrainingError,
+    ) as e:
         # Bad input ends in one clear line, not a traceback.
         print(f"resfit {args.command}: error: {e}", file=sys.stderr)
         return 2

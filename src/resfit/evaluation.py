@@ -1,0 +1,188 @@
+"""Validation and test: metrics on images the model has not seen, written where users look.
+
+``evaluate("RUN", "DATA")`` (``resfit eval RUN DATA``) scores a run on a folder of class
+folders, or on a data root's ``test/`` split, and writes ``RUN/eval-<name>/``: metrics.json,
+per_class.csv (precision/recall/F1 from scikit-learn), confusion.csv and .png, predictions.csv.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .data import Sample, eval_samples
+from .inference import Predictor
+
+
+@dataclass
+class EvalResult:
+    classes: list[str]
+    y_true: np.ndarray
+    logits: np.ndarray
+    paths: list[str]
+    accuracy: float
+    top5: float
+    n: int
+    loss: float
+    balanced_accuracy: float
+    macro_f1: float
+    per_class: list[dict]
+    confusion: np.ndarray
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def y_pred(self) -> np.ndarray:
+        return self.logits.argmax(1)
+
+    def summary(self) -> dict:
+        return {
+            "accuracy": self.accuracy,
+            "top5": self.top5,
+            "n": self.n,
+            "loss": self.loss,
+            "balanced_accuracy": self.balanced_accuracy,
+            "macro_f1": self.macro_f1,
+            "skipped": len(self.skipped),
+            "per_class": self.per_class,
+        }
+
+
+def compute_metrics(
+    logits: Tensor, y_true: Tensor, classes: Sequence[str], paths: Sequence[str]
+) -> EvalResult:
+    from sklearn.metrics import (
+        balanced_accuracy_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+    )
+
+    k = len(classes)
+    y = y_true.numpy()
+    pred = logits.argmax(1).numpy()
+    topk = logits.topk(min(5, k), dim=1).indices.numpy()
+    labels = list(range(k))
+    p, r, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    per_class = [
+        {
+            "class": c,
+            "precision": float(p[i]),
+            "recall": float(r[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, c in enumerate(classes)
+    ]
+    present = support > 0
+    return EvalResult(
+        classes=list(classes),
+        y_true=y,
+        logits=logits.numpy(),
+        paths=list(paths),
+        accuracy=float((pred == y).mean()) if len(y) else 0.0,
+        top5=float((topk == y[:, None]).any(1).mean()) if len(y) else 0.0,
+        n=int(len(y)),
+        loss=float(F.cross_entropy(logits, y_true).item()) if len(y) else float("nan"),
+        balanced_accuracy=float(balanced_accuracy_score(y, pred)) if len(y) else 0.0,
+        macro_f1=float(f1[present].mean()) if present.any() else 0.0,
+        per_class=per_class,
+        confusion=confusion_matrix(y, pred, labels=labels),
+    )
+
+
+def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(classes)
+    size = min(14, 2 + 0.5 * k)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(k), classes, rotation=90 if k > 6 else 0)
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 30:
+        thresh = cm.max() / 2 if cm.size else 0
+        for i in range(k):
+            for j in range(k):
+                ax.text(
+                    j,
+                    i,
+                    str(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    color="white" if cm[i, j] > thresh else "black",
+                    fontsize=8,
+                )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_eval(
+    res: EvalResult, out_dir: str | os.PathLike, temperature: float | None = None
+) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(res.summary(), indent=2))
+    with open(out / "per_class.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["class", "precision", "recall", "f1", "support"])
+        w.writeheader()
+        w.writerows(res.per_class)
+    with open(out / "confusion.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["true\\predicted", *res.classes])
+        for c, row in zip(res.classes, res.confusion, strict=True):
+            w.writerow([c, *row.tolist()])
+    plot_confusion(res.confusion, res.classes, out / "confusion.png")
+    probs = torch.softmax(torch.from_numpy(res.logits) / (temperature or 1.0), dim=1).numpy()
+    with open(out / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "true", "predicted", "confidence", "correct"])
+        for path, t, pr in zip(res.paths, res.y_true, probs, strict=True):
+            j = int(pr.argmax())
+            w.writerow([path, res.classes[int(t)], res.classes[j], f"{pr[j]:.6f}", int(j == t)])
+    if res.skipped:
+        with open(out / "skipped.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "reason"])
+            w.writerows(res.skipped)
+    return out
+
+
+def evaluate(
+    run: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    out: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    precision: str = "auto",
+    progress: bool = False,
+) -> EvalResult:
+    """Score a run on labelled images it has not seen; writes RUN/eval-<data name>/."""
+    predictor = Predictor.from_run(run, device=device, precision=precision)
+    samples, skipped = eval_samples(data, predictor.classes)
+    decoded = predictor.decode([s.path for s in samples], progress=progress)
+    label_of = {str(s.path): s.label for s in samples}
+    y = torch.tensor([label_of[str(p)] for p in decoded.paths], dtype=torch.long)
+    logits = predictor.logits(decoded, batch_size)
+    res = compute_metrics(logits, y, predictor.classes, [str(p) for p in decoded.paths])
+    res.skipped = skipped + decoded.skipped
+    name = Path(data).name or "data"
+    write_eval(res, out or Path(run) / f"eval-{name}", predictor.temperature)
+    return res
+
+
+__all__ = ["EvalResult", "Sample", "compute_metrics", "evaluate", "write_eval"]

@@ -1,0 +1,180 @@
+"""Inference: load a run folder and predict on new images with the run's own preprocessing.
+
+    predictor = Predictor.from_run("RUN")
+    for p in predictor.predict(["a.jpg", "folder/"], top_k=3):
+        print(p.path, p.label, p.confidence)
+
+Needs only the run folder (config.json, classes.json, model.safetensors), not the training data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import runtime
+from .augmentation import base_size_for, eval_transform, for_channels
+from .data import DecodedImages, Sample, TransformedImages, decode_all, find_images, iter_batches
+from .models import build_model
+
+
+class RunError(ValueError):
+    """A run folder is missing something or does not match; the message names the file."""
+
+
+@dataclass
+class Prediction:
+    path: str
+    label: str
+    confidence: float
+    top_k: list[tuple[str, float]]
+
+
+def load_run(run: str | os.PathLike) -> tuple[dict, list[str]]:
+    """The resolved config and class names of a run folder."""
+    run = Path(run)
+    for name in ("config.json", "classes.json", "model.safetensors"):
+        if not (run / name).is_file():
+            raise RunError(
+                f"{run} is not a finished resfit run: {name} is missing "
+                f"(train one with `resfit train DATA --out {run}`)"
+            )
+    return json.loads((run / "config.json").read_text()), json.loads(
+        (run / "classes.json").read_text()
+    )
+
+
+def load_run_model(run: str | os.PathLike) -> tuple[nn.Module, dict, list[str]]:
+    """The trained model of a run (eval mode, CPU), its config and class names."""
+    from safetensors.torch import load_file
+
+    cfg, classes = load_run(run)
+    model = build_model(cfg["arch"], num_classes=len(classes), in_chans=cfg.get("in_chans", 3))
+    state = load_file(str(Path(run) / "model.safetensors"))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise RunError(
+            f"{run}/model.safetensors does not fit {cfg['arch']}: {str(e).splitlines()[0]}"
+        ) from None
+    return model.eval(), cfg, classes
+
+
+class Predictor:
+    """A trained classifier with its preprocessing, ready for new images."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        classes: Sequence[str],
+        *,
+        img_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        in_chans: int = 3,
+        device: str = "auto",
+        precision: str = "auto",
+        temperature: float | None = None,
+    ) -> None:
+        self.device = runtime.pick_device(device)
+        self.precision = runtime.pick_precision(self.device, precision)
+        self.model = model.eval().to(self.device).to(memory_format=torch.channels_last)
+        self.classes = list(classes)
+        self.img_size = img_size
+        self.base_size = base_size_for(img_size)
+        self.transform = for_channels(eval_transform(img_size, tuple(mean), tuple(std)), in_chans)
+        self.temperature = temperature
+
+    @classmethod
+    def from_run(
+        cls, run: str | os.PathLike, *, device: str = "auto", precision: str = "auto"
+    ) -> Predictor:
+        model, cfg, classes = load_run_model(run)
+        calib = Path(run) / "calibration.json"
+        temperature = json.loads(calib.read_text())["temperature"] if calib.exists() else None
+        return cls(
+            model,
+            classes,
+            img_size=cfg["img_size"],
+            mean=cfg["mean"],
+            std=cfg["std"],
+            in_chans=cfg.get("in_chans", 3),
+            device=device,
+            precision=precision,
+            temperature=temperature,
+        )
+
+    def decode(self, paths: Sequence[str | os.PathLike], progress: bool = False) -> DecodedImages:
+        return decode_all([Sample(Path(p), -1) for p in paths], self.base_size, progress=progress)
+
+    @torch.inference_mode()
+    def logits(self, decoded: DecodedImages, batch_size: int = 64) -> Tensor:
+        out = []
+        data = TransformedImages(decoded, self.transform)
+        n = len(data)
+        for x, _ in iter_batches(
+            data, [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+        ):
+            x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+            with runtime.autocast(self.device, self.precision):
+                out.append(self.model(x).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, len(self.classes))
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        return torch.softmax(logits / (self.temperature or 1.0), dim=1)
+
+    def predict(
+        self,
+        inputs: Sequence[str | os.PathLike],
+        top_k: int = 1,
+        batch_size: int = 64,
+        progress: bool = False,
+    ) -> tuple[list[Prediction], list[tuple[str, str]]]:
+        """Predict files, folders (recursively) and globs. Returns the predictions and the
+        files that could not be read (path, reason)."""
+        paths = find_images([str(p) for p in inputs])
+        decoded = self.decode(paths, progress=progress)
+        probs = self.probabilities(self.logits(decoded, batch_size))
+        k = max(1, min(top_k, len(self.classes)))
+        conf, idx = probs.topk(k, dim=1)
+        preds = [
+            Prediction(
+                str(p),
+                self.classes[int(i[0])],
+                float(c[0]),
+                [(self.classes[int(j)], float(v)) for j, v in zip(i, c, strict=True)],
+            )
+            for p, c, i in zip(decoded.paths, conf, idx, strict=True)
+        ]
+        return preds, decoded.skipped
+
+
+def write_predictions_csv(
+    path: str | os.PathLike | None, preds: Sequence[Prediction], top_k: int
+) -> str:
+    """CSV with path,label,confidence and, for top_k > 1, label_2,confidence_2,...; returns the
+    text (and writes it when ``path`` is given)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    header = ["path", "label", "confidence"]
+    for r in range(2, top_k + 1):
+        header += [f"label_{r}", f"confidence_{r}"]
+    w.writerow(header)
+    for p in preds:
+        row = [p.path, p.label, f"{p.confidence:.6f}"]
+        for lab, c in p.top_k[1:top_k]:
+            row += [lab, f"{c:.6f}"]
+        w.writerow(row)
+    text = buf.getvalue()
+    if path:
+        Path(path).write_text(text)
+    return text
