@@ -67,7 +67,11 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, shots: int = 5)
     print(f"1/3 pretraining resnet20_cifar from scratch on the digits 0-4 ({data / 'pretrain'})")
     pre = train(
         TrainConfig(
-            data=str(pre_data), out=str(out / "pretrain"), epochs=4 if quick else 12, **common
+            data=str(pre_data),
+            out=str(out / "pretrain"),
+            epochs=3 if quick else 8,
+            augment=pre_aug,
+            **common,
         )
     )
     t_pre = time.perf_counter() - t0
