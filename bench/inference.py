@@ -9,11 +9,29 @@
 # precision (measured at the start: n=1024 matmul), at 8.2 GFLOP (4.1 GMACs) per image.
 # Slowness never fails the run; an engine that cannot run here is reported and skipped.
 #
-# Last run (FILLED IN BELOW from a real run; 2-core shared Xeon, noisy: other jobs were running):
-#   see the "Last figures" block at the end of this header.
+# Machine: the project's 2-core Xeon (AVX-512 + VNNI, no AVX512_BF16/AMX), torch 2.14.1, ONNX
+# Runtime 1.32, shared with three other jobs while it ran: the GEMM roof it measured (fp32 90-95
+# GFLOP/s) is a third of the quiet figure (~261), so absolute numbers are low and noisy and
+# "% roof" can pass 100 %. The ratios come from interleaved rounds on the same input and held
+# across runs; to be re-run on a quiet machine.
 #
-# Last figures:
-#   (pending)
+# Last figures (python bench/inference.py --repeats 3, 2026-11-27):
+#   GEMM roof (n=1024 matmul): fp32 90 GFLOP/s, bf16 29 GFLOP/s, int8 95 GOP/s (after: 95/29/90)
+#   engine                                  img/s  x base  % roof    b1 ms   b1 x setup s
+#   torchvision eager fp32 (baseline)         6.8    1.00     59%    632.1   1.00     7.2
+#   resfit fp32 (fold BN, channels-last)      8.8    1.30     76%    573.0   1.10     7.0
+#   resfit fp32 channels-last, no fold        7.0    1.03     60%    394.8   1.60     6.8
+#   resfit bf16 autocast                      3.0    0.44     83%    225.8   2.80    13.9
+#   resfit fp32 torch.compile                 8.2    1.21     71%     80.5   7.85    12.5
+#   ONNX Runtime fp32                        11.8    1.74    102%     79.5   7.95     9.8
+#   ONNX Runtime int8                        27.9    4.11    242%     59.7  10.59    15.2
+# An earlier run the same day, less loaded (roof fp32 159): baseline 16.1 img/s, fold+CL 18.6
+# (1.15x), no fold 15.9, bf16 6.7 (0.41x), compile 23.1 (1.43x; 54 s first compile), ONNX fp32
+# 28.3 (1.75x), ONNX int8 87.8 (5.44x). Batch-1 latencies of the PyTorch rows swing 5x between
+# runs under load (OpenMP threads wait on busy cores); ONNX Runtime's are steadier.
+# For contrast, 2 threads of a Sapphire Rapids host (AMX; torch 2.11, ORT 1.30) with --quick: baseline 11.4, fold+CL
+# 18.3 (1.61x), bf16 68.6 (6.0x: native bf16, so `auto` picks it there), ONNX fp32 29.4 (2.6x),
+# ONNX int8 96.9 (8.5x).
 """Benchmark: ResNet-50 inference throughput and latency, baseline vs resfit engines."""
 
 from __future__ import annotations

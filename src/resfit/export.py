@@ -89,7 +89,7 @@ def _metadata(model: nn.Module, in_chans: int, hw: tuple[int, int], precision: s
     # Same form as pretrained_cfg: an int for a square input.
     cfg.update(in_chans=in_chans, input_size=hw[0] if hw[0] == hw[1] else list(hw))
     cfg.update(precision=precision)
-    return json.dumps(cfg)
+    return json.dumps(cfg, default=str)  # a Path or tuple in the cfg must not stop an export
 
 
 def export_onnx(

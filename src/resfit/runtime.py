@@ -9,7 +9,10 @@ int8 is not a PyTorch path here: it is the ONNX Runtime engine of :mod:`resfit.e
 ``prepare_for_inference`` turns a model into the fastest correct callable for a device: a
 copy in eval mode with every BatchNorm folded into the convolution before it, channels-last
 memory (oneDNN's native layout for convolutions on CPU, tensor cores' on GPU), autocast for
-bf16/fp16 and, on request, ``torch.compile``. ``bench/inference.py`` measures each step.
+bf16/fp16 and, on request, ``torch.compile``. ``bench/inference.py`` measures each step: on
+ResNet-50 (2 threads, batch 32) folding + channels-last ran 1.15-1.30x torchvision eager here
+and 1.6x on an AMX Xeon, where channels-last alone gave 1.0-1.4x; compile added a little more
+for a minute of compiling. ONNX Runtime (1.75x fp32, 4-5x int8) is faster still on CPUs.
 """
 
 from __future__ import annotations
