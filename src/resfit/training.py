@@ -95,6 +95,9 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     sync_bn: bool = False
+    precise_bn: int = (
+        2048  # re-estimate BN statistics on this many train images per epoch (0 = off)
+    )
     workers: int = 0  # DataLoader workers for augmentation; 0 keeps both cores for the model
     tensorboard: bool = False
     progress: bool = True
@@ -103,6 +106,10 @@ class TrainConfig:
     classes: list[str] = field(default_factory=list)
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.augment, str):  # TrainConfig(augment="light") as a shorthand
+            self.augment = AugmentConfig(preset=self.augment)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -221,6 +228,45 @@ def set_train_mode(model: nn.Module, frozen: list[nn.Module]) -> None:
     model.train()
     for m in frozen:
         m.eval()
+
+
+@torch.no_grad()
+def recompute_bn_stats(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    n_images: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+) -> None:
+    """Re-estimate the running statistics of every BatchNorm that is training ("precise BN").
+
+    With few images the weights move faster than BN's running averages (momentum 0.1) can
+    follow: on a 48-image test set the network scored 100 % in train mode and 33-67 % in eval
+    mode. One extra forward pass over up to ``n_images`` training images (eval preprocessing),
+    with a cumulative average, makes eval mode see the statistics of the final weights.
+    """
+    bns = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+    ]
+    if not bns or n_images <= 0:
+        return
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the batches below
+    n = min(n_images, len(dataset))
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n]
+    batches = [idx[i : i + batch_size] for i in range(0, n, batch_size)]
+    for x, _ in iter_batches(dataset, [b for b in batches if len(b) > 1]):
+        x = x.to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with runtime.autocast(device, precision):
+            model(x)
+    for m, mom in zip(bns, saved, strict=True):
+        m.momentum = mom
 
 
 def default_lr(cfg: TrainConfig) -> float:
@@ -639,6 +685,16 @@ def _run(
                     loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{rate:.0f}"
                 )
         train_time = time.perf_counter() - t0
+        if cfg.precise_bn:
+            recompute_bn_stats(
+                model,
+                TransformedImages(train_data, ev_tf),
+                cfg.precise_bn,
+                max(local_bs, 32),
+                device,
+                precision,
+                cfg.channels_last,
+            )
 
         val_logits = predict_logits(
             model, val_set, max(64, local_bs), device, precision, cfg.channels_last

@@ -1,0 +1,171 @@
+"""Finding, splitting and decoding images: layouts, odd formats and broken files."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from resfit.data import (
+    DataError,
+    DecodeError,
+    decode_all,
+    discover,
+    eval_samples,
+    find_images,
+    load_image,
+)
+
+from .images import colour_image, make_colour_folder, write_broken_files
+
+
+def test_train_val_test_layout(tmp_path: Path) -> None:
+    make_colour_folder(tmp_path, per_class=4, splits=("train", "val", "test"))
+    s = discover(tmp_path)
+    assert s.classes == ["blue", "green", "red"]
+    assert (len(s.train), len(s.val), len(s.test)) == (12, 12, 12)
+    assert {x.label for x in s.val} == {0, 1, 2}
+
+
+def test_single_folder_is_split_stratified_and_reproducibly(tmp_path: Path) -> None:
+    make_colour_folder(tmp_path, per_class=20, splits=("",))
+    a = discover(tmp_path, val_fraction=0.2, test_fraction=0.1, seed=3)
+    b = discover(tmp_path, val_fraction=0.2, test_fraction=0.1, seed=3)
+    c = discover(tmp_path, val_fraction=0.2, test_fraction=0.1, seed=4)
+    assert [x.path for x in a.val] == [x.path for x in b.val] != [x.path for x in c.val]
+    assert a.counts()["val"] == {"blue": 4, "green": 4, "red": 4}
+    assert a.counts()["test"] == {"blue": 2, "green": 2, "red": 2}
+    every = {x.path for x in a.train} | {x.path for x in a.val} | {x.path for x in a.test}
+    assert len(every) == 60 == len(a.train) + len(a.val) + len(a.test)
+
+
+def test_missing_val_split_is_carved_from_train(tmp_path: Path) -> None:
+    make_colour_folder(tmp_path, per_class=10, splits=("train",))
+    s = discover(tmp_path, val_fraction=0.3)
+    assert len(s.val) == 9 and len(s.train) == 21
+
+
+def test_csv_manifest(tmp_path: Path) -> None:
+    make_colour_folder(tmp_path / "imgs", per_class=5, splits=("",))
+    lines = ["path,label,split"]
+    for i, p in enumerate(sorted((tmp_path / "imgs").rglob("*.png"))):
+        lines.append(
+            f"imgs/{p.parent.name}/{p.name},{p.parent.name},{'val' if i % 5 == 0 else 'train'}"
+        )
+    lines.append("imgs/red/missing.png,red,train")
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    s = discover(tmp_path / "m.csv")
+    assert s.classes == ["blue", "green", "red"]
+    assert len(s.val) == 3 and len(s.train) == 12
+    assert s.skipped and "missing.png" in s.skipped[0][0]
+
+
+def test_bad_layouts_give_clear_errors(tmp_path: Path, caplog) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        discover(tmp_path / "nope")
+    (tmp_path / "one" / "cats").mkdir(parents=True)
+    colour_image((1, 2, 3), np.random.default_rng(0)).save(tmp_path / "one" / "cats" / "a.png")
+    with pytest.raises(DataError, match="single class"):
+        discover(tmp_path / "one")
+    make_colour_folder(tmp_path / "d", per_class=3, splits=("train",))
+    (tmp_path / "d" / "val" / "purple").mkdir(parents=True)
+    colour_image((90, 0, 90), np.random.default_rng(0)).save(
+        tmp_path / "d" / "val" / "purple" / "x.png"
+    )
+    with pytest.raises(DataError, match="classes that training does not: purple"):
+        discover(tmp_path / "d")
+    make_colour_folder(tmp_path / "e", per_class=3, splits=("train",))
+    (tmp_path / "e" / "train" / "empty").mkdir()
+    with caplog.at_level(logging.WARNING, logger="resfit"):
+        s = discover(tmp_path / "e")
+    assert "empty" not in s.classes and "ignoring empty class folder" in caplog.text
+
+
+def _pixel(img: Image.Image, xy: tuple[int, int]) -> tuple[int, ...]:
+    return img.getpixel(xy)
+
+
+def test_odd_but_valid_images_are_converted_as_a_person_sees_them(tmp_path: Path) -> None:
+    rgb = Image.new("RGB", (8, 6), (200, 100, 50))
+    cases: dict[str, tuple[Image.Image, str, tuple[int, int, int]]] = {
+        "grey.png": (Image.new("L", (8, 6), 77), "PNG", (77, 77, 77)),
+        "palette.gif": (rgb.convert("P"), "GIF", None),
+        "cmyk.jpg": (Image.new("CMYK", (8, 6), (0, 255, 255, 0)), "JPEG", (255, 0, 0)),
+        "tiny.bmp": (Image.new("RGB", (1, 1), (10, 20, 30)), "BMP", (10, 20, 30)),
+        "photo.webp": (rgb, "WEBP", (200, 100, 50)),
+        "scan.tiff": (rgb, "TIFF", (200, 100, 50)),
+    }
+    for name, (img, fmt, expected) in cases.items():
+        img.save(tmp_path / name, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+        out = load_image(tmp_path / name)
+        assert out.mode == "RGB"
+        if expected:
+            assert all(
+                abs(a - b) <= 3 for a, b in zip(_pixel(out, (0, 0)), expected, strict=True)
+            ), name
+    # 16-bit: scaled to 8 bits, not clipped to white
+    arr = np.full((6, 8), 32768, dtype=np.uint16)
+    Image.fromarray(arr).save(tmp_path / "deep.png")
+    assert _pixel(load_image(tmp_path / "deep.png"), (0, 0)) == (128, 128, 128)
+    # RGBA: transparent pixels composited on white
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    rgba.putpixel((1, 1), (0, 0, 255, 255))
+    rgba.save(tmp_path / "alpha.png")
+    out = load_image(tmp_path / "alpha.png")
+    assert _pixel(out, (0, 0)) == (255, 255, 255) and _pixel(out, (1, 1)) == (0, 0, 255)
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 20, 20))  # white left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    img.save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    out = load_image(tmp_path / "rot.jpg")
+    assert out.size == (20, 40)
+    assert sum(_pixel(out, (10, 5))) > 600 and sum(_pixel(out, (10, 35))) < 100
+
+
+def test_gif_first_frame(tmp_path: Path) -> None:
+    frames = [Image.new("RGB", (4, 4), c) for c in [(255, 0, 0), (0, 0, 255)]]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    r, g, b = _pixel(load_image(tmp_path / "a.gif"), (0, 0))
+    assert r > 200 and b < 50
+
+
+def test_broken_files_are_skipped_with_a_reason(tmp_path: Path) -> None:
+    broken = write_broken_files(tmp_path / "bad")
+    for p in broken:
+        with pytest.raises(DecodeError):
+            load_image(p)
+    from resfit.data import Sample
+
+    good = tmp_path / "good.png"
+    colour_image((1, 2, 3), np.random.default_rng(0)).save(good)
+    decoded = decode_all([Sample(p, 0) for p in [*broken, good]], 16, progress=False)
+    assert decoded.paths == [good] and decoded.images[0].shape == (3, 16, 16)
+    reasons = dict(decoded.skipped)
+    assert set(reasons) == {str(p) for p in broken}
+    assert "empty" in reasons[str(tmp_path / "bad" / "empty.jpg")]
+    assert "decompression bomb" in reasons[str(tmp_path / "bad" / "bomb.png")]
+
+
+def test_find_images_takes_files_folders_and_globs(tmp_path: Path) -> None:
+    make_colour_folder(tmp_path, per_class=2, splits=("",))
+    assert len(find_images([str(tmp_path)])) == 6
+    assert (
+        len(find_images([str(tmp_path / "red" / "*.png"), str(tmp_path / "blue" / "000.png")])) == 3
+    )
+    with pytest.raises(DataError, match="no such file"):
+        find_images([str(tmp_path / "zzz*.png")])
+
+
+def test_eval_samples_uses_the_test_split_and_checks_classes(tmp_path: Path) -> None:
+    make_colour_folder(tmp_path, per_class=2, splits=("train", "test"))
+    samples, _ = eval_samples(tmp_path, ["blue", "green", "red"])
+    assert all("/test/" in str(s.path) for s in samples) and len(samples) == 6
+    with pytest.raises(DataError, match="not trained on"):
+        eval_samples(tmp_path, ["blue", "green"])
