@@ -8,6 +8,7 @@ import sys
 
 from . import models, weights
 from .data import DataError
+from .export import ExportError
 from .inference import RunError
 from .training import TrainConfig, TrainingError
 
@@ -88,6 +89,24 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sync-bn", action="store_true", help="SyncBatchNorm across GPUs under torchrun"
     )
+    p.add_argument(
+        "--balance",
+        choices=["weights", "sampler"],
+        help="for uneven classes: weight the loss, or draw classes evenly",
+    )
+    p.add_argument(
+        "--leakage",
+        default=d.leakage,
+        choices=["report", "remove", "off"],
+        help="duplicates across splits (default: report)",
+    )
+    p.add_argument("--no-report", dest="report", action="store_false", help="skip report.html")
+    p.add_argument(
+        "--precise-bn",
+        type=int,
+        default=d.precise_bn,
+        help="re-estimate BN statistics on this many train images per epoch (0 = off)",
+    )
     p.add_argument("--workers", type=int, default=d.workers)
     p.add_argument("--tensorboard", action="store_true")
     p.add_argument(
@@ -153,13 +172,51 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .inference import Predictor, write_predictions_csv
 
-    predictor = Predictor.from_run(args.run, device=args.device, precision=args.precision)
+    predictor = Predictor.from_run(
+        args.run, device=args.device, precision=args.precision, engine=args.engine
+    )
     preds, skipped = predictor.predict(args.inputs, top_k=args.top_k, batch_size=args.batch_size)
     text = write_predictions_csv(args.out, preds, args.top_k)
     if args.out:
         print(f"wrote {len(preds)} predictions to {args.out}")
     else:
         sys.stdout.write(text)
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import json
+
+    from .export import export_run
+
+    info = export_run(args.run, int8=args.int8, calib=args.calib, val=args.val, out=args.out)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .data import find_images
+    from .inference import Predictor, make_explainer
+
+    predictor = Predictor.from_run(args.run, device="cpu", precision="fp32")
+    if args.class_name and args.class_name not in predictor.classes:
+        raise ValueError(f"--class {args.class_name}: the run knows {', '.join(predictor.classes)}")
+    explain = make_explainer(
+        predictor.model, predictor.img_size, predictor.transform, predictor.device
+    )
+    paths = find_images(args.inputs)
+    preds, skipped = predictor.predict(paths)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for p in preds:
+        cls = args.class_name or p.label
+        target = out / f"{Path(p.path).stem}.{cls}.png"
+        explain(p.path, predictor.classes.index(cls)).save(target)
+        print(f"{target}  predicted {p.label} ({p.confidence:.2f})")
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     return 0
@@ -241,7 +298,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
+    p.add_argument(
+        "--engine",
+        default="torch",
+        choices=["torch", "onnx"],
+        help="onnx: run RUN/export/model.onnx (int8 with --precision int8)",
+    )
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="export a run to ONNX, optionally int8")
+    p.add_argument("run")
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--int8", action="store_true", help="static int8 quantization (needs --calib)")
+    p.add_argument(
+        "--calib", help="images to calibrate int8 on (a folder; a few hundred are enough)"
+    )
+    p.add_argument(
+        "--val", help="labelled images to measure the accuracy change on (default: the run's data)"
+    )
+    p.add_argument("--out", help="folder (default RUN/export)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("explain", help="Grad-CAM overlays (PNG) of what the model looked at")
+    p.add_argument("run")
+    p.add_argument("inputs", nargs="+", help="files, folders or globs")
+    p.add_argument("--out", default="explain", help="folder for the PNG files")
+    p.add_argument(
+        "--class", dest="class_name", help="explain this class (default: the prediction)"
+    )
+    p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("augment-preview", help="write a PNG grid of augmented samples")
     p.add_argument("data")
@@ -280,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         DataError,
         RunError,
         TrainingError,
+        ExportError,
     ) as e:
         # Bad input ends in one clear line, not a traceback.
         print(f"resfit {args.command}: error: {e}", file=sys.stderr)

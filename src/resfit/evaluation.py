@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import Sample, eval_samples
+from .data import eval_samples
 from .inference import Predictor
 
 
@@ -170,6 +170,7 @@ def evaluate(
     device: str = "auto",
     precision: str = "auto",
     progress: bool = False,
+    report: bool = True,
 ) -> EvalResult:
     """Score a run on labelled images it has not seen; writes RUN/eval-<data name>/."""
     predictor = Predictor.from_run(run, device=device, precision=precision)
@@ -181,8 +182,40 @@ def evaluate(
     res = compute_metrics(logits, y, predictor.classes, [str(p) for p in decoded.paths])
     res.skipped = skipped + decoded.skipped
     name = Path(data).name or "data"
-    write_eval(res, out or Path(run) / f"eval-{name}", predictor.temperature)
+    out_dir = write_eval(res, out or Path(run) / f"eval-{name}", predictor.temperature)
+    if report:
+        from .inference import make_explainer
+        from .report import ReportData, write_report
+
+        cfg = json.loads((Path(run) / "config.json").read_text())
+        history = []
+        if (Path(run) / "metrics.csv").exists():
+            with open(Path(run) / "metrics.csv") as f:
+                history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        write_report(
+            out_dir / "report.html",
+            ReportData(
+                title=f"{cfg['arch']} evaluated on {name}",
+                class_names=res.classes,
+                y_true=res.y_true,
+                logits=res.logits,
+                paths=res.paths,
+                history=history,
+                config=cfg,
+                temperature=predictor.temperature,
+                data_summary={"counts": {"eval": _counts(res)}, "skipped": res.skipped},
+                explain=make_explainer(
+                    predictor.model, predictor.img_size, predictor.transform, predictor.device
+                ),
+                split=name,
+            ),
+        )
     return res
 
 
-__all__ = ["EvalResult", "Sample", "compute_metrics", "evaluate", "write_eval"]
+def _counts(res: EvalResult) -> dict[str, int]:
+    c = np.bincount(res.y_true, minlength=len(res.classes))
+    return {name: int(c[i]) for i, name in enumerate(res.classes)}
+
+
+__all__ = ["EvalResult", "compute_metrics", "evaluate", "write_eval"]

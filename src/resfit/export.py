@@ -300,3 +300,105 @@ class OnnxClassifier:
 
     def __repr__(self) -> str:
         return f"OnnxClassifier({str(self.path)!r}, precision={self.precision!r})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Exporting a run folder (what `resfit export RUN` does)
+
+
+def _preprocessed_batches(predictor, paths: list, batch_size: int = 32) -> Iterator[np.ndarray]:
+    decoded = predictor.decode(paths)
+    for i in range(0, len(decoded), batch_size):
+        x = torch.stack([predictor.transform(img) for img in decoded.images[i : i + batch_size]])
+        yield x.numpy().astype(np.float32)
+
+
+def _labelled(data: str | os.PathLike, classes: list[str], limit: int, seed: int = 0) -> list:
+    """Up to ``limit`` labelled samples of ``data``, drawn evenly at random."""
+    from .data import eval_samples
+
+    samples, _ = eval_samples(data, classes)
+    rng = np.random.default_rng(seed)
+    if len(samples) > limit:
+        samples = [samples[i] for i in sorted(rng.choice(len(samples), limit, replace=False))]
+    return samples
+
+
+def export_run(
+    run: str | os.PathLike,
+    *,
+    int8: bool = False,
+    calib: str | os.PathLike | None = None,
+    val: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    calib_images: int = 256,
+    val_images: int = 1000,
+    opset: int = DEFAULT_OPSET,
+) -> dict:
+    """Export a run to ONNX (``RUN/export/model.onnx``), check it against PyTorch on real images,
+    and with ``int8`` quantize it on the user's calibration images and measure the accuracy
+    change on validation images. Returns (and writes to export.json) what was measured."""
+    from .inference import Predictor, load_run
+
+    cfg, classes = load_run(run)
+    out_dir = Path(out or Path(run) / "export")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predictor = Predictor.from_run(run, device="cpu", precision="fp32")
+    model = predictor.model
+    model.pretrained_cfg = {
+        "mean": cfg["mean"],
+        "std": cfg["std"],
+        "input_size": cfg["img_size"],
+        "categories": classes,
+    }
+    fp32_path = export_onnx(
+        model,
+        out_dir / "model.onnx",
+        input_size=cfg["img_size"],
+        in_chans=cfg.get("in_chans", 3),
+        opset=opset,
+    )
+    report: dict[str, Any] = {"onnx": str(fp32_path), "opset": opset}
+
+    val = val or (cfg["data"] if Path(cfg.get("data", "")).exists() else None)
+    val_samples = _labelled(val, classes, val_images) if val else []
+    check = val_samples[:64] or None
+    if check is None and calib:
+        check = _labelled(calib, classes, 64)
+    if check:
+        images = torch.from_numpy(
+            np.concatenate(list(_preprocessed_batches(predictor, [s.path for s in check])))
+        )
+        report["max_abs_logit_diff"] = onnx_parity(model, fp32_path, images)
+    if int8:
+        if not calib:
+            raise ExportError(
+                "--int8 needs --calib DATA: a few hundred of your own images to calibrate on"
+            )
+        from .data import find_images
+
+        calib_paths = find_images([str(calib)])
+        rng = np.random.default_rng(0)
+        if len(calib_paths) > calib_images:
+            calib_paths = [
+                calib_paths[i]
+                for i in sorted(rng.choice(len(calib_paths), calib_images, replace=False))
+            ]
+        int8_path = quantize_int8(
+            fp32_path, out_dir / "model.int8.onnx", _preprocessed_batches(predictor, calib_paths)
+        )
+        report.update(int8=str(int8_path), calib_images=len(calib_paths))
+        if val_samples:
+            y = np.array([s.label for s in val_samples])
+            batches = list(_preprocessed_batches(predictor, [s.path for s in val_samples]))
+            fp32 = np.concatenate([OnnxClassifier(fp32_path)(b) for b in batches]).argmax(1)
+            q = np.concatenate([OnnxClassifier(int8_path)(b) for b in batches]).argmax(1)
+            report.update(
+                val_images=len(y),
+                fp32_accuracy=float((fp32 == y).mean()),
+                int8_accuracy=float((q == y).mean()),
+                int8_accuracy_change=float((q == y).mean() - (fp32 == y).mean()),
+                top1_agreement=float((q == fp32).mean()),
+            )
+    (out_dir / "export.json").write_text(json.dumps(report, indent=2))
+    return report

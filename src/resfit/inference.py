@@ -84,7 +84,22 @@ class Predictor:
     ) -> None:
         self.device = runtime.pick_device(device)
         self.precision = runtime.pick_precision(self.device, precision)
-        self.model = model.eval().to(self.device).to(memory_format=torch.channels_last)
+        if precision == "int8":
+            raise ValueError(
+                "--precision int8 runs in ONNX Runtime: add --engine onnx (after resfit export --int8)"
+            )
+        self.onnx = not isinstance(model, nn.Module)
+        self.model = (
+            model
+            if self.onnx
+            else model.eval().to(self.device).to(memory_format=torch.channels_last)
+        )
+        # The fast path for repeated inference: BN folded, channels_last, autocast.
+        self._run = (
+            model
+            if self.onnx
+            else runtime.prepare_for_inference(self.model, self.device, self.precision)
+        )
         self.classes = list(classes)
         self.img_size = img_size
         self.base_size = base_size_for(img_size)
@@ -93,9 +108,28 @@ class Predictor:
 
     @classmethod
     def from_run(
-        cls, run: str | os.PathLike, *, device: str = "auto", precision: str = "auto"
+        cls,
+        run: str | os.PathLike,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        engine: str = "torch",
     ) -> Predictor:
+        """Load a run. ``engine="onnx"`` runs ``RUN/export/model.onnx`` (or ``model.int8.onnx``
+        with ``precision="int8"``) in ONNX Runtime; ``resfit export`` writes them."""
         model, cfg, classes = load_run_model(run)
+        if engine == "onnx":
+            from .export import OnnxClassifier
+
+            name = "model.int8.onnx" if precision == "int8" else "model.onnx"
+            path = Path(run) / "export" / name
+            if not path.is_file():
+                flag = " --int8 --calib DATA" if precision == "int8" else ""
+                raise RunError(f"{path} is missing: run `resfit export {run}{flag}` first")
+            model = OnnxClassifier(path)
+            device, precision = "cpu", "fp32"
+        elif engine != "torch":
+            raise ValueError(f"--engine must be torch or onnx, not {engine!r}")
         calib = Path(run) / "calibration.json"
         temperature = json.loads(calib.read_text())["temperature"] if calib.exists() else None
         return cls(
@@ -121,9 +155,10 @@ class Predictor:
         for x, _ in iter_batches(
             data, [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
         ):
-            x = x.to(self.device).contiguous(memory_format=torch.channels_last)
-            with runtime.autocast(self.device, self.precision):
-                out.append(self.model(x).float().cpu())
+            if self.onnx:
+                out.append(torch.from_numpy(self.model(x.numpy())).float())
+            else:
+                out.append(self._run(x).float().cpu())
         return torch.cat(out) if out else torch.empty(0, len(self.classes))
 
     def probabilities(self, logits: Tensor) -> Tensor:
@@ -178,3 +213,22 @@ def write_predictions_csv(
     if path:
         Path(path).write_text(text)
     return text
+
+
+def make_explainer(model: nn.Module, img_size: int, transform, device: torch.device):
+    """A Grad-CAM overlay maker for the report: path, class -> PIL image of what the model saw."""
+    from torchvision.transforms.v2.functional import center_crop, to_pil_image
+
+    from .data import load_image, resize_shorter, to_tensor
+    from .explain import grad_cam, overlay_cam
+
+    def explain(path: str, class_idx: int):
+        img = to_tensor(resize_shorter(load_image(path), base_size_for(img_size)))
+        x = transform(img)[None].to(device)
+        cam = grad_cam(model, x, class_idx)
+        shown = to_pil_image(center_crop(img, [img_size, img_size]))
+        if img_size < 128:  # thumbnails of tiny inputs are unreadable
+            shown = shown.resize((128, 128))
+        return overlay_cam(shown, cam)
+
+    return explain

@@ -95,6 +95,9 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     sync_bn: bool = False
+    balance: str | None = None  # "weights" (loss) or "sampler" (draws) for uneven classes
+    leakage: str = "report"  # duplicates across splits: "report", "remove" (from val/test), "off"
+    report: bool = True  # write report.html (curves, per class, calibration, Grad-CAM)
     precise_bn: int = (
         2048  # re-estimate BN statistics on this many train images per epoch (0 = off)
     )
@@ -137,6 +140,10 @@ class TrainConfig:
             raise ValueError(
                 f"--schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}"
             )
+        if self.balance not in (None, "weights", "sampler"):
+            raise ValueError(f"--balance must be weights or sampler, not {self.balance!r}")
+        if self.leakage not in ("report", "remove", "off"):
+            raise ValueError(f"--leakage must be report, remove or off, not {self.leakage!r}")
         if self.freeze not in FREEZE_CHOICES:
             raise ValueError(
                 f"--freeze must be one of {', '.join(FREEZE_CHOICES)}, not {self.freeze!r}"
@@ -316,11 +323,16 @@ def lr_at(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
-def soft_cross_entropy(logits: Tensor, target: Tensor, smoothing: float) -> Tensor:
+def soft_cross_entropy(
+    logits: Tensor, target: Tensor, smoothing: float, class_weight: Tensor | None = None
+) -> Tensor:
+    """Cross-entropy for hard labels or MixUp/CutMix soft labels, with optional class weights."""
     if target.ndim == 1:
-        return F.cross_entropy(logits, target, label_smoothing=smoothing)
+        return F.cross_entropy(logits, target, weight=class_weight, label_smoothing=smoothing)
     k = logits.shape[1]
     target = target * (1 - smoothing) + smoothing / k
+    if class_weight is not None:
+        target = target * class_weight
     return torch.sum(-target * F.log_softmax(logits, dim=1), dim=1).mean()
 
 
@@ -429,6 +441,50 @@ def resolve(cfg: TrainConfig, splits: DataSplits) -> tuple[TrainConfig, nn.Modul
     return cfg, model
 
 
+def check_leakage(splits: DataSplits, mode: str) -> list:
+    """Exact and near-duplicate images across train/val/test: reported, or removed from
+    val/test (train keeps its copy) with ``mode="remove"``."""
+    if mode == "off":
+        return []
+    from .leakage import find_duplicates
+
+    groups = {
+        name: [x.path for x in getattr(splits, name)]
+        for name in ("train", "val", "test")
+        if getattr(splits, name)
+    }
+    dups = find_duplicates(groups)
+    if dups:
+        log.warning(
+            "%d image(s) appear in more than one split (%s): scores on val/test are optimistic%s",
+            len(dups),
+            ", ".join(sorted({f"{d.split_a}/{d.split_b}" for d in dups})),
+            "; removing them from val/test"
+            if mode == "remove"
+            else "; --leakage remove drops them",
+        )
+    if mode == "remove" and dups:
+        from .leakage import remove_leaks
+
+        _, dropped = remove_leaks(groups, dups)
+        for name, paths in dropped.items():
+            gone = set(paths)
+            setattr(splits, name, [x for x in getattr(splits, name) if x.path not in gone])
+    return dups
+
+
+def warn_imbalance(splits: DataSplits, ratio: float = 3.0) -> None:
+    counts = splits.counts()["train"]
+    lo, hi = min(counts.values()), max(counts.values())
+    if lo and hi / lo >= ratio:
+        log.warning(
+            "classes are uneven in train (%d to %d images per class): consider --balance "
+            "weights or --balance sampler, and read balanced accuracy and macro-F1",
+            lo,
+            hi,
+        )
+
+
 def _run_preprocessing(weights: Path) -> dict:
     """Weights saved by a resfit run carry their preprocessing and classes beside them."""
     folder = weights.parent
@@ -520,13 +576,17 @@ def train(cfg: TrainConfig | None = None, *, resume: bool = False, **overrides) 
     if resume and splits.classes != cfg.classes:
         raise TrainingError(f"--resume: the classes in {cfg.data} differ from those of {out}")
     cfg, model = resolve(cfg, splits)
+    duplicates = (
+        check_leakage(splits, cfg.leakage) if dist_info.main or cfg.leakage == "remove" else []
+    )
+    warn_imbalance(splits)
     if dist_info.main:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         atomic_write_text(config_path, json.dumps(cfg.to_dict(), indent=2))
         atomic_write_text(out / "classes.json", json.dumps(cfg.classes, indent=2))
 
     with _FileLog(out / "train.log", dist_info.main):
-        return _run(cfg, model, splits, device, precision, dist_info, resume)
+        return _run(cfg, model, splits, device, precision, dist_info, resume, duplicates)
 
 
 def _run(
@@ -537,6 +597,7 @@ def _run(
     precision: str,
     dist_info: Dist,
     resume: bool,
+    duplicates: list | None = None,
 ) -> TrainResult:
     from tqdm.auto import tqdm
 
@@ -625,13 +686,25 @@ def _run(
             ) from None
         writer = SummaryWriter(str(out / "tensorboard"))
 
+    counts = torch.bincount(train_data.labels, minlength=len(cfg.classes)).float()
+    class_weight = None
+    if cfg.balance == "weights":
+        # Inverse-frequency weights, normalised so the average image weighs 1.
+        class_weight = (counts.sum() / (len(counts) * counts.clamp(min=1))).to(device)
+    sample_weight = (
+        (1.0 / counts.clamp(min=1))[train_data.labels] if cfg.balance == "sampler" else None
+    )
+
     patience_left = cfg.early_stopping
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         # Seeded per epoch (not carried from the last one) so a resumed run draws the same batches.
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         torch.manual_seed(cfg.seed * 100_003 + epoch * 7 + dist_info.rank)
-        perm = torch.randperm(n, generator=g)
+        if sample_weight is not None:  # balanced draws, with replacement
+            perm = torch.multinomial(sample_weight, n, replacement=True, generator=g)
+        else:
+            perm = torch.randperm(n, generator=g)
         if n < global_bs:
             perm = perm[torch.arange(global_bs) % n]  # tiny data: repeat to fill one batch
         set_train_mode(model, frozen)
@@ -662,7 +735,7 @@ def _run(
                 x = x.contiguous(memory_format=torch.channels_last)
             with runtime.autocast(device, precision):
                 logits = step_model(x)
-            loss = soft_cross_entropy(logits.float(), y, cfg.label_smoothing)
+            loss = soft_cross_entropy(logits.float(), y, cfg.label_smoothing, class_weight)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"the loss became {loss.item()} at epoch {epoch + 1}, step {step_in_epoch + 1}: "
@@ -774,8 +847,26 @@ def _run(
             out / "model.safetensors",
             {"arch": cfg.arch, "epoch": str(best_epoch)},
         )
+        val_logits = predict_logits(model, val_set, 64, device, precision, cfg.channels_last)
+        temperature = _calibrate(out, val_logits, val_data.labels)
+        if cfg.report:
+            _write_train_report(
+                cfg,
+                model,
+                splits,
+                val_data,
+                val_logits,
+                history,
+                temperature,
+                skipped,
+                duplicates or [],
+                ev_tf,
+                device,
+            )
         if splits.test:
-            result.test = _evaluate_test(cfg, model, splits, base, ev_tf, device, precision, show)
+            result.test = _evaluate_test(
+                cfg, model, splits, base, ev_tf, device, precision, show, temperature
+            )
         atomic_write_text(
             out / "summary.json",
             json.dumps(
@@ -794,7 +885,65 @@ def _run(
     return result
 
 
-def _evaluate_test(cfg, model, splits, base, ev_tf, device, precision, show) -> dict:
+def _calibrate(out: Path, val_logits: Tensor, val_labels: Tensor) -> float:
+    """Temperature scaling fitted on the validation set; ``predict`` applies it."""
+    from .calibration import expected_calibration_error, fit_temperature, softmax
+
+    t = fit_temperature(val_logits, val_labels)
+    y = val_labels.numpy()
+    ece = {
+        "ece_before": expected_calibration_error(softmax(val_logits.numpy(), 1.0), y),
+        "ece_after": expected_calibration_error(softmax(val_logits.numpy(), t), y),
+    }
+    atomic_write_text(
+        out / "calibration.json",
+        json.dumps({"temperature": t, "fitted_on": "validation", **ece}, indent=2),
+    )
+    log.info(
+        "temperature %.3f fitted on validation: ECE %.4f -> %.4f",
+        t,
+        ece["ece_before"],
+        ece["ece_after"],
+    )
+    return t
+
+
+def _write_train_report(
+    cfg,
+    model,
+    splits,
+    val_data,
+    val_logits,
+    history,
+    temperature,
+    skipped,
+    duplicates,
+    ev_tf,
+    device,
+) -> None:
+    from .inference import make_explainer
+    from .report import ReportData, write_report
+
+    data = ReportData(
+        title=f"{cfg.arch} on {Path(cfg.data).name}: validation",
+        class_names=cfg.classes,
+        y_true=val_data.labels.numpy(),
+        logits=val_logits.numpy(),
+        paths=[str(p) for p in val_data.paths],
+        history=history,
+        config=cfg.to_dict(),
+        temperature=temperature,
+        data_summary={"counts": splits.counts(), "skipped": skipped, "duplicates": duplicates},
+        explain=make_explainer(model, cfg.img_size, ev_tf, device),
+        split="validation",
+    )
+    path = write_report(Path(cfg.out) / "report.html", data)
+    log.info("report: %s", path)
+
+
+def _evaluate_test(
+    cfg, model, splits, base, ev_tf, device, precision, show, temperature=None
+) -> dict:
     from .evaluation import compute_metrics, write_eval
 
     test_data: DecodedImages = decode_all(splits.test, base, progress=show, desc="decoding test")
@@ -802,7 +951,7 @@ def _evaluate_test(cfg, model, splits, base, ev_tf, device, precision, show) -> 
         model, TransformedImages(test_data, ev_tf), 64, device, precision, cfg.channels_last
     )
     res = compute_metrics(logits, test_data.labels, cfg.classes, [str(p) for p in test_data.paths])
-    write_eval(res, Path(cfg.out) / "eval-test")
+    write_eval(res, Path(cfg.out) / "eval-test", temperature)
     log.info("test accuracy %.4f on %d images", res.accuracy, res.n)
     return {"accuracy": res.accuracy, "n": res.n, "top5": res.top5}
 
