@@ -78,6 +78,46 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--train-bn", action="store_true", help="keep BatchNorm in the frozen part training"
     )
+    p.add_argument(
+        "--recipe",
+        default=d.recipe,
+        choices=["default", "finetune"],
+        help="finetune: train the head with the backbone frozen, then unfreeze with lower "
+        "per-stage learning rates",
+    )
+    p.add_argument(
+        "--head-epochs",
+        type=int,
+        default=d.head_epochs,
+        help=f"finetune: epochs (out of --epochs) for the head alone (default {d.head_epochs})",
+    )
+    p.add_argument(
+        "--unfreeze",
+        default=d.unfreeze,
+        choices=["all", "gradual"],
+        help="finetune: unfreeze all at once, or one stage per epoch from the top",
+    )
+    p.add_argument(
+        "--stem-lr-ratio",
+        type=float,
+        default=d.stem_lr_ratio,
+        help="finetune: the stem's learning rate as a fraction of the head's",
+    )
+    p.add_argument(
+        "--cache",
+        default=d.cache,
+        choices=["auto", "memory", "disk", "off"],
+        help="compute the frozen part once per image and train the rest from the stored "
+        "features (disk: a memory map in RUN/cache)",
+    )
+    p.add_argument(
+        "--cache-views",
+        type=int,
+        default=d.cache_views,
+        help="with random augmentation: augmented views stored per image (fewer = faster, "
+        f"less augmentation variety; default {d.cache_views})",
+    )
+    p.add_argument("--cache-dtype", default=d.cache_dtype, choices=["auto", "fp32", "fp16", "bf16"])
     p.add_argument("--in-chans", type=int, default=d.in_chans, choices=[1, 3])
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
     p.add_argument("--test-fraction", type=float, default=d.test_fraction)
@@ -137,6 +177,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     if result.test:
         print(f"test accuracy {result.test['accuracy']:.4f} on {result.test['n']} images")
+    return 0
+
+
+def _cmd_lr_find(args: argparse.Namespace) -> int:
+    from .transfer import lr_find
+
+    res = lr_find(
+        config_from_args(args),
+        start_lr=args.start_lr,
+        end_lr=args.end_lr,
+        steps=args.steps,
+        out=args.out,
+    )
+    print(f"suggested lr {res.suggestion:.2g} (steepest descent; lowest loss at {res.lr_min:.2g})")
+    print(f"plot: {res.plot}")
     return 0
 
 
@@ -277,6 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a classifier on an image folder")
     _add_train_args(p)
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "lr-find", help="sweep the learning rate, plot loss against it and suggest one"
+    )
+    _add_train_args(p)
+    p.add_argument("--start-lr", type=float, default=1e-7)
+    p.add_argument("--end-lr", type=float, default=10.0)
+    p.add_argument("--steps", type=int, default=100, help="batches in the sweep")
+    p.set_defaults(func=_cmd_lr_find)
 
     p = sub.add_parser("eval", help="score a run on labelled images (top-1, top-5, per class)")
     p.add_argument("run")

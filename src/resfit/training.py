@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import runtime
+from . import runtime, transfer
 from .augmentation import (
     AugmentConfig,
     base_size_for,
@@ -86,6 +86,13 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     freeze: str = "none"
     train_bn: bool = False  # keep BatchNorm of the frozen part training (usually worse)
+    recipe: str = "default"  # "finetune": head first (backbone frozen), then unfreeze
+    head_epochs: int = 2  # finetune: epochs (of --epochs) that train only the head
+    unfreeze: str = "all"  # finetune: "all" at once, or "gradual" (one stage per epoch)
+    stem_lr_ratio: float = 0.1  # finetune: the stem's lr / the head's (geometric in between)
+    cache: str = "auto"  # frozen-prefix feature cache: auto, memory, disk (RUN/cache), off
+    cache_views: int = 4  # augmented views per image the cache stores (random augmentation)
+    cache_dtype: str = "auto"  # fp32, fp16, bf16; auto: fp32 if small, else fp16
     val_fraction: float = 0.15
     test_fraction: float = 0.0
     seed: int = 0
@@ -147,6 +154,21 @@ class TrainConfig:
         if self.freeze not in FREEZE_CHOICES:
             raise ValueError(
                 f"--freeze must be one of {', '.join(FREEZE_CHOICES)}, not {self.freeze!r}"
+            )
+        for name, allowed in (
+            ("recipe", transfer.RECIPES),
+            ("unfreeze", transfer.UNFREEZE),
+            ("cache", transfer.CACHE_CHOICES),
+            ("cache_dtype", transfer.CACHE_DTYPES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                    f"not {getattr(self, name)!r}"
+                )
+        if self.cache_views < 1 or self.head_epochs < 0 or not 0 < self.stem_lr_ratio <= 1:
+            raise ValueError(
+                "--cache-views must be >= 1, --head-epochs >= 0 and --stem-lr-ratio in (0, 1]"
             )
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
@@ -638,12 +660,23 @@ def _run(
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    groups = param_groups(model, cfg.weight_decay)
+    if cfg.recipe == "finetune":
+        # One group per stage with its own peak lr; frozen-for-now groups get no gradient.
+        groups = transfer.discriminative_groups(model, cfg.weight_decay, cfg.lr, cfg.stem_lr_ratio)
+    else:
+        groups = param_groups(model, cfg.weight_decay)
     if not any(g["params"] for g in groups):
         raise ValueError(f"--freeze {cfg.freeze} leaves nothing to train")
     optimizer = make_optimizer(cfg, groups, cfg.lr)
     for g in optimizer.param_groups:
-        g["peak_lr"] = cfg.lr
+        g.setdefault("peak_lr", cfg.lr)
+    schedule = transfer.freeze_schedule(cfg, model.stage_names)
+    if cfg.recipe == "finetune":
+        log.info(
+            "finetune: %d epoch(s) head only, then --freeze %s (%s), peak lr %s",
+            min(cfg.head_epochs, cfg.epochs), cfg.freeze, cfg.unfreeze,
+            ", ".join(f"{g['stage']} {g['peak_lr']:.2g}" for g in groups if g["weight_decay"]),
+        )  # fmt: skip
 
     history: list[dict] = []
     start_epoch, best_acc, best_epoch = 0, -1.0, 0
@@ -660,7 +693,9 @@ def _run(
     train_model: nn.Module = model
     if dist_info.world > 1:
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.recipe == "finetune",  # stages wait frozen at first
         )
     step_model = torch.compile(train_model) if cfg.compile else train_model
 
@@ -673,7 +708,6 @@ def _run(
     global_bs = local_bs * dist_info.world
     # Drop a last partial batch: a batch of one breaks BatchNorm, and equal batches keep ranks in step.
     steps_per_epoch = max(1, n // global_bs) if n >= global_bs else 1
-    total_steps = steps_per_epoch * cfg.epochs
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
 
     writer = None
@@ -696,8 +730,22 @@ def _run(
     )
 
     patience_left = cfg.early_stopping
+    policy, feats = None, None
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
+        if schedule[epoch] != policy:
+            # The freeze policy of this stretch of epochs, and its feature cache if one pays.
+            policy = schedule[epoch]
+            frozen = transfer.refreeze(model, policy, cfg.train_bn)
+            left = next((i for i, p in enumerate(schedule[epoch:]) if p != policy), None)
+            feats = transfer.prepare_cache(
+                cfg, model, policy, left or cfg.epochs - epoch, train_data, val_data, tr_tf,
+                ev_tf, mix is not None, dist_info.world, device, precision, out, show,
+            )  # fmt: skip
+            if cfg.recipe == "finetune":
+                log.info("epoch %d: --freeze %s", epoch + 1, policy)
+        phase_start, phase_epochs, phase_scale = transfer.lr_phase(cfg, epoch)
+        total_steps = phase_epochs * steps_per_epoch
         # Seeded per epoch (not carried from the last one) so a resumed run draws the same batches.
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         torch.manual_seed(cfg.seed * 100_003 + epoch * 7 + dist_info.rank)
@@ -715,16 +763,20 @@ def _run(
             ]
             for i in range(steps_per_epoch)
         ]
+        epoch_set, epoch_model, workers = train_set, step_model, cfg.workers
+        if feats is not None:
+            views = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch + 77_777)
+            epoch_set, epoch_model, workers = feats.train_set(views), feats.tail, 0
         bar = tqdm(
-            iter_batches(train_set, index_batches, cfg.workers),
+            iter_batches(epoch_set, index_batches, workers),
             total=steps_per_epoch,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             disable=not show,
             leave=False,
         )
         for step_in_epoch, (x, y) in enumerate(bar):
-            step = epoch * steps_per_epoch + step_in_epoch
-            mult = lr_at(step, total_steps, warmup, cfg.schedule)
+            step = (epoch - phase_start) * steps_per_epoch + step_in_epoch
+            mult = lr_at(step, total_steps, warmup, cfg.schedule) * phase_scale
             for grp in optimizer.param_groups:
                 grp["lr"] = grp["peak_lr"] * mult
             hard_y = y
@@ -734,7 +786,7 @@ def _run(
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with runtime.autocast(device, precision):
-                logits = step_model(x)
+                logits = epoch_model(x)
             loss = soft_cross_entropy(logits.float(), y, cfg.label_smoothing, class_weight)
             if not torch.isfinite(loss):
                 raise TrainingError(
@@ -760,8 +812,8 @@ def _run(
         train_time = time.perf_counter() - t0
         if cfg.precise_bn:
             recompute_bn_stats(
-                model,
-                TransformedImages(train_data, ev_tf),
+                feats.tail if feats else model,
+                feats.bn_set() if feats else TransformedImages(train_data, ev_tf),
                 cfg.precise_bn,
                 max(local_bs, 32),
                 device,
@@ -770,7 +822,12 @@ def _run(
             )
 
         val_logits = predict_logits(
-            model, val_set, max(64, local_bs), device, precision, cfg.channels_last
+            feats.tail if feats else model,
+            feats.val_set() if feats else val_set,
+            max(64, local_bs),
+            device,
+            precision,
+            cfg.channels_last,
         )
         val_y = val_data.labels
         val_loss = F.cross_entropy(val_logits, val_y).item()

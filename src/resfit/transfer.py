@@ -1,0 +1,586 @@
+"""Transfer learning that costs what it should: staged fine-tuning, a frozen-prefix feature
+cache, and a learning-rate finder.
+
+- ``recipe="finetune"`` (``--recipe finetune``): the first ``head_epochs`` train the new head
+  with the whole backbone frozen, then the network down to ``--freeze`` trains with
+  discriminative learning rates (the stem at ``stem_lr_ratio`` of the head's rate, the stages
+  in between geometrically), all at once or one stage per epoch (``unfreeze="gradual"``).
+- The feature cache: a frozen prefix (eval mode, no gradient) computes the same function in
+  every epoch, so its output is computed once per image and the rest of the network trains
+  from the stored tensors. Without random augmentation this is exact. With random
+  augmentation it stores a bank of ``cache_views`` augmented views per image and draws one per
+  image per epoch: the prefix runs K times per image instead of once per epoch, but the
+  trainable part sees only K distinct augmentations of each image.
+- :func:`lr_find`: the exponential learning-rate sweep (Smith 2015), plotted and suggested.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import runtime
+from .data import DecodedImages, TransformedImages, iter_batches
+
+log = logging.getLogger("resfit")
+
+CACHE_CHOICES = ("auto", "memory", "disk", "off")
+CACHE_DTYPES = ("auto", "fp32", "fp16", "bf16")
+RECIPES = ("default", "finetune")
+UNFREEZE = ("all", "gradual")
+# Part of every cache key: bump when what a cached tensor means changes.
+_CACHE_VERSION = 1
+_NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Staged fine-tuning
+
+
+def freeze_schedule(cfg, stage_names: tuple[str, ...]) -> list[str]:
+    """The freeze policy of every epoch. ``default``: ``cfg.freeze`` throughout. ``finetune``:
+    ``backbone`` for ``head_epochs``, then (gradual) one more stage per epoch from the top,
+    down to ``cfg.freeze``."""
+    if cfg.recipe != "finetune":
+        return [cfg.freeze] * cfg.epochs
+    head = min(cfg.head_epochs, cfg.epochs)
+    policies = ["backbone"] * head
+    if cfg.unfreeze == "gradual":
+        # "backbone" freezes all stages; freezing up to stages[i] leaves stages[i+1:] training.
+        stop = -1 if cfg.freeze == "none" else _policy_depth(cfg.freeze, stage_names)
+        for i in range(len(stage_names) - 2, stop, -1):
+            policies.append(stage_names[i])
+    policies = policies[: cfg.epochs]
+    return policies + [cfg.freeze] * (cfg.epochs - len(policies))
+
+
+def _policy_depth(policy: str, stage_names: tuple[str, ...]) -> int:
+    return len(stage_names) - 1 if policy == "backbone" else stage_names.index(policy)
+
+
+def lr_phase(cfg, epoch: int) -> tuple[int, int, float]:
+    """(first epoch, number of epochs, lr scale) of the learning-rate cycle ``epoch`` is in:
+    one cycle for the default recipe; for ``finetune`` one for the head and one, at half the
+    peak rate as fastai does, for the unfrozen network."""
+    head = min(cfg.head_epochs, cfg.epochs) if cfg.recipe == "finetune" else 0
+    if epoch < head:
+        return 0, head, 1.0
+    return head, cfg.epochs - head, 0.5 if head else 1.0
+
+
+def refreeze(model: nn.Module, policy: str, train_bn: bool) -> list[nn.Module]:
+    """Make everything trainable, then freeze ``policy``: the policy can loosen between epochs."""
+    from .training import apply_freeze
+
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return apply_freeze(model, policy, train_bn)
+
+
+def stage_lr_multipliers(stage_names: tuple[str, ...], stem_ratio: float) -> dict[str, float]:
+    """Discriminative rates: the head 1, the stem ``stem_ratio``, stages in between on the
+    geometric line (early layers hold generic features that need to move least)."""
+    names = [*stage_names, "head"]
+    n = len(names) - 1
+    return {name: stem_ratio ** ((n - i) / n) for i, name in enumerate(names)}
+
+
+def discriminative_groups(
+    model: nn.Module, weight_decay: float, lr: float, stem_ratio: float
+) -> list[dict]:
+    """Parameter groups per stage (and decay / no decay), each with its ``peak_lr``."""
+    mults = stage_lr_multipliers(model.stage_names, stem_ratio)
+    owner: dict[int, str] = {}
+    for name in model.stage_names:
+        mods = [model.conv1, model.bn1] if name == "stem" else [getattr(model, name)]
+        for m in mods:
+            for p in m.parameters():
+                owner[id(p)] = name
+    groups: dict[tuple[str, bool], list] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups.setdefault((owner.get(id(p), "head"), p.ndim <= 1), []).append(p)
+    return [
+        {
+            "params": ps,
+            "weight_decay": 0.0 if no_decay else weight_decay,
+            "peak_lr": lr * mults[stage],
+            "stage": stage,
+        }
+        for (stage, no_decay), ps in groups.items()
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen-prefix feature cache
+
+
+class Tail(nn.Module):
+    """The trainable rest of the network, fed with the cached output of ``stage``."""
+
+    def __init__(self, model: nn.Module, stage: str) -> None:
+        super().__init__()
+        self.model = model
+        self.stage = stage
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.model.forward_from(h, self.stage)
+
+
+class CachedFeatures(torch.utils.data.Dataset):
+    """Rows of a (N, K, ...) feature store; ``view[i]`` picks image i's view (default 0)."""
+
+    def __init__(self, store: Tensor, labels: Tensor, view: Tensor | None = None) -> None:
+        self.store, self.labels, self.view = store, labels, view
+
+    def __len__(self) -> int:
+        return self.store.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        v = int(self.view[i]) if self.view is not None else 0
+        return self.store[i, v].float(), self.labels[i]
+
+
+@dataclass
+class FeatureCache:
+    """Cached outputs of a frozen prefix for train (``views`` per image) and val images."""
+
+    stage: str
+    pooled: bool  # stored after global pooling: the whole backbone is frozen
+    views: int
+    train: Tensor  # (N, views, C, H, W)
+    val: Tensor  # (M, 1, C, H, W)
+    train_labels: Tensor
+    val_labels: Tensor
+    tail: Tail
+    bn: Tensor | None = None  # eval-view train features for precise BN, when they differ
+
+    def train_set(self, generator: torch.Generator) -> CachedFeatures:
+        """This epoch's training set: one random view per image (none drawn when K = 1)."""
+        view = None
+        if self.views > 1:
+            view = torch.randint(self.views, (len(self.train_labels),), generator=generator)
+        return CachedFeatures(self.train, self.train_labels, view)
+
+    def val_set(self) -> CachedFeatures:
+        return CachedFeatures(self.val, self.val_labels)
+
+    def bn_set(self) -> CachedFeatures:
+        store = self.bn if self.bn is not None else self.train
+        return CachedFeatures(store, self.train_labels[: store.shape[0]])
+
+
+def cache_stage(model: nn.Module, policy: str) -> tuple[str, bool]:
+    """The stage whose output is cached under a freeze policy, and whether it is pooled."""
+    if policy == "backbone":
+        return model.stage_names[-1], True
+    return policy, False
+
+
+def cache_key(
+    model: nn.Module,
+    policy: str,
+    paths: list[Path],
+    meta: dict,
+) -> str:
+    """sha256 of everything a cached tensor depends on: the frozen prefix's weights and BN
+    statistics, the preprocessing and augmentation (in ``meta``), and every file's path, size
+    and modification time. Any change gives another key, so a stale cache is never read."""
+    from .training import frozen_modules
+
+    h = hashlib.sha256()
+    h.update(json.dumps({"version": _CACHE_VERSION, **meta}, sort_keys=True).encode())
+    for m in frozen_modules(model, policy):
+        for k, v in m.state_dict().items():
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def memory_budget() -> int:
+    """Bytes a cache may take in memory: half of what the system has available."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return 2 * 1024**3
+
+
+def _allocate(
+    shape: tuple[int, ...], dtype: str, path: Path | None
+) -> tuple[Tensor, np.memmap | None]:
+    if path is None:
+        return torch.empty(shape, dtype=_TORCH_DTYPES[dtype]), None
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=_NP_DTYPES[dtype], shape=shape)
+    t = torch.from_numpy(arr)
+    return (t.view(torch.bfloat16) if dtype == "bf16" else t), arr
+
+
+def _open(path: Path, dtype: str) -> Tensor:
+    arr = np.load(path, mmap_mode="r+")
+    t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if dtype == "bf16" else t
+
+
+@torch.inference_mode()
+def compute_features(
+    model: nn.Module,
+    stage: str,
+    pooled: bool,
+    data: DecodedImages,
+    transform: Callable[[Tensor], Tensor],
+    views: int,
+    seed: int,
+    dtype: str,
+    path: Path | None,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+    batch_size: int = 64,
+    desc: str = "caching",
+    progress: bool = False,
+) -> Tensor:
+    """Run the prefix up to ``stage`` over every image ``views`` times (view v seeded by
+    ``seed`` and v) and store the outputs, in memory or in a .npy memory map at ``path``."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    dataset = TransformedImages(data, transform)
+    n = len(dataset)
+    batches = [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    store: Tensor | None = None
+    mapped: np.memmap | None = None
+    tmp = path.with_name(path.name + ".part") if path is not None else None
+    bar = tqdm(total=n * views, desc=desc, disable=not progress, leave=False)
+    try:
+        for v in range(views):
+            torch.manual_seed(seed * 1_000_003 + v)  # the random transforms draw from this
+            for idx, (x, _) in zip(batches, iter_batches(dataset, batches), strict=True):
+                x = x.to(device)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with runtime.autocast(device, precision):
+                    h = model.forward_to(x, stage)
+                    if pooled:  # adaptive average pooling of a 1x1 map is the identity
+                        h = model.avgpool(h)
+                h = h.float().cpu()
+                if store is None:
+                    store, mapped = _allocate((n, views, *h.shape[1:]), dtype, tmp)
+                if dtype != "fp32" and h.abs().max() > torch.finfo(_TORCH_DTYPES[dtype]).max:
+                    raise ValueError(
+                        f"cached features exceed the {dtype} range: use --cache-dtype fp32 or bf16"
+                    )
+                store[idx.start : idx.stop, v] = h
+                bar.update(len(idx))
+    finally:
+        bar.close()
+        model.train(was_training)
+    assert store is not None
+    if path is not None and tmp is not None and mapped is not None:
+        mapped.flush()  # complete on disk before the rename makes it visible to later runs
+        os.replace(tmp, path)
+        store = _open(path, dtype)
+    return store
+
+
+def prepare_cache(
+    cfg,
+    model: nn.Module,
+    policy: str,
+    epochs_left: int,
+    train_data: DecodedImages,
+    val_data: DecodedImages,
+    tr_tf: Callable[[Tensor], Tensor],
+    ev_tf: Callable[[Tensor], Tensor],
+    mixing: bool,
+    world: int,
+    device: torch.device,
+    precision: str,
+    run_dir: Path,
+    show: bool = False,
+) -> FeatureCache | None:
+    """The feature cache for ``policy``, or None where it is off, would change the training
+    without being asked for, or would save nothing. Logs the decision."""
+    mode = cfg.cache
+    if mode == "off" or policy == "none":
+        return None
+
+    def no(reason: str) -> None:
+        if mode != "auto":
+            raise ValueError(f"--cache {mode}: {reason}")
+        log.info("feature cache off: %s", reason)
+
+    if cfg.train_bn:
+        return no("--train-bn keeps BatchNorm of the frozen part training, so it is not fixed")
+    if world > 1:
+        return no("not under torchrun (each rank would compute every image)")
+    if mixing:
+        return no("MixUp/CutMix mix the input images, which mixing features would not match")
+    random_aug = cfg.augment.resolved().preset != "none"
+    views = cfg.cache_views if random_aug else 1
+    if views < 1:
+        raise ValueError("--cache-views must be at least 1")
+    if mode == "auto" and views >= epochs_left:
+        return no(
+            f"{views} view(s) per image cost as much as the {epochs_left} epoch(s) left at "
+            f"--freeze {policy}"
+        )
+
+    stage, pooled = cache_stage(model, policy)
+    train_bytes_per = val_bytes_per = 0
+    with torch.inference_mode():  # the shape of one cached tensor, from a dummy batch
+        was = model.training
+        model.eval()
+        x = torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
+        h = model.forward_to(x, stage)
+        model.train(was)
+    per = (h.shape[1] if pooled else h[0].numel()) * 4
+    fp32_bytes = per * (len(train_data) * views + len(val_data))
+    budget = memory_budget()
+    dtype = cfg.cache_dtype
+    if dtype == "auto":
+        # fp16 halves the cache for a relative error of 5e-4; pooled features are small anyway.
+        dtype = "fp32" if pooled or fp32_bytes <= budget // 4 else "fp16"
+    train_bytes_per = per * (1 if dtype == "fp32" else 0.5)
+    val_bytes_per = train_bytes_per
+    total = int(train_bytes_per * len(train_data) * views + val_bytes_per * len(val_data))
+    where = mode if mode != "auto" else ("memory" if total <= budget else "disk")
+
+    base_meta = {
+        "arch": cfg.arch,
+        "policy": policy,
+        "stage": stage,
+        "pooled": pooled,
+        "img_size": cfg.img_size,
+        "base_size": train_data.base_size,
+        "mean": list(cfg.mean),
+        "std": list(cfg.std),
+        "in_chans": cfg.in_chans,
+        "precision": precision,
+        "dtype": dtype,
+    }
+    folder = run_dir / "cache"
+    if where == "disk":
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def stored(
+        kind: str, data: DecodedImages, tf: Callable, n_views: int, aug: dict | None
+    ) -> Tensor:
+        meta = {**base_meta, "kind": kind, "views": n_views, "augment": aug}
+        if aug is not None:
+            meta["seed"] = cfg.seed
+        key = cache_key(model, policy, list(data.paths), meta)
+        path = None
+        if where == "disk":
+            path = folder / f"{kind}-{stage}-{key[:24]}.npy"
+            for old in folder.glob(f"{kind}-*.npy"):
+                if old != path:  # another key: the weights, preprocessing or files changed
+                    log.info("feature cache: removing stale %s", old.name)
+                    old.unlink()
+            if path.exists():
+                log.info("feature cache: reusing %s", path)
+                return _open(path, dtype)
+        return compute_features(
+            model, stage, pooled, data, tf, n_views, cfg.seed, dtype, path, device, precision,
+            cfg.channels_last, max(cfg.batch_size, 32), f"caching {kind} {stage}", show,
+        )  # fmt: skip
+
+    aug_meta = cfg.augment.to_dict() if random_aug else None
+    train = stored("train", train_data, tr_tf if random_aug else ev_tf, views, aug_meta)
+    val = stored("val", val_data, ev_tf, 1, None)
+    tail = Tail(model, stage)
+    bn = None
+    trains_bn = any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and p.requires_grad
+        for m in model.modules()
+        for p in m.parameters(recurse=False)
+    )
+    if random_aug and cfg.precise_bn and trains_bn and not pooled:
+        # Precise BN estimates statistics on eval-view images: cache those too (a subset).
+        n = min(cfg.precise_bn, len(train_data))
+        sub = DecodedImages(
+            train_data.images[:n], train_data.labels[:n], train_data.paths[:n], [],
+            train_data.base_size,
+        )  # fmt: skip
+        bn = stored("bn", sub, ev_tf, 1, None)
+    log.info(
+        "feature cache: --freeze %s, %s output of %d train x %d view(s) + %d val images, "
+        "%s, %.0f MB in %s%s",
+        policy, f"pooled {stage}" if pooled else stage, len(train_data), views, len(val_data),
+        dtype, total / 1e6, where, f" ({folder})" if where == "disk" else "",
+    )  # fmt: skip
+    if views > 1:
+        log.info(
+            "feature cache trade-off: the frozen layers run %d times per image instead of %d "
+            "(%.1fx less work), but training sees only %d fixed augmented views of each image "
+            "instead of a new one every epoch: less regularisation on small data. Raise "
+            "--cache-views, or use --cache off for fresh augmentation every epoch.",
+            views, epochs_left, epochs_left / views, views,
+        )  # fmt: skip
+    return FeatureCache(
+        stage, pooled, views, train, val, train_data.labels, val_data.labels, tail, bn
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning-rate finder
+
+
+@dataclass
+class LRFindResult:
+    lrs: list[float]
+    losses: list[float]  # smoothed
+    suggestion: float  # steepest descent of the smoothed loss
+    lr_min: float  # where the smoothed loss was lowest
+    plot: Path | None = None
+
+
+def suggest_lr(lrs: list[float], losses: list[float]) -> tuple[float, float]:
+    """(steepest-descent lr, lowest-loss lr) of a smoothed sweep. The steepest point is where
+    the loss falls fastest per decade of lr, searched before the minimum (past it, the loss
+    is on its way up)."""
+    if len(lrs) < 3:
+        raise ValueError("the sweep needs at least 3 points to suggest a learning rate")
+    lo = int(np.argmin(losses))
+    x, y = np.log10(lrs), np.asarray(losses)
+    grad = np.gradient(y, x)
+    end = max(lo, 2)
+    steep = int(np.argmin(grad[1:end])) + 1
+    return float(lrs[steep]), float(lrs[lo])
+
+
+def lr_find(
+    cfg,
+    *,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    steps: int = 100,
+    out: str | Path | None = None,
+) -> LRFindResult:
+    """Train a throwaway copy for ``steps`` batches with the learning rate rising
+    exponentially from ``start_lr`` to ``end_lr``, stop when the loss explodes, write
+    ``lr_find.png`` and ``lr_find.csv`` to ``out`` and suggest a rate. Under the finetune
+    recipe it sweeps the head phase (backbone frozen); ``--lr`` sets that rate."""
+    from .augmentation import base_size_for, batch_transform
+    from .data import decode_all, discover
+    from .training import (
+        apply_freeze,
+        build_transforms,
+        make_optimizer,
+        param_groups,
+        resolve,
+        set_train_mode,
+        soft_cross_entropy,
+    )
+
+    if not 0 < start_lr < end_lr:
+        raise ValueError("lr-find needs 0 < --start-lr < --end-lr")
+    if steps < 5:
+        raise ValueError("lr-find needs at least 5 --steps")
+    torch.manual_seed(cfg.seed)
+    device = runtime.pick_device(cfg.device)
+    precision = runtime.pick_precision(device, cfg.precision)
+    splits = discover(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    cfg, model = resolve(cfg, splits)
+    # Only as many images as the sweep can use: decoding 3,000 photos for 50 steps wastes time.
+    g = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(splits.train), generator=g)[: steps * cfg.batch_size].tolist()
+    data = decode_all(
+        [splits.train[i] for i in order], base_size_for(cfg.img_size), progress=cfg.progress
+    )
+    if len(data) < 2:
+        raise ValueError(f"lr-find: fewer than 2 readable training images in {cfg.data}")
+    policy = "backbone" if cfg.recipe == "finetune" else cfg.freeze
+    frozen = apply_freeze(model, policy, cfg.train_bn)
+    model.to(device)
+    tr_tf, _ = build_transforms(cfg)
+    mix = batch_transform(cfg.augment, len(cfg.classes))
+    optimizer = make_optimizer(cfg, param_groups(model, cfg.weight_decay), start_lr)
+    train_set = TransformedImages(data, tr_tf)
+    bs = min(cfg.batch_size, len(data))
+    lrs: list[float] = []
+    smoothed: list[float] = []
+    avg, best = 0.0, math.inf
+    set_train_mode(model, frozen)
+    step = 0
+    while step < steps:
+        perm = torch.randperm(len(data), generator=g)
+        batches = [perm[i : i + bs] for i in range(0, len(perm) - bs + 1, bs)]
+        for x, y in iter_batches(train_set, batches):
+            lr = start_lr * (end_lr / start_lr) ** (step / (steps - 1))
+            for grp in optimizer.param_groups:
+                grp["lr"] = lr
+            if mix is not None:
+                x, y = mix(x, y)
+            x, y = x.to(device), y.to(device)
+            with runtime.autocast(device, precision):
+                logits = model(x)
+            loss = soft_cross_entropy(logits.float(), y, cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            # Exponential moving average with bias correction: one batch's loss is noisy.
+            value = loss.item()
+            avg = 0.9 * avg + 0.1 * value if math.isfinite(value) else math.inf
+            s = avg / (1 - 0.9 ** (step + 1))
+            step += 1
+            if not math.isfinite(s) or (step > 10 and s > 4 * best):
+                step = steps  # the loss exploded: the rest of the sweep says nothing
+                break
+            lrs.append(lr)
+            smoothed.append(s)
+            best = min(best, s)
+            if step >= steps:
+                break
+    suggestion, lr_min = suggest_lr(lrs, smoothed)
+    plot = None
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "lr_find.csv", "w") as f:
+            f.write("lr,smoothed_loss\n")
+            f.writelines(f"{a:.6g},{b:.6g}\n" for a, b in zip(lrs, smoothed, strict=True))
+        plot = out / "lr_find.png"
+        _plot_lr_find(lrs, smoothed, suggestion, lr_min, plot, f"{cfg.arch}, --freeze {policy}")
+    log.info("lr-find: steepest descent at lr %.2g, lowest loss at %.2g", suggestion, lr_min)
+    return LRFindResult(lrs, smoothed, suggestion, lr_min, plot)
+
+
+def _plot_lr_find(
+    lrs: list[float], losses: list[float], suggestion: float, lr_min: float, path: Path, title: str
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lrs, losses)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss (smoothed)")
+    ax.axvline(suggestion, color="tab:red", ls="--", label=f"suggested {suggestion:.2g}")
+    ax.axvline(lr_min, color="tab:gray", ls=":", label=f"lowest loss {lr_min:.2g}")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
