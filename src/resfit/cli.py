@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from . import models, weights
 from .data import DataError
@@ -252,8 +253,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .data import find_images
     from .inference import Predictor, make_explainer
 
@@ -274,6 +273,22 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         print(f"{target}  predicted {p.label} ({p.confidence:.2f})")
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
+    return 0
+
+
+def _cmd_gradient_flow(args: argparse.Namespace) -> int:
+    from .analysis import run_gradient_flow
+
+    s = run_gradient_flow(
+        args.archs, args.data, args.out, steps=args.steps, n_images=args.images, seed=args.seed
+    )
+    for arch, phases in s["archs"].items():
+        for phase, d in phases.items():
+            print(
+                f"{arch:18s} {phase:14s} first/last block grad norm {d['first_last_ratio']:10.3g}"
+                f"  spread {d['spread']:10.3g}  loss {d['loss']:.3f}"
+            )
+    print(f"plot: {s['png']}")
     return 0
 
 
@@ -392,6 +407,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_explain)
 
+    p = sub.add_parser(
+        "gradient-flow", help="per-block gradient norms: ResNets vs their plain twins"
+    )
+    p.add_argument("archs", nargs="+", help="e.g. resnet56_cifar plain56_cifar")
+    p.add_argument(
+        "--data", type=Path, help="a folder of class folders (default: scikit-learn's digits)"
+    )
+    p.add_argument("--out", type=Path, default=Path("gradient_flow"))
+    p.add_argument("--steps", type=int, default=5, help="SGD steps before the second measurement")
+    p.add_argument("--images", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_gradient_flow)
+
     p = sub.add_parser("augment-preview", help="write a PNG grid of augmented samples")
     p.add_argument("data")
     p.add_argument("--out", default="augment-preview.png")
@@ -415,8 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import os
+
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports progress
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.INFO if rank0 else logging.WARNING,
         format="%(message)s",
         stream=sys.stderr,
     )
