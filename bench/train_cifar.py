@@ -25,7 +25,13 @@ import time
 import zipfile
 from pathlib import Path
 
-ZIP = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "datasets" / "cifar10-jpg.zip"
+ZIP = (
+    Path(__file__).resolve().parents[1].parent
+    / "shared"
+    / "assets"
+    / "datasets"
+    / "cifar10-jpg.zip"
+)
 
 
 def main() -> None:
@@ -64,11 +70,15 @@ def main() -> None:
     wall = time.perf_counter() - t0
     summary = json.loads((run / "summary.json").read_text())
     n_train = sum(1 for _ in (data / "train").rglob("*.jpg"))
-    print(f"\nresnet20_cifar from scratch, {args.epochs} epochs on {n_train} train images (85 % train / 15 % val)")
+    print(
+        f"\nresnet20_cifar from scratch, {args.epochs} epochs on {n_train} train images (85 % train / 15 % val)"
+    )
     print(f"  test accuracy {summary['test']['accuracy']:.4f} on {summary['test']['n']} images")
     print(f"  best val accuracy {summary['best_val_accuracy']:.4f} (epoch {summary['best_epoch']})")
     print(f"  wall time {wall:.0f} s  ({wall / args.epochs:.0f} s per epoch)")
-    print("  reference: the published checkpoint scores 0.8103 on these test JPEGs after 200 epochs")
+    print(
+        "  reference: the published checkpoint scores 0.8103 on these test JPEGs after 200 epochs"
+    )
 
 
 if __name__ == "__main__":
