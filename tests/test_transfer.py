@@ -257,8 +257,35 @@ def test_cifar_resnet56_transfer_beats_scratch_with_50_flowers_per_class(
     common = dict(arch="resnet56_cifar", img_size=32, epochs=6, batch_size=32, augment="none",
                   progress=False, report=False, leakage="off")  # fmt: skip
     acc = {}
-    for name, kw in [("transfer", dict(weights=str(ckpt), recipe="finetune", lr=0.04)),
+    for name, kw in [("transfer", dict(weights=str(ckpt), recipe="finetune", lr=0.1)),
                      ("scratch", {})]:  # fmt: skip
         r = train(TrainConfig(data=str(data), out=str(tmp_path / name), **common, **kw))
         acc[name] = r.best_val_accuracy
+        print(f"{name}: best val accuracy {acc[name]:.4f}")
     assert acc["transfer"] >= acc["scratch"] + 0.20, acc
+
+
+def test_resume_with_a_disk_cache_reuses_it_and_matches_an_uninterrupted_run(
+    colours: Path, init_weights: Path, tmp_path: Path, monkeypatch
+) -> None:
+    common = dict(data=str(colours), freeze="layer1", augment="none", weights=str(init_weights),
+                  cache="disk", cache_dtype="fp32", epochs=3, **FAST)  # fmt: skip
+    train(TrainConfig(out=str(tmp_path / "whole"), **common))
+    run = tmp_path / "stopped"
+    real, calls = transfer.FeatureCache.train_set, []
+
+    def stop_in_epoch_3(self, generator):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C during epoch 3
+        return real(self, generator)
+
+    monkeypatch.setattr(transfer.FeatureCache, "train_set", stop_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out=str(run), **common))
+    monkeypatch.undo()
+    train(TrainConfig(out=str(run)), resume=True)
+    assert "feature cache: reusing" in (run / "train.log").read_text()
+    whole, resumed = _last_state(tmp_path / "whole"), _last_state(run)
+    for k, v in whole.items():
+        torch.testing.assert_close(resumed[k], v, rtol=1e-4, atol=1e-5, msg=k)

@@ -675,7 +675,7 @@ def _run(
         log.info(
             "finetune: %d epoch(s) head only, then --freeze %s (%s), peak lr %s",
             min(cfg.head_epochs, cfg.epochs), cfg.freeze, cfg.unfreeze,
-            ", ".join(f"{g['stage']} {g['peak_lr']:.2g}" for g in groups if g["weight_decay"]),
+            ", ".join(f"{k} {v:.2g}" for k, v in {g["stage"]: g["peak_lr"] for g in groups}.items()),
         )  # fmt: skip
 
     history: list[dict] = []
@@ -904,7 +904,15 @@ def _run(
             out / "model.safetensors",
             {"arch": cfg.arch, "epoch": str(best_epoch)},
         )
-        val_logits = predict_logits(model, val_set, 64, device, precision, cfg.channels_last)
+        # The frozen prefix is the same in the best weights: cached val features still hold.
+        val_logits = predict_logits(
+            feats.tail if feats else model,
+            feats.val_set() if feats else val_set,
+            64,
+            device,
+            precision,
+            cfg.channels_last,
+        )
         temperature = _calibrate(out, val_logits, val_data.labels)
         if cfg.report:
             _write_train_report(
