@@ -147,3 +147,18 @@ def test_leakage_is_reported_and_removed_from_val(tmp_path: Path, caplog) -> Non
     assert "leak.png" in (tmp_path / "r" / "report.html").read_text()
     # 24 val images + the leaked copy = 25 found; the copy was dropped before training
     assert "24 train / 24 val images" in (tmp_path / "r" / "train.log").read_text()
+
+
+def test_test_time_augmentation_averages_the_image_and_its_mirror(run) -> None:
+    data, out = run
+    plain, tta = Predictor.from_run(out), Predictor.from_run(out, tta=True)
+    decoded = plain.decode(sorted((data / "test" / "green").glob("*.png"))[:4])
+    mirrored = plain.decode([])
+    mirrored.images = [img.flip(-1) for img in decoded.images]
+    mirrored.labels, mirrored.paths = decoded.labels, decoded.paths
+    expected = (plain.logits(decoded) + plain.logits(mirrored)) / 2
+    got = tta.logits(decoded)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, plain.logits(decoded))  # the mirror changed something
+    res = _cli("predict", str(out), str(data / "test" / "green"), "--tta")
+    assert res.returncode == 0 and res.stdout.count("green") >= 14

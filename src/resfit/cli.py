@@ -229,7 +229,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .inference import Predictor, write_predictions_csv
 
     predictor = Predictor.from_run(
-        args.run, device=args.device, precision=args.precision, engine=args.engine
+        args.run, device=args.device, precision=args.precision, engine=args.engine, tta=args.tta
     )
     preds, skipped = predictor.predict(args.inputs, top_k=args.top_k, batch_size=args.batch_size)
     text = write_predictions_csv(args.out, preds, args.top_k)
@@ -377,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
+    p.add_argument(
+        "--tta", action="store_true", help="test-time augmentation: average with the mirrored image"
+    )
     p.add_argument(
         "--engine",
         default="torch",

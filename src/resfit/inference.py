@@ -81,7 +81,9 @@ class Predictor:
         device: str = "auto",
         precision: str = "auto",
         temperature: float | None = None,
+        tta: bool = False,
     ) -> None:
+        self.tta = tta  # test-time augmentation: average the logits of the image and its mirror
         self.device = runtime.pick_device(device)
         self.precision = runtime.pick_precision(self.device, precision)
         if precision == "int8":
@@ -114,6 +116,7 @@ class Predictor:
         device: str = "auto",
         precision: str = "auto",
         engine: str = "torch",
+        tta: bool = False,
     ) -> Predictor:
         """Load a run. ``engine="onnx"`` runs ``RUN/export/model.onnx`` (or ``model.int8.onnx``
         with ``precision="int8"``) in ONNX Runtime; ``resfit export`` writes them."""
@@ -142,6 +145,7 @@ class Predictor:
             device=device,
             precision=precision,
             temperature=temperature,
+            tta=tta,
         )
 
     def decode(self, paths: Sequence[str | os.PathLike], progress: bool = False) -> DecodedImages:
@@ -155,10 +159,14 @@ class Predictor:
         for x, _ in iter_batches(
             data, [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
         ):
-            if self.onnx:
-                out.append(torch.from_numpy(self.model(x.numpy())).float())
-            else:
-                out.append(self._run(x).float().cpu())
+            views = [x, x.flip(-1)] if self.tta else [x]
+            logits = [
+                torch.from_numpy(self.model(v.numpy())).float()
+                if self.onnx
+                else self._run(v).float().cpu()
+                for v in views
+            ]
+            out.append(torch.stack(logits).mean(0))
         return torch.cat(out) if out else torch.empty(0, len(self.classes))
 
     def probabilities(self, logits: Tensor) -> Tensor:
