@@ -49,9 +49,13 @@ def write_digits(root: Path, shots: int, seed: int = 0) -> tuple[Path, Path]:
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, shots: int = 5) -> dict:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
+        if not (out / "data" / "pretrain").is_dir():
+            raise ValueError(
+                f"--out {out} is not empty and not an earlier demo: choose another folder"
+            )
         import shutil
 
-        shutil.rmtree(out)  # the demo's own folder: a rerun starts clean
+        shutil.rmtree(out)  # an earlier demo's folder: a rerun starts clean
     data = out / "data"
     pre_data, few_data = write_digits(data, shots)
     common = dict(
