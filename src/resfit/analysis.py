@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .models import BasicBlock, Bottleneck, build_model, get_spec
+from .weights import IMAGENET_MEAN, IMAGENET_STD  # what the CIFAR and ImageNet weights expect
 
 __all__ = [
     "block_convs",
@@ -35,9 +36,6 @@ __all__ = [
     "write_gradient_flow",
 ]
 
-# The CIFAR checkpoints of the shared assets and torchvision's ImageNet weights both use these.
-_MEAN = (0.485, 0.456, 0.406)
-_STD = (0.229, 0.224, 0.225)
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 CSV_FIELDS = (
     "arch", "phase", "step", "block", "depth", "rel_depth", "layer", "grad_norm", "weight_norm",
@@ -231,8 +229,8 @@ def write_gradient_flow(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
 
 
 def _normalise(x: Tensor) -> Tensor:
-    mean = torch.tensor(_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
