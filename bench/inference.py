@@ -37,70 +37,18 @@
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
 import sys
-import tempfile
-import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from _common import flowers_batch, gemm_roof, machine_summary, median_time
+from _common import flowers_batch
 
-GFLOP_PER_IMAGE = 8.2  # ResNet-50 at 224 px: 4.1 GMACs
-
-
-@dataclass
-class Row:
-    name: str
-    precision: str
-    ips: float  # batch throughput, images/s
-    latency_ms: float  # batch-1 latency
-    setup_s: float  # export / quantize / compile time, paid once
-
-
-@dataclass
-class Engine:
-    name: str
-    precision: str
-    batch: Callable[[], object]
-    one: Callable[[], object]
-    setup_s: float
-    batch_s: list[float]
-    one_s: list[float]
-
-
-def _build(name: str, precision: str, build: Callable, x: torch.Tensor) -> Engine | None:
-    """Build an engine and call it once per shape (setup: export, compile, allocation)."""
-    t0 = time.perf_counter()
-    try:
-        fn, convert = build()
-        xb, x1 = convert(x), convert(x[:1])
-        fn(xb)
-        fn(x1)
-    except Exception as e:  # an engine that cannot run here is a finding, not a crash
-        print(f"  {name:<37} skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-        return None
-    setup = time.perf_counter() - t0
-    print(f"  {name:<37} ready (setup {setup:.1f} s)", flush=True)
-    return Engine(name, precision, lambda: fn(xb), lambda: fn(x1), setup, [], [])
-
-
-def _interleaved(engines: list[Engine], repeats: int, lat_repeats: int) -> None:
-    """Time the engines in turn, round after round, so that load from other jobs on a shared
-    machine falls on all of them alike; each engine's figure is its median."""
-    for attr, fn_attr, n in (("batch_s", "batch", repeats), ("one_s", "one", lat_repeats)):
-        for _ in range(n):
-            for e in engines:
-                getattr(e, attr).append(median_time(getattr(e, fn_attr), 1, warmup=0).median)
+from resfit.benchmark import bench_inference
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--repeats", type=int, default=5, help="timed batch runs per engine")
+    ap.add_argument("--repeats", type=int, default=5, help="timed batch rounds per engine")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None, help="default: torch's default")
     ap.add_argument("--quick", action="store_true", help="2 repeats, no torch.compile")
@@ -109,119 +57,26 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    repeats = 2 if args.quick else args.repeats
-    lat_repeats = max(3, 3 * repeats)
     warnings.filterwarnings("ignore")
-
-    import torchvision
-
-    from resfit.runtime import prepare_for_inference
-    from resfit.weights import create_model
-
-    print(f"machine: {machine_summary()}")
-    roof = gemm_roof()
-    print(
-        "GEMM roof (n=1024 matmul): "
-        + ", ".join(f"{k} {v:.0f} G{'OP' if k == 'int8' else 'FLOP'}/s" for k, v in roof.items())
-    )
-
-    torch.manual_seed(0)
-    tv = torchvision.models.resnet50().eval()
-    ours = create_model("resnet50")
-    ours.load_state_dict(tv.state_dict())  # same weights: same logits expected
     real = flowers_batch(args.batch)
-    x = torch.from_numpy(real) if real is not None else torch.randn(args.batch, 3, 224, 224)
-    print(
-        f"input: {args.batch} x 3 x 224 x 224, {'real flowers5 photos' if real is not None else 'random'}"
+    report = bench_inference(
+        "resnet50",
+        images=torch.from_numpy(real) if real is not None else None,
+        batch=args.batch,
+        repeats=2 if args.quick else args.repeats,
+        compile=not (args.quick or args.no_compile),
+        onnx=not args.no_onnx,
     )
-
-    ident = lambda t: t  # noqa: E731
-    to_np = lambda t: t.numpy()  # noqa: E731
-
-    def baseline():
-        def fn(t: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode():
-                return tv(t)
-
-        return fn, ident
-
-    def fast(precision: str, compile: bool = False, fold_bn: bool = True):
-        return lambda: (
-            prepare_for_inference(ours, "cpu", precision, compile, fold_bn=fold_bn),
-            ident,
-        )
-
-    work = Path(tempfile.mkdtemp(prefix="resfit-bench-"))
-
-    def onnx_fp32():
-        from resfit.export import OnnxClassifier, export_onnx
-
-        path = export_onnx(ours, work / "r50.onnx", input_size=224)
-        return OnnxClassifier(path, threads=torch.get_num_threads()), to_np
-
-    def onnx_int8():
-        from resfit.export import OnnxClassifier, export_onnx, quantize_int8
-
-        src = work / "r50.onnx"
-        if not src.exists():
-            export_onnx(ours, src, input_size=224)
-        calib = x.numpy()
-        path = quantize_int8(
-            src, work / "r50_int8.onnx", (calib[i : i + 8] for i in range(0, 32, 8))
-        )
-        return OnnxClassifier(path, threads=torch.get_num_threads()), to_np
-
-    engines: list[tuple[str, str, Callable]] = [
-        ("torchvision eager fp32 (baseline)", "fp32", baseline),
-        ("resfit fp32 (fold BN, channels-last)", "fp32", fast("fp32")),
-        ("resfit fp32 channels-last, no fold", "fp32", fast("fp32", fold_bn=False)),
-        ("resfit bf16 autocast", "bf16", fast("bf16")),
-    ]
-    if not (args.quick or args.no_compile):
-        engines.append(("resfit fp32 torch.compile", "fp32", fast("fp32", compile=True)))
-    if not args.no_onnx:
-        engines += [
-            ("ONNX Runtime fp32", "fp32", onnx_fp32),
-            ("ONNX Runtime int8", "int8", onnx_int8),
-        ]
-
-    built = [e for n, p, b in engines if (e := _build(n, p, b, x))]
-    print(f"timing: batch {args.batch} x {repeats} rounds, batch 1 x {lat_repeats}, interleaved")
-    _interleaved(built, repeats, lat_repeats)
-    after = gemm_roof()
-    # The machine's capability: the better of the two measurements (other jobs only lower it).
-    roof = {k: max(v, after[k]) for k, v in roof.items()}
-    print("GEMM roof after: " + ", ".join(f"{k} {v:.0f}" for k, v in after.items()))
-    rows = [
-        Row(
-            e.name,
-            e.precision,
-            len(x) / statistics.median(e.batch_s),
-            1e3 * statistics.median(e.one_s),
-            e.setup_s,
-        )
-        for e in built
-    ]
-
-    base = rows[0] if rows and "baseline" in rows[0].name else None
-    print()
+    report.info["input"] = "real flowers5 photos" if real is not None else "random"
+    print(report.format())
+    rows = [r for r in report.rows if r.images_per_s == r.images_per_s]
+    base, best = rows[0], max(rows, key=lambda r: r.images_per_s)
+    fastest_b1 = min(rows, key=lambda r: r.latency_ms)
     print(
-        f"{'engine':<37}{'img/s':>8}{'x base':>8}{'% roof':>8}{'b1 ms':>9}{'b1 x':>7}{'setup s':>8}"
+        f"\nbaseline {base.images_per_s:.1f} img/s; fastest: {best.name} {best.images_per_s:.1f} "
+        f"img/s = {best.ratio:.2f}x; lowest batch-1 latency: {fastest_b1.name} "
+        f"{fastest_b1.latency_ms:.1f} ms = {fastest_b1.latency_ratio:.2f}x the baseline's"
     )
-    for r in rows:
-        ratio = r.ips / base.ips if base else math.nan
-        lat_ratio = base.latency_ms / r.latency_ms if base else math.nan
-        frac = r.ips * GFLOP_PER_IMAGE / roof.get(r.precision, math.nan)
-        print(
-            f"{r.name:<37}{r.ips:8.1f}{ratio:8.2f}{100 * frac:7.0f}%{r.latency_ms:9.1f}"
-            f"{lat_ratio:7.2f}{r.setup_s:8.1f}"
-        )
-    if base:
-        best = max(rows, key=lambda r: r.ips)
-        print(
-            f"\nbaseline {base.ips:.1f} img/s; fastest: {best.name} {best.ips:.1f} img/s "
-            f"= {best.ips / base.ips:.2f}x (same run, same input)"
-        )
     return 0
 
 

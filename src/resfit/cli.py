@@ -331,6 +331,46 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from . import benchmark
+
+    what = ["inference", "train", "pipeline"] if args.what == "all" else [args.what]
+    if "pipeline" in what and not args.data:
+        raise ValueError("resfit bench pipeline needs --data DIR (a folder of class folders)")
+    reports = []
+    step_rate = None
+    for w in what:
+        if w == "inference":
+            images = None
+            if args.data:
+                size = args.img_size or (32 if "cifar" in args.arch else 224)
+                images = benchmark.load_images(args.data, args.batch, size)
+            rep = benchmark.bench_inference(
+                args.arch, images=images, weights=args.weights, batch=args.batch,
+                img_size=args.img_size, repeats=args.repeats, compile=args.compile,
+                onnx=not args.no_onnx,
+            )  # fmt: skip
+        elif w == "train":
+            rep = benchmark.bench_train_step(
+                args.arch, batch=args.batch, img_size=args.img_size, repeats=args.repeats,
+                compile=args.compile,
+            )  # fmt: skip
+            fast = [r.images_per_s for r in rep.rows if r.name.startswith("resfit")]
+            step_rate = max(fast) if fast else None
+        else:
+            rep = benchmark.bench_pipeline(
+                args.data, img_size=args.img_size or 224, augment=args.augment,
+                limit=args.limit, batch=args.batch, consumer_images_per_s=step_rate,
+            )  # fmt: skip
+        print(rep.format() + "\n", flush=True)
+        reports.append(rep.to_dict())
+    if args.json:
+        Path(args.json).write_text(json.dumps(reports, indent=1, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resfit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -434,6 +474,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_augment_preview)
+
+    p = sub.add_parser(
+        "bench", help="time inference engines, a training step and the data pipeline here"
+    )
+    p.add_argument(
+        "what", nargs="?", default="all", choices=["all", "inference", "train", "pipeline"]
+    )
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--weights", help="inference: weights to load (default: seeded random init)")
+    p.add_argument("--data", help="image folder: real inputs for inference; needed by pipeline")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--img-size", type=int, help="default: the architecture's (224, CIFAR 32)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (the median is shown)")
+    p.add_argument("--compile", action="store_true", help="add torch.compile rows (slow start)")
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime engines")
+    p.add_argument("--augment", default="standard", choices=["none", "light", "standard", "strong"])
+    p.add_argument("--limit", type=int, default=512, help="pipeline: images to read")
+    p.add_argument("--json", help="also write the figures to this file")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser(
         "demo", help="the main job, offline: train, transfer and compare on real digits"

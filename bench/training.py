@@ -1,0 +1,66 @@
+# ResNet-50 training on the CPU: a training step and the data pipeline, naive vs resfit.
+#
+# step: one SGD step (forward, loss, backward, update) at 224 px, batch 32, from the same
+# weights on the same batch: the naive loop (torchvision resnet50, train mode, fp32 NCHW,
+# SGD over every parameter) against resfit's step (its model and optimizer groups,
+# channels-last, autocast at the precision `auto` picks, plus bf16 and, with --compile,
+# torch.compile). Medians of interleaved rounds; the first-step losses must agree. "% roof":
+# images/s x 24.6 GFLOP (forward + backward) over the GEMM roof measured in the same run.
+# pipeline: decode + augment images/s on 512 flowers5 training photos at 224 px (the
+# "standard" preset): torchvision ImageFolder-style loading with a 0-worker DataLoader (decodes
+# every JPEG every epoch) against resfit's decode-once + per-epoch augmentation, and both
+# against the images/s resfit's training step consumes (measured first, in the same run).
+#
+# Machine: the project's 2-core Xeon (AVX-512 + VNNI, no AVX512_BF16/AMX), torch 2.14.1.
+# Last figures: see README "Training speed" (filled in from the run below).
+"""Benchmark: ResNet-50 training step and data pipeline, naive loop vs resfit."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+
+from _common import FLOWERS_ZIP
+
+from resfit.benchmark import bench_pipeline, bench_train_step
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds per engine")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--compile", action="store_true", help="add a torch.compile row")
+    ap.add_argument("--limit", type=int, default=512, help="pipeline: flowers5 images")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+
+    step = bench_train_step(
+        "resnet50", batch=args.batch, repeats=args.repeats, compile=args.compile
+    )
+    print(step.format(), flush=True)
+    rate = max(r.images_per_s for r in step.rows if r.name.startswith("resfit"))
+    print(f"\nresfit's step consumes {rate:.1f} images/s\n", flush=True)
+
+    if not FLOWERS_ZIP.exists():
+        print(f"pipeline skipped: needs {FLOWERS_ZIP} (the shared assets)")
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="resfit-bench-"))
+    try:
+        with zipfile.ZipFile(FLOWERS_ZIP) as z:
+            z.extractall(work / "flowers5")
+        pipe = bench_pipeline(
+            work / "flowers5", limit=args.limit, batch=args.batch, consumer_images_per_s=rate
+        )
+        print(pipe.format())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

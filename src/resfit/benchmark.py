@@ -1,0 +1,576 @@
+"""Benchmarks a user can run on their own machine (``resfit bench``), against the baseline.
+
+Three measurements, each against what users write without resfit, in the same process and on
+the same input, and each against this machine's GEMM roof measured in the same run:
+
+- :func:`bench_inference`: batch throughput and batch-1 latency of torchvision eager fp32
+  (the baseline) and resfit's engines (BN folded + channels-last, bf16 autocast,
+  ``torch.compile``, ONNX Runtime fp32 and static int8), with each engine's top-1 agreement
+  with the baseline on the input.
+- :func:`bench_train_step`: one SGD step of the naive loop (torchvision model, fp32, NCHW)
+  against resfit's step (its optimizer groups, channels-last, autocast where it pays,
+  optionally compiled), from the same weights on the same batch.
+- :func:`bench_pipeline`: decode + augment images/s of torchvision's ImageFolder/DataLoader
+  (decodes every JPEG every epoch) against resfit's decode-once images and per-epoch
+  augmentation, set against the images/s the training step consumes.
+
+Timings are medians of interleaved rounds: load from other jobs falls on every engine alike.
+Slowness never raises; an engine that cannot run on this machine is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import runtime
+from .augmentation import AugmentConfig, base_size_for, eval_transform, train_transform
+from .data import TransformedImages, decode_all, discover, iter_batches
+from .training import TrainConfig, make_optimizer, param_groups, soft_cross_entropy
+from .weights import IMAGENET_MEAN, IMAGENET_STD, create_model
+
+log = logging.getLogger("resfit")
+
+# The architectures torchvision also builds: there the baseline is torchvision's own model.
+_TORCHVISION = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and the machine
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call: the median (what we report), the best, and every sample."""
+
+    median: float
+    best: float
+    samples: tuple[float, ...]
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> Timing:
+    """Time ``fn()`` ``repeats`` times after ``warmup`` untimed calls.
+
+    The median, not the mean: on a shared machine one slow outlier should not move the figure.
+    """
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return Timing(statistics.median(samples), min(samples), tuple(samples))
+
+
+def gemm_roof(n: int = 1024, repeats: int = 10) -> dict[str, float]:
+    """GFLOP/s (GOP/s for int8) of an n x n x n matmul in fp32, bf16 and int8 on this machine.
+
+    The practical ceiling a convolution network can approach per precision; int8 uses
+    ``torch._int_mm`` (oneDNN, VNNI where present) and is NaN where that is unavailable. The
+    best run, not the median: a roof is what the machine can do, and other jobs only lower it.
+    """
+    flops = 2 * n**3
+    out: dict[str, float] = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        out[name] = flops / median_time(lambda a=a, b=b: a @ b, repeats).best / 1e9
+    try:
+        a = torch.randint(-128, 128, (n, n), dtype=torch.int8)
+        b = torch.randint(-128, 128, (n, n), dtype=torch.int8)
+        out["int8"] = flops / median_time(lambda: torch._int_mm(a, b), repeats).best / 1e9
+    except (RuntimeError, AttributeError):
+        out["int8"] = float("nan")
+    return out
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_summary() -> str:
+    """CPU, threads, the ISA features that decide the precision, and library versions."""
+    isa = [
+        f
+        for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+        if f in runtime.cpu_flags()
+    ]
+    gpu = f"; GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (
+        f"{cpu_name()}, {torch.get_num_threads()} threads, ISA {'/'.join(isa) or '?'}{gpu}; "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
+    )
+
+
+def forward_gflop(model: nn.Module, shape: tuple[int, ...]) -> float:
+    """GFLOP of one forward pass for one input of ``shape`` (C, H, W), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    was_training = model.training
+    model.eval()
+    with counter, torch.no_grad():
+        model(torch.zeros(1, *shape))
+    model.train(was_training)
+    return counter.get_total_flops() / 1e9
+
+
+@dataclass
+class BenchRow:
+    name: str
+    precision: str
+    images_per_s: float
+    ratio: float = math.nan  # images/s over the baseline's
+    roof_fraction: float = math.nan  # achieved GFLOP/s over the GEMM roof of its precision
+    latency_ms: float = math.nan  # batch 1 (inference only)
+    latency_ratio: float = math.nan  # this latency over the baseline's (lower is better)
+    setup_s: float = math.nan  # export, quantization or compilation, paid once
+    agreement: float = math.nan  # inference: top-1 agreement with the baseline on the input
+    first_loss: float = math.nan  # training: loss of the first step (same weights, same batch)
+    note: str = ""
+
+
+@dataclass
+class BenchReport:
+    title: str
+    machine: str
+    roof: dict[str, float]
+    rows: list[BenchRow] = field(default_factory=list)
+    info: dict[str, object] = field(default_factory=dict)
+
+    def row(self, prefix: str) -> BenchRow | None:
+        return next((r for r in self.rows if r.name.startswith(prefix)), None)
+
+    def to_dict(self) -> dict:
+        return {
+            "title": self.title,
+            "machine": self.machine,
+            "roof": self.roof,
+            "info": self.info,
+            "rows": [asdict(r) for r in self.rows],
+        }
+
+    def format(self) -> str:
+        cols = [
+            ("images/s", "images_per_s", "{:9.1f}"),
+            ("x base", "ratio", "{:7.2f}"),
+            ("% roof", "roof_fraction", "{:7.0%}"),
+        ]
+        extra = [
+            ("b1 ms", "latency_ms", "{:8.1f}"),
+            ("b1 / base", "latency_ratio", "{:10.2f}"),
+            ("top-1 agree", "agreement", "{:12.1%}"),
+            ("first loss", "first_loss", "{:11.4f}"),
+            ("setup s", "setup_s", "{:8.1f}"),
+        ]
+        cols += [c for c in extra if any(_finite(getattr(r, c[1])) for r in self.rows)]
+        width = max([len(r.name) for r in self.rows] + [10]) + 2
+        roof = ", ".join(
+            f"{k} {v:.0f} G{'OP' if k == 'int8' else 'FLOP'}/s" for k, v in self.roof.items()
+        )
+        lines = [self.title, f"machine: {self.machine}"]
+        if roof:
+            lines.append(f"GEMM roof (n=1024 matmul): {roof}")
+        lines += [f"{k}: {v}" for k, v in self.info.items()]
+        lines.append(f"{'':<{width}}" + "".join(f"{h:>{len(f.format(1.0))}}" for h, _, f in cols))
+        for r in self.rows:
+            cells = "".join(
+                f.format(getattr(r, a)) if _finite(getattr(r, a)) else " " * len(f.format(1.0))
+                for _, a, f in cols
+            )
+            lines.append(f"{r.name:<{width}}{cells}  {r.note}".rstrip())
+        return "\n".join(lines)
+
+
+def _finite(v: float) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)
+
+
+def _interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds per call of each function, timed in turn round after round."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(max(1, rounds)):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _models(arch: str, weights: str | None, num_classes: int | None) -> tuple[nn.Module, nn.Module]:
+    """The baseline model (torchvision's where it has the architecture) and resfit's, with the
+    same weights: seeded random ones unless ``weights`` names a checkpoint."""
+    torch.manual_seed(0)
+    ours = create_model(arch, weights=weights, num_classes=num_classes, progress=False)
+    if arch in _TORCHVISION:
+        import torchvision
+
+        base = getattr(torchvision.models, arch)(num_classes=ours.fc.out_features)
+        base.load_state_dict(ours.state_dict())
+    else:  # no torchvision twin (CIFAR nets): resfit's own module, run the plain eager way
+        base = copy.deepcopy(ours)
+    return base, ours
+
+
+def _input_size(model: nn.Module, img_size: int | None) -> int:
+    return img_size or int(model.pretrained_cfg.get("input_size", 224))
+
+
+def load_images(data: str | Path, n: int, img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """``n`` preprocessed images (eval transform) from an image folder, spread over classes."""
+    splits = discover(str(data))
+    samples = splits.val or splits.train
+    step = max(1, len(samples) // n)
+    decoded = decode_all(samples[::step][:n], base_size_for(img_size), progress=False)
+    tf = eval_transform(img_size, tuple(mean), tuple(std))
+    return torch.stack([tf(im) for im in decoded.images])
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference
+
+
+def bench_inference(
+    arch: str = "resnet50",
+    *,
+    images: Tensor | None = None,
+    weights: str | None = None,
+    batch: int = 32,
+    img_size: int | None = None,
+    repeats: int = 5,
+    compile: bool = True,
+    onnx: bool = True,
+    bf16: bool = True,
+) -> BenchReport:
+    """Inference engines against torchvision eager fp32; see the module docstring.
+
+    ``images`` (N, C, H, W), preprocessed, is the input (real photos make the agreement column
+    meaningful); random when None. ``batch`` images are timed per call.
+    """
+    base_model, ours = _models(arch, weights, None)
+    base_model.eval()
+    size = _input_size(ours, img_size)
+    if images is None:
+        images = torch.randn(batch, 3, size, size)
+    x = images[:batch].contiguous()
+    x = x.repeat(math.ceil(batch / len(x)), 1, 1, 1)[:batch]
+    gflop = forward_gflop(ours, tuple(x.shape[1:]))
+    roof = gemm_roof()
+    report = BenchReport(
+        f"{arch} inference, batch {len(x)} and batch 1, {x.shape[-1]} px",
+        machine_summary(),
+        roof,
+        info={"GFLOP per image": round(gflop, 2), "input": f"{len(x)} images"},
+    )
+    work = Path(tempfile.mkdtemp(prefix="resfit-bench-"))
+
+    def baseline():
+        def fn(t: Tensor) -> Tensor:
+            with torch.inference_mode():
+                return base_model(t)
+
+        return fn
+
+    def fast(precision: str, compiled: bool = False):
+        return lambda: runtime.prepare_for_inference(ours, "cpu", precision, compiled)
+
+    def onnx_engine(int8: bool):
+        def build():
+            import numpy as np
+
+            from .export import OnnxClassifier, export_onnx, quantize_int8
+
+            src = work / "model.onnx"
+            if not src.exists():
+                export_onnx(ours, src, input_size=x.shape[-1])
+            path = src
+            if int8:
+                calib = x.numpy()
+                batches = (calib[i : i + 8] for i in range(0, len(calib), 8))
+                path = quantize_int8(src, work / "model_int8.onnx", batches)
+            session = OnnxClassifier(path, threads=torch.get_num_threads())
+            return lambda t: torch.from_numpy(np.asarray(session(t.numpy())))
+
+        return build
+
+    engines: list[tuple[str, str, Callable]] = [
+        (f"{'torchvision' if arch in _TORCHVISION else 'eager'} fp32 (baseline)", "fp32", baseline),
+        ("resfit fp32 (BN folded, channels-last)", "fp32", fast("fp32")),
+    ]
+    if bf16:
+        engines.append(("resfit bf16 autocast", "bf16", fast("bf16")))
+    if compile:
+        engines.append(("resfit fp32 + torch.compile", "fp32", fast("fp32", True)))
+    if onnx:
+        engines += [
+            ("ONNX Runtime fp32", "fp32", onnx_engine(False)),
+            ("ONNX Runtime int8", "int8", onnx_engine(True)),
+        ]
+
+    built: dict[str, tuple[str, Callable, float]] = {}
+    for name, precision, build in engines:
+        t0 = time.perf_counter()
+        try:
+            fn = build()
+            fn(x), fn(x[:1])  # first calls: allocation, compilation
+        except Exception as e:  # an engine that cannot run here is a finding, not a crash
+            report.rows.append(BenchRow(name, precision, math.nan, note=f"skipped: {e}"[:140]))
+            continue
+        built[name] = (precision, fn, time.perf_counter() - t0)
+        log.info("  %s ready (%.1f s)", name, time.perf_counter() - t0)
+
+    batch_s = _interleaved({k: (lambda f=v[1]: f(x)) for k, v in built.items()}, repeats)
+    one_s = _interleaved({k: (lambda f=v[1]: f(x[:1])) for k, v in built.items()}, 3 * repeats)
+    after = gemm_roof()
+    report.roof = {k: max(v, after[k]) for k, v in roof.items()}  # others only lower it
+    base_name = engines[0][0]
+    base_pred = built[base_name][1](x).argmax(1) if base_name in built else None
+    for name, (precision, fn, setup) in built.items():
+        ips = len(x) / batch_s[name]
+        pred = fn(x).argmax(1)
+        report.rows.append(
+            BenchRow(
+                name,
+                precision,
+                ips,
+                ratio=ips * batch_s.get(base_name, math.nan) / len(x),
+                roof_fraction=ips * gflop / report.roof.get(precision, math.nan),
+                latency_ms=1e3 * one_s[name],
+                latency_ratio=one_s[name] / one_s.get(base_name, math.nan),
+                setup_s=setup,
+                agreement=(pred == base_pred).float().mean().item()
+                if base_pred is not None
+                else math.nan,
+            )
+        )
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Training step
+
+
+def bench_train_step(
+    arch: str = "resnet50",
+    *,
+    batch: int = 32,
+    img_size: int | None = None,
+    num_classes: int = 10,
+    repeats: int = 5,
+    compile: bool = False,
+    bf16: bool = True,
+) -> BenchReport:
+    """A training step (forward, loss, backward, SGD update), naive loop against resfit's.
+
+    Naive: torchvision's model in train mode, fp32 NCHW, ``torch.optim.SGD`` over every
+    parameter, ``F.cross_entropy``. resfit: its model, optimizer groups (no weight decay on
+    norms and biases), channels-last, autocast at the precision ``auto`` picks here (and bf16
+    for comparison), the loss ``train()`` uses. Same initial weights and batch, no label
+    smoothing on either side, so the first-step losses must agree (they are reported).
+    """
+    base_model, ours = _models(arch, None, num_classes)
+    size = _input_size(ours, img_size)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g)
+    y = torch.randint(0, num_classes, (batch,), generator=g)
+    gflop = 3 * forward_gflop(ours, (3, size, size))  # forward + backward (twice the forward)
+    roof = gemm_roof()
+    device = torch.device("cpu")
+    auto = runtime.pick_precision(device, "auto")
+    report = BenchReport(
+        f"{arch} training step, batch {batch}, {size} px, SGD",
+        machine_summary(),
+        roof,
+        info={"GFLOP per image (fwd+bwd)": round(gflop, 2), "resfit auto precision": auto},
+    )
+
+    def naive():
+        model = copy.deepcopy(base_model).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+        def step() -> float:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            return loss.item()
+
+        return step
+
+    def resfit_step(precision: str, compiled: bool = False):
+        def build():
+            model = copy.deepcopy(ours).train().to(memory_format=torch.channels_last)
+            cfg = TrainConfig()
+            opt = make_optimizer(cfg, param_groups(model, 5e-4), 0.01)
+            fwd = torch.compile(model) if compiled else model
+            xc = x.contiguous(memory_format=torch.channels_last)
+
+            def step() -> float:
+                with runtime.autocast(device, precision):
+                    logits = fwd(xc)
+                loss = soft_cross_entropy(logits.float(), y, 0.0)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                return loss.item()
+
+            return step
+
+        return build
+
+    engines: list[tuple[str, str, Callable]] = [
+        (
+            f"naive {'torchvision ' if arch in _TORCHVISION else ''}fp32 NCHW (baseline)",
+            "fp32",
+            naive,
+        ),
+        (f"resfit {auto} channels-last", auto, resfit_step(auto)),
+    ]
+    if bf16 and auto != "bf16":
+        engines.append(("resfit bf16 autocast channels-last", "bf16", resfit_step("bf16")))
+    if compile:
+        engines.append((f"resfit {auto} + torch.compile", auto, resfit_step(auto, True)))
+
+    built: dict[str, tuple[str, Callable, float, float]] = {}
+    for name, precision, build in engines:
+        t0 = time.perf_counter()
+        try:
+            step = build()
+            first = step()  # also the warm-up (and compilation)
+        except Exception as e:
+            report.rows.append(BenchRow(name, precision, math.nan, note=f"skipped: {e}"[:140]))
+            continue
+        built[name] = (precision, step, time.perf_counter() - t0, first)
+        log.info("  %s ready (%.1f s)", name, time.perf_counter() - t0)
+    secs = _interleaved({k: v[1] for k, v in built.items()}, repeats)
+    after = gemm_roof()
+    report.roof = {k: max(v, after[k]) for k, v in roof.items()}
+    base_name = engines[0][0]
+    for name, (precision, _, setup, first) in built.items():
+        ips = batch / secs[name]
+        report.rows.append(
+            BenchRow(
+                name,
+                precision,
+                ips,
+                ratio=secs.get(base_name, math.nan) / secs[name],
+                roof_fraction=ips * gflop / report.roof.get(precision, math.nan),
+                setup_s=setup,
+                first_loss=first,
+            )
+        )
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Data pipeline
+
+
+def bench_pipeline(
+    data: str | Path,
+    *,
+    img_size: int = 224,
+    augment: str = "standard",
+    limit: int = 512,
+    batch: int = 32,
+    epochs: int = 2,
+    consumer_images_per_s: float | None = None,
+) -> BenchReport:
+    """Decode + augment images/s on the training images of ``data`` (at most ``limit``).
+
+    Naive: torchvision ``ImageFolder``-style loading (PIL decode of every file every epoch,
+    RandomResizedCrop, flip, ToTensor, Normalize) through a ``DataLoader`` with 0 workers, the
+    default. resfit: :func:`~resfit.data.decode_all` once (its rate is a row of its own), then
+    ``epochs`` epochs of its augmentation preset from memory, as ``train()`` runs them.
+    ``consumer_images_per_s`` (the training step's rate) adds how many times faster the
+    pipeline is than the step that consumes it.
+    """
+    from PIL import Image
+    from torchvision import transforms as T
+
+    splits = discover(str(data))
+    step = max(1, len(splits.train) // limit)
+    samples = splits.train[::step][:limit]
+    paths = [s.path for s in samples]
+    labels = [s.label for s in samples]
+    report = BenchReport(
+        f"data pipeline: {len(samples)} training images of {data}, {img_size} px, "
+        f"augment {augment!r}, batch {batch}",
+        machine_summary(),
+        {},
+    )
+    naive_tf = T.Compose(
+        [
+            T.RandomResizedCrop(img_size),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+    class Files(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(paths)
+
+        def __getitem__(self, i: int):
+            with Image.open(paths[i]) as im:
+                return naive_tf(im.convert("RGB")), labels[i]
+
+    def naive_epoch() -> None:
+        for _ in torch.utils.data.DataLoader(Files(), batch_size=batch, shuffle=True):
+            pass
+
+    t0 = time.perf_counter()
+    decoded = decode_all(samples, base_size_for(img_size), progress=False)
+    decode_s = time.perf_counter() - t0
+    tf = train_transform(AugmentConfig(augment), img_size, IMAGENET_MEAN, IMAGENET_STD)
+    dataset = TransformedImages(decoded, tf)
+    index_batches = [
+        list(range(i, min(i + batch, len(dataset)))) for i in range(0, len(dataset), batch)
+    ]
+
+    def resfit_epoch() -> None:
+        for _ in iter_batches(dataset, index_batches):
+            pass
+
+    secs = _interleaved({"naive": naive_epoch, "resfit": resfit_epoch}, epochs)
+    n = len(decoded)
+    naive_ips, resfit_ips = n / secs["naive"], n / secs["resfit"]
+    report.rows = [
+        BenchRow("naive: decode + augment every epoch (baseline)", "", naive_ips, ratio=1.0),
+        BenchRow(
+            "resfit: decode once",
+            "",
+            n / decode_s,
+            note="paid once per run, in threads",
+        ),
+        BenchRow(
+            f"resfit: augment {augment!r} per epoch",
+            "",
+            resfit_ips,
+            ratio=resfit_ips / naive_ips,
+        ),
+    ]
+    if consumer_images_per_s:
+        report.info["training step consumes"] = f"{consumer_images_per_s:.1f} images/s"
+        report.info["resfit pipeline / consumption"] = f"{resfit_ips / consumer_images_per_s:.1f}x"
+        report.info["naive pipeline / consumption"] = f"{naive_ips / consumer_images_per_s:.1f}x"
+    return report

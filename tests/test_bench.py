@@ -1,0 +1,93 @@
+"""resfit.benchmark and `resfit bench`: the figures compare like with like and are well formed.
+
+Speed itself is never asserted (a figure is a benchmark, not a test); what is asserted is
+what would make a benchmark lie: engines that give other answers, steps from other weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from resfit import benchmark
+from resfit.cli import main
+
+from .images import make_colour_folder
+
+
+def test_median_time_reports_median_of_samples() -> None:
+    calls = []
+    t = benchmark.median_time(lambda: calls.append(1), repeats=5, warmup=2)
+    assert len(calls) == 7 and len(t.samples) == 5
+    assert t.best <= t.median == sorted(t.samples)[2]
+
+
+def test_forward_gflop_matches_resnet50_published_figure() -> None:
+    # ResNet-50 at 224 px: 4.09 GMACs (torchvision's metadata), i.e. 8.2 GFLOP.
+    gflop = benchmark.forward_gflop(benchmark.create_model("resnet50"), (3, 224, 224))
+    assert gflop == pytest.approx(8.18, abs=0.05)
+
+
+def test_inference_engines_agree_with_the_baseline() -> None:
+    torch.manual_seed(1)
+    images = torch.randn(8, 3, 32, 32)
+    report = benchmark.bench_inference(
+        "resnet20_cifar", images=images, batch=8, repeats=1, compile=False, bf16=False
+    )
+    names = [r.name for r in report.rows]
+    assert names[0] == "eager fp32 (baseline)"
+    assert {"ONNX Runtime fp32", "ONNX Runtime int8"} <= set(names), report.format()
+    base = report.rows[0]
+    assert base.ratio == pytest.approx(1.0) and base.latency_ratio == pytest.approx(1.0)
+    for r in report.rows:
+        assert r.images_per_s > 0 and math.isfinite(r.roof_fraction), r
+        if r.precision == "fp32":  # BN folding and ONNX export must not change the answers
+            assert r.agreement == 1.0, r
+    assert report.info["GFLOP per image"] == pytest.approx(0.08, abs=0.01)
+    table = report.format()
+    assert all(n in table for n in names) and "top-1 agree" in table
+
+
+def test_train_step_starts_from_the_same_weights_and_batch() -> None:
+    report = benchmark.bench_train_step(
+        "resnet18", batch=4, img_size=64, num_classes=5, repeats=1, bf16=False
+    )
+    naive, ours = report.rows
+    assert naive.name.startswith("naive torchvision") and ours.name.startswith("resfit fp32")
+    assert naive.first_loss == pytest.approx(ours.first_loss, rel=1e-4)
+    assert ours.images_per_s > 0 and naive.ratio == pytest.approx(1.0)
+    assert report.info["resfit auto precision"] == "fp32" or torch.cuda.is_available()
+
+
+def test_pipeline_counts_every_image(tmp_path: Path) -> None:
+    data = make_colour_folder(tmp_path / "data", per_class=6, size=40)
+    report = benchmark.bench_pipeline(
+        data, img_size=32, limit=100, batch=4, epochs=1, consumer_images_per_s=10.0
+    )
+    assert "18 training images" in report.title
+    naive, decode, aug = report.rows
+    assert naive.ratio == 1.0 and decode.images_per_s > 0
+    assert aug.ratio == pytest.approx(aug.images_per_s / naive.images_per_s)
+    assert report.info["resfit pipeline / consumption"] == f"{aug.images_per_s / 10:.1f}x"
+
+
+def test_cli_bench_pipeline_needs_data(capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "pipeline"]) == 2
+    assert "needs --data DIR" in capsys.readouterr().err
+
+
+def test_cli_bench_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = make_colour_folder(tmp_path / "data", per_class=4, size=40)
+    out = tmp_path / "bench.json"
+    rc = main(
+        ["bench", "pipeline", "--data", str(data), "--img-size", "32", "--batch", "4",
+         "--repeats", "1", "--json", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    (rep,) = json.loads(out.read_text())
+    assert rep["rows"][0]["name"].startswith("naive") and len(rep["rows"]) == 3
+    assert "data pipeline" in capsys.readouterr().out
