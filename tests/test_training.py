@@ -101,6 +101,26 @@ def test_predictor_api_needs_only_the_run_folder(
     assert all(abs(sum(c for _, c in x.top_k) - 1) < 1e-4 for x in preds)
 
 
+def test_predict_streams_chunks_with_the_same_answers(
+    trained_run: Path, colours: Path, tmp_path: Path
+) -> None:
+    """Batch 2 makes chunks of 8 images, decoded ahead of the model: same answers, same order,
+    broken files still listed, as predicting everything in one batch."""
+    import shutil
+
+    folder = tmp_path / "mixed"
+    shutil.copytree(colours / "test", folder)
+    (folder / "red" / "zz_broken.jpg").write_bytes(b"not an image")
+    p = Predictor.from_run(trained_run)
+    small, skipped_small = p.predict([folder], top_k=2, batch_size=2)
+    whole, skipped_whole = p.predict([folder], top_k=2, batch_size=64)
+    assert len(small) == len(whole) == 48
+    assert [x.path for x in small] == [x.path for x in whole]
+    assert [x.label for x in small] == [x.label for x in whole]
+    assert all(abs(a.confidence - b.confidence) < 1e-5 for a, b in zip(small, whole, strict=True))
+    assert len(skipped_small) == len(skipped_whole) == 1 and "zz_broken" in skipped_small[0][0]
+
+
 def test_broken_and_odd_files_are_skipped_and_listed(colours: Path, tmp_path: Path) -> None:
     import shutil
 

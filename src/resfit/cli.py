@@ -229,8 +229,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .inference import Predictor, write_predictions_csv
 
     predictor = Predictor.from_run(
-        args.run, device=args.device, precision=args.precision, engine=args.engine, tta=args.tta
-    )
+        args.run, device=args.device, precision=args.precision, engine=args.engine,
+        tta=args.tta, compile=args.compile,
+    )  # fmt: skip
     preds, skipped = predictor.predict(args.inputs, top_k=args.top_k, batch_size=args.batch_size)
     text = write_predictions_csv(args.out, preds, args.top_k)
     if args.out:
@@ -425,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="torch",
         choices=["torch", "onnx"],
         help="onnx: run RUN/export/model.onnx (int8 with --precision int8)",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (pays off on large folders)"
     )
     p.set_defaults(func=_cmd_predict)
 

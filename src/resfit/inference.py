@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,7 @@ class Predictor:
         precision: str = "auto",
         temperature: float | None = None,
         tta: bool = False,
+        compile: bool = False,
     ) -> None:
         self.tta = tta  # test-time augmentation: average the logits of the image and its mirror
         self.device = runtime.pick_device(device)
@@ -100,7 +102,7 @@ class Predictor:
         self._run = (
             model
             if self.onnx
-            else runtime.prepare_for_inference(self.model, self.device, self.precision)
+            else runtime.prepare_for_inference(self.model, self.device, self.precision, compile)
         )
         self.classes = list(classes)
         self.img_size = img_size
@@ -117,9 +119,14 @@ class Predictor:
         precision: str = "auto",
         engine: str = "torch",
         tta: bool = False,
+        compile: bool = False,
     ) -> Predictor:
         """Load a run. ``engine="onnx"`` runs ``RUN/export/model.onnx`` (or ``model.int8.onnx``
-        with ``precision="int8"``) in ONNX Runtime; ``resfit export`` writes them."""
+        with ``precision="int8"``) in ONNX Runtime; ``resfit export`` writes them. ``compile``
+        adds ``torch.compile`` to the PyTorch engine (its first batch compiles: pays off on
+        large folders only)."""
+        if compile and engine != "torch":
+            raise ValueError("--compile applies to --engine torch, not to ONNX Runtime")
         model, cfg, classes = load_run_model(run)
         if engine == "onnx":
             from .export import OnnxClassifier
@@ -146,6 +153,7 @@ class Predictor:
             precision=precision,
             temperature=temperature,
             tta=tta,
+            compile=compile,
         )
 
     def decode(self, paths: Sequence[str | os.PathLike], progress: bool = False) -> DecodedImages:
@@ -181,21 +189,38 @@ class Predictor:
     ) -> tuple[list[Prediction], list[tuple[str, str]]]:
         """Predict files, folders (recursively) and globs. Returns the predictions and the
         files that could not be read (path, reason)."""
+        from tqdm.auto import tqdm
+
         paths = find_images([str(p) for p in inputs])
-        decoded = self.decode(paths, progress=progress)
-        probs = self.probabilities(self.logits(decoded, batch_size))
         k = max(1, min(top_k, len(self.classes)))
-        conf, idx = probs.topk(k, dim=1)
-        preds = [
-            Prediction(
-                str(p),
-                self.classes[int(i[0])],
-                float(c[0]),
-                [(self.classes[int(j)], float(v)) for j, v in zip(i, c, strict=True)],
-            )
-            for p, c, i in zip(decoded.paths, conf, idx, strict=True)
-        ]
-        return preds, decoded.skipped
+        size = 4 * batch_size
+        chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
+        preds: list[Prediction] = []
+        skipped: list[tuple[str, str]] = []
+        bar = tqdm(total=len(paths), desc="predicting", disable=not progress, leave=False)
+        # Decode the next chunk (in threads) while the model runs on this one: decoding keeps
+        # up with the model, and a folder of any size never sits in memory whole.
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(self.decode, chunks[0]) if chunks else None
+            for i in range(len(chunks)):
+                decoded = pending.result()
+                if i + 1 < len(chunks):
+                    pending = pool.submit(self.decode, chunks[i + 1])
+                probs = self.probabilities(self.logits(decoded, batch_size))
+                conf, idx = probs.topk(k, dim=1)
+                preds += [
+                    Prediction(
+                        str(p),
+                        self.classes[int(j[0])],
+                        float(c[0]),
+                        [(self.classes[int(a)], float(v)) for a, v in zip(j, c, strict=True)],
+                    )
+                    for p, c, j in zip(decoded.paths, conf, idx, strict=True)
+                ]
+                skipped += decoded.skipped
+                bar.update(len(chunks[i]))
+        bar.close()
+        return preds, skipped
 
 
 def write_predictions_csv(
