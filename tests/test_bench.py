@@ -32,12 +32,12 @@ def test_forward_gflop_matches_resnet50_published_figure() -> None:
     assert gflop == pytest.approx(8.18, abs=0.05)
 
 
-def test_inference_engines_agree_with_the_baseline() -> None:
-    torch.manual_seed(1)
-    images = torch.randn(8, 3, 32, 32)
+def test_inference_engines_agree_with_the_baseline(tmp_path: Path) -> None:
+    data = make_colour_folder(tmp_path / "data", per_class=4, size=40)
     report = benchmark.bench_inference(
-        "resnet20_cifar", images=images, batch=8, repeats=1, compile=False, bf16=False
+        "resnet20_cifar", data=data, batch=8, repeats=1, compile=False, bf16=False
     )
+    assert "32 px" in report.title  # the CIFAR net's own input size
     names = [r.name for r in report.rows]
     assert names[0] == "eager fp32 (baseline)"
     assert {"ONNX Runtime fp32", "ONNX Runtime int8"} <= set(names), report.format()

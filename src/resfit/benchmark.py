@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from . import runtime
 from .augmentation import AugmentConfig, base_size_for, eval_transform, train_transform
 from .data import TransformedImages, decode_all, discover, iter_batches
+from .models import get_spec
 from .training import TrainConfig, make_optimizer, param_groups, soft_cross_entropy
 from .weights import IMAGENET_MEAN, IMAGENET_STD, create_model
 
@@ -230,8 +231,9 @@ def _models(arch: str, weights: str | None, num_classes: int | None) -> tuple[nn
     return base, ours
 
 
-def _input_size(model: nn.Module, img_size: int | None) -> int:
-    return img_size or int(model.pretrained_cfg.get("input_size", 224))
+def _input_size(arch: str, model: nn.Module, img_size: int | None) -> int:
+    default = get_spec(arch).default_input_size
+    return img_size or int(model.pretrained_cfg.get("input_size", default))
 
 
 def load_images(data: str | Path, n: int, img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -252,6 +254,7 @@ def bench_inference(
     arch: str = "resnet50",
     *,
     images: Tensor | None = None,
+    data: str | Path | None = None,
     weights: str | None = None,
     batch: int = 32,
     img_size: int | None = None,
@@ -262,12 +265,18 @@ def bench_inference(
 ) -> BenchReport:
     """Inference engines against torchvision eager fp32; see the module docstring.
 
-    ``images`` (N, C, H, W), preprocessed, is the input (real photos make the agreement column
-    meaningful); random when None. ``batch`` images are timed per call.
+    ``images`` (N, C, H, W), preprocessed, is the input, or images read from the folder
+    ``data`` with the weights' preprocessing (real photos make the agreement column
+    meaningful); random when neither is given. ``batch`` images are timed per call.
     """
     base_model, ours = _models(arch, weights, None)
     base_model.eval()
-    size = _input_size(ours, img_size)
+    size = _input_size(arch, ours, img_size)
+    if data is not None and images is None:
+        cfg = ours.pretrained_cfg
+        images = load_images(
+            data, batch, size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+        )
     if images is None:
         images = torch.randn(batch, 3, size, size)
     x = images[:batch].contiguous()
@@ -387,7 +396,7 @@ def bench_train_step(
     smoothing on either side, so the first-step losses must agree (they are reported).
     """
     base_model, ours = _models(arch, None, num_classes)
-    size = _input_size(ours, img_size)
+    size = _input_size(arch, ours, img_size)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=g)
     y = torch.randint(0, num_classes, (batch,), generator=g)

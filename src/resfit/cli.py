@@ -344,12 +344,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     step_rate = None
     for w in what:
         if w == "inference":
-            images = None
-            if args.data:
-                size = args.img_size or (32 if "cifar" in args.arch else 224)
-                images = benchmark.load_images(args.data, args.batch, size)
             rep = benchmark.bench_inference(
-                args.arch, images=images, weights=args.weights, batch=args.batch,
+                args.arch, data=args.data, weights=args.weights, batch=args.batch,
                 img_size=args.img_size, repeats=args.repeats, compile=args.compile,
                 onnx=not args.no_onnx,
             )  # fmt: skip
