@@ -24,6 +24,7 @@ import copy
 import logging
 import math
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -76,22 +77,41 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> 
     return Timing(statistics.median(samples), min(samples), tuple(samples))
 
 
-def gemm_roof(n: int = 1024, repeats: int = 10) -> dict[str, float]:
-    """GFLOP/s (GOP/s for int8) of an n x n x n matmul in fp32, bf16 and int8 on this machine.
+def _synced(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``fn`` that waits for the GPU to finish, so that a timer measures the work itself."""
+    if device.type != "cuda":
+        return fn
+
+    def run() -> object:
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return run
+
+
+def gemm_roof(
+    n: int = 1024, repeats: int = 10, device: str | torch.device = "cpu"
+) -> dict[str, float]:
+    """GFLOP/s (GOP/s for int8) of an n x n x n matmul in fp32, bf16 and int8 on ``device``.
 
     The practical ceiling a convolution network can approach per precision; int8 uses
     ``torch._int_mm`` (oneDNN, VNNI where present) and is NaN where that is unavailable. The
     best run, not the median: a roof is what the machine can do, and other jobs only lower it.
     """
+    dev = torch.device(device)
     flops = 2 * n**3
     out: dict[str, float] = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        out[name] = flops / median_time(lambda a=a, b=b: a @ b, repeats).best / 1e9
+    dtypes = [("fp32", torch.float32), ("bf16", torch.bfloat16)]
+    if dev.type == "cuda":
+        dtypes.append(("fp16", torch.float16))
+    for name, dtype in dtypes:
+        a, b = (torch.randn(n, n, dtype=dtype, device=dev) for _ in range(2))
+        out[name] = flops / median_time(_synced(lambda a=a, b=b: a @ b, dev), repeats).best / 1e9
     try:
-        a = torch.randint(-128, 128, (n, n), dtype=torch.int8)
-        b = torch.randint(-128, 128, (n, n), dtype=torch.int8)
-        out["int8"] = flops / median_time(lambda: torch._int_mm(a, b), repeats).best / 1e9
+        a, b = (torch.randint(-128, 128, (n, n), dtype=torch.int8, device=dev) for _ in range(2))
+        mm = _synced(lambda: torch._int_mm(a, b), dev)
+        out["int8"] = flops / median_time(mm, repeats).best / 1e9
     except (RuntimeError, AttributeError):
         out["int8"] = float("nan")
     return out
@@ -129,7 +149,7 @@ def forward_gflop(model: nn.Module, shape: tuple[int, ...]) -> float:
     was_training = model.training
     model.eval()
     with counter, torch.no_grad():
-        model(torch.zeros(1, *shape))
+        model(torch.zeros(1, *shape, device=next(model.parameters()).device))
     model.train(was_training)
     return counter.get_total_flops() / 1e9
 
@@ -262,15 +282,21 @@ def bench_inference(
     compile: bool = True,
     onnx: bool = True,
     bf16: bool = True,
+    device: str = "auto",
 ) -> BenchReport:
     """Inference engines against torchvision eager fp32; see the module docstring.
+
+    On a GPU (``device`` auto or cuda) the PyTorch engines run there, with fp16 added, and
+    the ONNX Runtime engines (CPU ones) are left out. The int8 engine is calibrated on the
+    timed images themselves: fine for speed, optimistic for its agreement column.
 
     ``images`` (N, C, H, W), preprocessed, is the input, or images read from the folder
     ``data`` with the weights' preprocessing (real photos make the agreement column
     meaningful); random when neither is given. ``batch`` images are timed per call.
     """
+    dev = runtime.pick_device(device)
     base_model, ours = _models(arch, weights, None)
-    base_model.eval()
+    base_model.eval().to(dev)
     size = _input_size(arch, ours, img_size)
     if data is not None and images is None:
         cfg = ours.pretrained_cfg
@@ -280,11 +306,11 @@ def bench_inference(
     if images is None:
         images = torch.randn(batch, 3, size, size)
     x = images[:batch].contiguous()
-    x = x.repeat(math.ceil(batch / len(x)), 1, 1, 1)[:batch]
+    x = x.repeat(math.ceil(batch / len(x)), 1, 1, 1)[:batch].to(dev)
     gflop = forward_gflop(ours, tuple(x.shape[1:]))
-    roof = gemm_roof()
+    roof = gemm_roof(device=dev)
     report = BenchReport(
-        f"{arch} inference, batch {len(x)} and batch 1, {x.shape[-1]} px",
+        f"{arch} inference on {dev.type}, batch {len(x)} and batch 1, {x.shape[-1]} px",
         machine_summary(),
         roof,
         info={"GFLOP per image": round(gflop, 2), "input": f"{len(x)} images"},
@@ -299,7 +325,7 @@ def bench_inference(
         return fn
 
     def fast(precision: str, compiled: bool = False):
-        return lambda: runtime.prepare_for_inference(ours, "cpu", precision, compiled)
+        return lambda: runtime.prepare_for_inference(ours, dev, precision, compiled)
 
     def onnx_engine(int8: bool):
         def build():
@@ -316,7 +342,7 @@ def bench_inference(
                 batches = (calib[i : i + 8] for i in range(0, len(calib), 8))
                 path = quantize_int8(src, work / "model_int8.onnx", batches)
             session = OnnxClassifier(path, threads=torch.get_num_threads())
-            return lambda t: torch.from_numpy(np.asarray(session(t.numpy())))
+            return lambda t: torch.from_numpy(np.asarray(session(t.cpu().numpy())))
 
         return build
 
@@ -326,9 +352,12 @@ def bench_inference(
     ]
     if bf16:
         engines.append(("resfit bf16 autocast", "bf16", fast("bf16")))
+    if dev.type == "cuda":
+        engines.append(("resfit fp16 autocast", "fp16", fast("fp16")))
     if compile:
-        engines.append(("resfit fp32 + torch.compile", "fp32", fast("fp32", True)))
-    if onnx:
+        best = runtime.pick_precision(dev, "auto")
+        engines.append((f"resfit {best} + torch.compile", best, fast(best, True)))
+    if onnx and dev.type == "cpu":
         engines += [
             ("ONNX Runtime fp32", "fp32", onnx_engine(False)),
             ("ONNX Runtime int8", "int8", onnx_engine(True)),
@@ -340,21 +369,28 @@ def bench_inference(
         try:
             fn = build()
             fn(x), fn(x[:1])  # first calls: allocation, compilation
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
         except Exception as e:  # an engine that cannot run here is a finding, not a crash
             report.rows.append(BenchRow(name, precision, math.nan, note=f"skipped: {e}"[:140]))
             continue
         built[name] = (precision, fn, time.perf_counter() - t0)
         log.info("  %s ready (%.1f s)", name, time.perf_counter() - t0)
 
-    batch_s = _interleaved({k: (lambda f=v[1]: f(x)) for k, v in built.items()}, repeats)
-    one_s = _interleaved({k: (lambda f=v[1]: f(x[:1])) for k, v in built.items()}, 3 * repeats)
-    after = gemm_roof()
+    batch_s = _interleaved(
+        {k: _synced(lambda f=v[1]: f(x), dev) for k, v in built.items()}, repeats
+    )
+    one_s = _interleaved(
+        {k: _synced(lambda f=v[1]: f(x[:1]), dev) for k, v in built.items()}, 3 * repeats
+    )
+    shutil.rmtree(work, ignore_errors=True)  # the sessions hold the models in memory
+    after = gemm_roof(device=dev)
     report.roof = {k: max(v, after[k]) for k, v in roof.items()}  # others only lower it
     base_name = engines[0][0]
-    base_pred = built[base_name][1](x).argmax(1) if base_name in built else None
+    base_pred = built[base_name][1](x).argmax(1).cpu() if base_name in built else None
     for name, (precision, fn, setup) in built.items():
         ips = len(x) / batch_s[name]
-        pred = fn(x).argmax(1)
+        pred = fn(x).argmax(1).cpu()
         report.rows.append(
             BenchRow(
                 name,
@@ -386,6 +422,7 @@ def bench_train_step(
     repeats: int = 5,
     compile: bool = False,
     bf16: bool = True,
+    device: str = "auto",
 ) -> BenchReport:
     """A training step (forward, loss, backward, SGD update), naive loop against resfit's.
 
@@ -394,18 +431,21 @@ def bench_train_step(
     norms and biases), channels-last, autocast at the precision ``auto`` picks here (and bf16
     for comparison), the loss ``train()`` uses. Same initial weights and batch, no label
     smoothing on either side, so the first-step losses must agree (they are reported).
+    Each step ends in ``loss.item()``, which also waits for a GPU to finish.
     """
+    device = runtime.pick_device(device)
     base_model, ours = _models(arch, None, num_classes)
+    base_model.to(device)
+    ours.to(device)
     size = _input_size(arch, ours, img_size)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, size, size, generator=g)
-    y = torch.randint(0, num_classes, (batch,), generator=g)
+    x = torch.randn(batch, 3, size, size, generator=g).to(device)
+    y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
     gflop = 3 * forward_gflop(ours, (3, size, size))  # forward + backward (twice the forward)
-    roof = gemm_roof()
-    device = torch.device("cpu")
+    roof = gemm_roof(device=device)
     auto = runtime.pick_precision(device, "auto")
     report = BenchReport(
-        f"{arch} training step, batch {batch}, {size} px, SGD",
+        f"{arch} training step on {device.type}, batch {batch}, {size} px, SGD",
         machine_summary(),
         roof,
         info={"GFLOP per image (fwd+bwd)": round(gflop, 2), "resfit auto precision": auto},
@@ -470,7 +510,7 @@ def bench_train_step(
         built[name] = (precision, step, time.perf_counter() - t0, first)
         log.info("  %s ready (%.1f s)", name, time.perf_counter() - t0)
     secs = _interleaved({k: v[1] for k, v in built.items()}, repeats)
-    after = gemm_roof()
+    after = gemm_roof(device=device)
     report.roof = {k: max(v, after[k]) for k, v in roof.items()}
     base_name = engines[0][0]
     for name, (precision, _, setup, first) in built.items():

@@ -347,12 +347,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             rep = benchmark.bench_inference(
                 args.arch, data=args.data, weights=args.weights, batch=args.batch,
                 img_size=args.img_size, repeats=args.repeats, compile=args.compile,
-                onnx=not args.no_onnx,
+                onnx=not args.no_onnx, device=args.device,
             )  # fmt: skip
         elif w == "train":
             rep = benchmark.bench_train_step(
                 args.arch, batch=args.batch, img_size=args.img_size, repeats=args.repeats,
-                compile=args.compile,
+                compile=args.compile, device=args.device,
             )  # fmt: skip
             fast = [r.images_per_s for r in rep.rows if r.name.startswith("resfit")]
             step_rate = max(fast) if fast else None
@@ -491,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime engines")
     p.add_argument("--augment", default="standard", choices=["none", "light", "standard", "strong"])
     p.add_argument("--limit", type=int, default=512, help="pipeline: images to read")
+    p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda")
     p.add_argument("--json", help="also write the figures to this file")
     p.set_defaults(func=_cmd_bench)
 
