@@ -91,3 +91,14 @@ def test_cli_bench_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     (rep,) = json.loads(out.read_text())
     assert rep["rows"][0]["name"].startswith("naive") and len(rep["rows"]) == 3
     assert "data pipeline" in capsys.readouterr().out
+
+
+def test_cli_bench_all_without_data_skips_the_pipeline(capsys: pytest.CaptureFixture) -> None:
+    rc = main(
+        ["bench", "--arch", "resnet20_cifar", "--batch", "4", "--repeats", "1", "--no-onnx",
+         "--device", "cpu"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and "needs --data DIR: skipped" in out
+    assert "resnet20_cifar inference on cpu" in out and "resnet20_cifar training step" in out
+    assert "data pipeline" not in out

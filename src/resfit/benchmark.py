@@ -533,6 +533,36 @@ def bench_train_step(
 # Data pipeline
 
 
+def _pil_transform(cfg: AugmentConfig, img_size: int) -> Callable:
+    """``cfg``'s augmentation as users write it with torchvision's classic PIL transforms."""
+    from torchvision import transforms as T
+
+    c = cfg.resolved()
+    ops: list[Callable] = []
+    if c.crop_scale != (1.0, 1.0):
+        ops.append(T.RandomResizedCrop(img_size, scale=c.crop_scale))
+    else:
+        ops += [T.Resize(base_size_for(img_size)), T.CenterCrop(img_size)]
+    if c.hflip:
+        ops.append(T.RandomHorizontalFlip(c.hflip))
+    if c.vflip:
+        ops.append(T.RandomVerticalFlip(c.vflip))
+    if c.rotation or c.translate or c.zoom != (1.0, 1.0):
+        translate = (c.translate, c.translate) if c.translate else None
+        zoom = c.zoom if c.zoom != (1.0, 1.0) else None
+        ops.append(T.RandomAffine(c.rotation, translate=translate, scale=zoom))
+    if c.color_jitter:
+        ops.append(T.ColorJitter(c.color_jitter, c.color_jitter, c.color_jitter))
+    if c.policy == "trivialaugment":
+        ops.append(T.TrivialAugmentWide())
+    elif c.policy == "randaugment":
+        ops.append(T.RandAugment())
+    ops += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if c.erasing:
+        ops.append(T.RandomErasing(c.erasing))
+    return T.Compose(ops)
+
+
 def bench_pipeline(
     data: str | Path,
     *,
@@ -546,14 +576,13 @@ def bench_pipeline(
     """Decode + augment images/s on the training images of ``data`` (at most ``limit``).
 
     Naive: torchvision ``ImageFolder``-style loading (PIL decode of every file every epoch,
-    RandomResizedCrop, flip, ToTensor, Normalize) through a ``DataLoader`` with 0 workers, the
-    default. resfit: :func:`~resfit.data.decode_all` once (its rate is a row of its own), then
+    then the same augmentation written with the classic PIL transforms, ToTensor, Normalize)
+    through a ``DataLoader`` with 0 workers, the default. resfit: :func:`~resfit.data.decode_all` once (its rate is a row of its own), then
     ``epochs`` epochs of its augmentation preset from memory, as ``train()`` runs them.
     ``consumer_images_per_s`` (the training step's rate) adds how many times faster the
     pipeline is than the step that consumes it.
     """
     from PIL import Image
-    from torchvision import transforms as T
 
     splits = discover(str(data))
     step = max(1, len(splits.train) // limit)
@@ -566,14 +595,7 @@ def bench_pipeline(
         machine_summary(),
         {},
     )
-    naive_tf = T.Compose(
-        [
-            T.RandomResizedCrop(img_size),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+    naive_tf = _pil_transform(AugmentConfig(augment), img_size)
 
     class Files(torch.utils.data.Dataset):
         def __len__(self) -> int:
