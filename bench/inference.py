@@ -10,28 +10,19 @@
 # Slowness never fails the run; an engine that cannot run here is reported and skipped.
 #
 # Machine: the project's 2-core Xeon (AVX-512 + VNNI, no AVX512_BF16/AMX), torch 2.14.1, ONNX
-# Runtime 1.32, shared with three other jobs while it ran: the GEMM roof it measured (fp32 90-95
-# GFLOP/s) is a third of the quiet figure (~261), so absolute numbers are low and noisy and
-# "% roof" can pass 100 %. The ratios come from interleaved rounds on the same input and held
-# across runs; to be re-run on a quiet machine.
+# Runtime 1.32, quiet.
 #
-# Last figures (python bench/inference.py --repeats 3, 2026-11-27):
-#   GEMM roof (n=1024 matmul): fp32 90 GFLOP/s, bf16 29 GFLOP/s, int8 95 GOP/s (after: 95/29/90)
-#   engine                                  img/s  x base  % roof    b1 ms   b1 x setup s
-#   torchvision eager fp32 (baseline)         6.8    1.00     59%    632.1   1.00     7.2
-#   resfit fp32 (fold BN, channels-last)      8.8    1.30     76%    573.0   1.10     7.0
-#   resfit fp32 channels-last, no fold        7.0    1.03     60%    394.8   1.60     6.8
-#   resfit bf16 autocast                      3.0    0.44     83%    225.8   2.80    13.9
-#   resfit fp32 torch.compile                 8.2    1.21     71%     80.5   7.85    12.5
-#   ONNX Runtime fp32                        11.8    1.74    102%     79.5   7.95     9.8
-#   ONNX Runtime int8                        27.9    4.11    242%     59.7  10.59    15.2
-# An earlier run the same day, less loaded (roof fp32 159): baseline 16.1 img/s, fold+CL 18.6
-# (1.15x), no fold 15.9, bf16 6.7 (0.41x), compile 23.1 (1.43x; 54 s first compile), ONNX fp32
-# 28.3 (1.75x), ONNX int8 87.8 (5.44x). Batch-1 latencies of the PyTorch rows swing 5x between
-# runs under load (OpenMP threads wait on busy cores); ONNX Runtime's are steadier.
-# For contrast, 2 threads of a Sapphire Rapids host (AMX; torch 2.11, ORT 1.30) with --quick: baseline 11.4, fold+CL
-# 18.3 (1.61x), bf16 68.6 (6.0x: native bf16, so `auto` picks it there), ONNX fp32 29.4 (2.6x),
-# ONNX int8 96.9 (8.5x).
+# Last figures (python bench/inference.py --repeats 5, 2026-11-28):
+#   GEMM roof (n=1024 matmul): fp32 312 GFLOP/s, bf16 61 GFLOP/s, int8 1334 GOP/s
+#                                            images/s x base % roof   b1 ms b1 / base top-1 agree setup s
+#   torchvision fp32 (baseline)                  15.6   1.00    41%   107.0      1.00      100.0%     2.6
+#   resfit fp32 (BN folded, channels-last)       23.1   1.48    60%    50.1      0.47      100.0%     1.9
+#   resfit bf16 autocast                          7.1   0.45    94%   166.7      1.56      100.0%     5.0
+#   resfit fp32 + torch.compile                  25.6   1.64    67%    47.5      0.44      100.0%     7.3
+#   ONNX Runtime fp32                            34.9   2.23    91%    37.1      0.35      100.0%     9.1
+#   ONNX Runtime int8                            88.6   5.67    54%    33.4      0.31      100.0%     8.9
+# For contrast, 2 threads of a Sapphire Rapids host (AMX; torch 2.11, ORT 1.30), --quick:
+# baseline 11.4, fold+CL 18.3 (1.61x), bf16 68.6 (6.0x), ONNX fp32 29.4 (2.6x), int8 96.9 (8.5x).
 """Benchmark: ResNet-50 inference throughput and latency, baseline vs resfit engines."""
 
 from __future__ import annotations

@@ -12,7 +12,15 @@
 # against the images/s resfit's training step consumes (measured first, in the same run).
 #
 # Machine: the project's 2-core Xeon (AVX-512 + VNNI, no AVX512_BF16/AMX), torch 2.14.1.
-# Last figures: see README "Training speed" (filled in from the run below).
+# Last figures (python bench/training.py --repeats 5 --compile, quiet, 2026-11-28; roof fp32
+# 305 GFLOP/s, bf16 60):
+#   naive torchvision fp32 NCHW (baseline)   3.1 img/s  1.00x  25% roof  first loss 2.7041
+#   resfit fp32 channels-last                4.2 img/s  1.38x  34%       first loss 2.7041
+#   resfit bf16 autocast channels-last       2.1 img/s  0.68x  84%       first loss 2.7117
+#   resfit fp32 + torch.compile              5.0 img/s  1.63x  40%  (72 s to compile)
+#   pipeline (with the same augmentation on both sides, `resfit bench pipeline`): naive 313.9
+#   img/s, resfit decode once 487.2, resfit augment per epoch 287.0 (0.91x naive), i.e. 57x
+#   what the compiled step consumes.
 """Benchmark: ResNet-50 training step and data pipeline, naive loop vs resfit."""
 
 from __future__ import annotations
