@@ -1,7 +1,7 @@
 """Shared benchmark helpers: where the shared assets are, and real flowers5 input.
 
 The timer, the GEMM roof and the machine summary live in :mod:`resfit.benchmark` (``resfit
-bench`` uses them too) and are re-exported here."""
+bench`` uses them too)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from resfit.benchmark import Timing, gemm_roof, machine_summary, median_time  # noqa: F401
+from resfit.benchmark import machine_summary  # noqa: F401  (bench/finetune.py imports it here)
 from resfit.weights import IMAGENET_MEAN, IMAGENET_STD
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -177,17 +177,8 @@ class BenchReport:
     rows: list[BenchRow] = field(default_factory=list)
     info: dict[str, object] = field(default_factory=dict)
 
-    def row(self, prefix: str) -> BenchRow | None:
-        return next((r for r in self.rows if r.name.startswith(prefix)), None)
-
     def to_dict(self) -> dict:
-        return {
-            "title": self.title,
-            "machine": self.machine,
-            "roof": self.roof,
-            "info": self.info,
-            "rows": [asdict(r) for r in self.rows],
-        }
+        return asdict(self)
 
     def format(self) -> str:
         cols = [
@@ -363,18 +354,19 @@ def bench_inference(
             ("ONNX Runtime int8", "int8", onnx_engine(True)),
         ]
 
-    built: dict[str, tuple[str, Callable, float]] = {}
+    built: dict[str, tuple[str, Callable, float, Tensor]] = {}
     for name, precision, build in engines:
         t0 = time.perf_counter()
         try:
             fn = build()
-            fn(x), fn(x[:1])  # first calls: allocation, compilation
+            pred = fn(x).argmax(1).cpu()  # first calls: allocation, compilation
+            fn(x[:1])
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
         except Exception as e:  # an engine that cannot run here is a finding, not a crash
             report.rows.append(BenchRow(name, precision, math.nan, note=f"skipped: {e}"[:140]))
             continue
-        built[name] = (precision, fn, time.perf_counter() - t0)
+        built[name] = (precision, fn, time.perf_counter() - t0, pred)
         log.info("  %s ready (%.1f s)", name, time.perf_counter() - t0)
 
     batch_s = _interleaved(
@@ -387,10 +379,9 @@ def bench_inference(
     after = gemm_roof(device=dev)
     report.roof = {k: max(v, after[k]) for k, v in roof.items()}  # others only lower it
     base_name = engines[0][0]
-    base_pred = built[base_name][1](x).argmax(1).cpu() if base_name in built else None
-    for name, (precision, fn, setup) in built.items():
+    base_pred = built[base_name][3] if base_name in built else None
+    for name, (precision, _, setup, pred) in built.items():
         ips = len(x) / batch_s[name]
-        pred = fn(x).argmax(1).cpu()
         report.rows.append(
             BenchRow(
                 name,
