@@ -31,6 +31,7 @@
 # Commands (from the repository root, with ../shared/assets present):
 #   python bench/finetune.py speed --subset 300 --val-subset 150 --repeats 1   # ~6 min, 2 cores
 #   python bench/finetune.py speed --repeats 3           # all 2,934 / 736 images: hours on 2 cores
+#   python bench/finetune.py speed --naive-repeats 1     # the same, the naive loop once (~70 min)
 #   python bench/finetune.py transfer32                   # 30 epochs: ~25 min on 2 cores
 #
 # Last figures (the project's 2-core Xeon, AVX-512 + VNNI, torch 2.14.1):
@@ -226,9 +227,12 @@ def cmd_speed(args: argparse.Namespace) -> None:
     data = subset(root, work / "subset", args.subset, args.val_subset)
     init = initial_state(root, work, args.img_size)
     runs: dict[str, list[dict]] = {"naive": [], "resfit": []}
-    for rep in range(args.repeats):
+    naive_repeats = args.repeats if args.naive_repeats is None else args.naive_repeats
+    for rep in range(max(args.repeats, naive_repeats)):
         # Interleaved, so a slow patch of the shared machine hits both sides alike.
         for name in ("naive", "resfit") if rep % 2 == 0 else ("resfit", "naive"):
+            if rep >= (naive_repeats if name == "naive" else args.repeats):
+                continue
             if name == "naive":
                 res = naive(data, init, args.epochs, args.lr, args.img_size, args.batch_size)
             else:
@@ -242,7 +246,7 @@ def cmd_speed(args: argparse.Namespace) -> None:
     n_val = sum(1 for _ in (data / "val").rglob("*.jpg"))
     print(f"\n{machine_summary()}")
     print(f"ResNet-50 head-only, {args.img_size} px, {args.epochs} epochs, {n_train} train / "
-          f"{n_val} val images, medians of {args.repeats} run(s)")  # fmt: skip
+          f"{n_val} val images, medians of {naive_repeats} naive / {args.repeats} resfit run(s)")  # fmt: skip
     for k in ("naive", "resfit"):
         print(f"  {k:6s} {med[k]['seconds']:7.1f} s   final val acc {med[k]['final_acc']:.4f}"
               f"   best {med[k]['best_acc']:.4f}")  # fmt: skip
@@ -288,6 +292,8 @@ def main() -> None:
     s.add_argument("--subset", type=int, help="train images (class-balanced); default all")
     s.add_argument("--val-subset", type=int, help="val images (class-balanced); default all")
     s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--naive-repeats", type=int,
+                   help="runs of the naive loop (default --repeats): an hour each at full size")  # fmt: skip
     s.add_argument("--epochs", type=int, default=10)
     s.add_argument("--lr", type=float, default=3e-4)
     s.add_argument("--batch-size", type=int, default=64)
