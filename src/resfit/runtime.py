@@ -168,6 +168,8 @@ class InferenceModel:
         self.precision = precision
         self.folded = folded
         self.compiled = compiled
+        # Not inductor's "freezing" option: interleaved on a 2-core Zen 4 (bf16, ResNet-50) it
+        # changed nothing (batch 32: 36.8 vs 37.4 images/s; batch 1: 43.1 vs 40.5 ms).
         self._fn: Callable[[Tensor], Tensor] = torch.compile(module) if compiled else module
 
     def __call__(self, x: Tensor) -> Tensor:
