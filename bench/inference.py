@@ -9,9 +9,18 @@
 # precision (measured at the start: n=1024 matmul), at 8.2 GFLOP (4.1 GMACs) per image.
 # Slowness never fails the run; an engine that cannot run here is reported and skipped.
 #
-# Machine: the project's 2-core Xeon (AVX-512 + VNNI, no AVX512_BF16/AMX), torch 2.14.1, ONNX
-# Runtime 1.32, quiet.
-#
+# Last figures, 2 cores of an AMD EPYC (Zen 4: AVX-512, VNNI, AVX512_BF16), torch 2.14.1, ONNX
+# Runtime 1.32, quiet, 2026-11-29 (python bench/inference.py --repeats 5):
+#   GEMM roof (n=1024 matmul): fp32 198 GFLOP/s, bf16 436 GFLOP/s, int8 857 GOP/s
+#                                            images/s x base % roof   b1 ms b1 / base top-1 agree setup s
+#   torchvision fp32 (baseline)                  11.0   1.00    45%   120.4      1.00      100.0%     2.8
+#   resfit fp32 (BN folded, channels-last)       18.2   1.66    75%    65.3      0.54      100.0%     2.1
+#   resfit bf16 autocast                         41.1   3.75    77%    40.4      0.34      100.0%     1.1
+#   resfit bf16 + torch.compile                  45.6   4.16    86%    38.5      0.32      100.0%    53.4
+#   ONNX Runtime fp32                            25.7   2.35   106%    50.7      0.42      100.0%     9.7
+#   ONNX Runtime int8                            80.8   7.37    77%    29.6      0.25      100.0%    10.6
+# (`resfit bench all --compile` the same morning: 9.8 baseline, compiled bf16 4.22x, int8 8.35x.)
+# The project's 2-core Xeon (AVX-512 + VNNI, no AVX512_BF16/AMX), quiet:
 # Last figures (python bench/inference.py --repeats 5, 2026-11-28):
 #   GEMM roof (n=1024 matmul): fp32 312 GFLOP/s, bf16 61 GFLOP/s, int8 1334 GOP/s
 #                                            images/s x base % roof   b1 ms b1 / base top-1 agree setup s

@@ -11,7 +11,15 @@
 # every JPEG every epoch) against resfit's decode-once + per-epoch augmentation, and both
 # against the images/s resfit's training step consumes (measured first, in the same run).
 #
-# Machine: the project's 2-core Xeon (AVX-512 + VNNI, no AVX512_BF16/AMX), torch 2.14.1.
+# Last figures, 2 cores of an AMD EPYC (Zen 4, AVX512_BF16), torch 2.14.1, quiet, 2026-11-29
+# (python bench/training.py --repeats 5 --compile; roof fp32 196 GFLOP/s, bf16 428):
+#   naive torchvision fp32 NCHW (baseline)   2.8 img/s  1.00x  35% roof  first loss 2.7041
+#   resfit bf16 channels-last (auto here)   11.5 img/s  4.07x  66%       first loss 2.7117
+#   resfit bf16 + torch.compile             11.6 img/s  4.10x  67%       first loss 2.7034
+#   pipeline: naive 317.3 img/s, resfit decode once 1105.4, augment per epoch 274.6 (0.87x
+#   naive), i.e. 23.7x what the step consumes. (`resfit bench all --compile` the same morning:
+#   step 4.22x, pipeline 27.6x.)
+# The project's 2-core Xeon (AVX-512 + VNNI, no AVX512_BF16/AMX), torch 2.14.1:
 # Last figures (python bench/training.py --repeats 5 --compile, quiet, 2026-11-28; roof fp32
 # 305 GFLOP/s, bf16 60):
 #   naive torchvision fp32 NCHW (baseline)   3.1 img/s  1.00x  25% roof  first loss 2.7041
