@@ -125,7 +125,7 @@ def test_folding_is_exact_on_imagenet_resnets_and_skips_unknown_orders() -> None
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch, model) -> None:
-    def broken(module: nn.Module, **options):
+    def broken(module: nn.Module):
         def fn(x: torch.Tensor) -> torch.Tensor:
             raise RuntimeError("no C++ compiler found")
 

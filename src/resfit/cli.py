@@ -512,10 +512,10 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports progress
-    level = logging.DEBUG if args.verbose else logging.INFO if rank0 else logging.WARNING
-    # Only resfit's own messages at INFO: the ONNX exporter's libraries log every graph pass.
-    logging.basicConfig(level=min(level, logging.WARNING), format="%(message)s", stream=sys.stderr)
-    logging.getLogger("resfit").setLevel(level)
+    # Other libraries at WARNING unless --verbose: the ONNX exporter's log every graph pass.
+    root = logging.DEBUG if args.verbose else logging.WARNING
+    logging.basicConfig(level=root, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("resfit").setLevel(root if args.verbose or not rank0 else logging.INFO)
     try:
         return args.func(args)
     except (
