@@ -27,7 +27,7 @@ def test_fp32_run_matches_the_pre_redesign_reference(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the reference was made: the same reductions on every machine
     try:
-        got = run_scenario(name, tmp_path, train, TrainConfig, AugmentConfig)
+        got = run_scenario(name, tmp_path, train, TrainConfig.from_options, AugmentConfig)
     finally:
         torch.set_num_threads(threads)
     want = reference[name]

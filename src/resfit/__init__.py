@@ -5,24 +5,39 @@ result = resfit.train(data="DATA", out="runs/a", arch="resnet20_cifar", epochs=3
 print(resfit.evaluate("runs/a", "DATA/test").accuracy)
 preds, skipped = resfit.Predictor.from_run("runs/a").predict(["new.jpg"], top_k=3)
 model = resfit.create_model("resnet50", weights="pretrained", num_classes=5)
+
+The names below are imported on first use, so ``import resfit`` (and ``resfit --help``) do not
+pay for importing torch.
 """
 
-from .evaluation import evaluate
-from .inference import Predictor
-from .models import list_models
-from .training import TrainConfig, train
-from .weights import create_model, get_weights, list_weights
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Predictor",
-    "TrainConfig",
-    "__version__",
-    "create_model",
-    "evaluate",
-    "get_weights",
-    "list_models",
-    "list_weights",
-    "train",
-]
+_LAZY = {
+    "Predictor": "inference",
+    "TrainConfig": "config",
+    "evaluate": "evaluation",
+    "train": "training",
+    "create_model": "weights",
+    "get_weights": "weights",
+    "list_weights": "weights",
+    "list_models": "models",
+}
+
+__all__ = ["__version__", *sorted(_LAZY)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'resfit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

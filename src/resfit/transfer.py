@@ -11,7 +11,9 @@ cache, and a learning-rate finder.
   augmentation it stores a bank of ``cache_views`` augmented views per image and draws one per
   image per epoch: the prefix runs K times per image instead of once per epoch, but the
   trainable part sees only K distinct augmentations of each image.
-- :func:`lr_find`: the exponential learning-rate sweep (Smith 2015), plotted and suggested.
+- Freezing: which modules a ``--freeze`` policy covers, with BatchNorm kept in eval mode there.
+
+Below the training loop, which uses it; knows nothing of it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,14 +31,12 @@ import torch
 from torch import Tensor, nn
 
 from . import runtime
+from .config import TrainConfig, TransferConfig
 from .data import DecodedImages, TransformedImages, iter_batches
+from .errors import ConfigError
 
 log = logging.getLogger("resfit")
 
-CACHE_CHOICES = ("auto", "memory", "disk", "off")
-CACHE_DTYPES = ("auto", "fp32", "fp16", "bf16")
-RECIPES = ("default", "finetune")
-UNFREEZE = ("all", "gradual")
 # Part of every cache key: bump when what a cached tensor means changes.
 _CACHE_VERSION = 1
 _NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}
@@ -45,44 +44,86 @@ _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfl
 
 
 # ---------------------------------------------------------------------------------------------
+# Freezing
+
+
+def frozen_modules(model: nn.Module, freeze: str) -> list[nn.Module]:
+    """The modules a freeze policy covers, in order: the stem, then stages up to ``freeze``."""
+    if freeze == "none":
+        return []
+    stages = list(model.stage_names)
+    if freeze == "backbone":
+        upto = len(stages) - 1
+    elif freeze in stages:
+        upto = stages.index(freeze)
+    else:
+        raise ConfigError(
+            f"--freeze {freeze}: {type(model).__name__} has stages {', '.join(stages)} (or use backbone)"
+        )
+    mods: list[nn.Module] = []
+    for name in stages[: upto + 1]:
+        mods.extend([model.conv1, model.bn1] if name == "stem" else [getattr(model, name)])
+    return mods
+
+
+def apply_freeze(model: nn.Module, freeze: str, train_bn: bool = False) -> list[nn.Module]:
+    """Stop gradients in the frozen part; returns the modules to keep in eval mode (BN
+    running statistics must not move in a frozen part)."""
+    mods = frozen_modules(model, freeze)
+    for m in mods:
+        for p in m.parameters():
+            p.requires_grad_(False)
+        if train_bn:
+            for sub in m.modules():
+                if isinstance(sub, nn.BatchNorm2d):
+                    for p in sub.parameters():
+                        p.requires_grad_(True)
+    return [] if train_bn else mods
+
+
+def set_train_mode(model: nn.Module, frozen: list[nn.Module]) -> None:
+    model.train()
+    for m in frozen:
+        m.eval()
+
+
+# ---------------------------------------------------------------------------------------------
 # Staged fine-tuning
 
 
-def freeze_schedule(cfg, stage_names: tuple[str, ...]) -> list[str]:
-    """The freeze policy of every epoch. ``default``: ``cfg.freeze`` throughout. ``finetune``:
+def freeze_schedule(t: TransferConfig, epochs: int, stage_names: tuple[str, ...]) -> list[str]:
+    """The freeze policy of every epoch. ``default``: ``t.freeze`` throughout. ``finetune``:
     ``backbone`` for ``head_epochs``, then (gradual) one more stage per epoch from the top,
-    down to ``cfg.freeze``."""
-    if cfg.recipe != "finetune":
-        return [cfg.freeze] * cfg.epochs
-    head = min(cfg.head_epochs, cfg.epochs)
+    down to ``t.freeze``."""
+    if t.recipe != "finetune":
+        return [t.freeze] * epochs
+    head = min(t.head_epochs, epochs)
     policies = ["backbone"] * head
-    if cfg.unfreeze == "gradual":
+    if t.unfreeze == "gradual":
         # "backbone" freezes all stages; freezing up to stages[i] leaves stages[i+1:] training.
-        stop = -1 if cfg.freeze == "none" else _policy_depth(cfg.freeze, stage_names)
+        stop = -1 if t.freeze == "none" else _policy_depth(t.freeze, stage_names)
         for i in range(len(stage_names) - 2, stop, -1):
             policies.append(stage_names[i])
-    policies = policies[: cfg.epochs]
-    return policies + [cfg.freeze] * (cfg.epochs - len(policies))
+    policies = policies[:epochs]
+    return policies + [t.freeze] * (epochs - len(policies))
 
 
 def _policy_depth(policy: str, stage_names: tuple[str, ...]) -> int:
     return len(stage_names) - 1 if policy == "backbone" else stage_names.index(policy)
 
 
-def lr_phase(cfg, epoch: int) -> tuple[int, int, float]:
+def lr_phase(t: TransferConfig, epochs: int, epoch: int) -> tuple[int, int, float]:
     """(first epoch, number of epochs, lr scale) of the learning-rate cycle ``epoch`` is in:
     one cycle for the default recipe; for ``finetune`` one for the head and one, at half the
     peak rate as fastai does, for the unfrozen network."""
-    head = min(cfg.head_epochs, cfg.epochs) if cfg.recipe == "finetune" else 0
+    head = min(t.head_epochs, epochs) if t.recipe == "finetune" else 0
     if epoch < head:
         return 0, head, 1.0
-    return head, cfg.epochs - head, 0.5 if head else 1.0
+    return head, epochs - head, 0.5 if head else 1.0
 
 
 def refreeze(model: nn.Module, policy: str, train_bn: bool) -> list[nn.Module]:
     """Make everything trainable, then freeze ``policy``: the policy can loosen between epochs."""
-    from .training import apply_freeze
-
     for p in model.parameters():
         p.requires_grad_(True)
     return apply_freeze(model, policy, train_bn)
@@ -197,8 +238,6 @@ def cache_key(
     """sha256 of everything a cached tensor depends on: the frozen prefix's weights and BN
     statistics, the preprocessing and augmentation (in ``meta``), and every file's path, size
     and modification time. Any change gives another key, so a stale cache is never read."""
-    from .training import frozen_modules
-
     h = hashlib.sha256()
     h.update(json.dumps({"version": _CACHE_VERSION, **meta}, sort_keys=True).encode())
     for m in frozen_modules(model, policy):
@@ -285,7 +324,7 @@ def compute_features(
                 if store is None:
                     store, mapped = _allocate((n, views, *h.shape[1:]), dtype, tmp)
                 if dtype != "fp32" and h.abs().max() > torch.finfo(_TORCH_DTYPES[dtype]).max:
-                    raise ValueError(
+                    raise ConfigError(
                         f"cached features exceed the {dtype} range: use --cache-dtype fp32 or bf16"
                     )
                 store[idx.start : idx.stop, v] = h
@@ -302,7 +341,7 @@ def compute_features(
 
 
 def prepare_cache(
-    cfg,
+    cfg: TrainConfig,
     model: nn.Module,
     policy: str,
     epochs_left: int,
@@ -319,25 +358,25 @@ def prepare_cache(
 ) -> FeatureCache | None:
     """The feature cache for ``policy``, or None where it is off, would change the training
     without being asked for, or would save nothing. Logs the decision."""
-    mode = cfg.cache
+    mode = cfg.transfer.cache
     if mode == "off" or policy == "none":
         return None
 
     def no(reason: str) -> None:
         if mode != "auto":
-            raise ValueError(f"--cache {mode}: {reason}")
+            raise ConfigError(f"--cache {mode}: {reason}")
         log.info("feature cache off: %s", reason)
 
-    if cfg.train_bn:
+    if cfg.transfer.train_bn:
         return no("--train-bn keeps BatchNorm of the frozen part training, so it is not fixed")
     if world > 1:
         return no("not under torchrun (each rank would compute every image)")
     if mixing:
         return no("MixUp/CutMix mix the input images, which mixing features would not match")
     random_aug = cfg.augment.resolved().preset != "none"
-    views = cfg.cache_views if random_aug else 1
+    views = cfg.transfer.cache_views if random_aug else 1
     if views < 1:
-        raise ValueError("--cache-views must be at least 1")
+        raise ConfigError("--cache-views must be at least 1")
     if mode == "auto" and views >= epochs_left:
         return no(
             f"{views} view(s) per image cost as much as the {epochs_left} epoch(s) left at "
@@ -349,13 +388,15 @@ def prepare_cache(
     with torch.inference_mode():  # the shape of one cached tensor, from a dummy batch
         was = model.training
         model.eval()
-        x = torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
+        x = torch.zeros(
+            1, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size, device=device
+        )
         h = model.forward_to(x, stage)
         model.train(was)
     per = (h.shape[1] if pooled else h[0].numel()) * 4
     fp32_bytes = per * (len(train_data) * views + len(val_data))
     budget = memory_budget()
-    dtype = cfg.cache_dtype
+    dtype = cfg.transfer.cache_dtype
     if dtype == "auto":
         # fp16 halves the cache for a relative error of 5e-4; pooled features are small anyway.
         dtype = "fp32" if pooled or fp32_bytes <= budget // 4 else "fp16"
@@ -365,15 +406,15 @@ def prepare_cache(
     where = mode if mode != "auto" else ("memory" if total <= budget else "disk")
 
     base_meta = {
-        "arch": cfg.arch,
+        "arch": cfg.model.arch,
         "policy": policy,
         "stage": stage,
         "pooled": pooled,
-        "img_size": cfg.img_size,
+        "img_size": cfg.model.img_size,
         "base_size": train_data.base_size,
-        "mean": list(cfg.mean),
-        "std": list(cfg.std),
-        "in_chans": cfg.in_chans,
+        "mean": list(cfg.pre.mean),
+        "std": list(cfg.pre.std),
+        "in_chans": cfg.model.in_chans,
         "precision": precision,
         "dtype": dtype,
     }
@@ -386,7 +427,7 @@ def prepare_cache(
     ) -> Tensor:
         meta = {**base_meta, "kind": kind, "views": n_views, "augment": aug}
         if aug is not None:
-            meta["seed"] = cfg.seed
+            meta["seed"] = cfg.runtime.seed
         key = cache_key(model, policy, list(data.paths), meta)
         path = None
         if where == "disk":
@@ -399,8 +440,8 @@ def prepare_cache(
                 log.info("feature cache: reusing %s", path)
                 return _open(path, dtype)
         return compute_features(
-            model, stage, pooled, data, tf, n_views, cfg.seed, dtype, path, device, precision,
-            cfg.channels_last, max(cfg.batch_size, 32), f"caching {kind} {stage}", show,
+            model, stage, pooled, data, tf, n_views, cfg.runtime.seed, dtype, path, device, precision,
+            cfg.runtime.channels_last, max(cfg.optim.batch_size, 32), f"caching {kind} {stage}", show,
         )  # fmt: skip
 
     aug_meta = cfg.augment.to_dict() if random_aug else None
@@ -413,9 +454,9 @@ def prepare_cache(
         for m in model.modules()
         for p in m.parameters(recurse=False)
     )
-    if random_aug and cfg.precise_bn and trains_bn and not pooled:
+    if random_aug and cfg.run.precise_bn and trains_bn and not pooled:
         # Precise BN estimates statistics on eval-view images: cache those too (a subset).
-        n = min(cfg.precise_bn, len(train_data))
+        n = min(cfg.run.precise_bn, len(train_data))
         sub = DecodedImages(
             train_data.images[:n], train_data.labels[:n], train_data.paths[:n], [],
             train_data.base_size,
@@ -438,149 +479,3 @@ def prepare_cache(
     return FeatureCache(
         stage, pooled, views, train, val, train_data.labels, val_data.labels, tail, bn
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Learning-rate finder
-
-
-@dataclass
-class LRFindResult:
-    lrs: list[float]
-    losses: list[float]  # smoothed
-    suggestion: float  # steepest descent of the smoothed loss
-    lr_min: float  # where the smoothed loss was lowest
-    plot: Path | None = None
-
-
-def suggest_lr(lrs: list[float], losses: list[float]) -> tuple[float, float]:
-    """(steepest-descent lr, lowest-loss lr) of a smoothed sweep. The steepest point is where
-    the loss falls fastest per decade of lr, searched before the minimum (past it, the loss
-    is on its way up)."""
-    if len(lrs) < 3:
-        raise ValueError("the sweep needs at least 3 points to suggest a learning rate")
-    lo = int(np.argmin(losses))
-    x, y = np.log10(lrs), np.asarray(losses)
-    grad = np.gradient(y, x)
-    end = max(lo, 2)
-    steep = int(np.argmin(grad[1:end])) + 1
-    return float(lrs[steep]), float(lrs[lo])
-
-
-def lr_find(
-    cfg,
-    *,
-    start_lr: float = 1e-7,
-    end_lr: float = 10.0,
-    steps: int = 100,
-    out: str | Path | None = None,
-) -> LRFindResult:
-    """Train a throwaway copy for ``steps`` batches with the learning rate rising
-    exponentially from ``start_lr`` to ``end_lr``, stop when the loss explodes, write
-    ``lr_find.png`` and ``lr_find.csv`` to ``out`` and suggest a rate. Under the finetune
-    recipe it sweeps the head phase (backbone frozen); ``--lr`` sets that rate."""
-    from .augmentation import base_size_for, batch_transform
-    from .data import decode_all, discover
-    from .training import (
-        apply_freeze,
-        build_transforms,
-        make_optimizer,
-        param_groups,
-        resolve,
-        set_train_mode,
-        soft_cross_entropy,
-    )
-
-    if not 0 < start_lr < end_lr:
-        raise ValueError("lr-find needs 0 < --start-lr < --end-lr")
-    if steps < 5:
-        raise ValueError("lr-find needs at least 5 --steps")
-    torch.manual_seed(cfg.seed)
-    device = runtime.pick_device(cfg.device)
-    precision = runtime.pick_precision(device, cfg.precision)
-    splits = discover(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    cfg, model = resolve(cfg, splits)
-    # Only as many images as the sweep can use: decoding 3,000 photos for 50 steps wastes time.
-    g = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(splits.train), generator=g)[: steps * cfg.batch_size].tolist()
-    data = decode_all(
-        [splits.train[i] for i in order], base_size_for(cfg.img_size), progress=cfg.progress
-    )
-    if len(data) < 2:
-        raise ValueError(f"lr-find: fewer than 2 readable training images in {cfg.data}")
-    policy = "backbone" if cfg.recipe == "finetune" else cfg.freeze
-    frozen = apply_freeze(model, policy, cfg.train_bn)
-    model.to(device)
-    tr_tf, _ = build_transforms(cfg)
-    mix = batch_transform(cfg.augment, len(cfg.classes))
-    optimizer = make_optimizer(cfg, param_groups(model, cfg.weight_decay), start_lr)
-    train_set = TransformedImages(data, tr_tf)
-    bs = min(cfg.batch_size, len(data))
-    lrs: list[float] = []
-    smoothed: list[float] = []
-    avg, best = 0.0, math.inf
-    set_train_mode(model, frozen)
-    step = 0
-    while step < steps:
-        perm = torch.randperm(len(data), generator=g)
-        batches = [perm[i : i + bs] for i in range(0, len(perm) - bs + 1, bs)]
-        for x, y in iter_batches(train_set, batches):
-            lr = start_lr * (end_lr / start_lr) ** (step / (steps - 1))
-            for grp in optimizer.param_groups:
-                grp["lr"] = lr
-            if mix is not None:
-                x, y = mix(x, y)
-            x, y = x.to(device), y.to(device)
-            with runtime.autocast(device, precision):
-                logits = model(x)
-            loss = soft_cross_entropy(logits.float(), y, cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            # Exponential moving average with bias correction: one batch's loss is noisy.
-            value = loss.item()
-            avg = 0.9 * avg + 0.1 * value if math.isfinite(value) else math.inf
-            s = avg / (1 - 0.9 ** (step + 1))
-            step += 1
-            if not math.isfinite(s) or (step > 10 and s > 4 * best):
-                step = steps  # the loss exploded: the rest of the sweep says nothing
-                break
-            lrs.append(lr)
-            smoothed.append(s)
-            best = min(best, s)
-            if step >= steps:
-                break
-    suggestion, lr_min = suggest_lr(lrs, smoothed)
-    plot = None
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "lr_find.csv", "w") as f:
-            f.write("lr,smoothed_loss\n")
-            f.writelines(f"{a:.6g},{b:.6g}\n" for a, b in zip(lrs, smoothed, strict=True))
-        plot = out / "lr_find.png"
-        _plot_lr_find(lrs, smoothed, suggestion, lr_min, plot, f"{cfg.arch}, --freeze {policy}")
-    log.info("lr-find: steepest descent at lr %.2g, lowest loss at %.2g", suggestion, lr_min)
-    return LRFindResult(lrs, smoothed, suggestion, lr_min, plot)
-
-
-def _plot_lr_find(
-    lrs: list[float], losses: list[float], suggestion: float, lr_min: float, path: Path, title: str
-) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(lrs, losses)
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("training loss (smoothed)")
-    ax.axvline(suggestion, color="tab:red", ls="--", label=f"suggested {suggestion:.2g}")
-    ax.axvline(lr_min, color="tab:gray", ls=":", label=f"lowest loss {lr_min:.2g}")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

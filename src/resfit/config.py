@@ -1,0 +1,497 @@
+"""Training configuration: frozen sections, each option described once.
+
+A :class:`TrainConfig` is made of sections (``data``, ``model``, ``optim``, ``augment``,
+``transfer``, ``runtime``, ``run``). Every option is a dataclass field whose metadata holds its
+help text, its choices and whether a resumed run may change it; the CLI and the checks are
+generated from that metadata, so a choice list lives here and nowhere else.
+
+Configs are immutable: :meth:`TrainConfig.replace` and :meth:`TrainConfig.resolve` return new
+objects. Options are addressed by a flat name that is unique across sections (``lr``,
+``freeze``, ``data``), which is what ``resfit.train(...)`` keywords, CLI flags and the run's
+``config.json`` use.
+
+Imports nothing of resfit but the error types (no torch: ``resfit --help`` answers at once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "onecycle", "constant")
+FREEZE_CHOICES = ("none", "stem", "layer1", "layer2", "layer3", "layer4", "backbone")
+RECIPES = ("default", "finetune")
+UNFREEZE = ("all", "gradual")
+CACHE_CHOICES = ("auto", "memory", "disk", "off")
+CACHE_DTYPES = ("auto", "fp32", "fp16", "bf16")
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BALANCE = ("weights", "sampler")
+LEAKAGE = ("report", "remove", "off")
+
+
+PRESETS = ("none", "light", "standard", "strong")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The knobs behind the presets; ``None`` means "the preset's value"."""
+
+    preset: str = "standard"
+    hflip: float | None = None  # probability
+    vflip: float | None = None  # probability (off by default: not for natural photos)
+    crop_scale: tuple[float, float] | None = None  # RandomResizedCrop area range
+    rotation: float | None = None  # degrees, +/-
+    translate: float | None = None  # fraction of the size
+    zoom: tuple[float, float] | None = None  # scale range of the affine
+    color_jitter: float | None = None  # brightness/contrast/saturation strength
+    policy: str | None = None  # "trivialaugment" | "randaugment" | "none"
+    erasing: float | None = None  # probability
+    mixup: float | None = None  # alpha, 0 = off
+    cutmix: float | None = None  # alpha, 0 = off
+
+    def resolved(self) -> AugmentConfig:
+        if self.preset not in PRESETS:
+            raise ConfigError(f"--augment must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        base = _PRESET_VALUES[self.preset]
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in base.items():
+            if values[k] is None:
+                values[k] = v
+        return AugmentConfig(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self.resolved())
+
+
+_OFF = dict(
+    hflip=0.0,
+    vflip=0.0,
+    crop_scale=(1.0, 1.0),
+    rotation=0.0,
+    translate=0.0,
+    zoom=(1.0, 1.0),
+    color_jitter=0.0,
+    policy="none",
+    erasing=0.0,
+    mixup=0.0,
+    cutmix=0.0,
+)
+_PRESET_VALUES: dict[str, dict] = {
+    "none": _OFF,
+    "light": {**_OFF, "hflip": 0.5, "crop_scale": (0.35, 1.0)},
+    "standard": {
+        **_OFF,
+        "hflip": 0.5,
+        "crop_scale": (0.35, 1.0),
+        "rotation": 15.0,
+        "translate": 0.1,
+        "zoom": (0.9, 1.1),
+        "color_jitter": 0.2,
+    },
+    "strong": {
+        **_OFF,
+        "hflip": 0.5,
+        "crop_scale": (0.25, 1.0),
+        "policy": "trivialaugment",
+        "erasing": 0.25,
+        "mixup": 0.2,
+        "cutmix": 1.0,
+    },
+}
+
+
+def option(
+    default: Any = None,
+    help: str = "",
+    *,
+    choices: tuple | None = None,
+    minimum: float | None = None,
+    resumable: bool = False,
+    name: str | None = None,
+    cli: bool = True,
+    metavar: str | None = None,
+) -> Any:
+    """A config field with what the CLI and the checks need to know about it.
+
+    ``resumable``: ``--resume`` may change it (epochs, progress ...); any other option given
+    with ``--resume`` must equal the run's. ``name``: the flat option name when it differs from
+    the field's. ``minimum``: the smallest allowed value (inclusive).
+    """
+    meta = dict(help=help, choices=choices, minimum=minimum, resumable=resumable, name=name,
+                cli=cli, metavar=metavar)  # fmt: skip
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images are and how they are split."""
+
+    path: str = option("", "image folder (train/ val/ test/ or class folders) or a CSV manifest",
+                       name="data", resumable=True)  # fmt: skip
+    val_fraction: float = option(0.15, "share of train held out for validation when there is no val/ folder")  # fmt: skip
+    test_fraction: float = option(0.0, "share held out for test when there is no test/ folder")
+    balance: str | None = option(None, "for uneven classes: weight the loss, or draw classes evenly", choices=BALANCE)  # fmt: skip
+    leakage: str = option("report", "duplicates across splits: report them, remove them from val/test, or skip the check", choices=LEAKAGE)  # fmt: skip
+    workers: int = option(0, "processes for augmentation (0 keeps the cores for the model)", minimum=0, resumable=True)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network and what it starts from."""
+
+    arch: str = option("resnet18", "architecture; `resfit models` lists them")
+    weights: str | None = option(None, "pretrained weights: a registered name, 'pretrained', or a file")  # fmt: skip
+    in_chans: int = option(3, "input channels (1: the luminance of the image)", choices=(1, 3))
+    img_size: int | None = option(None, "input size (default: the weights', else 224, or 32 for CIFAR nets)", minimum=8)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimizer, the learning-rate schedule and the loss's regularisers."""
+
+    epochs: int = option(20, "epochs to train", minimum=1, resumable=True)
+    batch_size: int = option(64, "global batch (split across ranks under torchrun)", minimum=1)
+    optimizer: str = option("sgd", "the optimizer", choices=OPTIMIZERS)
+    lr: float | None = option(None, "peak learning rate (default: by optimizer and transfer)", minimum=1e-30)  # fmt: skip
+    momentum: float = option(0.9, "SGD momentum", minimum=0.0)
+    nesterov: bool = option(True, "Nesterov momentum for SGD")
+    weight_decay: float | None = option(None, "weight decay (default: 5e-4 SGD, 0 Adam, 0.05 AdamW)", minimum=0.0)  # fmt: skip
+    schedule: str = option("cosine", "learning-rate schedule after the warm-up", choices=SCHEDULES)
+    warmup_epochs: float = option(1.0, "epochs of linear warm-up", minimum=0.0)
+    label_smoothing: float = option(0.1, "label smoothing of the loss", minimum=0.0)
+    grad_clip: float | None = option(None, "clip the global gradient norm to this value", minimum=1e-30)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """What is frozen, the fine-tuning recipe, and the frozen-prefix feature cache."""
+
+    freeze: str = option("none", "freeze the network up to this stage", choices=FREEZE_CHOICES)
+    train_bn: bool = option(False, "keep BatchNorm in the frozen part training")
+    recipe: str = option("default", "finetune: train the head with the backbone frozen, then unfreeze with lower per-stage learning rates", choices=RECIPES)  # fmt: skip
+    head_epochs: int = option(2, "finetune: epochs (out of --epochs) for the head alone", minimum=0)
+    unfreeze: str = option("all", "finetune: unfreeze all at once, or one stage per epoch from the top", choices=UNFREEZE)  # fmt: skip
+    stem_lr_ratio: float = option(0.1, "finetune: the stem's learning rate as a fraction of the head's", minimum=1e-9)  # fmt: skip
+    cache: str = option("auto", "compute the frozen part once per image and train the rest from stored features (disk: a memory map in RUN/cache)", choices=CACHE_CHOICES)  # fmt: skip
+    cache_views: int = option(4, "with random augmentation: augmented views stored per image", minimum=1)  # fmt: skip
+    cache_dtype: str = option("auto", "storage type of cached features", choices=CACHE_DTYPES)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how the numbers are computed."""
+
+    device: str = option("auto", "auto (a GPU when present), cpu, cuda, cuda:N", resumable=True)
+    precision: str = option("auto", "auto picks bf16 where the hardware has it, else fp32", choices=TRAIN_PRECISIONS)  # fmt: skip
+    channels_last: bool = option(True, "channels-last memory layout (faster convolutions)")
+    compile: bool = option(False, "torch.compile the model", resumable=True)
+    sync_bn: bool = option(False, "SyncBatchNorm across GPUs under torchrun")
+    deterministic: bool = option(False, "deterministic algorithms (slower)")
+    seed: int = option(0, "random seed")
+    threads: int | None = option(None, "CPU threads (default: this process's share of the CPUs)", minimum=1, resumable=True)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The run folder, what is kept in it, and when to stop."""
+
+    out: str = option("runs/run", "run folder to write")
+    early_stopping: int | None = option(None, "stop after this many epochs without a better validation score", minimum=1, resumable=True, metavar="PATIENCE")  # fmt: skip
+    ema: bool = option(False, "keep an exponential moving average of the weights, validate it and save it as the run's model")  # fmt: skip
+    ema_decay: float | None = option(None, "EMA decay per step (default: a half-life of 5%% of the steps)", minimum=0.0)  # fmt: skip
+    precise_bn: int = option(2048, "re-estimate BN statistics on this many train images per epoch (0 = off)", minimum=0)  # fmt: skip
+    report: bool = option(True, "write report.html", resumable=True)
+    tensorboard: bool = option(False, "log to RUN/tensorboard", resumable=True)
+    progress: bool = option(True, "progress bars", resumable=True)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Filled by :meth:`TrainConfig.resolve` from the data and the weights."""
+
+    classes: tuple[str, ...] = ()
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    resize_size: int | None = None  # eval resize before the centre crop (None: img_size / 0.875)
+    interpolation: str = "bilinear"
+
+
+SECTIONS = ("data", "model", "optim", "augment", "transfer", "runtime", "run")
+_SECTION_TYPES = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "transfer": TransferConfig,
+    "runtime": RuntimeConfig,
+    "run": RunConfig,
+}
+# The augmentation knobs a flag sets, with their help; the rest come from --augment's preset.
+AUGMENT_FLAGS: dict[str, str] = {
+    "rotation": "max rotation in degrees",
+    "translate": "max shift, fraction of the size",
+    "hflip": "horizontal flip probability",
+    "vflip": "vertical flip probability",
+    "color_jitter": "colour jitter strength",
+    "mixup": "MixUp alpha (0 = off)",
+    "cutmix": "CutMix alpha (0 = off)",
+}
+
+
+@dataclass(frozen=True)
+class OptionInfo:
+    """One option as the CLI and the checks see it."""
+
+    name: str  # flat name: train(name=...), --name, config.json key
+    section: str
+    field: str
+    type: Any
+    default: Any
+    help: str
+    choices: tuple | None
+    minimum: float | None
+    resumable: bool
+    cli: bool
+    metavar: str | None
+
+
+def _base_type(tp: Any) -> Any:
+    """``int | None`` -> int."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _section_options(section: str, cls: type) -> Iterator[OptionInfo]:
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        m = f.metadata
+        yield OptionInfo(
+            m.get("name") or f.name, section, f.name, _base_type(hints[f.name]), f.default,
+            m.get("help", ""), m.get("choices"), m.get("minimum"), m.get("resumable", False),
+            m.get("cli", True), m.get("metavar"),
+        )  # fmt: skip
+
+
+def _augment_options() -> Iterator[OptionInfo]:
+    yield OptionInfo("augment", "augment", "preset", str, "standard", "augmentation preset",
+                     PRESETS, None, False, True, None)  # fmt: skip
+    for name, text in AUGMENT_FLAGS.items():
+        yield OptionInfo(name, "augment", name, float, None, f"augmentation: {text}", None, 0.0,
+                         False, True, None)  # fmt: skip
+
+
+def _all_options() -> dict[str, OptionInfo]:
+    out: dict[str, OptionInfo] = {}
+    for section in SECTIONS:
+        infos = (
+            _augment_options()
+            if section == "augment"
+            else _section_options(section, _SECTION_TYPES[section])
+        )
+        for info in infos:
+            assert info.name not in out, f"option {info.name} is defined twice"
+            out[info.name] = info
+    return out
+
+
+OPTIONS: dict[str, OptionInfo] = _all_options()
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on. Defaults work: only ``data`` and ``out`` are required.
+
+    Build one from flat options with :meth:`from_options` (``TrainConfig.from_options(
+    data="DATA", out="RUN", lr=0.1)``), read a section as ``cfg.optim.lr``.
+    """
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    augment: AugmentConfig = AugmentConfig()
+    transfer: TransferConfig = TransferConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    run: RunConfig = RunConfig()
+    pre: Preprocessing = Preprocessing()
+
+    # -- building ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_options(cls, **options: Any) -> TrainConfig:
+        """A config from flat options (unknown names raise ConfigError)."""
+        return cls().replace(**options)
+
+    def replace(self, **options: Any) -> TrainConfig:
+        """A new config with flat ``options`` changed; ``augment`` takes a preset name or an
+        :class:`AugmentConfig`."""
+        changes: dict[str, dict[str, Any]] = {}
+        for name, value in options.items():
+            info = OPTIONS.get(name)
+            if info is None:
+                raise ConfigError(f"unknown option {name!r}; the options are: {', '.join(OPTIONS)}")
+            if name == "augment" and isinstance(value, AugmentConfig):
+                changes.setdefault("augment", {}).update(dataclasses.asdict(value))
+                continue
+            changes.setdefault(info.section, {})[info.field] = value
+        new = {s: dataclasses.replace(getattr(self, s), **c) for s, c in changes.items()}
+        return dataclasses.replace(self, **new)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def get(self, name: str) -> Any:
+        """The value of the flat option ``name``."""
+        info = OPTIONS[name]
+        return getattr(getattr(self, info.section), info.field)
+
+    def options(self) -> dict[str, Any]:
+        """Every option by flat name (``augment`` as its preset name)."""
+        return {name: self.get(name) for name in OPTIONS}
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.pre.classes)
+
+    # -- checking and resolving -------------------------------------------------------------
+
+    def check(self) -> TrainConfig:
+        """Reject bad options with a ConfigError that names the option; returns ``self``."""
+        for name, info in OPTIONS.items():
+            value = self.get(name)
+            if value is None:
+                continue
+            if info.choices is not None and value not in info.choices:
+                raise ConfigError(
+                    f"{flag(name)} must be one of {', '.join(map(str, info.choices))}, not {value!r}"
+                )
+            if info.minimum is not None and value < info.minimum:
+                raise ConfigError(_minimum_message(name, info.minimum))
+        d = self.data
+        if not d.val_fraction < 1 or not d.test_fraction < 1:
+            raise ConfigError("--val-fraction and --test-fraction must be in [0, 1)")
+        if not self.transfer.stem_lr_ratio <= 1:
+            raise ConfigError("--stem-lr-ratio must be in (0, 1]")
+        if self.run.ema_decay is not None and not self.run.ema_decay < 1:
+            raise ConfigError("--ema-decay must be in [0, 1)")
+        try:
+            self.augment.resolved()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return self
+
+    def resolve(
+        self, classes: list[str], pretrained: Mapping[str, Any], default_input_size: int
+    ) -> TrainConfig:
+        """A new config with the derived values filled in: the classes, the preprocessing of
+        the weights (``pretrained``: their ``pretrained_cfg``), the image size, and the
+        default learning rate and weight decay."""
+        from .weights import IMAGENET_MEAN, IMAGENET_STD
+
+        mean = tuple(pretrained.get("mean") or IMAGENET_MEAN)
+        std = tuple(pretrained.get("std") or IMAGENET_STD)
+        if self.model.in_chans == 1:  # luminance input: the average of the RGB statistics
+            mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+        img_size = self.model.img_size or pretrained.get("input_size") or default_input_size
+        # The weights' own resize only holds at the size they were trained at.
+        same_size = img_size == pretrained.get("input_size")
+        resize = pretrained.get("resize_size") if same_size else None
+        pre = Preprocessing(
+            tuple(classes), mean, std, resize, str(pretrained.get("interpolation") or "bilinear")
+        )
+        optim = dataclasses.replace(
+            self.optim,
+            lr=self.optim.lr if self.optim.lr is not None else default_lr(self),
+            weight_decay=self.optim.weight_decay
+            if self.optim.weight_decay is not None
+            else default_weight_decay(self.optim.optimizer),
+        )
+        model = dataclasses.replace(self.model, img_size=int(img_size))
+        return dataclasses.replace(self, model=model, optim=optim, pre=pre)
+
+    # -- the run folder's config.json -------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat JSON of ``config.json``: every option, the resolved augmentation and the
+        preprocessing (``classes``, ``mean``, ``std``, ``resize_size``, ``interpolation``)."""
+        d = {name: self.get(name) for name in OPTIONS if OPTIONS[name].section != "augment"}
+        d["augment"] = self.augment.to_dict()
+        p = self.pre
+        d.update(classes=list(p.classes), mean=list(p.mean), std=list(p.std),
+                 resize_size=p.resize_size, interpolation=p.interpolation)  # fmt: skip
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        """Read ``config.json`` (also those written before the sections existed)."""
+        options = {k: v for k, v in d.items() if k in OPTIONS and k not in AUGMENT_FLAGS}
+        aug = d.get("augment") or {}
+        if isinstance(aug, dict):
+            known = {f.name for f in fields(AugmentConfig)}
+            aug = {k: tuple(v) if isinstance(v, list) else v for k, v in aug.items() if k in known}
+            options["augment"] = AugmentConfig(**aug)
+        cfg = cls.from_options(**options)
+        pre = Preprocessing(
+            tuple(d.get("classes") or ()), tuple(d.get("mean") or ()), tuple(d.get("std") or ()),
+            d.get("resize_size"), d.get("interpolation") or "bilinear",
+        )  # fmt: skip
+        return dataclasses.replace(cfg, pre=pre)
+
+
+def _minimum_message(name: str, minimum: float) -> str:
+    if minimum == 1e-30 or minimum == 1e-9:
+        return f"{flag(name)} must be positive"
+    if minimum == 0:
+        return f"{flag(name)} must not be negative"
+    if name == "img_size":
+        return f"{flag(name)} must be at least {minimum:g} pixels"
+    return f"{flag(name)} must be at least {minimum:g}"
+
+
+def default_lr(cfg: TrainConfig) -> float:
+    """The peak rate when ``--lr`` is not given: linear in the batch for SGD, higher from
+    scratch than for transfer."""
+    o, transfer = cfg.optim, cfg.model.weights is not None
+    if o.optimizer == "sgd":
+        base = 0.01 if transfer else 0.1
+        return base * o.batch_size / 256 * (4 if transfer else 2)
+    return 3e-4 if transfer else 1e-3
+
+
+def default_weight_decay(optimizer: str) -> float:
+    return {"sgd": 5e-4, "adam": 0.0, "adamw": 0.05}[optimizer]
+
+
+def resume_changes(saved: TrainConfig, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of ``given`` that a resumed run applies; raises ConfigError for an option
+    that would change what the run computes (``--lr`` mid-run), naming the option."""
+    apply, refused = {}, []
+    for name, value in given.items():
+        info = OPTIONS.get(name)
+        if info is None:
+            raise ConfigError(f"unknown option {name!r}")
+        current = saved.get(name)
+        if name == "augment" and isinstance(value, AugmentConfig):
+            current, value = saved.augment.resolved(), value.resolved()
+        if value == current:
+            continue
+        if info.resumable:
+            apply[name] = value
+        else:
+            refused.append(f"{flag(name)} (the run has {current!r}, given {value!r})")
+    if refused:
+        raise ConfigError(
+            "--resume continues a run as it was configured, and these options cannot change "
+            f"mid-run: {'; '.join(refused)}. Leave them out, or start a new run with another --out."
+        )
+    return apply

@@ -1,0 +1,29 @@
+"""Training: the loop with events (:mod:`.loop`), its callbacks (:mod:`.callbacks`), the
+recipes that choose them (:mod:`.recipes`), the step every trainer shares (:mod:`.step`), and
+the run from data to run folder (:mod:`.run`)."""
+
+import torch  # noqa: F401  (tests patch training.torch.save)
+
+from ..config import TrainConfig
+from ..errors import TrainingError
+from ..tasks import soft_cross_entropy
+from .loop import Callback, Loop
+from .run import TrainResult, build_transforms, resolve, train
+from .step import TrainStep, lr_at, make_optimizer, param_groups, predict_logits
+
+__all__ = [
+    "Callback",
+    "Loop",
+    "TrainConfig",
+    "TrainResult",
+    "TrainStep",
+    "TrainingError",
+    "build_transforms",
+    "lr_at",
+    "make_optimizer",
+    "param_groups",
+    "predict_logits",
+    "resolve",
+    "soft_cross_entropy",
+    "train",
+]

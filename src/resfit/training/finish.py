@@ -1,0 +1,117 @@
+"""After the last epoch (rank 0): keep the best model, calibrate it, write the report, score
+the test split and summarise the run."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from torch import Tensor
+
+from .. import calibration
+from ..atomic import atomic_save_safetensors, atomic_write_text
+from ..config import TrainConfig
+from ..data import DataSplits, TransformedImages, decode_all
+from . import callbacks as cb
+from .loop import Loop
+from .step import predict_logits
+
+log = logging.getLogger("resfit")
+
+
+def finish_run(
+    cfg: TrainConfig,
+    loop: Loop,
+    splits: DataSplits,
+    skipped: list,
+    duplicates: list,
+    ev_tf,
+    show: bool,
+) -> dict | None:
+    """Write model.safetensors, calibration.json, report.html, eval-test/ and summary.json;
+    returns the test score, if there is a test split."""
+    from safetensors.torch import load_file
+
+    out, model = Path(cfg.run.out), loop.eval_model
+    best = loop.callback(cb.BestModel)
+    best_path = out / "checkpoints" / "best.safetensors"
+    if best_path.exists():
+        model.load_state_dict(load_file(str(best_path)))
+    atomic_save_safetensors(model.state_dict(), out / "model.safetensors",
+                            {"arch": cfg.model.arch, "epoch": str(best.best_epoch)})  # fmt: skip
+    # The frozen prefix is the same in the best weights: cached val features still hold.
+    val_logits = loop.val_logits(model)
+    val_labels = loop.data.val.decoded.labels
+    temperature = calibrate(out, val_logits, val_labels)
+    if cfg.run.report:
+        _write_report(cfg, loop, splits, val_logits, temperature, skipped, duplicates, ev_tf)
+    test = _evaluate_test(cfg, loop, splits, ev_tf, show, temperature) if splits.test else None
+    summary = {"best_epoch": best.best_epoch, "best_val_accuracy": best.best,
+               "epochs_run": len(loop.history), "test": test}  # fmt: skip
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    log.info("best validation accuracy %.4f at epoch %d; run saved in %s", best.best,
+             best.best_epoch, out)  # fmt: skip
+    return test
+
+
+def calibrate(out: Path, val_logits: Tensor, val_labels: Tensor) -> float:
+    """Temperature scaling fitted on the validation set, kept only where it lowers the
+    calibration error there; ``predict`` applies it."""
+    if hasattr(calibration, "calibrate_temperature"):
+        c = calibration.calibrate_temperature(val_logits, val_labels)
+        record = c.to_dict() if hasattr(c, "to_dict") else dict(vars(c))
+        t = float(c.temperature)
+    else:
+        t = calibration.fit_temperature(val_logits, val_labels)
+        y, logits = val_labels.numpy(), val_logits.numpy()
+        record = {
+            "temperature": t,
+            "ece_before": calibration.expected_calibration_error(calibration.softmax(logits), y),
+            "ece_after": calibration.expected_calibration_error(calibration.softmax(logits, t), y),
+        }
+    record = {"temperature": t, "fitted_on": "validation", **record}
+    atomic_write_text(out / "calibration.json", json.dumps(record, indent=2, default=str))
+    log.info("temperature %.3f fitted on validation: ECE %.4f -> %.4f", t,
+             record.get("ece_before", float("nan")), record.get("ece_after", float("nan")))  # fmt: skip
+    return t
+
+
+def _write_report(cfg, loop, splits, val_logits, temperature, skipped, duplicates, ev_tf) -> None:
+    from ..inference import make_explainer
+    from ..report import ReportData, write_report
+
+    val = loop.data.val.decoded
+    data = ReportData(
+        title=f"{cfg.model.arch} on {Path(cfg.data.path).name}: validation",
+        class_names=cfg.classes,
+        y_true=val.labels.numpy(),
+        logits=val_logits.numpy(),
+        paths=[str(p) for p in val.paths],
+        history=loop.history,
+        config=cfg.to_dict(),
+        temperature=temperature,
+        data_summary={"counts": splits.counts(), "skipped": skipped, "duplicates": duplicates},
+        explain=make_explainer(loop.eval_model, cfg.model.img_size, ev_tf, loop.step.device),
+        split="validation",
+    )
+    path = write_report(Path(cfg.run.out) / "report.html", data)
+    log.info("report: %s", path)
+
+
+def _evaluate_test(cfg, loop, splits, ev_tf, show, temperature) -> dict:
+    from ..augmentation import base_size_for
+    from ..evaluation import compute_metrics, write_eval
+
+    test_data = decode_all(splits.test, base_size_for(cfg.model.img_size), progress=show,
+                           desc="decoding test")  # fmt: skip
+    s = loop.step
+    logits = predict_logits(loop.eval_model, TransformedImages(test_data, ev_tf), 64, s.device,
+                            s.precision, s.channels_last)  # fmt: skip
+    res = compute_metrics(logits, test_data.labels, cfg.classes, [str(p) for p in test_data.paths])
+    write_eval(res, Path(cfg.run.out) / "eval-test", temperature)
+    log.info("test accuracy %.4f on %d images", res.accuracy, res.n)
+    return {"accuracy": res.accuracy, "n": res.n, "top5": res.top5}
+
+
+__all__ = ["calibrate", "finish_run"]

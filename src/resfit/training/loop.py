@@ -1,0 +1,209 @@
+"""The training loop: a short, flat ``fit`` that fires events, and callbacks that do the rest.
+
+Events, in the order they fire::
+
+    before_fit
+      before_epoch     (freeze policy, feature cache, lr phase: before the epoch is seeded)
+      before_train     (the epoch's batches are drawn: progress bars wrap them)
+        before_step    (learning rate, MixUp/CutMix)
+        after_loss     (the loss of the batch, before backward: checked to be finite)
+        after_step     (EMA, progress)
+      after_train      (precise BN)
+      after_epoch      (validation is in ``loop.row``: best model, early stopping, logs,
+                        checkpoint)
+    after_fit
+
+A callback overrides the events it needs and, if it has state that a resumed run must get
+back (patience left, EMA weights, loss scale), ``state_dict``/``load_state_dict``: the
+checkpoint stores every callback's state under its ``name``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..data import TransformedImages, iter_batches
+from ..tasks import Task
+from ..transfer import FeatureCache, set_train_mode
+from .distributed import Dist
+from .step import TrainStep, predict_logits
+
+
+class Callback:
+    """Override the events you need; ``order`` sorts callbacks (lower runs first)."""
+
+    order: int = 50
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def before_fit(self, loop: Loop) -> None: ...
+    def before_epoch(self, loop: Loop) -> None: ...
+    def before_train(self, loop: Loop) -> None: ...
+    def before_step(self, loop: Loop) -> None: ...
+    def after_loss(self, loop: Loop) -> None: ...
+    def after_step(self, loop: Loop) -> None: ...
+    def after_train(self, loop: Loop) -> None: ...
+    def after_epoch(self, loop: Loop) -> None: ...
+    def after_fit(self, loop: Loop) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class EpochData:
+    """What the loop trains and validates on: decoded images behind their transforms."""
+
+    train: TransformedImages  # random augmentation
+    val: TransformedImages  # eval preprocessing
+    train_eval: TransformedImages  # train images with eval preprocessing (precise BN)
+    sample_weight: Tensor | None = None  # balanced draws with replacement (--balance sampler)
+
+
+class Loop:
+    """Holds the training state that callbacks read and change.
+
+    ``model`` is the network whose weights are saved; ``net`` is what the step runs (the
+    model, its DDP or compiled wrapper); ``eval_model`` is what validation scores and the run
+    keeps (the model, or its EMA).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        net: nn.Module,
+        step: TrainStep,
+        task: Task,
+        data: EpochData,
+        callbacks: Sequence[Callback],
+        *,
+        epochs: int,
+        batch_size: int,
+        seed: int,
+        dist: Dist,
+        workers: int = 0,
+    ) -> None:
+        self.model, self.net, self.eval_model = model, net, model
+        self.step, self.task, self.data = step, task, data
+        self.callbacks = sorted(callbacks, key=lambda c: c.order)
+        self.epochs, self.seed, self.dist, self.workers = epochs, seed, dist, workers
+        self.local_bs = max(1, batch_size // dist.world)
+        self.global_bs = self.local_bs * dist.world
+        n = len(data.train)
+        # Drop a last partial batch: a batch of one breaks BatchNorm, and equal batches keep
+        # ranks in step.
+        self.steps_per_epoch = max(1, n // self.global_bs) if n >= self.global_bs else 1
+        self.frozen: list[nn.Module] = []
+        self.features: FeatureCache | None = None
+        self.start_epoch, self.epoch, self.step_in_epoch = 0, 0, 0
+        self.history: list[dict[str, float]] = []
+        self.row: dict[str, float] = {}
+        self.stop = self.improved = False
+        self.batches: Iterable[tuple[Tensor, Tensor]] = ()
+        self.step.on_loss = self._after_loss
+
+    def event(self, name: str) -> None:
+        for cb in self.callbacks:
+            getattr(cb, name)(self)
+
+    def _after_loss(self, loss: Tensor) -> None:
+        self.loss = loss
+        self.event("after_loss")
+
+    def callback(self, kind: type) -> Any:
+        """The callback of type ``kind``, or None."""
+        return next((c for c in self.callbacks if isinstance(c, kind)), None)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        self.event("before_fit")
+        for epoch in range(self.start_epoch, self.epochs):
+            self.epoch, self.epoch_start = epoch, time.perf_counter()
+            self.event("before_epoch")
+            self.batches = self.epoch_batches()
+            self.event("before_train")
+            self.train_epoch()
+            self.event("after_train")
+            self.row = self.validate()
+            self.history.append(self.row)
+            self.event("after_epoch")
+            if self.stop:
+                break
+        self.event("after_fit")
+
+    def train_epoch(self) -> None:
+        self.loss_sum = self.correct = self.seen = 0.0
+        net = self.features.tail if self.features is not None else self.net
+        for i, (x, y) in enumerate(self.batches):
+            self.step_in_epoch, self.x, self.y, self.hard_y = i, x, y, y
+            self.event("before_step")
+            self.logits, self.loss = self.step(net, self.x, self.y)
+            n = len(self.hard_y)
+            self.loss_sum += self.loss.item() * n
+            self.correct += self.task.count_correct(self.logits, self.hard_y)
+            self.seen += n
+            self.event("after_step")
+        self.train_time = time.perf_counter() - self.epoch_start
+
+    def epoch_batches(self) -> Iterable[tuple[Tensor, Tensor]]:
+        """This epoch's batches: seeded by the epoch (not carried over from the last one), so a
+        resumed run draws the same batches as an uninterrupted one."""
+        n, s = len(self.data.train), self.seed * 100_003
+        g = torch.Generator().manual_seed(s + self.epoch)
+        torch.manual_seed(s + self.epoch * 7 + self.dist.rank)  # augmentation and mixing draws
+        if self.data.sample_weight is not None:  # balanced draws, with replacement
+            perm = torch.multinomial(self.data.sample_weight, n, replacement=True, generator=g)
+        else:
+            perm = torch.randperm(n, generator=g)
+        if n < self.global_bs:
+            perm = perm[torch.arange(self.global_bs) % n]  # tiny data: repeat to fill one batch
+        set_train_mode(self.model, self.frozen)
+        r, b = self.dist.rank, self.local_bs
+        index_batches = [
+            perm[i * self.global_bs : (i + 1) * self.global_bs][r * b : (r + 1) * b]
+            for i in range(self.steps_per_epoch)
+        ]
+        if self.features is not None:
+            views = torch.Generator().manual_seed(s + self.epoch + 77_777)
+            return iter_batches(self.features.train_set(views), index_batches, 0)
+        return iter_batches(self.data.train, index_batches, self.workers)
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    def eval_view(self, model: nn.Module) -> tuple[nn.Module, torch.utils.data.Dataset]:
+        """The network and data validation runs: through the feature cache when there is one
+        (the frozen prefix is the same in ``model``), else the whole model on images."""
+        if self.features is not None:
+            return type(self.features.tail)(model, self.features.stage), self.features.val_set()
+        return model, self.data.val
+
+    def val_logits(self, model: nn.Module | None = None) -> Tensor:
+        net, dataset = self.eval_view(model if model is not None else self.eval_model)
+        s = self.step
+        return predict_logits(
+            net, dataset, max(64, self.local_bs), s.device, s.precision, s.channels_last
+        )
+
+    def validate(self) -> dict[str, float]:
+        metrics = self.task.val_metrics(self.val_logits(), self.data.val.decoded.labels)
+        seen = max(self.seen, 1)
+        return {
+            "epoch": self.epoch + 1,
+            "lr": self.step.optimizer.param_groups[0]["lr"],
+            "train_loss": self.loss_sum / seen,
+            "train_acc": self.correct / seen,
+            **metrics,
+            "epoch_time_s": time.perf_counter() - self.epoch_start,
+            "train_images_per_s": self.seen * self.dist.world / max(self.train_time, 1e-9),
+        }

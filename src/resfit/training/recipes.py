@@ -1,0 +1,94 @@
+"""Recipes: a training run is the loop plus a list of callbacks, chosen here from the config.
+
+``default`` trains everything not frozen by ``--freeze`` with one learning-rate cycle.
+``finetune`` trains the new head with the backbone frozen for ``--head-epochs``, then unfreezes
+(all at once or one stage per epoch) with discriminative per-stage rates and a second cycle at
+half the peak rate. Both use the frozen-prefix feature cache where it pays.
+
+Add a callback: write it in ``callbacks.py`` and append it in :func:`callbacks_for`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import transfer
+from ..config import TrainConfig
+from ..errors import ConfigError
+from . import callbacks as cb
+from .loop import Callback, Loop
+from .step import param_groups
+
+log = logging.getLogger("resfit")
+
+
+def param_groups_for(cfg: TrainConfig, model: nn.Module) -> list[dict]:
+    """The optimizer's parameter groups, each with its ``peak_lr``: one rate for the default
+    recipe; for finetune one group per stage (frozen-for-now groups get no gradient)."""
+    t, lr = cfg.transfer, cfg.optim.lr
+    if t.recipe == "finetune":
+        groups = transfer.discriminative_groups(model, cfg.optim.weight_decay, lr, t.stem_lr_ratio)
+    else:
+        groups = param_groups(model, cfg.optim.weight_decay)
+    if not any(g["params"] for g in groups):
+        raise ConfigError(f"--freeze {t.freeze} leaves nothing to train")
+    for g in groups:
+        g.setdefault("peak_lr", lr)
+    return groups
+
+
+def log_recipe(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> None:
+    t = cfg.transfer
+    if t.recipe == "finetune":
+        rates = {g["stage"]: g["peak_lr"] for g in optimizer.param_groups}
+        log.info(
+            "finetune: %d epoch(s) head only, then --freeze %s (%s), peak lr %s",
+            min(t.head_epochs, cfg.optim.epochs), t.freeze, t.unfreeze,
+            ", ".join(f"{k} {v:.2g}" for k, v in rates.items()),
+        )  # fmt: skip
+
+
+def callbacks_for(
+    cfg: TrainConfig,
+    loop: Loop,
+    transforms: tuple,
+    mix: Callable | None,
+    out: Path,
+    resume: bool,
+    precision: str,
+    show: bool,
+) -> list[Callback]:
+    """The callbacks of a run, from its config."""
+    r, main = cfg.run, loop.dist.main
+    cbs: list[Callback] = [
+        cb.StopOnNonFinite(cfg.optim.lr, out / "checkpoints" / "last.pt"),
+        cb.FreezeSchedule(cfg, loop.model.stage_names),
+        cb.FeatureCaching(cfg, transforms, mix is not None, out, show),
+        cb.LRSchedule(cfg, loop.steps_per_epoch),
+        cb.BestModel(loop.task.monitor),
+        cb.Checkpoint(out / "checkpoints", resume, main),
+    ]
+    if precision == "fp16":
+        cbs.append(cb.GradScaling(loop.step.device))
+    if mix is not None:
+        cbs.append(cb.Mixing(mix))
+    if r.ema:
+        decay = r.ema_decay
+        if decay is None:
+            decay = cb.default_ema_decay(cfg.optim.epochs * loop.steps_per_epoch)
+        log.info("EMA of the weights with decay %.5f per step", decay)
+        cbs.append(cb.WeightAveraging(loop.model, decay))
+    if r.precise_bn:
+        cbs.append(cb.PreciseBN(r.precise_bn))
+    if r.early_stopping is not None:
+        cbs.append(cb.EarlyStopping(r.early_stopping))
+    if show:
+        cbs.append(cb.Progress(cfg.optim.epochs))
+    if main:
+        cbs.append(cb.EpochLog(out, cfg.optim.epochs, r.tensorboard))
+    return cbs

@@ -1,0 +1,336 @@
+"""A training run from start to finish: resolve the config, find and decode the data, build
+the model, the step and the callbacks, fit, then keep the best model with its calibration,
+report and test score.
+
+``train(data="DATA", out="RUN", ...)`` (``resfit train DATA --out RUN``) writes a run folder:
+
+    RUN/config.json        resolved configuration (enough to reproduce the run)
+    RUN/classes.json       class names, in label order
+    RUN/splits.csv         every file with its label and split (train / val / test)
+    RUN/model.safetensors  the best weights (by the task's validation score)
+    RUN/metrics.csv        one row per epoch
+    RUN/train.log          the log
+    RUN/skipped.csv        files that could not be decoded, with the reason
+    RUN/checkpoints/last.pt, best.safetensors   written atomically; ``--resume`` continues
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import runtime, transfer
+from ..atomic import atomic_save_safetensors, atomic_write_text
+from ..augmentation import (
+    base_size_for,
+    batch_transform,
+    eval_transform,
+    for_channels,
+    train_transform,
+)
+from ..config import OPTIONS, TrainConfig, resume_changes
+from ..data import DataSplits, DecodedImages, TransformedImages, decode_all, discover, write_skipped
+from ..errors import ConfigError, DataError, TrainingError
+from ..models import get_spec
+from ..tasks import SingleLabel, Task
+from ..weights import create_model
+from . import callbacks as cb
+from . import recipes
+from .distributed import Dist, barrier, init_distributed
+from .finish import finish_run
+from .loop import EpochData, Loop
+from .step import TrainStep, make_optimizer
+
+log = logging.getLogger("resfit")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    history: list[dict]
+    best_epoch: int
+    best_val_accuracy: float
+    test: dict | None = None
+    config: TrainConfig | None = field(default=None, repr=False)
+
+
+def train(cfg: TrainConfig | None = None, *, resume: bool = False, **options: Any) -> TrainResult:
+    """Train a classifier and write the run folder.
+
+    Keyword ``options`` are flat option names (``resfit.train(data="DATA", out="RUN",
+    arch="resnet20_cifar", epochs=5)``) applied on top of ``cfg``. ``resume=True`` continues
+    the run in ``out``: options that may change mid-run (``epochs``, ``early_stopping``,
+    ``progress`` ...) are applied, any other option given with a different value is refused.
+    """
+    cfg = _config_for(cfg, resume, options)
+    out = Path(cfg.run.out)
+    dist_info = init_distributed(cfg.runtime.device)
+    device = runtime.pick_device(cfg.runtime.device)
+    if device.type == "cuda" and dist_info.world > 1:
+        device = torch.device("cuda", dist_info.local_rank)
+    precision = runtime.pick_precision(device, cfg.runtime.precision)
+    if precision == "int8":
+        raise ConfigError(
+            "--precision int8 is for inference (resfit export); train in fp32/bf16/fp16"
+        )
+    torch.manual_seed(cfg.runtime.seed)
+    if cfg.runtime.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+    splits = discover(cfg.data.path, val_fraction=cfg.data.val_fraction,
+                      test_fraction=cfg.data.test_fraction, seed=cfg.runtime.seed)  # fmt: skip
+    if resume and splits.classes != cfg.classes:
+        raise TrainingError(f"--resume: the classes in {cfg.data.path} differ from those of {out}")
+    cfg, model = resolve(cfg, splits)
+    main = dist_info.main
+    duplicates = check_leakage(splits, cfg.data.leakage) if main or cfg.data.leakage == "remove" else []  # fmt: skip
+    warn_imbalance(splits)
+    if main:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        atomic_write_text(out / "classes.json", json.dumps(cfg.classes, indent=2))
+        _write_splits(out / "splits.csv", splits)
+    with _FileLog(out / "train.log", main):
+        return _run(cfg, model, splits, device, precision, dist_info, resume, duplicates)
+
+
+def _config_for(cfg: TrainConfig | None, resume: bool, options: dict[str, Any]) -> TrainConfig:
+    """The config to run: ``cfg`` with ``options``, or, resuming, the run's own with the
+    options a resumed run may change."""
+    if not resume:
+        cfg = (cfg or TrainConfig()).replace(**options)
+        out = Path(cfg.run.out)
+        if (out / "checkpoints" / "last.pt").exists() or (out / "model.safetensors").exists():
+            raise TrainingError(
+                f"{out} already holds a run: pass --resume to continue it, or choose another --out"
+            )
+        if not cfg.data.path:
+            raise ConfigError("no training data given: resfit train DATA --out RUN")
+        return cfg.check()
+    given = dict(options)
+    if cfg is not None:  # the options of a config object that differ from the defaults
+        defaults = TrainConfig()
+        given = {n: cfg.get(n) for n in OPTIONS if cfg.get(n) != defaults.get(n)} | given
+    out = Path(given.pop("out", None) or TrainConfig().run.out)
+    config_path = out / "config.json"
+    if not config_path.exists():
+        raise TrainingError(f"--resume: {out} has no config.json; start the run without --resume")
+    saved = TrainConfig.from_dict(json.loads(config_path.read_text()))
+    changes = resume_changes(saved, given)
+    if changes:
+        log.info("resuming with %s", ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changes.items()))  # fmt: skip
+    return saved.replace(**changes)
+
+
+def resolve(cfg: TrainConfig, splits: DataSplits) -> tuple[TrainConfig, nn.Module]:
+    """The model, and a config with the derived values (classes, preprocessing, size, lr)."""
+    cfg.check()
+    m = cfg.model
+    model = create_model(m.arch, num_classes=None if m.weights else len(splits.classes),
+                         weights=m.weights, in_chans=m.in_chans, progress=cfg.run.progress)  # fmt: skip
+    pre = dict(getattr(model, "pretrained_cfg", {}) or {})
+    if m.weights:
+        pre.update(_run_preprocessing(Path(m.weights)))
+        categories = list(pre.get("categories") or [])
+        if categories == list(splits.classes):
+            log.info("keeping the weights' %d-class head: its classes are yours", len(categories))
+        else:
+            # Transfer to other classes: the old head means nothing here, start it afresh.
+            log.info("new %d-class head (the weights' head was for %d classes)",
+                     len(splits.classes), model.fc.out_features)  # fmt: skip
+            model.reset_classifier(len(splits.classes))
+    return cfg.resolve(splits.classes, pre, get_spec(m.arch).default_input_size), model
+
+
+def _run_preprocessing(weights: Path) -> dict:
+    """Weights saved by a resfit run carry their preprocessing and classes beside them."""
+    folder = weights.parent
+    if not weights.is_file() or not (folder / "config.json").is_file():
+        return {}
+    saved = json.loads((folder / "config.json").read_text())
+    keys = ("mean", "std", "resize_size", "interpolation")
+    return {"input_size": saved.get("img_size"), "categories": saved.get("classes"),
+            **{k: saved[k] for k in keys if saved.get(k) is not None}}  # fmt: skip
+
+
+def check_leakage(splits: DataSplits, mode: str) -> list:
+    """Exact and near-duplicate images across train/val/test: reported, or removed from
+    val/test (train keeps its copy) with ``mode="remove"``."""
+    if mode == "off":
+        return []
+    from ..leakage import find_duplicates, remove_leaks
+
+    groups = {name: [x.path for x in getattr(splits, name)]
+              for name in ("train", "val", "test") if getattr(splits, name)}  # fmt: skip
+    dups = find_duplicates(groups)
+    if dups:
+        log.warning(
+            "%d image(s) appear in more than one split (%s): scores on val/test are optimistic%s",
+            len(dups), ", ".join(sorted({f"{d.split_a}/{d.split_b}" for d in dups})),
+            "; removing them from val/test" if mode == "remove" else "; --leakage remove drops them",
+        )  # fmt: skip
+    if mode == "remove" and dups:
+        _, dropped = remove_leaks(groups, dups)
+        for name, paths in dropped.items():
+            gone = set(paths)
+            setattr(splits, name, [x for x in getattr(splits, name) if x.path not in gone])
+    return dups
+
+
+def warn_imbalance(splits: DataSplits, ratio: float = 3.0) -> None:
+    counts = splits.counts()["train"]
+    lo, hi = min(counts.values()), max(counts.values())
+    if lo and hi / lo >= ratio:
+        log.warning(
+            "classes are uneven in train (%d to %d images per class): consider --balance "
+            "weights or --balance sampler, and read balanced accuracy and macro-F1", lo, hi,
+        )  # fmt: skip
+
+
+def _write_splits(path: Path, splits: DataSplits) -> None:
+    from .. import data
+
+    if hasattr(data, "write_splits"):
+        data.write_splits(path, splits)
+
+
+def build_transforms(cfg: TrainConfig) -> tuple:
+    """(train, eval) per-image transforms for the config's size, statistics and channels."""
+    p, m = cfg.pre, cfg.model
+    tr = train_transform(cfg.augment, m.img_size, p.mean, p.std)
+    ev = eval_transform(m.img_size, p.mean, p.std)
+    return for_channels(tr, m.in_chans), for_channels(ev, m.in_chans)
+
+
+class _FileLog:
+    """Send the resfit log to RUN/train.log for the duration of a run."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.handler = logging.FileHandler(path, errors="backslashreplace") if enabled else None
+        if self.handler:
+            self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+
+    def __enter__(self) -> _FileLog:
+        if self.handler:
+            log.addHandler(self.handler)
+            if log.level == logging.NOTSET or log.level > logging.INFO:
+                log.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handler:
+            log.removeHandler(self.handler)
+            self.handler.close()
+
+
+def _decode(
+    cfg: TrainConfig, splits: DataSplits, show: bool, out: Path, main: bool
+) -> tuple[DecodedImages, DecodedImages, list]:
+    base = base_size_for(cfg.model.img_size)
+    train_data = decode_all(splits.train, base, progress=show, desc="decoding train")
+    val_data = decode_all(splits.val, base, progress=show, desc="decoding val")
+    skipped = splits.skipped + train_data.skipped + val_data.skipped
+    if main:
+        write_skipped(out / "skipped.csv", skipped)
+        if skipped:
+            log.warning("%d file(s) could not be read and were skipped: see %s", len(skipped),
+                        out / "skipped.csv")  # fmt: skip
+    if len(train_data) == 0:
+        raise DataError(f"no readable training images in {cfg.data.path}")
+    if len(val_data) == 0:
+        raise DataError(
+            f"no validation images: add a val/ folder to {cfg.data.path} or raise --val-fraction"
+        )
+    return train_data, val_data, skipped
+
+
+def _task(cfg: TrainConfig, labels: torch.Tensor, device: torch.device) -> tuple[Task, Any]:
+    """The task with its class weights (``--balance weights``), and the per-image draw weights
+    (``--balance sampler``)."""
+    counts = torch.bincount(labels, minlength=len(cfg.classes)).float()
+    class_weight = None
+    if cfg.data.balance == "weights":
+        # Inverse-frequency weights, normalised so the average image weighs 1.
+        class_weight = (counts.sum() / (len(counts) * counts.clamp(min=1))).to(device)
+    sample_weight = (1.0 / counts.clamp(min=1))[labels] if cfg.data.balance == "sampler" else None
+    return SingleLabel(cfg.optim.label_smoothing, class_weight), sample_weight
+
+
+def _place(cfg: TrainConfig, model: nn.Module, device: torch.device, dist_info: Dist) -> nn.Module:
+    """Freeze, convert BN for multi-GPU, move to the device and the memory layout."""
+    transfer.apply_freeze(model, cfg.transfer.freeze, cfg.transfer.train_bn)
+    if cfg.runtime.sync_bn and dist_info.world > 1:
+        if device.type != "cuda":
+            raise ConfigError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel)")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    if cfg.runtime.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _wrap(cfg: TrainConfig, model: nn.Module, device: torch.device, dist_info: Dist) -> nn.Module:
+    """What the step runs: DDP across ranks, compiled on request."""
+    net: nn.Module = model
+    if dist_info.world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.transfer.recipe == "finetune",  # stages wait frozen at first
+        )
+    return torch.compile(net) if cfg.runtime.compile else net
+
+
+def _run(
+    cfg: TrainConfig,
+    model: nn.Module,
+    splits: DataSplits,
+    device: torch.device,
+    precision: str,
+    dist_info: Dist,
+    resume: bool,
+    duplicates: list,
+) -> TrainResult:
+    out, show = Path(cfg.run.out), cfg.run.progress and dist_info.main
+    train_data, val_data, skipped = _decode(cfg, splits, show, out, dist_info.main)
+    log.info(
+        "%s: %d classes, %d train / %d val images, %s px, %s on %s",
+        cfg.model.arch, len(cfg.classes), len(train_data), len(val_data), cfg.model.img_size,
+        cfg.model.weights or "random init", runtime.describe(device, precision),
+    )  # fmt: skip
+    model = _place(cfg, model, device, dist_info)
+    groups = recipes.param_groups_for(cfg, model)
+    optimizer = make_optimizer(cfg.optim, groups, cfg.optim.lr)
+    recipes.log_recipe(cfg, optimizer)
+    net = _wrap(cfg, model, device, dist_info)
+    tr_tf, ev_tf = build_transforms(cfg)
+    task, sample_weight = _task(cfg, train_data.labels, device)
+    data = EpochData(TransformedImages(train_data, tr_tf), TransformedImages(val_data, ev_tf),
+                     TransformedImages(train_data, ev_tf), sample_weight)  # fmt: skip
+    step = TrainStep(optimizer, task.loss, device, precision, cfg.runtime.channels_last,
+                     cfg.optim.grad_clip)  # fmt: skip
+    loop = Loop(model, net, step, task, data, [], epochs=cfg.optim.epochs,
+                batch_size=cfg.optim.batch_size, seed=cfg.runtime.seed, dist=dist_info,
+                workers=cfg.data.workers)  # fmt: skip
+    mix = batch_transform(cfg.augment, len(cfg.classes))
+    loop.callbacks = sorted(
+        recipes.callbacks_for(cfg, loop, (tr_tf, ev_tf), mix, out, resume, precision, show),
+        key=lambda c: c.order,
+    )
+    loop.fit()
+    barrier(dist_info)
+    best = loop.callback(cb.BestModel)
+    result = TrainResult(out, loop.history, best.best_epoch, best.best, config=cfg)
+    if dist_info.main:
+        result.test = finish_run(cfg, loop, splits, skipped, duplicates, ev_tf, show)
+    return result
+
+
+__all__ = ["TrainResult", "atomic_save_safetensors", "build_transforms", "resolve", "train"]
