@@ -111,6 +111,15 @@ def test_block_convs_count_depth_like_the_paper() -> None:
     assert isinstance(res50.layer1[0], Bottleneck)
 
 
+def test_block_convs_reads_a_torchvision_resnet_through_its_adapter() -> None:
+    import torchvision
+
+    tv, ours = torchvision.models.resnet50(), build_model("resnet50")
+    got, want = block_convs(tv), block_convs(ours)
+    assert [(n, d) for n, d, _ in got] == [(n, d) for n, d, _ in want]
+    assert got[-1][2] == [tv.layer4[2].conv1, tv.layer4[2].conv2, tv.layer4[2].conv3]
+
+
 # ---------------------------------------------------------------------------------------------
 # Gradient flow
 

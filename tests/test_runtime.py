@@ -124,6 +124,23 @@ def test_folding_is_exact_on_imagenet_resnets_and_skips_unknown_orders() -> None
     assert isinstance(fold_conv_bn(pre)[0], nn.BatchNorm2d)
 
 
+def test_a_torchvision_resnet_folds_every_bn_through_its_adapter() -> None:
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18().eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 64, 64)
+    folded = fold_conv_bn(net)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())  # stem and blocks too
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), rtol=1e-3, atol=1e-3)
+
+
 def test_compile_failure_falls_back_to_eager(monkeypatch, model) -> None:
     def broken(module: nn.Module):
         def fn(x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .models import BasicBlock, Bottleneck, build_model, get_spec
+from .adapters import adapt
+from .errors import ConfigError, DataError
+from .models import build_model, get_spec
 from .weights import IMAGENET_MEAN, IMAGENET_STD  # what the CIFAR and ImageNet weights expect
 
 __all__ = [
@@ -50,18 +52,27 @@ def block_convs(model: nn.Module) -> list[tuple[str, int, list[nn.Conv2d]]]:
     (the stem conv is layer 1), the paper's way of counting depth. ``convs`` are the residual
     branch's convolutions only, never a projection shortcut.
     """
-    stages = [s for s in getattr(model, "stage_names", ()) if s != "stem"]
+    a = adapt(model)
     out: list[tuple[str, int, list[nn.Conv2d]]] = []
     depth = 1  # the stem conv
-    for stage in stages:
-        for i, block in enumerate(getattr(model, stage)):
-            if not isinstance(block, BasicBlock | Bottleneck):
+    for stage in a.stage_names:
+        if stage == "stem":
+            continue
+        blocks = [b for m in a.stage_modules(stage) for b in m.children()]
+        for i, block in enumerate(blocks):
+            # The branch convs of a ResNet block are its ``convN`` children (resfit's and
+            # torchvision's alike); the projection shortcut is ``downsample``.
+            convs = [
+                m
+                for n, m in block.named_children()
+                if n.startswith("conv") and isinstance(m, nn.Conv2d)
+            ]
+            if not convs:
                 continue
-            convs = [m for n, m in block.named_children() if n.startswith("conv")]
             depth += len(convs)
             out.append((f"{stage}.{i}", depth, convs))
     if not out:
-        raise ValueError(f"{type(model).__name__} has no residual blocks to measure")
+        raise ConfigError(f"{type(model).__name__} has no residual blocks to measure")
     return out
 
 
@@ -96,7 +107,7 @@ def gradient_flow(
     if images.ndim != 4 or images.shape[0] != labels.shape[0]:
         raise ValueError("images must be N x C x H x W with one label per image")
     if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+        raise ConfigError(f"--steps must be >= 0, got {steps}")
     rows: list[dict] = []
     for arch in archs:
         spec = get_spec(arch)
@@ -264,7 +275,7 @@ def load_folder_images(
     root = Path(root)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
-        raise ValueError(f"{root} has no class folders (expected {root}/<class>/<image>)")
+        raise DataError(f"{root} has no class folders (expected {root}/<class>/<image>)")
     files: list[Path] = []
     labels: list[int] = []
     for c, name in enumerate(classes):
@@ -272,7 +283,7 @@ def load_folder_images(
         files += found
         labels += [c] * len(found)
     if not files:
-        raise ValueError(f"no images ({', '.join(_IMAGE_SUFFIXES)}) under {root}")
+        raise DataError(f"no images ({', '.join(_IMAGE_SUFFIXES)}) under {root}")
     pick = _balanced_pick(np.array(labels), n_images, seed)
     imgs = [
         _resize_center(decode_image(str(files[i]), mode=ImageReadMode.RGB).float() / 255, size)
@@ -309,7 +320,7 @@ def run_gradient_flow(
     architecture's input size (32 for the CIFAR nets). ``None``: scikit-learn's digits.
     """
     if not archs:
-        raise ValueError("name at least one architecture")
+        raise ConfigError("name at least one architecture")
     by_size: dict[int, list[str]] = {}
     for arch in archs:
         by_size.setdefault(get_spec(arch).default_input_size, []).append(arch)

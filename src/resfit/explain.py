@@ -1,7 +1,9 @@
 """Where did the model look? Grad-CAM (Selvaraju et al. 2017) on resfit's staged models.
 
-No hooks: the model is split at a stage with ``forward_to`` / ``forward_from``, so the stage's
-output is an ordinary tensor we can take the gradient against. Only the part after the stage
+No hooks: the model is split at a stage by its adapter (``forward_to`` / ``forward_from``, see
+:mod:`resfit.adapters`), so the stage's output is an ordinary tensor we can take the gradient
+against. Any model with a registered adapter works (torchvision's ResNets included), and so
+does one that has ``stage_names``, ``forward_to`` and ``forward_from`` of its own. Only the part after the stage
 is differentiated and no parameter gradient is ever computed.
 """
 
@@ -13,6 +15,20 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
+
+from .adapters import ModelAdapter, adapt, has_adapter
+from .errors import ConfigError
+
+_STAGED = ("stage_names", "forward_to", "forward_from")
+
+
+def _split(model: nn.Module) -> ModelAdapter | nn.Module:
+    """What splits ``model`` at a stage: its adapter, or the model itself where it has the
+    staged interface of its own (``stage_names``, ``forward_to``, ``forward_from``)."""
+    if not has_adapter(model) and all(hasattr(model, a) for a in _STAGED):
+        return model
+    return adapt(model)  # a ConfigError that says how to register an adapter, if none fits
+
 
 __all__ = ["grad_cam", "overlay_cam"]
 
@@ -33,19 +49,16 @@ def grad_cam(
     The model is run in eval mode (BatchNorm statistics, no dropout); its train/eval mode and
     every parameter's ``requires_grad`` are restored afterwards, even on error.
     """
-    if not hasattr(model, "forward_to") or not hasattr(model, "stage_names"):
-        raise TypeError(
-            "grad_cam needs a resfit model (with stage_names, forward_to, forward_from)"
-        )
+    split = _split(model)
     if x.ndim == 3:
         x = x.unsqueeze(0)
     if x.ndim != 4 or x.shape[0] != 1:
         raise ValueError(
             f"grad_cam explains one image: expected (1, C, H, W), got {tuple(x.shape)}"
         )
-    stage = stage or model.stage_names[-1]
-    if stage not in model.stage_names:
-        raise ValueError(f"unknown stage {stage!r}; this model has {list(model.stage_names)}")
+    stage = stage or split.stage_names[-1]
+    if stage not in split.stage_names:
+        raise ConfigError(f"unknown stage {stage!r}; this model has {list(split.stage_names)}")
 
     param = next(model.parameters(), None)
     if param is not None:
@@ -57,14 +70,14 @@ def grad_cam(
         for p, _ in flags:
             p.requires_grad_(False)  # only d(logit)/d(activation) is needed
         with torch.no_grad():
-            acts = model.forward_to(x, stage)
+            acts = split.forward_to(x, stage)
         acts = acts.detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            logits = model.forward_from(acts, stage)
+            logits = split.forward_from(acts, stage)
             if class_idx is None:
                 class_idx = int(logits[0].argmax())
             if not 0 <= class_idx < logits.shape[1]:
-                raise ValueError(f"class_idx {class_idx} outside [0, {logits.shape[1] - 1}]")
+                raise ConfigError(f"class_idx {class_idx} outside [0, {logits.shape[1] - 1}]")
             (grads,) = torch.autograd.grad(logits[0, class_idx], acts)
     finally:
         model.train(was_training)
@@ -90,7 +103,7 @@ def overlay_cam(image: Image.Image, cam: np.ndarray, alpha: float = 0.45) -> Ima
     pass the image as the model saw it (same crop) for the colours to land in the right place.
     """
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
     cam = np.asarray(cam, dtype=np.float32)
     if cam.ndim != 2:
         raise ValueError(f"cam must be a 2-D (H, W) map, got shape {cam.shape}")

@@ -1,7 +1,8 @@
 """The ResNet family: ImageNet ResNets (torchvision layout) and the CIFAR ResNets of the paper.
 
 Knows nothing of weights files, data, training or the CLI. Every model here exposes the same
-small interface used by the rest of resfit:
+small interface, which :mod:`resfit.adapters` wraps for the rest of resfit (code outside this
+module goes through ``adapters.adapt(model)``, never through ``conv1`` or ``fc`` by name):
 
 - ``stage_names``: the names of the stages in order (``stem``, ``layer1`` ...);
 - ``forward_to(x, stage)``: the output after ``stage`` (the frozen-prefix feature cache);
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .errors import ConfigError
 
 __all__ = [
     "BasicBlock",
@@ -146,7 +149,7 @@ class _StagedNet(nn.Module):
 
     def _check_stage(self, stage: str) -> int:
         if stage not in self.stage_names:
-            raise ValueError(f"unknown stage {stage!r}; this model has {list(self.stage_names)}")
+            raise ConfigError(f"unknown stage {stage!r}; this model has {list(self.stage_names)}")
         return self.stage_names.index(stage)
 
     def forward_to(self, x: Tensor, stage: str) -> Tensor:
@@ -286,11 +289,11 @@ class CifarResNet(_StagedNet):
     ) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
-            raise ValueError(
+            raise ConfigError(
                 f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110...), got {depth}"
             )
         if shortcut not in ("A", "B"):
-            raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
+            raise ConfigError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
         n = (depth - 2) // 6
         self.depth = depth
         self.shortcut = shortcut
@@ -425,7 +428,7 @@ def get_spec(name: str) -> ModelSpec:
 
         close = difflib.get_close_matches(name, _MODELS, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
+        raise ConfigError(
             f"unknown model {name!r}.{hint} `resfit models` lists them all: "
             f"{', '.join(list_models(include_plain=False))} (and their plain twins)."
         )

@@ -28,6 +28,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .adapters import adapt, has_adapter
+from .errors import ConfigError
+
 log = logging.getLogger("resfit")
 
 __all__ = [
@@ -67,17 +70,17 @@ def pick_device(device: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+        raise ConfigError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
     return dev
 
 
 def pick_precision(device: torch.device, precision: str = "auto") -> str:
     """Resolve ``auto`` to fp32/bf16/fp16 for ``device``; check an explicit choice."""
     if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
-            raise ValueError("--precision fp16 needs a GPU; on a CPU use fp32 or bf16")
+            raise ConfigError("--precision fp16 needs a GPU; on a CPU use fp32 or bf16")
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -107,29 +110,28 @@ def describe(device: torch.device, precision: str) -> str:
 # Inference fast path
 
 
-def _fold_pairs(parent: nn.Module) -> list[tuple[str, str]]:
-    """(conv, bn) attribute pairs of ``parent`` whose forward computes exactly ``bn(conv(x))``.
+def _fold_pairs(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """``(parent, conv, bn)`` attributes whose forward computes exactly ``bn(conv(x))``.
 
-    Only layouts known to chain conv -> BN directly are folded: resfit's blocks and stems
-    (``convN`` feeds ``bnN``) and ``nn.Sequential`` (a Conv2d followed by a BatchNorm2d). An
-    unknown module may use its BN on something else, so it is left alone.
+    Only layouts known to chain conv -> BN directly are folded: ``nn.Sequential`` in any model
+    (a Conv2d followed by a BatchNorm2d), and the pairs the model's adapter vouches for
+    (resfit's and torchvision's ResNets: ``convN`` feeds ``bnN``). An unknown module may use
+    its BN on something else, so it is left alone; so is BN without running statistics.
     """
-    from .models import BasicBlock, Bottleneck, CifarResNet, ResNet
-
-    children = dict(parent.named_children())
-    pairs: list[tuple[str, str]] = []
-    if isinstance(parent, nn.Sequential):
-        names = list(children)
-        for a, b in zip(names, names[1:], strict=False):
-            pairs.append((a, b))
-    elif isinstance(parent, BasicBlock | Bottleneck | ResNet | CifarResNet):
-        pairs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
+    pairs: list[tuple[nn.Module, str, str]] = []
+    for parent in model.modules():
+        if isinstance(parent, nn.Sequential):
+            names = [n for n, _ in parent.named_children()]
+            pairs += [(parent, a, b) for a, b in zip(names, names[1:], strict=False)]
+    if has_adapter(model):
+        pairs += adapt(model).conv_bn_pairs()
+    unique = {(id(p), c, b): (p, c, b) for p, c, b in pairs}
     return [
-        (c, b)
-        for c, b in pairs
-        if isinstance(children.get(c), nn.Conv2d)
-        and isinstance(children.get(b), nn.BatchNorm2d)
-        and children[b].track_running_stats
+        (parent, c, b)
+        for parent, c, b in unique.values()
+        if isinstance(getattr(parent, c, None), nn.Conv2d)
+        and isinstance(getattr(parent, b, None), nn.BatchNorm2d)
+        and getattr(parent, b).track_running_stats
     ]
 
 
@@ -140,11 +142,10 @@ def fold_conv_bn(model: nn.Module) -> nn.Module:
     one fewer pass over every activation. ``model`` itself is not changed.
     """
     folded = copy.deepcopy(model).eval()
-    for parent in list(folded.modules()):
-        for conv_name, bn_name in _fold_pairs(parent):
-            conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
-            setattr(parent, conv_name, torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn))
-            setattr(parent, bn_name, nn.Identity())
+    for parent, conv_name, bn_name in _fold_pairs(folded):
+        conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+        setattr(parent, conv_name, torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn))
+        setattr(parent, bn_name, nn.Identity())
     return folded
 
 
@@ -218,7 +219,7 @@ def prepare_for_inference(
     dev = pick_device(device)
     prec = pick_precision(dev, precision)
     if prec == "int8":
-        raise ValueError(
+        raise ConfigError(
             "int8 runs on ONNX Runtime, not PyTorch: export with resfit.export.export_onnx, "
             "quantize with quantize_int8 and run OnnxClassifier (or `resfit predict --engine onnx`)"
         )
