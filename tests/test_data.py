@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +16,18 @@ from resfit.data import (
     DecodeError,
     decode_all,
     discover,
+    display_path,
+    display_text,
     eval_samples,
     find_images,
     load_image,
+    open_csv,
+    read_splits,
+    write_skipped,
+    write_splits,
 )
 
-from .images import colour_image, make_colour_folder, write_broken_files
+from .images import COLOURS, colour_image, make_colour_folder, write_broken_files
 
 
 def test_train_val_test_layout(tmp_path: Path) -> None:
@@ -169,3 +177,156 @@ def test_eval_samples_uses_the_test_split_and_checks_classes(tmp_path: Path) -> 
     assert all("/test/" in str(s.path) for s in samples) and len(samples) == 6
     with pytest.raises(DataError, match="not trained on"):
         eval_samples(tmp_path, ["blue", "green"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Split folders by their usual names (issue 13, defect 2)
+
+
+def test_validation_folder_is_the_val_split_and_the_choice_is_logged(
+    tmp_path: Path, caplog
+) -> None:
+    # The old code looked for val/ only: validation/ was ignored without a word and 15 % of
+    # train held out instead.
+    make_colour_folder(tmp_path, per_class=4, splits=("train", "validation"))
+    with caplog.at_level(logging.INFO, logger="resfit"):
+        s = discover(tmp_path)
+    assert (len(s.train), len(s.val), len(s.test)) == (12, 12, 0)
+    assert all(x.path.parts[-3] == "validation" for x in s.val)
+    assert f"val <- {tmp_path / 'validation'}" in caplog.text
+    assert f"train <- {tmp_path / 'train'}" in caplog.text
+    assert "test <- none" in caplog.text
+
+
+def test_split_folder_names_are_recognised_in_any_case(tmp_path: Path) -> None:
+    make_colour_folder(tmp_path, per_class=3, splits=("Training", "VALID", "Testing"))
+    s = discover(tmp_path)
+    assert (len(s.train), len(s.val), len(s.test)) == (9, 9, 9)
+    assert {x.path.parts[-3] for x in s.test} == {"Testing"}
+    assert s.origins == {
+        "train": str(tmp_path / "Training"),
+        "val": str(tmp_path / "VALID"),
+        "test": str(tmp_path / "Testing"),
+    }
+    samples, _ = eval_samples(tmp_path, s.classes)
+    assert {x.path.parts[-3] for x in samples} == {"Testing"}
+
+
+def test_unused_top_level_folders_are_named_in_a_warning(tmp_path: Path, caplog) -> None:
+    make_colour_folder(tmp_path, per_class=3, splits=("train", "val", "extras"))
+    colour_image((1, 2, 3), np.random.default_rng(0)).save(tmp_path / "stray.png")
+    with caplog.at_level(logging.WARNING, logger="resfit"):
+        s = discover(tmp_path)
+    assert "extras" not in s.classes and len(s.val) == 9
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"ignoring {tmp_path / 'extras'}/: not a split folder" in w for w in warned)
+    assert any("ignoring 1 image(s) directly in" in w for w in warned)
+
+
+def test_two_folders_for_one_split_are_refused(tmp_path: Path) -> None:
+    make_colour_folder(tmp_path, per_class=2, splits=("train", "val", "Validation"))
+    with pytest.raises(DataError, match=r"2 folders for the val split: Validation/ and val/"):
+        discover(tmp_path)
+
+
+def test_split_folders_without_train_are_refused(tmp_path: Path) -> None:
+    # Before, val/ and test/ became two classes of a flat layout.
+    make_colour_folder(tmp_path, per_class=2, splits=("val", "test"))
+    with pytest.raises(DataError, match=r"has test/, val/ but no train/"):
+        discover(tmp_path)
+
+
+def test_test_fraction_is_carved_from_train_when_there_is_no_test_folder(tmp_path: Path) -> None:
+    make_colour_folder(tmp_path, per_class=10, splits=("train",))
+    a = discover(tmp_path, val_fraction=0.2, seed=1)
+    b = discover(tmp_path, val_fraction=0.2, test_fraction=0.2, seed=1)
+    assert [x.path for x in b.val] == [x.path for x in a.val]  # val does not move
+    assert (len(b.train), len(b.val), len(b.test)) == (18, 6, 6)
+    assert "20% of" in b.origins["test"]
+
+
+def test_manifest_split_values_take_the_usual_names(tmp_path: Path) -> None:
+    make_colour_folder(tmp_path / "imgs", per_class=3, splits=("",))
+    files = sorted((tmp_path / "imgs").rglob("*.png"))
+    lines = ["path,label,split"] + [
+        f"{p.relative_to(tmp_path)},{p.parent.name},{['Training', 'validation', 'TEST'][i % 3]}"
+        for i, p in enumerate(files)
+    ]
+    (tmp_path / "m.csv").write_text("\ufeff" + "\n".join(lines) + "\n")  # with a BOM
+    s = discover(tmp_path / "m.csv")
+    assert (len(s.train), len(s.val), len(s.test)) == (3, 3, 3)
+    (tmp_path / "bad.csv").write_text(f"path,label,split\n{files[0]},red,holdout\n")
+    with pytest.raises(DataError, match=r"bad.csv:2: split must be train, val or test"):
+        discover(tmp_path / "bad.csv")
+
+
+# ---------------------------------------------------------------------------------------------
+# splits.csv and file names that are not UTF-8 (issue 13, defects 1 and 2)
+
+ODD = os.fsdecode(b"caf\xe9.png")  # a Latin-1 name: not UTF-8, so Python holds '\udce9'
+
+
+def _with_odd_names(root: Path) -> Path:
+    make_colour_folder(root, per_class=4, splits=("train", "val"))
+    colour_image(COLOURS["red"], np.random.default_rng(7)).save(root / "train" / "red" / ODD)
+    colour_image(COLOURS["blue"], np.random.default_rng(8)).save(root / "val" / "blue" / ODD)
+    return root
+
+
+def test_splits_csv_round_trips_every_file_and_its_split(tmp_path: Path) -> None:
+    s = discover(_with_odd_names(tmp_path / "data"), seed=2)
+    write_splits(tmp_path / "splits.csv", s)
+    back = read_splits(tmp_path / "splits.csv")
+    assert back.classes == s.classes
+    for split in ("train", "val", "test"):
+        assert [(x.path, x.label) for x in getattr(back, split)] == [
+            (x.path.absolute(), x.label) for x in getattr(s, split)
+        ]
+    assert (tmp_path / "data" / "train" / "red" / ODD) in [x.path for x in back.train]
+    # The odd name is kept as its own bytes, and the file is also a manifest for discover().
+    raw = (tmp_path / "splits.csv").read_bytes()
+    assert b"caf\xe9.png,red,train" in raw and raw.startswith(b"path,label,split\r\n")
+    again = discover(tmp_path / "splits.csv")
+    assert [x.path for x in again.val] == [x.path for x in back.val]
+
+
+def test_read_splits_lists_missing_files_and_refuses_rows_without_a_split(tmp_path: Path) -> None:
+    s = discover(_with_odd_names(tmp_path / "data"))
+    write_splits(tmp_path / "splits.csv", s)
+    gone = s.val[0].path
+    gone.unlink()
+    back = read_splits(tmp_path / "splits.csv")
+    assert [p for p, _ in back.skipped] == [str(gone)]
+    assert len(back.val) == len(s.val) - 1
+    (tmp_path / "plain.csv").write_text(f"path,label\n{s.train[0].path},red\n")
+    with pytest.raises(DataError, match="rows without a split"):
+        read_splits(tmp_path / "plain.csv")
+
+
+def test_odd_file_names_are_decoded_logged_and_listed(tmp_path: Path, caplog) -> None:
+    root = _with_odd_names(tmp_path / "data")
+    broken = root / "train" / "green" / os.fsdecode(b"br\xefken.png")
+    broken.write_bytes(b"not an image")
+    s = discover(root)
+    log_file = tmp_path / "train.log"
+    handler = logging.FileHandler(log_file, encoding="utf-8")  # strict, as a run's log is
+    logging.getLogger("resfit").addHandler(handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="resfit"):
+            decoded = decode_all(s.train + s.val, 16, progress=False)
+    finally:
+        logging.getLogger("resfit").removeHandler(handler)
+        handler.close()
+    assert root / "train" / "red" / ODD in decoded.paths
+    assert [p for p, _ in decoded.skipped] == [str(broken)]
+    assert "br\\xefken.png" in log_file.read_text(encoding="utf-8")
+    write_skipped(tmp_path / "skipped.csv", decoded.skipped)
+    with open_csv(tmp_path / "skipped.csv") as f:
+        assert Path(next(iter(csv.DictReader(f)))["path"]) == broken
+
+
+def test_display_path_shows_undecodable_bytes_as_escapes() -> None:
+    assert display_path(Path("/data") / ODD) == "/data/caf\\xe9.png"
+    assert display_path("/data/café.png") == "/data/café.png"  # real UTF-8 is untouched
+    assert display_text("x\ud800y") == "x\\ud800y"  # a surrogate no file name makes
+    display_path(ODD).encode("utf-8")  # always encodable

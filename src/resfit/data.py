@@ -2,13 +2,22 @@
 
 Layouts understood by :func:`discover`:
 - ``DATA/train/<class>/*`` with optional ``DATA/val/<class>/*`` and ``DATA/test/<class>/*``
-  (a missing val split is carved out of train, stratified by the seed);
+  (a missing val split is carved out of train, stratified by the seed). The split folders may
+  use the usual other names, in any case: ``training``; ``valid``, ``validation``, ``dev``;
+  ``testing`` (see ``SPLIT_FOLDER_NAMES``). Which folder went to which split is logged, and
+  other top-level folders are named in a warning, never silently dropped;
 - ``DATA/<class>/*``: one folder of class folders, split into train/val/test by the seed;
-- a CSV manifest ``path,label[,split]`` (paths relative to the CSV's folder).
+- a CSV manifest ``path,label[,split]`` (paths relative to the CSV's folder), such as the
+  ``splits.csv`` that :func:`write_splits` records and :func:`read_splits` reads back.
 
 Decoding converts every image to 8-bit RGB the way a person sees it: EXIF orientation applied,
 grey/palette/CMYK converted, 16-bit scaled (not clipped), transparency composited on white,
 the first frame of a GIF. Files that cannot be decoded are skipped and listed, never a crash.
+
+File names are bytes on Linux; one that is not UTF-8 (``caf\\xe9.png`` from an old camera or a
+Windows zip) reaches Python as a string with lone surrogates (PEP 383), which a strict UTF-8
+writer refuses. :func:`open_csv` writes such names back as the same bytes (so a CSV of paths
+can be read back and opened), :func:`display_path` shows them as ``\\xe9`` in logs and pages.
 
 Knows nothing of models or training.
 """
@@ -25,21 +34,91 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from .errors import DataError
+
 log = logging.getLogger("resfit")
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "SPLIT_FOLDER_NAMES",
+    "DataError",
+    "DataSplits",
+    "DecodeError",
+    "DecodedImages",
+    "Sample",
+    "TransformedImages",
+    "decode_all",
+    "discover",
+    "display_path",
+    "display_text",
+    "eval_samples",
+    "find_images",
+    "find_split_folders",
+    "iter_batches",
+    "load_image",
+    "open_csv",
+    "read_splits",
+    "resize_shorter",
+    "scan_class_folders",
+    "split_of",
+    "to_tensor",
+    "write_skipped",
+    "write_splits",
+]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # PIL's own decompression-bomb limit; a larger image is refused before it is decoded.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
+# The folder names (compared in lower case) that hold each split, first the canonical one.
+SPLIT_FOLDER_NAMES: dict[str, tuple[str, ...]] = {
+    "train": ("train", "training"),
+    "val": ("val", "valid", "validation", "dev"),
+    "test": ("test", "testing"),
+}
+SPLITS = tuple(SPLIT_FOLDER_NAMES)
+_SPLIT_OF_NAME = {name: split for split, names in SPLIT_FOLDER_NAMES.items() for name in names}
 
-class DataError(ValueError):
-    """The data cannot be used as given; the message names the path and what to do."""
+
+# ---------------------------------------------------------------------------------------------
+# Paths as text
+
+
+def display_text(text: str) -> str:
+    """``text`` with any undecodable file-system bytes shown as ``\\xNN`` escapes.
+
+    For what people read (logs, the HTML report, error messages): the result is valid UTF-8
+    whatever the file name was, and unchanged for every name that already was.
+    """
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that did not come from a file name
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def display_path(path: str | os.PathLike[str]) -> str:
+    """A path as printable UTF-8 text (see :func:`display_text`); not for opening the file."""
+    return display_text(os.fspath(path))
+
+
+def open_csv(path: str | os.PathLike[str], mode: str = "r") -> TextIO:
+    """Open a CSV that holds paths or class names, for ``csv.reader``/``csv.writer``.
+
+    UTF-8 with ``surrogateescape``: a file name whose bytes are not UTF-8 is written as those
+    same bytes and read back as the same ``str``, so the path opens again; a strict writer
+    would lose the whole file at the first such name. Reading also accepts a byte-order mark
+    (spreadsheets write one).
+    """
+    encoding = "utf-8-sig" if "r" in mode else "utf-8"
+    return open(path, mode, newline="", encoding=encoding, errors="surrogateescape")
 
 
 @dataclass
@@ -50,7 +129,11 @@ class Sample:
 
 @dataclass
 class DataSplits:
-    """What :func:`discover` found: the splits, the class names and the files it ignored."""
+    """What :func:`discover` found: the splits, the class names and the files it ignored.
+
+    ``origins`` says where each split came from (``{"val": "15% of train, seed 0"}``), for
+    logs and the report.
+    """
 
     classes: list[str]
     train: list[Sample]
@@ -58,10 +141,11 @@ class DataSplits:
     test: list[Sample] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     source: str = ""
+    origins: dict[str, str] = field(default_factory=dict)
 
     def counts(self) -> dict[str, dict[str, int]]:
         out = {}
-        for split in ("train", "val", "test"):
+        for split in SPLITS:
             c = Counter(s.label for s in getattr(self, split))
             out[split] = {name: c.get(i, 0) for i, name in enumerate(self.classes)}
         return out
@@ -82,15 +166,43 @@ def _list_images(folder: Path) -> list[Path]:
 def scan_class_folders(root: Path) -> dict[str, list[Path]]:
     """Map class name -> image files for a folder of class folders; empty classes dropped."""
     if not root.is_dir():
-        raise DataError(f"{root} is not a folder")
+        raise DataError(f"{display_path(root)} is not a folder")
     found: dict[str, list[Path]] = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = _list_images(d)
         if files:
             found[d.name] = files
         else:
-            log.warning("ignoring empty class folder %s (no images in it)", d)
+            log.warning("ignoring empty class folder %s (no images in it)", display_path(d))
     return found
+
+
+def split_of(name: str) -> str | None:
+    """The split a folder or manifest value names (``"Validation"`` -> ``"val"``), or None."""
+    return _SPLIT_OF_NAME.get(name.strip().lower())
+
+
+def find_split_folders(root: Path) -> tuple[dict[str, Path], list[Path]]:
+    """The split folders directly under ``root`` (``{"val": root / "Validation"}``) and the
+    other visible folders. Two folders for one split (``val/`` and ``validation/``) are a
+    :class:`DataError` naming both: merging them silently could mix a test set into training.
+    """
+    by_split: dict[str, list[Path]] = {}
+    others: list[Path] = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        split = split_of(d.name)
+        if split is None:
+            others.append(d)
+        else:
+            by_split.setdefault(split, []).append(d)
+    for split, dirs in by_split.items():
+        if len(dirs) > 1:
+            names = " and ".join(f"{display_path(d.name)}/" for d in dirs)
+            raise DataError(
+                f"{display_path(root)} has {len(dirs)} folders for the {split} split: {names}. "
+                f"Keep one of them (move the images of the other into it, or rename it)."
+            )
+    return {s: dirs[0] for s, dirs in by_split.items()}, others
 
 
 def _stratified_split(
@@ -120,7 +232,8 @@ def _to_samples(by_class: dict[str, list[Path]], classes: list[str], split: str)
     unknown = sorted(set(by_class) - set(index))
     if unknown:
         raise DataError(
-            f"the {split} split has classes that training does not: {', '.join(unknown)}. "
+            f"the {split} split has classes that training does not: "
+            f"{', '.join(map(display_text, unknown))}. "
             f"Add training images for them or remove them from {split}."
         )
     return [Sample(p, index[c]) for c, files in by_class.items() for p in files]
@@ -133,89 +246,188 @@ def discover(
     test_fraction: float = 0.0,
     seed: int = 0,
 ) -> DataSplits:
-    """Find the labelled images under ``data`` (see the module doc for the layouts)."""
+    """Find the labelled images under ``data`` (see the module doc for the layouts).
+
+    Logs (INFO, logger ``"resfit"``) where each split comes from, and warns about folders
+    and images that it does not use.
+    """
     root = Path(data).expanduser()
     if not root.exists():
-        raise DataError(f"data path {root} does not exist")
+        raise DataError(f"data path {display_path(root)} does not exist")
     if root.is_file():
         if root.suffix.lower() != ".csv":
-            raise DataError(f"{root} is a file but not a CSV manifest (path,label[,split])")
-        return _discover_csv(root, val_fraction, test_fraction, seed)
+            raise DataError(
+                f"{display_path(root)} is a file but not a CSV manifest (path,label[,split])"
+            )
+        splits = _discover_csv(root, val_fraction, test_fraction, seed)
+    else:
+        folders, others = find_split_folders(root)
+        if "train" in folders:
+            splits = _discover_split_folders(
+                root, folders, others, val_fraction, test_fraction, seed
+            )
+        elif folders:
+            names = ", ".join(f"{display_path(d.name)}/" for d in folders.values())
+            raise DataError(
+                f"{display_path(root)} has {names} but no train/ (or training/) folder: put the "
+                f"training images in {display_path(root)}/train/<class>/. If {names} is a "
+                f"class, give it another name."
+            )
+        else:
+            splits = _discover_flat(root, val_fraction, test_fraction, seed)
+    for split in SPLITS:
+        log.info("data: %s <- %s", split, splits.origins.get(split, "none"))
+    return splits
 
-    if (root / "train").is_dir():
-        train = scan_class_folders(root / "train")
-        _check_classes(train, root / "train")
-        classes = sorted(train)
-        val = scan_class_folders(root / "val") if (root / "val").is_dir() else None
-        test = scan_class_folders(root / "test") if (root / "test").is_dir() else {}
-        if val is None:
-            train, val = _stratified_split(train, [val_fraction], seed)
-        return DataSplits(
-            classes,
-            _to_samples(train, classes, "train"),
-            _to_samples(val, classes, "val"),
-            _to_samples(test, classes, "test"),
-            source=str(root),
+
+def _carve_note(fraction: float, seed: int, what: str) -> str:
+    return f"{fraction:.0%} of {what}, stratified, seed {seed}"
+
+
+def _discover_split_folders(
+    root: Path,
+    folders: dict[str, Path],
+    others: list[Path],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> DataSplits:
+    names = ", ".join(f"{n}/" for names in SPLIT_FOLDER_NAMES.values() for n in names)
+    for d in others:
+        log.warning(
+            "ignoring %s/: not a split folder (the split folders are %s)", display_path(d), names
         )
+    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if loose:
+        log.warning(
+            "ignoring %d image(s) directly in %s: images go in %s/<split>/<class>/",
+            len(loose),
+            display_path(root),
+            display_path(root),
+        )
+    train_dir = folders["train"]
+    train = scan_class_folders(train_dir)
+    _check_classes(train, train_dir)
+    classes = sorted(train)
+    origins = {split: display_path(d) for split, d in folders.items()}
+    val = scan_class_folders(folders["val"]) if "val" in folders else None
+    test = scan_class_folders(folders["test"]) if "test" in folders else {}
+    # Held out of train only for what has no folder: a test share first, so that val keeps
+    # its usual size whether or not a test share is asked for.
+    fractions = ([] if val is not None else [val_fraction]) + (
+        [test_fraction] if test_fraction > 0 and "test" not in folders else []
+    )
+    if fractions:
+        parts = _stratified_split(train, fractions, seed)
+        train, carved = parts[0], parts[1:]
+        if val is None:
+            val = carved.pop(0)
+            origins["val"] = _carve_note(val_fraction, seed, display_path(train_dir))
+        if carved:
+            test = carved[0]
+            origins["test"] = _carve_note(test_fraction, seed, display_path(train_dir))
+    return DataSplits(
+        classes,
+        _to_samples(train, classes, "train"),
+        _to_samples(val, classes, "val"),
+        _to_samples(test, classes, "test"),
+        source=str(root),
+        origins=origins,
+    )
 
+
+def _discover_flat(root: Path, val_fraction: float, test_fraction: float, seed: int) -> DataSplits:
     by_class = scan_class_folders(root)
     _check_classes(by_class, root)
     classes = sorted(by_class)
     fractions = [val_fraction] + ([test_fraction] if test_fraction > 0 else [])
     parts = _stratified_split(by_class, fractions, seed)
+    where = f"the class folders of {display_path(root)}"
+    origins = {
+        "train": f"the rest of {where}",
+        "val": _carve_note(val_fraction, seed, where),
+    }
+    if test_fraction > 0:
+        origins["test"] = _carve_note(test_fraction, seed, where)
     return DataSplits(
         classes,
         _to_samples(parts[0], classes, "train"),
         _to_samples(parts[1], classes, "val"),
         _to_samples(parts[2], classes, "test") if test_fraction > 0 else [],
         source=str(root),
+        origins=origins,
     )
 
 
 def _check_classes(by_class: dict[str, list[Path]], root: Path) -> None:
+    where = display_path(root)
     if not by_class:
         raise DataError(
-            f"no class folders with images under {root}: expected {root}/<class>/<image> "
-            f"(or {root}/train/<class>/<image>), images ending in {', '.join(IMAGE_SUFFIXES)}"
+            f"no class folders with images under {where}: expected {where}/<class>/<image> "
+            f"(or {where}/train/<class>/<image>), images ending in {', '.join(IMAGE_SUFFIXES)}"
         )
     if len(by_class) == 1:
         raise DataError(
-            f"{root} has a single class ({next(iter(by_class))}): a classifier needs at least two "
-            f"class folders"
+            f"{where} has a single class ({display_text(next(iter(by_class)))}): a classifier "
+            f"needs at least two class folders"
         )
 
 
-def _discover_csv(path: Path, val_fraction: float, test_fraction: float, seed: int) -> DataSplits:
-    rows: dict[str, dict[str, list[Path]]] = {"train": {}, "val": {}, "test": {}, "": {}}
+def _read_manifest(path: Path) -> tuple[list[tuple[Path, str, str]], list[tuple[str, str]]]:
+    """The rows of a ``path,label[,split]`` CSV as (file, label, split or ""), and the rows
+    whose file is missing as skipped (path, reason)."""
+    rows: list[tuple[Path, str, str]] = []
     skipped: list[tuple[str, str]] = []
-    with open(path, newline="") as f:
+    where = display_path(path)
+    with open_csv(path) as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-            raise DataError(f"{path} needs a header with columns path,label (and optional split)")
+            raise DataError(f"{where} needs a header with columns path,label (and optional split)")
         for line_no, row in enumerate(reader, start=2):
+            if not (row.get("path") or "").strip():
+                raise DataError(f"{where}:{line_no}: the path is empty")
             p = Path(row["path"])
             p = p if p.is_absolute() else path.parent / p
-            split = (row.get("split") or "").strip().lower()
-            if split not in rows:
+            value = (row.get("split") or "").strip()
+            split = split_of(value) if value else ""
+            if split is None:
                 raise DataError(
-                    f"{path}:{line_no}: split must be train, val or test, not {split!r}"
+                    f"{where}:{line_no}: split must be train, val or test (or "
+                    f"{', '.join(n for names in SPLIT_FOLDER_NAMES.values() for n in names[1:])}"
+                    f"), not {display_text(value)!r}"
                 )
             if not p.is_file():
-                skipped.append((str(p), f"listed in {path.name}:{line_no} but missing"))
+                skipped.append(
+                    (str(p), f"listed in {display_path(path.name)}:{line_no} but missing")
+                )
                 continue
-            rows[split].setdefault(row["label"].strip(), []).append(p)
-    unsplit = rows.pop("")
-    for cls, files in unsplit.items():
-        rows["train"].setdefault(cls, []).extend(files)
-    _check_classes(rows["train"], path)
-    classes = sorted(rows["train"])
-    train, val, test = rows["train"], rows["val"], rows["test"]
+            rows.append((p, (row["label"] or "").strip(), split))
+    return rows, skipped
+
+
+def _discover_csv(path: Path, val_fraction: float, test_fraction: float, seed: int) -> DataSplits:
+    rows, skipped = _read_manifest(path)
+    by_split: dict[str, dict[str, list[Path]]] = {"train": {}, "val": {}, "test": {}}
+    for p, label, split in rows:
+        # Rows without a split are training rows (and the source of a carved-out val).
+        by_split[split or "train"].setdefault(label, []).append(p)
+    _check_classes(by_split["train"], path)
+    classes = sorted(by_split["train"])
+    train, val, test = by_split["train"], by_split["val"], by_split["test"]
+    where = display_path(path)
+    origins = {"train": f"{where} (train rows)"}
+    if val:
+        origins["val"] = f"{where} (val rows)"
+    if test:
+        origins["test"] = f"{where} (test rows)"
     if not val:
         fractions = [val_fraction] + ([test_fraction] if test_fraction > 0 and not test else [])
         parts = _stratified_split(train, fractions, seed)
         train, val = parts[0], parts[1]
+        origins["val"] = _carve_note(val_fraction, seed, f"the train rows of {where}")
         if len(parts) > 2:
             test = parts[2]
+            origins["test"] = _carve_note(test_fraction, seed, f"the train rows of {where}")
     return DataSplits(
         classes,
         _to_samples(train, classes, "train"),
@@ -223,17 +435,70 @@ def _discover_csv(path: Path, val_fraction: float, test_fraction: float, seed: i
         _to_samples(test, classes, "test"),
         skipped=skipped,
         source=str(path),
+        origins=origins,
+    )
+
+
+def write_splits(path: str | os.PathLike[str], splits: DataSplits) -> None:
+    """Record every file's split as ``path,label,split`` (absolute path, class name), in the
+    order of the splits, so a user can check what went where and :func:`read_splits` (or
+    ``resfit train splits.csv``) can reproduce it. Odd file names keep their bytes."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open_csv(tmp, "w") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "split"])
+        for split in SPLITS:
+            for s in getattr(splits, split):
+                w.writerow([str(Path(s.path).absolute()), splits.classes[s.label], split])
+    os.replace(tmp, path)  # never a half-written record
+
+
+def read_splits(path: str | os.PathLike[str]) -> DataSplits:
+    """The splits recorded by :func:`write_splits`: every file in the split and the order it
+    had, nothing re-split. Classes are the sorted training labels, as :func:`discover` gives.
+    Files that are gone are listed in ``skipped``."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"splits file {display_path(path)} does not exist")
+    rows, skipped = _read_manifest(path)
+    if any(split == "" for _, _, split in rows):
+        raise DataError(
+            f"{display_path(path)} has rows without a split: a splits file gives each file's "
+            f"split (train, val or test); use it as a manifest with discover() instead"
+        )
+    by_split: dict[str, dict[str, list[Path]]] = {s: {} for s in SPLITS}
+    for p, label, split in rows:
+        by_split[split].setdefault(label, []).append(p)
+    _check_classes(by_split["train"], path)
+    classes = sorted(by_split["train"])
+    for split in ("val", "test"):
+        _to_samples(by_split[split], classes, split)  # refuses a class that training lacks
+    index = {c: i for i, c in enumerate(classes)}
+    samples: dict[str, list[Sample]] = {s: [] for s in SPLITS}
+    for p, label, split in rows:  # in the recorded order, not grouped by class
+        samples[split].append(Sample(p, index[label]))
+    where = display_path(path)
+    return DataSplits(
+        classes,
+        samples["train"],
+        samples["val"],
+        samples["test"],
+        skipped=skipped,
+        source=str(path),
+        origins={s: f"{where} ({s} rows)" for s in SPLITS if samples[s]},
     )
 
 
 def eval_samples(
     data: str | os.PathLike, classes: Sequence[str]
 ) -> tuple[list[Sample], list[tuple[str, str]]]:
-    """The images to evaluate on: a folder of class folders, a data root whose ``test/``
-    (else ``val/``) split is used, or a CSV manifest (its test rows, else all rows)."""
+    """The images to evaluate on: a folder of class folders, a data root whose test split
+    (else its val split, by any of their usual folder names) is used, or a CSV manifest (its
+    test rows, else all rows)."""
     root = Path(data).expanduser()
     if not root.exists():
-        raise DataError(f"data path {root} does not exist")
+        raise DataError(f"data path {display_path(root)} does not exist")
     if root.is_file():
         splits = _discover_csv(root, 0.0, 0.0, 0)
         samples = splits.test or splits.train + splits.val
@@ -241,22 +506,29 @@ def eval_samples(
         remap = {i: list(classes).index(n) for i, n in enumerate(names) if n in classes}
         missing = sorted(set(names) - set(classes))
         if missing:
-            raise DataError(f"{root} has classes the model was not trained on: {missing}")
+            raise DataError(
+                f"{display_path(root)} has classes the model was not trained on: "
+                f"{', '.join(map(display_text, missing))}"
+            )
         return [Sample(s.path, remap[s.label]) for s in samples], splits.skipped
-    for split in ("test", "val"):
-        if (root / split).is_dir():
-            root = root / split
-            break
+    folders, _ = find_split_folders(root)
+    if "test" in folders or "val" in folders:
+        root = folders.get("test") or folders["val"]
+        log.info("evaluating on %s", display_path(root))
+    elif "train" in folders:
+        raise DataError(
+            f"{display_path(root)} has a train folder but no test or val folder to evaluate on"
+        )
     by_class = scan_class_folders(root)
     if not by_class:
-        raise DataError(f"no class folders with images under {root}")
+        raise DataError(f"no class folders with images under {display_path(root)}")
     missing = sorted(set(by_class) - set(classes))
     if missing:
         raise DataError(
-            f"{root} has classes the model was not trained on: {', '.join(missing)} "
-            f"(it knows {', '.join(classes)})"
+            f"{display_path(root)} has classes the model was not trained on: "
+            f"{', '.join(map(display_text, missing))} (it knows {', '.join(classes)})"
         )
-    return _to_samples(by_class, list(classes), str(root)), []
+    return _to_samples(by_class, list(classes), display_path(root)), []
 
 
 def find_images(inputs: Sequence[str]) -> list[Path]:
@@ -273,7 +545,7 @@ def find_images(inputs: Sequence[str]) -> list[Path]:
         else:
             matches = sorted(glob.glob(str(p), recursive=True))
             if not matches:
-                raise DataError(f"{item}: no such file, folder or matching glob")
+                raise DataError(f"{display_text(item)}: no such file, folder or matching glob")
             for m in matches:
                 mp = Path(m)
                 out.extend(_list_images(mp) if mp.is_dir() else [mp])
@@ -406,7 +678,7 @@ def decode_all(
         ):
             if isinstance(r, str):
                 skipped.append((str(s.path), r))
-                log.warning("skipping %s: %s", s.path, r)
+                log.warning("skipping %s: %s", display_path(s.path), r)
             else:
                 images.append(r)
                 labels.append(s.label)
@@ -454,8 +726,9 @@ def iter_batches(
         )
 
 
-def write_skipped(path: Path, skipped: Sequence[tuple[str, str]]) -> None:
-    with open(path, "w", newline="") as f:
+def write_skipped(path: str | os.PathLike[str], skipped: Sequence[tuple[str, str]]) -> None:
+    """Write ``path,reason`` for the files that were left out (odd names keep their bytes)."""
+    with open_csv(path, "w") as f:
         w = csv.writer(f)
         w.writerow(["path", "reason"])
         w.writerows(skipped)
