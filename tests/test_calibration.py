@@ -10,6 +10,7 @@ from PIL import Image
 
 from resfit.calibration import (
     bootstrap_accuracy_ci,
+    calibrate_temperature,
     expected_calibration_error,
     fit_temperature,
     reliability_diagram,
@@ -108,3 +109,39 @@ def test_bootstrap_accuracy_ci() -> None:
     big_true, big_pred = np.tile(y_true, 16), np.tile(y_pred, 16)
     b_low, b_high = bootstrap_accuracy_ci(big_true, big_pred, n=300)
     assert b_high - b_low < (high - low) / 2
+
+
+def _confident_mistakes() -> tuple[torch.Tensor, torch.Tensor]:
+    """18 right answers at 90 % and 2 wrong ones at 99.97 %: the NLL optimum is a large T
+    that makes every right answer look unsure, so the ECE on these same logits rises."""
+    z = torch.zeros(20, 2, dtype=torch.float64)
+    z[:18, 0] = 2.2
+    z[18:, 1] = 8.0
+    return z, torch.zeros(20, dtype=torch.long)
+
+
+def test_calibrate_temperature_keeps_t_1_when_the_fit_raises_the_ece() -> None:
+    # Issue 13, defect 10: the fitted T was kept even though it made the ECE worse.
+    z, y = _confident_mistakes()
+    fitted = fit_temperature(z, y)
+    ece_1 = expected_calibration_error(softmax(z.numpy()), y.numpy())
+    ece_fit = expected_calibration_error(softmax(z.numpy(), fitted), y.numpy())
+    assert fitted > 2 and ece_fit > ece_1 + 0.1  # the premise: the NLL fit hurts the ECE
+
+    c = calibrate_temperature(z, y)
+    assert c.temperature == 1.0 and not c.kept
+    assert c.fitted == pytest.approx(fitted)
+    assert c.ece_before == pytest.approx(ece_1) and c.ece_after == pytest.approx(ece_1)
+    assert c.ece_fitted == pytest.approx(ece_fit)
+    assert "would raise the ECE" in c.reason and "kept T = 1" in c.reason
+    assert c.to_dict()["kept"] is False
+
+
+def test_calibrate_temperature_keeps_a_fit_that_helps() -> None:
+    z, labels = _calibrated_sample(4000)
+    c = calibrate_temperature(torch.tensor(z * 3.0), torch.tensor(labels))
+    assert c.kept and c.temperature == c.fitted == pytest.approx(3.0, rel=0.1)
+    assert c.ece_after == c.ece_fitted < c.ece_before - 0.05
+    assert "lowers the ECE" in c.reason
+    flat = calibrate_temperature(torch.zeros(4, 3), torch.tensor([0, 1, 2, 1]))
+    assert flat.temperature == 1.0 and not flat.kept and "no temperature" in flat.reason

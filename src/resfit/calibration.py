@@ -2,6 +2,9 @@
 
 - ``fit_temperature``: temperature scaling (Guo et al. 2017), one scalar T fitted on held-out
   logits by minimising the negative log-likelihood; predictions (the argmax) do not change.
+- ``calibrate_temperature``: that fit, kept only when it lowers the ECE on the logits it was
+  fitted on (the NLL optimum can raise it), with the figures and the reason as a
+  :class:`Calibration`.
 - ``expected_calibration_error``: the gap between confidence and accuracy, binned by confidence.
 - ``reliability_diagram``: the picture of that gap.
 - ``bootstrap_accuracy_ci``: a percentile-bootstrap interval for accuracy on a finite test set.
@@ -12,6 +15,7 @@ Only torch, numpy and matplotlib (without pyplot, so no global backend is touche
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +26,9 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 __all__ = [
+    "Calibration",
     "bootstrap_accuracy_ci",
+    "calibrate_temperature",
     "calibration_bins",
     "expected_calibration_error",
     "fit_temperature",
@@ -93,6 +99,66 @@ def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 100) -> floa
     if not math.isfinite(t) or not math.isfinite(nll_t) or not nll_t < nll_at_1 - 1e-9:
         return 1.0
     return t
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The outcome of :func:`calibrate_temperature`.
+
+    ``temperature`` is the one to use: the fitted one (``fitted``) when ``kept``, else 1.0.
+    ``ece_before`` is the ECE at T = 1, ``ece_fitted`` at the fitted T, ``ece_after`` at
+    ``temperature``; ``reason`` says in one sentence what was chosen and why.
+    """
+
+    temperature: float
+    fitted: float
+    ece_before: float
+    ece_fitted: float
+    ece_after: float
+    kept: bool
+    reason: str
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def calibrate_temperature(logits: Tensor, labels: Tensor, n_bins: int = 15) -> Calibration:
+    """Fit a temperature on held-out ``logits`` and keep it only if it lowers their ECE.
+
+    The fit minimises the NLL, and the NLL optimum need not lower the ECE: on a small or
+    lopsided validation set a few confident mistakes pull T up until every right answer looks
+    unsure (measured: hold-out ants/bees, ECE 0.079 at T = 1 and 0.104 at the fitted T). Then
+    T = 1 is kept, and ``reason`` says so.
+    """
+    fitted = fit_temperature(logits, labels)
+    z = torch.as_tensor(logits).detach().to("cpu", torch.float64).numpy()
+    y = torch.as_tensor(labels).detach().to("cpu", torch.long).reshape(-1).numpy()
+    if not np.isfinite(z).all():  # fit_temperature gave 1.0; the ECE is undefined
+        nan = float("nan")
+        return Calibration(1.0, 1.0, nan, nan, nan, False, "non-finite logits: T = 1")
+    ece_before = expected_calibration_error(softmax(z), y, n_bins)
+    ece_fitted = expected_calibration_error(softmax(z, fitted), y, n_bins)
+    if fitted == 1.0:
+        reason = "no temperature fits better than T = 1 (the NLL does not fall): T = 1"
+        kept = False
+    elif ece_fitted < ece_before:
+        reason = f"T = {fitted:.3f} lowers the ECE from {ece_before:.4f} to {ece_fitted:.4f}"
+        kept = True
+    else:
+        reason = (
+            f"the fitted T = {fitted:.3f} would raise the ECE from {ece_before:.4f} to "
+            f"{ece_fitted:.4f} on the images it was fitted on: kept T = 1"
+        )
+        kept = False
+    return Calibration(
+        temperature=fitted if kept else 1.0,
+        fitted=fitted,
+        ece_before=ece_before,
+        ece_fitted=ece_fitted,
+        ece_after=ece_fitted if kept else ece_before,
+        kept=kept,
+        reason=reason,
+    )
 
 
 def _check_probs(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
