@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -115,3 +117,21 @@ def test_real_leak_in_flowers5(flowers_root: Path) -> None:
     splits = {s: sorted((flowers_root / s / "daisy").glob("*.jpg")) for s in ("train", "val")}
     pairs = {(d.path_a.name, d.path_b.name) for d in find_duplicates(splits)}
     assert ("10466290366_cc72e33532.jpg", "10994032453_ac7f8d9e2e.jpg") in pairs
+
+
+def test_odd_file_names_are_logged_readably(tmp_path: Path, capsys) -> None:
+    # Issue 13, defect 1: a name that is not UTF-8 broke a strict UTF-8 log (a run's train.log).
+    odd = tmp_path / os.fsdecode(b"caf\xe9.jpg")
+    odd.write_bytes(b"not a picture")
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "ok.png")
+    handler = logging.FileHandler(tmp_path / "train.log", encoding="utf-8")
+    logging.getLogger("resfit").addHandler(handler)
+    try:
+        found = find_duplicates({"train": [odd], "val": [tmp_path / "ok.png"]})
+    finally:
+        logging.getLogger("resfit").removeHandler(handler)
+        handler.close()
+    assert found == []
+    assert "cannot decode" in (tmp_path / "train.log").read_text(encoding="utf-8")
+    assert "caf\\xe9.jpg" in (tmp_path / "train.log").read_text(encoding="utf-8")
+    assert "Logging error" not in capsys.readouterr().err

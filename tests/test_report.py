@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import subprocess
 import time
 from html.parser import HTMLParser
@@ -354,3 +355,76 @@ def test_real_report_renders_in_chromium(flowers_root: Path, tmp_path: Path) -> 
     dom = _parse(r.stdout)
     assert set(SECTION_IDS) <= set(dom.ids)
     assert built < 60, f"building the real report took {built:.0f}s"
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 13: absent splits (defect 14), odd file names (defect 1), a temperature kept only when
+# it helps (defect 10)
+
+
+def _small(tmp_path: Path, **kw) -> ReportData:
+    rng = np.random.default_rng(2)
+    y = np.repeat([0, 1], 20)
+    logits = rng.normal(0, 1, (40, 2)) + 1.5 * np.eye(2)[y]
+    return ReportData("run", ["ants", "bees"], y, logits, temperature=1.3, **kw)
+
+
+def _warnings(text: str) -> list[str]:
+    return [w.split("</p>")[0] for w in text.split('<p class="warn">&#9888; ')[1:]]
+
+
+def test_no_test_split_gives_no_missing_class_warning(tmp_path: Path) -> None:
+    counts = {
+        "train": {"ants": 100, "bees": 90},
+        "val": {"ants": 20, "bees": 20},
+        "test": {"ants": 0, "bees": 0},  # what DataSplits.counts() gives with no test split
+    }
+    text = write_report(
+        tmp_path / "a.html", _small(tmp_path, data_summary={"counts": counts})
+    ).read_text(encoding="utf-8")
+    assert not [w for w in _warnings(text) if "no images for" in w]
+    assert "<th>test</th>" not in text and "<th>val</th>" in text  # no column for it either
+
+    counts["test"] = {"ants": 5, "bees": 0}  # a test split that lacks a class is worth a word
+    text = write_report(
+        tmp_path / "b.html", _small(tmp_path, data_summary={"counts": counts})
+    ).read_text(encoding="utf-8")
+    assert [w for w in _warnings(text) if "no images for" in w] == ["test: no images for bees"] * 2
+
+
+def test_odd_file_names_are_shown_not_fatal(tmp_path: Path) -> None:
+    odd = os.fsdecode(b"caf\xe9.png")  # not UTF-8: Python holds it as 'caf\udce9.png'
+    folder = tmp_path / os.fsdecode(b"d\xe9j\xe0")
+    folder.mkdir()
+    data = _small(tmp_path)
+    y_pred = data.logits.argmax(1)
+    paths = []
+    for i in range(len(data.y_true)):
+        p = folder / (odd if i == int(np.flatnonzero(y_pred != data.y_true)[0]) else f"{i}.png")
+        Image.new("RGB", (32, 32), (10 * i, 0, 0)).save(p)
+        paths.append(str(p))
+    data.paths = paths
+    data.class_names = ["ants", os.fsdecode(b"abeill\xe9s")]
+    data.title = f"resnet on {folder.name}"
+    data.config = {"data": str(folder), "out": str(tmp_path / "run")}
+    data.data_summary = {
+        "skipped": [(str(folder / odd), "cannot identify image file")],
+        "duplicates": [Duplicate("train", folder / odd, "val", Path("v.png"), "exact", 0)],
+    }
+    out = write_report(tmp_path / "r.html", data)
+    text = out.read_bytes().decode("utf-8")  # valid UTF-8
+    assert "\udce9" not in text and "caf\\xe9.png" in text and "abeill\\xe9s" in text
+    assert text.count("d\\xe9j\\xe0") >= 4  # title, config, skipped file, duplicate
+    assert len(_parse(text).images["errors"]) >= 1  # the odd file still has its thumbnail
+
+
+def test_report_keeps_t_1_when_fitting_here_would_raise_the_ece(tmp_path: Path) -> None:
+    logits = np.zeros((20, 2))
+    logits[:16, 0], logits[16:, 1] = 2.2, 2.2  # right at 90 %
+    logits[18:, 1] = 8.0  # two confident mistakes pull the NLL fit to T ~ 3.8
+    y = np.array([0] * 16 + [1] * 2 + [0] * 2)
+    text = write_report(
+        tmp_path / "c.html", ReportData("run", ["ants", "bees"], y, logits)
+    ).read_text(encoding="utf-8")
+    assert "Temperature 1.000: the fitted T = 3.8" in text and "kept T = 1" in text
+    assert "after (T = 1.000)" in text

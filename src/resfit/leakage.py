@@ -28,6 +28,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps
 
+from .data import display_path
+
 log = logging.getLogger("resfit")
 
 __all__ = [
@@ -117,7 +119,9 @@ def hash_image(path: str | os.PathLike) -> ImageHash:
     try:
         ph: int | None = phash(_open_small(data))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        log.warning("cannot decode %s (%s): only exact copies of it will be found", path, e)
+        log.warning(
+            "cannot decode %s (%s): only exact copies of it will be found", display_path(path), e
+        )
         ph = None
     return ImageHash(path, digest, ph)
 
@@ -126,7 +130,7 @@ def _safe_hash(path: Path) -> ImageHash | None:
     try:
         return hash_image(path)
     except OSError as e:
-        log.warning("cannot read %s (%s): left out of the duplicate scan", path, e)
+        log.warning("cannot read %s (%s): left out of the duplicate scan", display_path(path), e)
         return None
 
 

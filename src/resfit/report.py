@@ -4,7 +4,9 @@ how sure it is.
 ``write_report(path, ReportData(...))`` writes a single ``report.html``: inline CSS, every
 figure and thumbnail embedded as a base64 data URI, no script, no external address (a
 Content-Security-Policy forbids fetching anything), so it opens offline, can be mailed and
-archived. Every user-provided string (class names, paths, config values) is HTML-escaped.
+archived. Every user-provided string (class names, paths, config values) is HTML-escaped, and
+file-name bytes that are not UTF-8 are shown as ``\\xNN`` escapes (``data.display_text``), so
+one odd file name cannot lose the report.
 
 Sections (each an element with a stable id, see ``SECTION_IDS``): summary, loss/accuracy
 curves, per-class metrics, confusion matrix, accuracy with a bootstrap interval, the most
@@ -35,12 +37,14 @@ from sklearn.metrics import (
 )
 
 from .calibration import (
+    Calibration,
     bootstrap_accuracy_ci,
+    calibrate_temperature,
     expected_calibration_error,
-    fit_temperature,
     reliability_diagram,
     softmax,
 )
+from .data import display_text
 
 __all__ = ["IMBALANCE_RATIO", "SECTION_IDS", "TOP_WRONG", "ReportData", "write_report"]
 
@@ -71,10 +75,14 @@ class ReportData:
     - ``history``: one dict per epoch with keys ``epoch``, ``train_loss``, ``train_acc``,
       ``val_loss``, ``val_acc`` (missing or None values are skipped); empty for eval-only.
     - ``temperature``: T fitted on the *validation* set (``calibration.fit_temperature``);
-      None: the report fits it on these logits and says that this is optimistic.
+      None: the report fits it on these logits (``calibration.calibrate_temperature``, so
+      T = 1 when the fit would raise the ECE) and says that this is optimistic.
+    - ``calibration``: the validation set's :class:`~resfit.calibration.Calibration`; when
+      given, its ``temperature`` is used and its ``reason`` shown (whether T was kept).
     - ``data_summary``: ``{"counts": {split: {class: n}}, "skipped": [{"path", "reason"}] or
       [(path, reason)], "duplicates": [leakage.Duplicate or its to_dict()], "notes": [str]}``;
-      every key optional.
+      every key optional. A split whose counts are all 0 (no test split, say) is absent: no
+      column, no warning.
     - ``explain(path, class_idx)``: a Grad-CAM overlay of that image for that class
       (``explain.grad_cam`` + ``explain.overlay_cam``), or None for no overlays.
     - ``split``: which split ``y_true``/``logits`` come from, as shown to the reader.
@@ -91,6 +99,7 @@ class ReportData:
     data_summary: Mapping = field(default_factory=dict)
     explain: Callable[[str, int], Image.Image] | None = None
     split: str = "validation"
+    calibration: Calibration | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +107,7 @@ class ReportData:
 
 
 def _e(value: object) -> str:
-    return html.escape(str(value), quote=True)
+    return html.escape(display_text(str(value)), quote=True)
 
 
 def _pct(x: float) -> str:
@@ -163,6 +172,7 @@ class _Metrics:
     probs: np.ndarray  # temperature-scaled
     temperature: float
     temperature_fitted_here: bool
+    calibration_note: str  # why this temperature: kept, or T = 1 and why
     accuracy: float
     ci: tuple[float, float]
     balanced_accuracy: float
@@ -183,13 +193,13 @@ def _compute(data: ReportData) -> _Metrics:
     if len(y_true) and (y_true.min() < 0 or y_true.max() >= k):
         raise ValueError(f"labels must lie in [0, {k - 1}]")
     y_pred = logits.argmax(axis=1) if len(y_true) else np.zeros(0, np.int64)
-    fitted_here = data.temperature is None
+    calib = data.calibration
+    fitted_here = calib is None and data.temperature is None
     if fitted_here:
         import torch  # only needed for the fit
 
-        t = fit_temperature(torch.from_numpy(logits), torch.from_numpy(y_true))
-    else:
-        t = float(data.temperature)
+        calib = calibrate_temperature(torch.from_numpy(logits), torch.from_numpy(y_true))
+    t = float(calib.temperature) if calib is not None else float(data.temperature)
     probs_raw, probs = softmax(logits), softmax(logits, t)
     present = np.unique(y_true)
     _, _, f1, _ = precision_recall_fscore_support(
@@ -202,6 +212,7 @@ def _compute(data: ReportData) -> _Metrics:
         probs=probs,
         temperature=t,
         temperature_fitted_here=fitted_here,
+        calibration_note=calib.reason if calib is not None else "",
         accuracy=float((y_true == y_pred).mean()) if len(y_true) else float("nan"),
         ci=bootstrap_accuracy_ci(y_true, y_pred),
         # Mean recall over the classes that occur (sklearn warns on absent ones).
@@ -214,12 +225,16 @@ def _compute(data: ReportData) -> _Metrics:
     )
 
 
+def _present_counts(summary: Mapping) -> dict[str, Mapping]:
+    """The splits that have images: a split with none (no test split) does not exist."""
+    counts = summary.get("counts") or {}
+    return {sp: c for sp, c in counts.items() if sum(int(v) for v in c.values()) > 0}
+
+
 def _counts_warnings(summary: Mapping) -> list[str]:
     warnings = []
-    for split, counts in (summary.get("counts") or {}).items():
+    for split, counts in _present_counts(summary).items():
         values = [int(v) for v in counts.values()]
-        if not values:
-            continue
         empty = [c for c, v in counts.items() if int(v) == 0]
         if empty:
             warnings.append(f"{split}: no images for {', '.join(map(str, empty))}")
@@ -383,7 +398,7 @@ def _confusion_section(data: ReportData, m: _Metrics) -> str:
     ax = fig.add_subplot()
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    labels = [str(c) for c in data.class_names]
+    labels = [display_text(str(c)) for c in data.class_names]
     ax.set_xticks(range(k), labels, rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center")
     ax.set_yticks(range(k), labels)
     ax.set_xlabel("predicted")
@@ -508,8 +523,10 @@ def _calibration_section(data: ReportData, m: _Metrics) -> str:
         if m.temperature < 0.9
         else "about right"
     )
-    text = (
-        f"<p>Temperature {m.temperature:.3f}, {_e(where)}: the raw model was {mood}. "
+    text = f"<p>Temperature {m.temperature:.3f}, {_e(where)}: the raw model was {mood}. "
+    if m.calibration_note:  # the note says whether the fitted T was kept, and why
+        text = f"<p>Temperature {m.temperature:.3f}: {_e(m.calibration_note)} ({_e(where)}). "
+    text += (
         "ECE: the average gap between the confidence the model states and how often it is "
         "right (0 is perfect). Scaling by T never changes a prediction, only how sure it is.</p>"
     )
@@ -527,7 +544,7 @@ def _data_section(data: ReportData) -> str:
     parts = [
         f"<p>Classes ({len(data.class_names)}): {', '.join(_e(c) for c in data.class_names)}</p>"
     ]
-    counts = s.get("counts") or {}
+    counts = _present_counts(s)
     if counts:
         splits = list(counts)
         classes = list(
@@ -678,6 +695,7 @@ def write_report(path: str | os.PathLike, data: ReportData) -> Path:
 </html>
 """
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(doc, encoding="utf-8")
+    # Every user string went through _e; the error handler is the last guard for the report.
+    tmp.write_text(doc, encoding="utf-8", errors="backslashreplace")
     os.replace(tmp, out)  # never leave a half-written report behind
     return out
