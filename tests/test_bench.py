@@ -66,6 +66,32 @@ def test_train_step_starts_from_the_same_weights_and_batch() -> None:
     assert report.info["resfit auto precision"] == auto
 
 
+def test_train_step_times_the_step_training_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # resfit's row must time TrainStep itself, not a copy of it that could drift from it.
+    from resfit.training.step import TrainStep
+
+    calls: list[tuple[str, bool, bool]] = []
+    real = TrainStep.__call__
+
+    def spy(self, net, x, y):
+        calls.append((self.precision, self.channels_last, net.training))
+        return real(self, net, x, y)
+
+    monkeypatch.setattr(TrainStep, "__call__", spy)
+    report = benchmark.bench_train_step(
+        "resnet20_cifar", batch=4, num_classes=5, repeats=2, bf16=False, device="cpu"
+    )
+    auto = runtime.pick_precision(runtime.pick_device("cpu"))
+    assert [r.name for r in report.rows] == [
+        "naive fp32 NCHW (baseline)",
+        f"resfit {auto} channels-last",
+    ]
+    # The warm-up step and two timed rounds, all through TrainStep, in train mode.
+    assert calls == [(auto, True, True)] * 3
+    naive, ours = report.rows
+    assert naive.first_loss == pytest.approx(ours.first_loss, rel=1e-4 if auto == "fp32" else 2e-2)
+
+
 def test_pipeline_counts_every_image(tmp_path: Path) -> None:
     data = make_colour_folder(tmp_path / "data", per_class=6, size=40)
     report = benchmark.bench_pipeline(

@@ -8,8 +8,9 @@ the same input, and each against this machine's GEMM roof measured in the same r
   ``torch.compile``, ONNX Runtime fp32 and static int8), with each engine's top-1 agreement
   with the baseline on the input.
 - :func:`bench_train_step`: one SGD step of the naive loop (torchvision model, fp32, NCHW)
-  against resfit's step (its optimizer groups, channels-last, autocast where it pays,
-  optionally compiled), from the same weights on the same batch.
+  against :class:`~resfit.training.step.TrainStep`, the step ``train()`` runs (its optimizer
+  groups, channels-last, autocast where it pays, optionally compiled), from the same weights
+  on the same batch.
 - :func:`bench_pipeline`: decode + augment images/s of torchvision's ImageFolder/DataLoader
   (decodes every JPEG every epoch) against resfit's decode-once images and per-epoch
   augmentation, set against the images/s the training step consumes.
@@ -37,10 +38,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import runtime
-from .augmentation import AugmentConfig, base_size_for, eval_transform, train_transform
+from .augmentation import base_size_for, eval_transform, train_transform
+from .config import AugmentConfig, TrainConfig
 from .data import TransformedImages, decode_all, discover, iter_batches
 from .models import get_spec
-from .training import TrainConfig, make_optimizer, param_groups, soft_cross_entropy
+from .tasks import SingleLabel
+from .training.step import TrainStep, make_optimizer, param_groups
 from .weights import IMAGENET_MEAN, IMAGENET_STD, create_model
 
 log = logging.getLogger("resfit")
@@ -418,10 +421,12 @@ def bench_train_step(
     """A training step (forward, loss, backward, SGD update), naive loop against resfit's.
 
     Naive: torchvision's model in train mode, fp32 NCHW, ``torch.optim.SGD`` over every
-    parameter, ``F.cross_entropy``. resfit: its model, optimizer groups (no weight decay on
-    norms and biases), channels-last, autocast at the precision ``auto`` picks here (and bf16
-    for comparison), the loss ``train()`` uses. Same initial weights and batch, no label
-    smoothing on either side, so the first-step losses must agree (they are reported).
+    parameter, ``F.cross_entropy``: the loop users write, kept naive on purpose (it is the
+    baseline). resfit: :class:`~resfit.training.step.TrainStep`, the very step ``train()``
+    runs (channels-last, autocast at the precision ``auto`` picks here, and bf16 for
+    comparison, the task's loss), with resfit's optimizer and its groups (no weight decay on
+    norms and biases). Same initial weights and batch, same lr, momentum and weight decay, no
+    label smoothing on either side, so the first-step losses must agree (they are reported).
     Each step ends in ``loss.item()``, which also waits for a GPU to finish.
     """
     device = runtime.pick_device(device)
@@ -441,10 +446,11 @@ def bench_train_step(
         roof,
         info={"GFLOP per image (fwd+bwd)": round(gflop, 2), "resfit auto precision": auto},
     )
+    lr, weight_decay = 0.01, 5e-4  # both sides
 
     def naive():
         model = copy.deepcopy(base_model).train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
 
         def step() -> float:
             loss = F.cross_entropy(model(x), y)
@@ -458,21 +464,15 @@ def bench_train_step(
     def resfit_step(precision: str, compiled: bool = False):
         def build():
             model = copy.deepcopy(ours).train().to(memory_format=torch.channels_last)
-            cfg = TrainConfig()
-            opt = make_optimizer(cfg, param_groups(model, 5e-4), 0.01)
-            fwd = torch.compile(model) if compiled else model
-            xc = x.contiguous(memory_format=torch.channels_last)
-
-            def step() -> float:
-                with runtime.autocast(device, precision):
-                    logits = fwd(xc)
-                loss = soft_cross_entropy(logits.float(), y, 0.0)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                return loss.item()
-
-            return step
+            groups = param_groups(model, weight_decay)
+            opt = make_optimizer(TrainConfig().optim, groups, lr)  # resfit's SGD (Nesterov)
+            # fp16 gets the loss scaling training adds (its GradScaling callback).
+            scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+            # No label smoothing: the first-step loss must equal the naive side's.
+            loss_fn = SingleLabel(label_smoothing=0.0).loss
+            step = TrainStep(opt, loss_fn, device, precision, scaler=scaler)
+            net = torch.compile(model) if compiled else model
+            return lambda: step(net, x, y)[1].item()
 
         return build
 
