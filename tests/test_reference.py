@@ -15,6 +15,10 @@ from resfit.training import TrainConfig, train
 from .reference.make_reference import REFERENCE, SCENARIOS, run_scenario
 
 
+def _one_thread_config(**options) -> TrainConfig:
+    return TrainConfig.from_options(threads=1, **options)
+
+
 @pytest.fixture(scope="module")
 def reference() -> dict:
     return json.loads(REFERENCE.read_text())
@@ -27,7 +31,7 @@ def test_fp32_run_matches_the_pre_redesign_reference(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the reference was made: the same reductions on every machine
     try:
-        got = run_scenario(name, tmp_path, train, TrainConfig.from_options, AugmentConfig)
+        got = run_scenario(name, tmp_path, train, _one_thread_config, AugmentConfig)
     finally:
         torch.set_num_threads(threads)
     want = reference[name]

@@ -13,7 +13,10 @@ import pytest
 import torch
 
 from resfit import transfer
+from resfit.config import TransferConfig
+from resfit.errors import ConfigError
 from resfit.training import TrainConfig, train
+from resfit.training.lr_find import lr_find, suggest_lr
 from resfit.weights import create_model
 
 from .conftest import CIFAR_CKPTS
@@ -47,7 +50,7 @@ def test_cache_gives_the_same_weights_as_no_cache_without_augmentation(
     # fp32: under bf16 autocast a partly frozen run drifts (layer3 BN up to 5 %, README).
     for cache in ("off", "memory", "disk"):
         out = tmp_path / cache
-        train(TrainConfig(data=str(colours), out=str(out), epochs=3, freeze=freeze, augment="none",
+        train(TrainConfig.from_options(data=str(colours), out=str(out), epochs=3, freeze=freeze, augment="none",
                           weights=str(init_weights), cache=cache, cache_dtype="fp32", lr=0.05,
                           precision="fp32", **FAST))  # fmt: skip
         states[cache] = _last_state(out)
@@ -97,9 +100,9 @@ def test_disk_cache_is_reused_and_a_stale_one_replaced(
     from resfit.data import decode_all, discover
     from resfit.training import build_transforms, resolve
 
-    cfg = TrainConfig(data=str(colours), out=str(tmp_path), weights=str(init_weights),
+    cfg = TrainConfig.from_options(data=str(colours), out=str(tmp_path), weights=str(init_weights),
                       augment="none", cache="disk", **FAST)  # fmt: skip
-    splits = discover(cfg.data, seed=0)
+    splits = discover(cfg.data.path, seed=0)
     cfg, model = resolve(cfg, splits)
     tr, va = (decode_all(s, base_size_for(16), progress=False) for s in (splits.train, splits.val))
     tr_tf, ev_tf = build_transforms(cfg)
@@ -127,7 +130,7 @@ def test_random_augmentation_caches_k_views_and_says_what_it_trades(
     colours: Path, init_weights: Path, tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
-    train(TrainConfig(data=str(colours), out=str(run), epochs=4, freeze="layer2", augment="light",
+    train(TrainConfig.from_options(data=str(colours), out=str(run), epochs=4, freeze="layer2", augment="light",
                       cache_views=2, cache_dtype="fp16", weights=str(init_weights), **FAST))  # fmt: skip
     text = (run / "train.log").read_text()
     assert "layer2 output of 48 train x 2 view(s)" in text and "fp16" in text
@@ -140,9 +143,9 @@ def test_random_augmentation_caches_k_views_and_says_what_it_trades(
     from resfit.augmentation import base_size_for
     from resfit.data import decode_all, discover
 
-    cfg = TrainConfig(data=str(colours), out=str(tmp_path / "x"), augment="light",
+    cfg = TrainConfig.from_options(data=str(colours), out=str(tmp_path / "x"), augment="light",
                       cache_views=3, **FAST)  # fmt: skip
-    splits = discover(cfg.data, seed=0)
+    splits = discover(cfg.data.path, seed=0)
     from resfit.training import build_transforms, resolve
 
     cfg, model = resolve(cfg, splits)
@@ -157,28 +160,22 @@ def test_random_augmentation_caches_k_views_and_says_what_it_trades(
                                   torch.device("cpu"), "fp32", tmp_path) is None  # fmt: skip
     assert transfer.prepare_cache(cfg, model, "layer1", 9, tr, tr, tr_tf, ev_tf, True, 1,
                                   torch.device("cpu"), "fp32", tmp_path) is None  # fmt: skip
-    cfg.cache = "memory"
-    with pytest.raises(ValueError, match="MixUp"):
+    cfg = cfg.replace(cache="memory")
+    with pytest.raises(ConfigError, match="MixUp"):
         transfer.prepare_cache(cfg, model, "layer1", 9, tr, tr, tr_tf, ev_tf, True, 1,
                                torch.device("cpu"), "fp32", tmp_path)  # fmt: skip
 
 
 def test_finetune_schedule_and_discriminative_rates() -> None:
     stages = ("stem", "layer1", "layer2", "layer3", "layer4")
-    cfg = TrainConfig(recipe="finetune", epochs=6, head_epochs=2)
-    assert transfer.freeze_schedule(cfg, stages) == ["backbone"] * 2 + ["none"] * 4
-    cfg.unfreeze, cfg.freeze = "gradual", "layer1"
-    assert transfer.freeze_schedule(cfg, stages) == [
+    t = TransferConfig(recipe="finetune", head_epochs=2)
+    assert transfer.freeze_schedule(t, 6, stages) == ["backbone"] * 2 + ["none"] * 4
+    t = TransferConfig(recipe="finetune", head_epochs=2, unfreeze="gradual", freeze="layer1")
+    assert transfer.freeze_schedule(t, 6, stages) == [
         "backbone", "backbone", "layer3", "layer2", "layer1", "layer1"
     ]  # fmt: skip
-    assert (
-        transfer.freeze_schedule(TrainConfig(epochs=3, freeze="layer2"), stages) == ["layer2"] * 3
-    )
-    assert transfer.lr_phase(TrainConfig(recipe="finetune", epochs=6, head_epochs=2), 3) == (
-        2,
-        4,
-        0.5,
-    )
+    assert transfer.freeze_schedule(TransferConfig(freeze="layer2"), 3, stages) == ["layer2"] * 3
+    assert transfer.lr_phase(TransferConfig(recipe="finetune", head_epochs=2), 6, 3) == (2, 4, 0.5)
     m = transfer.stage_lr_multipliers(stages, 0.1)
     assert m["head"] == 1 and m["stem"] == pytest.approx(0.1)
     assert m["stem"] < m["layer1"] < m["layer2"] < m["layer3"] < m["layer4"] < m["head"]
@@ -222,8 +219,8 @@ def test_finetune_recipe_and_frozen_backbone_through_the_cli(
 
 
 def test_lr_find_sweeps_plots_and_suggests(colours: Path, tmp_path: Path) -> None:
-    cfg = TrainConfig(data=str(colours), optimizer="sgd", augment="none", **FAST)
-    res = transfer.lr_find(cfg, steps=30, start_lr=1e-5, end_lr=10, out=tmp_path)
+    cfg = TrainConfig.from_options(data=str(colours), optimizer="sgd", augment="none", **FAST)
+    res = lr_find(cfg, steps=30, start_lr=1e-5, end_lr=10, out=tmp_path)
     assert (tmp_path / "lr_find.png").stat().st_size > 5000
     assert len(res.lrs) >= 10 and res.lrs == sorted(res.lrs)
     assert 1e-5 <= res.suggestion <= res.lr_min <= 10
@@ -231,7 +228,7 @@ def test_lr_find_sweeps_plots_and_suggests(colours: Path, tmp_path: Path) -> Non
     i = res.lrs.index(res.suggestion)
     assert res.losses[i] < res.losses[0]
     lrs, losses = [1e-4, 1e-3, 1e-2, 1e-1, 1], [2.0, 1.9, 1.0, 0.9, 5.0]
-    assert transfer.suggest_lr(lrs, losses) == (1e-3, 1e-1)
+    assert suggest_lr(lrs, losses) == (1e-3, 1e-1)
 
 
 def test_lr_find_cli(colours: Path, tmp_path: Path) -> None:
@@ -255,15 +252,21 @@ def test_cifar_resnet56_transfer_beats_scratch_with_50_flowers_per_class(
             (data / split / cls.name).mkdir(parents=True)
             for f in sorted(cls.iterdir())[:n]:
                 (data / split / cls.name / f.name).symlink_to(f)
+    # fp32: `auto` picks bf16 on CPUs that have it, and the figures moved with the CPU kind
+    # (+20.7 points on a Zen 4, +14.7 on an AMX Xeon). Measured in fp32 over seeds 0-2 (Zen 4,
+    # 2026-11-29): transfer 57.3 / 61.3 / 58.0 %, scratch 40.0 / 32.7 / 42.7 %, a gap of
+    # +17.3 / +28.7 / +15.3 points (mean 20.4, sd 7.2). The bar sits two sd below the mean gap.
     common = dict(arch="resnet56_cifar", img_size=32, epochs=6, batch_size=32, augment="none",
-                  progress=False, report=False, leakage="off")  # fmt: skip
+                  progress=False, report=False, leakage="off", precision="fp32")  # fmt: skip
     acc = {}
     for name, kw in [("transfer", dict(weights=str(ckpt), recipe="finetune", lr=0.1)),
                      ("scratch", {})]:  # fmt: skip
-        r = train(TrainConfig(data=str(data), out=str(tmp_path / name), **common, **kw))
+        r = train(
+            TrainConfig.from_options(data=str(data), out=str(tmp_path / name), **common, **kw)
+        )
         acc[name] = r.best_val_accuracy
         print(f"{name}: best val accuracy {acc[name]:.4f}")
-    assert acc["transfer"] >= acc["scratch"] + 0.20, acc
+    assert acc["transfer"] >= acc["scratch"] + 0.06, acc
 
 
 def test_resume_with_a_disk_cache_reuses_it_and_matches_an_uninterrupted_run(
@@ -271,7 +274,7 @@ def test_resume_with_a_disk_cache_reuses_it_and_matches_an_uninterrupted_run(
 ) -> None:
     common = dict(data=str(colours), freeze="layer1", augment="none", weights=str(init_weights),
                   cache="disk", cache_dtype="fp32", epochs=3, **FAST)  # fmt: skip
-    train(TrainConfig(out=str(tmp_path / "whole"), **common))
+    train(TrainConfig.from_options(out=str(tmp_path / "whole"), **common))
     run = tmp_path / "stopped"
     real, calls = transfer.FeatureCache.train_set, []
 
@@ -283,9 +286,9 @@ def test_resume_with_a_disk_cache_reuses_it_and_matches_an_uninterrupted_run(
 
     monkeypatch.setattr(transfer.FeatureCache, "train_set", stop_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(out=str(run), **common))
+        train(TrainConfig.from_options(out=str(run), **common))
     monkeypatch.undo()
-    train(TrainConfig(out=str(run)), resume=True)
+    train(out=str(run), resume=True)
     assert "feature cache: reusing" in (run / "train.log").read_text()
     whole, resumed = _last_state(tmp_path / "whole"), _last_state(run)
     for k, v in whole.items():

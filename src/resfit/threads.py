@@ -345,6 +345,11 @@ def configure(threads: int | None = None) -> int:
     return n
 
 
+def is_configured() -> bool:
+    """Whether :func:`configure` ran in this process (a forked child has not)."""
+    return _state is not None and _state.pid == os.getpid()
+
+
 def _apply(n: int, user_omp: bool) -> None:
     global _interop_done
     torch.set_num_threads(n)

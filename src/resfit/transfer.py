@@ -340,6 +340,128 @@ def compute_features(
     return store
 
 
+@dataclass(frozen=True)
+class _CachePlan:
+    """What a feature cache stores and where, decided before anything is computed."""
+
+    policy: str
+    stage: str
+    pooled: bool
+    views: int
+    dtype: str
+    where: str  # memory | disk
+    total_bytes: int
+    folder: Path
+    meta: dict
+
+
+def _refusal(
+    cfg: TrainConfig, policy: str, epochs_left: int, mixing: bool, world: int
+) -> str | None:
+    """Why no cache would be right here, or None."""
+    if cfg.transfer.train_bn:
+        return "--train-bn keeps BatchNorm of the frozen part training, so it is not fixed"
+    if world > 1:
+        return "not under torchrun (each rank would compute every image)"
+    if mixing:
+        return "MixUp/CutMix mix the input images, which mixing features would not match"
+    views = _views(cfg)
+    if cfg.transfer.cache == "auto" and views >= epochs_left:
+        return (
+            f"{views} view(s) per image cost as much as the {epochs_left} epoch(s) left at "
+            f"--freeze {policy}"
+        )
+    return None
+
+
+def _views(cfg: TrainConfig) -> int:
+    return cfg.transfer.cache_views if cfg.augment.resolved().preset != "none" else 1
+
+
+def _plan(
+    cfg: TrainConfig, model: nn.Module, policy: str, n_train: int, n_val: int, base_size: int,
+    device: torch.device, precision: str, run_dir: Path,
+) -> _CachePlan:  # fmt: skip
+    stage, pooled = cache_stage(model, policy)
+    with torch.inference_mode():  # the shape of one cached tensor, from a dummy batch
+        was = model.training
+        model.eval()
+        m = cfg.model
+        h = model.forward_to(
+            torch.zeros(1, m.in_chans, m.img_size, m.img_size, device=device), stage
+        )
+        model.train(was)
+    views = _views(cfg)
+    per = (h.shape[1] if pooled else h[0].numel()) * 4
+    budget = memory_budget()
+    dtype = cfg.transfer.cache_dtype
+    if dtype == "auto":
+        # fp16 halves the cache for a relative error of 5e-4; pooled features are small anyway.
+        dtype = "fp32" if pooled or per * (n_train * views + n_val) <= budget // 4 else "fp16"
+    total = int(per * (1 if dtype == "fp32" else 0.5) * (n_train * views + n_val))
+    mode = cfg.transfer.cache
+    where = mode if mode != "auto" else ("memory" if total <= budget else "disk")
+    meta = {
+        "arch": m.arch, "policy": policy, "stage": stage, "pooled": pooled,
+        "img_size": m.img_size, "base_size": base_size, "mean": list(cfg.pre.mean),
+        "std": list(cfg.pre.std), "in_chans": m.in_chans, "precision": precision, "dtype": dtype,
+    }  # fmt: skip
+    return _CachePlan(policy, stage, pooled, views, dtype, where, total, run_dir / "cache", meta)
+
+
+def _stored(
+    plan: _CachePlan, cfg: TrainConfig, model: nn.Module, kind: str, data: DecodedImages,
+    tf: Callable, n_views: int, aug: dict | None, device: torch.device, precision: str, show: bool,
+) -> Tensor:  # fmt: skip
+    """One store of the cache (train, val or bn): reused from disk when its key matches."""
+    meta = {**plan.meta, "kind": kind, "views": n_views, "augment": aug}
+    if aug is not None:
+        meta["seed"] = cfg.runtime.seed
+    key = cache_key(model, plan.policy, list(data.paths), meta)
+    path = None
+    if plan.where == "disk":
+        plan.folder.mkdir(parents=True, exist_ok=True)
+        path = plan.folder / f"{kind}-{plan.stage}-{key[:24]}.npy"
+        for old in plan.folder.glob(f"{kind}-*.npy"):
+            if old != path:  # another key: the weights, preprocessing or files changed
+                log.info("feature cache: removing stale %s", old.name)
+                old.unlink()
+        if path.exists():
+            log.info("feature cache: reusing %s", path)
+            return _open(path, plan.dtype)
+    return compute_features(
+        model, plan.stage, plan.pooled, data, tf, n_views, cfg.runtime.seed, plan.dtype, path,
+        device, precision, cfg.runtime.channels_last, max(cfg.optim.batch_size, 32),
+        f"caching {kind} {plan.stage}", show,
+    )  # fmt: skip
+
+
+def _log_plan(plan: _CachePlan, n_train: int, n_val: int, epochs_left: int) -> None:
+    log.info(
+        "feature cache: --freeze %s, %s output of %d train x %d view(s) + %d val images, "
+        "%s, %.0f MB in %s%s",
+        plan.policy, f"pooled {plan.stage}" if plan.pooled else plan.stage, n_train, plan.views,
+        n_val, plan.dtype, plan.total_bytes / 1e6, plan.where,
+        f" ({plan.folder})" if plan.where == "disk" else "",
+    )  # fmt: skip
+    if plan.views > 1:
+        log.info(
+            "feature cache trade-off: the frozen layers run %d times per image instead of %d "
+            "(%.1fx less work), but training sees only %d fixed augmented views of each image "
+            "instead of a new one every epoch: less regularisation on small data. Raise "
+            "--cache-views, or use --cache off for fresh augmentation every epoch.",
+            plan.views, epochs_left, epochs_left / plan.views, plan.views,
+        )  # fmt: skip
+
+
+def _trains_bn(model: nn.Module) -> bool:
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and p.requires_grad
+        for m in model.modules()
+        for p in m.parameters(recurse=False)
+    )
+
+
 def prepare_cache(
     cfg: TrainConfig,
     model: nn.Module,
@@ -361,100 +483,24 @@ def prepare_cache(
     mode = cfg.transfer.cache
     if mode == "off" or policy == "none":
         return None
-
-    def no(reason: str) -> None:
+    reason = _refusal(cfg, policy, epochs_left, mixing, world)
+    if reason is not None:
         if mode != "auto":
             raise ConfigError(f"--cache {mode}: {reason}")
         log.info("feature cache off: %s", reason)
-
-    if cfg.transfer.train_bn:
-        return no("--train-bn keeps BatchNorm of the frozen part training, so it is not fixed")
-    if world > 1:
-        return no("not under torchrun (each rank would compute every image)")
-    if mixing:
-        return no("MixUp/CutMix mix the input images, which mixing features would not match")
+        return None
+    plan = _plan(cfg, model, policy, len(train_data), len(val_data), train_data.base_size,
+                 device, precision, run_dir)  # fmt: skip
     random_aug = cfg.augment.resolved().preset != "none"
-    views = cfg.transfer.cache_views if random_aug else 1
-    if views < 1:
-        raise ConfigError("--cache-views must be at least 1")
-    if mode == "auto" and views >= epochs_left:
-        return no(
-            f"{views} view(s) per image cost as much as the {epochs_left} epoch(s) left at "
-            f"--freeze {policy}"
-        )
 
-    stage, pooled = cache_stage(model, policy)
-    train_bytes_per = val_bytes_per = 0
-    with torch.inference_mode():  # the shape of one cached tensor, from a dummy batch
-        was = model.training
-        model.eval()
-        x = torch.zeros(
-            1, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size, device=device
-        )
-        h = model.forward_to(x, stage)
-        model.train(was)
-    per = (h.shape[1] if pooled else h[0].numel()) * 4
-    fp32_bytes = per * (len(train_data) * views + len(val_data))
-    budget = memory_budget()
-    dtype = cfg.transfer.cache_dtype
-    if dtype == "auto":
-        # fp16 halves the cache for a relative error of 5e-4; pooled features are small anyway.
-        dtype = "fp32" if pooled or fp32_bytes <= budget // 4 else "fp16"
-    train_bytes_per = per * (1 if dtype == "fp32" else 0.5)
-    val_bytes_per = train_bytes_per
-    total = int(train_bytes_per * len(train_data) * views + val_bytes_per * len(val_data))
-    where = mode if mode != "auto" else ("memory" if total <= budget else "disk")
-
-    base_meta = {
-        "arch": cfg.model.arch,
-        "policy": policy,
-        "stage": stage,
-        "pooled": pooled,
-        "img_size": cfg.model.img_size,
-        "base_size": train_data.base_size,
-        "mean": list(cfg.pre.mean),
-        "std": list(cfg.pre.std),
-        "in_chans": cfg.model.in_chans,
-        "precision": precision,
-        "dtype": dtype,
-    }
-    folder = run_dir / "cache"
-    if where == "disk":
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def stored(
-        kind: str, data: DecodedImages, tf: Callable, n_views: int, aug: dict | None
-    ) -> Tensor:
-        meta = {**base_meta, "kind": kind, "views": n_views, "augment": aug}
-        if aug is not None:
-            meta["seed"] = cfg.runtime.seed
-        key = cache_key(model, policy, list(data.paths), meta)
-        path = None
-        if where == "disk":
-            path = folder / f"{kind}-{stage}-{key[:24]}.npy"
-            for old in folder.glob(f"{kind}-*.npy"):
-                if old != path:  # another key: the weights, preprocessing or files changed
-                    log.info("feature cache: removing stale %s", old.name)
-                    old.unlink()
-            if path.exists():
-                log.info("feature cache: reusing %s", path)
-                return _open(path, dtype)
-        return compute_features(
-            model, stage, pooled, data, tf, n_views, cfg.runtime.seed, dtype, path, device, precision,
-            cfg.runtime.channels_last, max(cfg.optim.batch_size, 32), f"caching {kind} {stage}", show,
-        )  # fmt: skip
+    def stored(kind, data, tf, n_views, aug):
+        return _stored(plan, cfg, model, kind, data, tf, n_views, aug, device, precision, show)
 
     aug_meta = cfg.augment.to_dict() if random_aug else None
-    train = stored("train", train_data, tr_tf if random_aug else ev_tf, views, aug_meta)
+    train = stored("train", train_data, tr_tf if random_aug else ev_tf, plan.views, aug_meta)
     val = stored("val", val_data, ev_tf, 1, None)
-    tail = Tail(model, stage)
     bn = None
-    trains_bn = any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) and p.requires_grad
-        for m in model.modules()
-        for p in m.parameters(recurse=False)
-    )
-    if random_aug and cfg.run.precise_bn and trains_bn and not pooled:
+    if random_aug and cfg.run.precise_bn and _trains_bn(model) and not plan.pooled:
         # Precise BN estimates statistics on eval-view images: cache those too (a subset).
         n = min(cfg.run.precise_bn, len(train_data))
         sub = DecodedImages(
@@ -462,20 +508,6 @@ def prepare_cache(
             train_data.base_size,
         )  # fmt: skip
         bn = stored("bn", sub, ev_tf, 1, None)
-    log.info(
-        "feature cache: --freeze %s, %s output of %d train x %d view(s) + %d val images, "
-        "%s, %.0f MB in %s%s",
-        policy, f"pooled {stage}" if pooled else stage, len(train_data), views, len(val_data),
-        dtype, total / 1e6, where, f" ({folder})" if where == "disk" else "",
-    )  # fmt: skip
-    if views > 1:
-        log.info(
-            "feature cache trade-off: the frozen layers run %d times per image instead of %d "
-            "(%.1fx less work), but training sees only %d fixed augmented views of each image "
-            "instead of a new one every epoch: less regularisation on small data. Raise "
-            "--cache-views, or use --cache off for fresh augmentation every epoch.",
-            views, epochs_left, epochs_left / views, views,
-        )  # fmt: skip
-    return FeatureCache(
-        stage, pooled, views, train, val, train_data.labels, val_data.labels, tail, bn
-    )
+    _log_plan(plan, len(train_data), len(val_data), epochs_left)
+    return FeatureCache(plan.stage, plan.pooled, plan.views, train, val, train_data.labels,
+                        val_data.labels, Tail(model, plan.stage), bn)  # fmt: skip

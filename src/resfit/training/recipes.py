@@ -72,6 +72,7 @@ def callbacks_for(
         cb.LRSchedule(cfg, loop.steps_per_epoch),
         cb.BestModel(loop.task.monitor),
         cb.Checkpoint(out / "checkpoints", resume, main),
+        cb.ShareCores(),
     ]
     if precision == "fp16":
         cbs.append(cb.GradScaling(loop.step.device))

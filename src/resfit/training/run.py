@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import runtime, transfer
+from .. import runtime, threads, transfer
 from ..atomic import atomic_save_safetensors, atomic_write_text
 from ..augmentation import (
     base_size_for,
@@ -69,6 +69,8 @@ def train(cfg: TrainConfig | None = None, *, resume: bool = False, **options: An
     ``progress`` ...) are applied, any other option given with a different value is refused.
     """
     cfg = _config_for(cfg, resume, options)
+    if cfg.runtime.threads is not None or not threads.is_configured():
+        threads.configure(cfg.runtime.threads)  # the CLI has done it already
     out = Path(cfg.run.out)
     dist_info = init_distributed(cfg.runtime.device)
     device = runtime.pick_device(cfg.runtime.device)
@@ -84,21 +86,28 @@ def train(cfg: TrainConfig | None = None, *, resume: bool = False, **options: An
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
 
+    if dist_info.main:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    with _FileLog(out / "train.log", dist_info.main):  # from here on, the log is in the run
+        return _prepare_and_run(cfg, device, precision, dist_info, resume)
+
+
+def _prepare_and_run(
+    cfg: TrainConfig, device: torch.device, precision: str, dist_info: Dist, resume: bool
+) -> TrainResult:
+    out, main = Path(cfg.run.out), dist_info.main
     splits = discover(cfg.data.path, val_fraction=cfg.data.val_fraction,
                       test_fraction=cfg.data.test_fraction, seed=cfg.runtime.seed)  # fmt: skip
     if resume and splits.classes != cfg.classes:
         raise TrainingError(f"--resume: the classes in {cfg.data.path} differ from those of {out}")
     cfg, model = resolve(cfg, splits)
-    main = dist_info.main
     duplicates = check_leakage(splits, cfg.data.leakage) if main or cfg.data.leakage == "remove" else []  # fmt: skip
     warn_imbalance(splits)
     if main:
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
         atomic_write_text(out / "classes.json", json.dumps(cfg.classes, indent=2))
         _write_splits(out / "splits.csv", splits)
-    with _FileLog(out / "train.log", main):
-        return _run(cfg, model, splits, device, precision, dist_info, resume, duplicates)
+    return _run(cfg, model, splits, device, precision, dist_info, resume, duplicates)
 
 
 def _config_for(cfg: TrainConfig | None, resume: bool, options: dict[str, Any]) -> TrainConfig:
@@ -137,6 +146,7 @@ def resolve(cfg: TrainConfig, splits: DataSplits) -> tuple[TrainConfig, nn.Modul
                          weights=m.weights, in_chans=m.in_chans, progress=cfg.run.progress)  # fmt: skip
     pre = dict(getattr(model, "pretrained_cfg", {}) or {})
     if m.weights:
+        pre.update(_known_file_preprocessing(Path(m.weights)) if not pre.get("categories") else {})
         pre.update(_run_preprocessing(Path(m.weights)))
         categories = list(pre.get("categories") or [])
         if categories == list(splits.classes):
@@ -147,6 +157,23 @@ def resolve(cfg: TrainConfig, splits: DataSplits) -> tuple[TrainConfig, nn.Modul
                      len(splits.classes), model.fc.out_features)  # fmt: skip
             model.reset_classifier(len(splits.classes))
     return cfg.resolve(splits.classes, pre, get_spec(m.arch).default_input_size), model
+
+
+def _known_file_preprocessing(weights: Path) -> dict:
+    """A local copy of registered weights (found by its sha256) carries the registry's
+    categories and preprocessing, as the registered name would."""
+    import hashlib
+
+    from ..weights import get_weights, list_weights
+
+    if not weights.is_file() or weights.stat().st_size > 1 << 30:
+        return {}
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    for name in list_weights():
+        spec = get_weights(name)
+        if spec.sha256 and digest.startswith(spec.sha256):
+            return {**spec.preprocessing(), "categories": list(spec.categories)}
+    return {}
 
 
 def _run_preprocessing(weights: Path) -> dict:
