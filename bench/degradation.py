@@ -4,7 +4,10 @@
 # shortcuts; the plain twins are the same layers without the shortcut addition) with ONE recipe:
 # SGD momentum 0.9, lr 0.1 (x batch/128), weight decay 5e-4 (the paper: 1e-4), batch 128,
 # random 32px crops from 4px zero padding + horizontal flips, lr / 10 at 50 % and 75 % of the
-# epochs (the paper's 32k and 48k of 64k iterations) or cosine. Per epoch it records the
+# epochs (the paper's 32k and 48k of 64k iterations) or cosine. Each step is resfit's
+# TrainStep (resfit.training.step, the step `resfit train` runs), over that recipe's optimizer
+# and with plain cross-entropy; the recipe itself is the paper's, not resfit's defaults (which
+# would mean label smoothing, no decay on BN and biases, Nesterov). Per epoch it records the
 # training error (running error on the augmented mini-batches, in train mode, as the paper's
 # dashed curves) and the test error (eval mode, the test set or a balanced subset of it), then
 # writes degradation.csv, degradation.json (machine, epochs, wall time) and degradation.png in
@@ -23,7 +26,9 @@
 #     python bench/degradation.py --device cpu --epochs 1 --train-subset 1280 --test-subset 500
 #
 # Last figures (NVIDIA H200, torch 2.11, 30 epochs, all 50k train / 10k test cifar10-jpg
-# images, step lr 0.1 -> /10 after 15 and 22.5 epochs, wd 5e-4, batch 128, seed 0; docs/):
+# images, step lr 0.1 -> /10 after 15 and 22.5 epochs, wd 5e-4, batch 128, seed 0; docs/),
+# printed by this file's own copy of the step before it used TrainStep (same recipe, same
+# arithmetic: forward under autocast, fp32 cross-entropy, backward, SGD update):
 #   arch        train err  test err   wall
 #   plain-20      13.19 %   16.12 %   120 s
 #   plain-56      31.36 %   30.58 %   300 s   <- deeper plain net: worse on the TRAINING set
@@ -35,7 +40,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import math
@@ -57,7 +61,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:  # run from a bare checkout (e.g. a GPU box) too
     sys.path.insert(0, str(ROOT / "src"))
 
+from resfit import runtime  # noqa: E402
+from resfit.config import OptimConfig  # noqa: E402
 from resfit.models import build_model, get_spec  # noqa: E402
+from resfit.tasks import SingleLabel  # noqa: E402
+from resfit.training.step import TrainStep, make_optimizer  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "assets" / "datasets" / "cifar10-jpg.zip"
 DEFAULT_ARCHS = ("plain20_cifar", "plain56_cifar", "resnet20_cifar", "resnet56_cifar")
@@ -146,11 +154,13 @@ def lr_at(epoch_frac: float, epochs: int, base: float, schedule: str, warmup: fl
     return base * (0.01 if t >= 0.75 else 0.1 if t >= 0.5 else 1.0)
 
 
-def evaluate(model: torch.nn.Module, x: Tensor, y: Tensor, norm, amp, bs: int = 1000) -> float:
+def evaluate(
+    model: torch.nn.Module, x: Tensor, y: Tensor, norm, precision: str, bs: int = 1000
+) -> float:
     """Top-1 error in % (eval mode: BN running statistics)."""
     model.eval()
     wrong = 0
-    with torch.no_grad(), amp():
+    with torch.no_grad(), runtime.autocast(x.device, precision):
         for i in range(0, len(x), bs):
             wrong += int((model(norm(x[i : i + bs])).argmax(1) != y[i : i + bs]).sum())
     model.train()
@@ -181,18 +191,15 @@ def train_arch(
     def norm(u: Tensor) -> Tensor:
         return ((u.float() / 255 - mean) / std).contiguous(memory_format=fmt)
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-
-    def amp():
-        if dtype is None or not cuda:
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=dtype)
-
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and args.amp == "fp16")
+    # Mixed precision on CUDA only (the CPU smoke run stays fp32, as the figures' runs did).
+    precision = args.amp if cuda and args.amp != "none" else "fp32"
     base_lr = args.lr * args.batch_size / 128
-    opt = torch.optim.SGD(
-        model.parameters(), lr=base_lr, momentum=0.9, weight_decay=args.wd, nesterov=False
-    )
+    # The paper's recipe: plain momentum, weight decay on every parameter (one group).
+    groups = [{"params": list(model.parameters()), "weight_decay": args.wd}]
+    opt = make_optimizer(OptimConfig(momentum=0.9, nesterov=False), groups, base_lr)
+    # resfit's training step, with the loss scaling its fp16 runs add; no label smoothing.
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    step = TrainStep(opt, SingleLabel().loss, device, precision, channels_last=cuda, scaler=scaler)
     n = len(xtr)
     steps = n // args.batch_size  # drop the ragged last batch: BN needs a real batch
     rows = []
@@ -206,19 +213,13 @@ def train_arch(
             for g in opt.param_groups:
                 g["lr"] = lr
             idx = perm[s * args.batch_size : (s + 1) * args.batch_size]
-            xb, yb = norm(augment(xtr[idx], gen)), ytr[idx]
-            with amp():
-                out = model(xb)
-                loss = F.cross_entropy(out, yb)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            yb = ytr[idx]
+            out, loss = step(model, norm(augment(xtr[idx], gen)), yb)
             # Accumulate on the device: no host sync inside the epoch.
             loss_sum += loss.detach().float()
             wrong += (out.detach().argmax(1) != yb).sum()
         train_err = 100.0 * int(wrong) / (steps * args.batch_size)
-        test_err = evaluate(model, xte, yte, norm, amp)
+        test_err = evaluate(model, xte, yte, norm, precision)
         if cuda:
             torch.cuda.synchronize()
         row = {
