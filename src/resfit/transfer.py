@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from . import runtime
+from .adapters import adapt
 from .config import TrainConfig, TransferConfig
 from .data import DecodedImages, TransformedImages, iter_batches
 from .errors import ConfigError
@@ -51,7 +52,8 @@ def frozen_modules(model: nn.Module, freeze: str) -> list[nn.Module]:
     """The modules a freeze policy covers, in order: the stem, then stages up to ``freeze``."""
     if freeze == "none":
         return []
-    stages = list(model.stage_names)
+    a = adapt(model)
+    stages = list(a.stage_names)
     if freeze == "backbone":
         upto = len(stages) - 1
     elif freeze in stages:
@@ -62,7 +64,7 @@ def frozen_modules(model: nn.Module, freeze: str) -> list[nn.Module]:
         )
     mods: list[nn.Module] = []
     for name in stages[: upto + 1]:
-        mods.extend([model.conv1, model.bn1] if name == "stem" else [getattr(model, name)])
+        mods.extend(a.stage_modules(name))
     return mods
 
 
@@ -141,11 +143,11 @@ def discriminative_groups(
     model: nn.Module, weight_decay: float, lr: float, stem_ratio: float
 ) -> list[dict]:
     """Parameter groups per stage (and decay / no decay), each with its ``peak_lr``."""
-    mults = stage_lr_multipliers(model.stage_names, stem_ratio)
+    a = adapt(model)
+    mults = stage_lr_multipliers(a.stage_names, stem_ratio)
     owner: dict[int, str] = {}
-    for name in model.stage_names:
-        mods = [model.conv1, model.bn1] if name == "stem" else [getattr(model, name)]
-        for m in mods:
+    for name in a.stage_names:
+        for m in a.stage_modules(name):
             for p in m.parameters():
                 owner[id(p)] = name
     groups: dict[tuple[str, bool], list] = {}
@@ -174,9 +176,10 @@ class Tail(nn.Module):
         super().__init__()
         self.model = model
         self.stage = stage
+        self.adapter = adapt(model)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.model.forward_from(h, self.stage)
+        return self.adapter.forward_from(h, self.stage)
 
 
 class CachedFeatures(torch.utils.data.Dataset):
@@ -225,7 +228,7 @@ class FeatureCache:
 def cache_stage(model: nn.Module, policy: str) -> tuple[str, bool]:
     """The stage whose output is cached under a freeze policy, and whether it is pooled."""
     if policy == "backbone":
-        return model.stage_names[-1], True
+        return adapt(model).stage_names[-1], True
     return policy, False
 
 
@@ -302,6 +305,7 @@ def compute_features(
 
     was_training = model.training
     model.eval()
+    adapter = adapt(model)
     dataset = TransformedImages(data, transform)
     n = len(dataset)
     batches = [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
@@ -317,9 +321,9 @@ def compute_features(
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with runtime.autocast(device, precision):
-                    h = model.forward_to(x, stage)
-                    if pooled:  # adaptive average pooling of a 1x1 map is the identity
-                        h = model.avgpool(h)
+                    h = adapter.forward_to(x, stage)
+                    if pooled:  # kept N x C x 1 x 1: forward_from's pooling is then the identity
+                        h = adapter.pool(h)[:, :, None, None]
                 h = h.float().cpu()
                 if store is None:
                     store, mapped = _allocate((n, views, *h.shape[1:]), dtype, tmp)
@@ -387,7 +391,7 @@ def _plan(
         was = model.training
         model.eval()
         m = cfg.model
-        h = model.forward_to(
+        h = adapt(model).forward_to(
             torch.zeros(1, m.in_chans, m.img_size, m.img_size, device=device), stage
         )
         model.train(was)

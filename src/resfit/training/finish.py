@@ -57,24 +57,12 @@ def finish_run(
 
 def calibrate(out: Path, val_logits: Tensor, val_labels: Tensor) -> float:
     """Temperature scaling fitted on the validation set, kept only where it lowers the
-    calibration error there; ``predict`` applies it."""
-    if hasattr(calibration, "calibrate_temperature"):
-        c = calibration.calibrate_temperature(val_logits, val_labels)
-        record = c.to_dict() if hasattr(c, "to_dict") else dict(vars(c))
-        t = float(c.temperature)
-    else:
-        t = calibration.fit_temperature(val_logits, val_labels)
-        y, logits = val_labels.numpy(), val_logits.numpy()
-        record = {
-            "temperature": t,
-            "ece_before": calibration.expected_calibration_error(calibration.softmax(logits), y),
-            "ece_after": calibration.expected_calibration_error(calibration.softmax(logits, t), y),
-        }
-    record = {"temperature": t, "fitted_on": "validation", **record}
-    atomic_write_text(out / "calibration.json", json.dumps(record, indent=2, default=str))
-    log.info("temperature %.3f fitted on validation: ECE %.4f -> %.4f", t,
-             record.get("ece_before", float("nan")), record.get("ece_after", float("nan")))  # fmt: skip
-    return t
+    calibration error there (else T = 1, and the log says why); ``predict`` applies it."""
+    c = calibration.calibrate_temperature(val_logits, val_labels)
+    record = {**c.to_dict(), "fitted_on": "validation"}
+    atomic_write_text(out / "calibration.json", json.dumps(record, indent=2))
+    log.info("calibration: %s", c.reason)
+    return c.temperature
 
 
 def _write_report(cfg, loop, splits, val_logits, temperature, skipped, duplicates, ev_tf) -> None:

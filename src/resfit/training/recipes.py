@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import transfer
+from ..adapters import adapt
 from ..config import TrainConfig
 from ..errors import ConfigError
 from . import callbacks as cb
@@ -67,7 +68,7 @@ def callbacks_for(
     r, main = cfg.run, loop.dist.main
     cbs: list[Callback] = [
         cb.StopOnNonFinite(cfg.optim.lr, out / "checkpoints" / "last.pt"),
-        cb.FreezeSchedule(cfg, loop.model.stage_names),
+        cb.FreezeSchedule(cfg, adapt(loop.model).stage_names),
         cb.FeatureCaching(cfg, transforms, mix is not None, out, show),
         cb.LRSchedule(cfg, loop.steps_per_epoch),
         cb.BestModel(loop.task.monitor),

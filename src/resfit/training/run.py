@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .. import runtime, threads, transfer
+from ..adapters import adapt
 from ..atomic import atomic_save_safetensors, atomic_write_text
 from ..augmentation import (
     base_size_for,
@@ -35,7 +36,15 @@ from ..augmentation import (
     train_transform,
 )
 from ..config import OPTIONS, TrainConfig, resume_changes
-from ..data import DataSplits, DecodedImages, TransformedImages, decode_all, discover, write_skipped
+from ..data import (
+    DataSplits,
+    DecodedImages,
+    TransformedImages,
+    decode_all,
+    discover,
+    write_skipped,
+    write_splits,
+)
 from ..errors import ConfigError, DataError, TrainingError
 from ..models import get_spec
 from ..tasks import SingleLabel, Task
@@ -106,7 +115,7 @@ def _prepare_and_run(
     if main:
         atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
         atomic_write_text(out / "classes.json", json.dumps(cfg.classes, indent=2))
-        _write_splits(out / "splits.csv", splits)
+        write_splits(out / "splits.csv", splits)
     return _run(cfg, model, splits, device, precision, dist_info, resume, duplicates)
 
 
@@ -154,8 +163,8 @@ def resolve(cfg: TrainConfig, splits: DataSplits) -> tuple[TrainConfig, nn.Modul
         else:
             # Transfer to other classes: the old head means nothing here, start it afresh.
             log.info("new %d-class head (the weights' head was for %d classes)",
-                     len(splits.classes), model.fc.out_features)  # fmt: skip
-            model.reset_classifier(len(splits.classes))
+                     len(splits.classes), adapt(model).num_classes)  # fmt: skip
+            adapt(model).reset_head(len(splits.classes))
     return cfg.resolve(splits.classes, pre, get_spec(m.arch).default_input_size), model
 
 
@@ -219,13 +228,6 @@ def warn_imbalance(splits: DataSplits, ratio: float = 3.0) -> None:
             "classes are uneven in train (%d to %d images per class): consider --balance "
             "weights or --balance sampler, and read balanced accuracy and macro-F1", lo, hi,
         )  # fmt: skip
-
-
-def _write_splits(path: Path, splits: DataSplits) -> None:
-    from .. import data
-
-    if hasattr(data, "write_splits"):
-        data.write_splits(path, splits)
 
 
 def build_transforms(cfg: TrainConfig) -> tuple:
