@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import pickle
 import socket
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -16,6 +20,7 @@ import resfit
 from resfit.weights import WeightsError, download_weights, get_weights, load_state_dict_file
 
 from .conftest import CIFAR_CKPTS, CIFAR_ZIP, need
+from .images import make_colour_folder
 
 
 def test_registry_takes_imagenet_entries_from_torchvision_metadata() -> None:
@@ -172,3 +177,73 @@ def test_unknown_weights_name_and_wrong_arch_are_clear() -> None:
         resfit.create_model("resnet50", weights="resnet18.imagenet1k_v1")
     with pytest.raises(WeightsError, match="does not exist"):
         resfit.create_model("resnet50", weights="missing/file.pth")
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights of another channel count (issue 13, defect 4)
+
+
+def _grey_checkpoint(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
+    """A one-channel resnet20_cifar with non-trivial BN statistics, saved as a run saves it."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    grey = resfit.create_model("resnet20_cifar", num_classes=3, in_chans=1)
+    gen = torch.Generator().manual_seed(1)
+    for m in grey.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+    path = tmp_path / "model.safetensors"
+    save_file(grey.state_dict(), path)
+    return grey.eval(), path
+
+
+def test_one_channel_weights_load_for_one_and_for_three_channels(tmp_path: Path, caplog) -> None:
+    grey, path = _grey_checkpoint(tmp_path)
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        want = grey(x)
+        same = resfit.create_model("resnet20_cifar", weights=path, in_chans=1).eval()
+        torch.testing.assert_close(same(x), want, rtol=0, atol=0)
+        with caplog.at_level(logging.INFO, logger="resfit"):
+            rgb = resfit.create_model("resnet20_cifar", weights=path).eval()
+        # The grey filter spread over R, G and B: an image with R = G = B scores as before.
+        assert rgb.conv1.weight.shape == (16, 3, 3, 3)
+        torch.testing.assert_close(rgb(x.expand(-1, 3, -1, -1)), want, rtol=1e-4, atol=1e-5)
+    assert f"{path} was trained on 1-channel images" in caplog.text
+    assert "adapted to 3" in caplog.text
+
+
+def test_weights_whose_channels_cannot_be_adapted_name_the_in_chans_to_use(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    src = resfit.create_model("resnet20_cifar", num_classes=3, in_chans=2)
+    torch.save(src.state_dict(), tmp_path / "two.pth")
+    with pytest.raises(
+        WeightsError, match=r"two\.pth was trained on 2-channel images.*--in-chans 2"
+    ):
+        resfit.create_model("resnet20_cifar", weights=tmp_path / "two.pth")
+    two = resfit.create_model("resnet20_cifar", weights=tmp_path / "two.pth", in_chans=2)
+    torch.testing.assert_close(two.conv1.weight, src.conv1.weight)
+
+
+def _train_cli(data: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "resfit", "train", str(data), "--out", str(out), "--epochs", "1",
+           "--img-size", "16", "--arch", "resnet20_cifar", "--batch-size", "8", "--no-progress",
+           *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_fine_tunes_from_a_run_of_the_other_channel_count(tmp_path: Path) -> None:
+    data = make_colour_folder(tmp_path / "data", per_class=4, splits=("train", "val"))
+    runs = {}
+    for name, chans in (("grey", "1"), ("rgb", "3")):
+        res = _train_cli(data, tmp_path / name, "--in-chans", chans)
+        assert res.returncode == 0, res.stderr
+        runs[name] = tmp_path / name / "model.safetensors"
+    for weights, chans in (("grey", "3"), ("rgb", "1"), ("grey", "1")):
+        out = tmp_path / f"{weights}-to-{chans}"
+        res = _train_cli(data, out, "--weights", str(runs[weights]), "--in-chans", chans)
+        assert "Traceback" not in res.stderr, res.stderr
+        assert res.returncode == 0, res.stderr
+        assert json.loads((out / "config.json").read_text())["in_chans"] == int(chans)

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .adapters import adapt
+from .errors import WeightsError
 from .models import get_spec
 
 log = logging.getLogger("resfit")
@@ -50,10 +52,6 @@ CIFAR10_CLASSES = (
     "dog", "frog", "horse", "ship", "truck",
 )  # fmt: skip
 WEIGHT_SUFFIXES = (".pth", ".pt", ".th", ".bin", ".safetensors")
-
-
-class WeightsError(RuntimeError):
-    """A weights file cannot be found, fetched, verified or loaded; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -311,25 +309,29 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     return sd
 
 
-def _adapt_state_dict(sd: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """Map other layouts onto ours: CIFAR checkpoints call the classifier ``linear`` and
-    store no ``num_batches_tracked``."""
-    sd = {("fc." + k[len("linear.") :] if k.startswith("linear.") else k): v for k, v in sd.items()}
-    own = model.state_dict()
-    for k, v in own.items():
+def _adapt_state_dict(sd: dict[str, Tensor], head: str) -> dict[str, Tensor]:
+    """Map other layouts onto ours: CIFAR checkpoints call the classifier ``linear`` (ours is
+    ``head``)."""
+    if f"{head}.weight" in sd:
+        return sd
+    old = "linear."
+    return {(f"{head}.{k[len(old) :]}" if k.startswith(old) else k): v for k, v in sd.items()}
+
+
+def _fill_bn_counters(sd: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Checkpoints saved before PyTorch 0.4.1 (the CIFAR ones) store no ``num_batches_tracked``."""
+    for k, v in model.state_dict().items():
         if k.endswith("num_batches_tracked") and k not in sd:
             sd[k] = torch.zeros_like(v)
     return sd
 
 
-def _check_fits(sd: dict[str, Tensor], model: nn.Module, arch: str, source: str) -> None:
+def _check_fits(sd: dict[str, Tensor], model: nn.Module, arch: str, source: str, head: str) -> None:
     own = model.state_dict()
-    body = lambda keys: {k for k in keys if not k.startswith("fc.")}  # noqa: E731
+    body = lambda keys: {k for k in keys if not k.startswith(f"{head}.")}  # noqa: E731
     missing = sorted(body(own) - body(sd))
     unexpected = sorted(body(sd) - body(own))
-    wrong = sorted(
-        k for k in body(own) & body(sd) if own[k].shape != sd[k].shape and k != "conv1.weight"
-    )
+    wrong = sorted(k for k in body(own) & body(sd) if own[k].shape != sd[k].shape)
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -347,14 +349,68 @@ def _check_fits(sd: dict[str, Tensor], model: nn.Module, arch: str, source: str)
         )
 
 
-def _adapt_in_chans(weight: Tensor, in_chans: int) -> Tensor:
-    if weight.shape[1] == in_chans:
+def _adapt_in_chans(weight: Tensor, in_chans: int, source: str = "the weights") -> Tensor:
+    """The first conv's ``weight`` for ``in_chans`` input channels, where that is well defined:
+    to one channel (a grey image is R = G = B, so summing the filters gives the same response),
+    from one channel (each channel gets the grey filter / ``in_chans``, so an image whose
+    channels are equal sees the grey response), and from RGB to more channels (timm's
+    convention: the filters repeated, scaled by 3 / ``in_chans``)."""
+    have = weight.shape[1]
+    if have == in_chans:
         return weight
     if in_chans == 1:
-        # A grey image is R = G = B: summing the RGB filters gives the same response.
         return weight.sum(dim=1, keepdim=True)
-    repeats = -(-in_chans // weight.shape[1])
-    return weight.repeat(1, repeats, 1, 1)[:, :in_chans] * (weight.shape[1] / in_chans)
+    if have not in (1, 3):
+        raise WeightsError(
+            f"{source} was trained on {have}-channel images and its first convolution cannot "
+            f"be adapted to {in_chans} channels: use --in-chans {have} (in_chans={have})"
+        )
+    repeats = -(-in_chans // have)
+    return weight.repeat(1, repeats, 1, 1)[:, :in_chans] * (have / in_chans)
+
+
+def _set_in_chans(model: nn.Module, in_chans: int, source: str) -> None:
+    """Give ``model`` a first convolution for ``in_chans`` channels, adapted from its own."""
+    a = adapt(model)
+    conv, have = a.first_conv, a.in_chans
+    w = _adapt_in_chans(conv.weight.detach(), in_chans, source)
+    new = nn.Conv2d(
+        in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        conv.dilation, conv.groups, bias=conv.bias is not None,
+    )  # fmt: skip
+    new.weight.data.copy_(w)
+    if conv.bias is not None:
+        new.bias.data.copy_(conv.bias.detach())
+    a.set_first_conv(new.to(conv.weight.device, conv.weight.dtype))
+    if in_chans == 1:
+        how = f"its {have} channels' filters summed"
+    elif have == 1:
+        how = f"the one-channel filter copied to each channel and divided by {in_chans}"
+    else:
+        how = f"the filters repeated and scaled by {have}/{in_chans}"
+    log.info(
+        "%s was trained on %d-channel images; its first convolution is adapted to %d (%s)",
+        source,
+        have,
+        in_chans,
+        how,
+    )
+
+
+def _read_weights(
+    name: str, weights: str | os.PathLike, progress: bool
+) -> tuple[dict[str, Tensor], str, WeightsSpec | None]:
+    """The state dict of a weights file or registered name, where it came from, and its spec."""
+    wpath = Path(weights)
+    if str(weights).endswith(WEIGHT_SUFFIXES) or wpath.exists():
+        return load_state_dict_file(wpath), str(wpath), None
+    wspec = get_weights(str(weights), arch=name)
+    if wspec.arch != name:
+        raise WeightsError(
+            f"weights {wspec.name} are for {wspec.arch}, not {name}: "
+            f"use --arch {wspec.arch} or other weights ({', '.join(list_weights(name)) or 'none registered'})"
+        )
+    return load_state_dict_file(download_weights(wspec, progress=progress)), wspec.name, wspec
 
 
 def create_model(
@@ -370,8 +426,9 @@ def create_model(
 
     ``weights`` is a registered name (``resfit weights`` lists them; ``"pretrained"`` picks the
     architecture's default) or a local .pth/.pt/.th/.safetensors file. With a ``num_classes``
-    other than the checkpoint's, the classifier is replaced and re-initialised; with
-    ``in_chans=1`` the first convolution's RGB filters are summed.
+    other than the checkpoint's, the classifier is replaced and re-initialised. With an
+    ``in_chans`` other than the checkpoint's, the first convolution is adapted: RGB filters are
+    summed for one channel, a one-channel filter is spread over three (see ``_adapt_in_chans``).
 
     The model gets a ``pretrained_cfg`` dict: preprocessing, categories and the weights' source.
     """
@@ -383,50 +440,33 @@ def create_model(
         model.pretrained_cfg = {}
         return model
 
-    wspec: WeightsSpec | None = None
-    wpath = Path(weights)
-    if str(weights).endswith(WEIGHT_SUFFIXES) or wpath.exists():
-        sd = load_state_dict_file(wpath)
-        source = str(wpath)
-    else:
-        wspec = get_weights(str(weights), arch=name)
-        if wspec.arch != name:
-            raise WeightsError(
-                f"weights {wspec.name} are for {wspec.arch}, not {name}: "
-                f"use --arch {wspec.arch} or other weights ({', '.join(list_weights(name)) or 'none registered'})"
-            )
-        sd = load_state_dict_file(download_weights(wspec, progress=progress))
-        source = wspec.name
-
-    ckpt_classes = (
-        sd["fc.weight" if "fc.weight" in sd else "linear.weight"].shape[0]
-        if ("fc.weight" in sd or "linear.weight" in sd)
-        else None
-    )
-    model = spec_model.build(num_classes=ckpt_classes or spec_model.default_num_classes, **kwargs)
-    sd = _adapt_state_dict(sd, model)
-    _check_fits(sd, model, name, source)
-    if "fc.weight" not in sd:
-        raise WeightsError(f"{source} has no classifier weights (fc or linear)")
+    sd, source, wspec = _read_weights(name, weights, progress)
+    # Where the head and the first conv sit in the state dict, from a model on the meta device
+    # (no memory, no random draws): the real one is then built once, shaped as the checkpoint.
+    with torch.device("meta"):
+        probe = adapt(spec_model.build(**kwargs))
+    head, conv = probe.name_of(probe.head), f"{probe.name_of(probe.first_conv)}.weight"
+    sd = _adapt_state_dict(sd, head)
+    if f"{head}.weight" not in sd:
+        raise WeightsError(f"{source} has no classifier weights ({head} or linear)")
+    have = sd[conv].shape[1] if conv in sd and sd[conv].ndim == 4 else in_chans
+    model = spec_model.build(num_classes=sd[f"{head}.weight"].shape[0], in_chans=have, **kwargs)
+    sd = _fill_bn_counters(sd, model)
+    _check_fits(sd, model, name, source, head)
     model.load_state_dict(sd, strict=True)
-
-    if in_chans != model.conv1.in_channels:
-        w = _adapt_in_chans(model.conv1.weight.data, in_chans)
-        conv = model.conv1
-        model.conv1 = nn.Conv2d(
-            in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False
-        )
-        model.conv1.weight.data.copy_(w)
+    if in_chans != have:
+        _set_in_chans(model, in_chans, source)
 
     categories: list[str] | None = list(wspec.categories) if wspec else None
-    if num_classes is not None and num_classes != model.fc.out_features:
+    a = adapt(model)
+    if num_classes is not None and num_classes != a.num_classes:
         log.warning(
             "replacing the %d-class head of %s with a new, randomly initialised %d-class head",
-            model.fc.out_features,
+            a.num_classes,
             source,
             num_classes,
         )
-        model.reset_classifier(num_classes)
+        a.reset_head(num_classes)
         categories = None
     model.pretrained_cfg = {
         "weights": source,
