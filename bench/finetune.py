@@ -8,9 +8,10 @@
 #   naive:  torchvision.models.resnet50, fp32 NCHW, torchvision ImageFolder + DataLoader that
 #           decodes every JPEG every epoch, every image through the frozen backbone every
 #           epoch (backbone correctly in eval mode, so the answers match), val every epoch.
-#   resfit: resfit.train(freeze="backbone", augment="none"): images decoded once, the pooled
-#           backbone output of each image computed once (feature cache), 10 epochs of the
-#           head on the cached features, val every epoch from cached features too.
+#   resfit: resfit.train(freeze="backbone", augment="none"), as a user calls it (its steps are
+#           the shared TrainStep): images decoded once, the pooled backbone output of each
+#           image computed once (feature cache), 10 epochs of the head on the cached
+#           features, val every epoch from cached features too.
 #   Both wall times include everything from the image folder to the trained head (resfit's
 #   leakage check and HTML report are off: they are analyses, not training).
 #
@@ -70,8 +71,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ASSETS, FLOWERS_ZIP, IMAGENET_MEAN, IMAGENET_STD, machine_summary  # noqa: E402
 
-from resfit.augmentation import AugmentConfig  # noqa: E402
-from resfit.training import TrainConfig, lr_at, train  # noqa: E402
+from resfit.config import AugmentConfig, TrainConfig  # noqa: E402
+from resfit.training import lr_at, train  # noqa: E402
 
 CIFAR56 = ASSETS / "resnet-cifar10" / "resnet56-4bfd9763.th"
 
@@ -206,7 +207,7 @@ def resfit_run(data: Path, init: Path, epochs: int, lr: float, img_size: int, bs
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     r = train(
-        TrainConfig(
+        TrainConfig.from_options(
             data=str(data),
             out=str(out),
             arch="resnet50",
@@ -281,9 +282,11 @@ def cmd_transfer32(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         # Mild crops (at 32 px a crop to 35 % leaves too little flower) and batch mixing.
         aug = AugmentConfig("standard", crop_scale=(0.7, 1.0), mixup=0.2, cutmix=1.0)
-        r = train(TrainConfig(data=str(data), out=str(out), arch="resnet56_cifar", img_size=32,
-                              epochs=args.epochs, batch_size=64, augment=aug, leakage="off",
-                              report=False, progress=False, **kw))  # fmt: skip
+        cfg = TrainConfig.from_options(
+            data=str(data), out=str(out), arch="resnet56_cifar", img_size=32, epochs=args.epochs,
+            batch_size=64, augment=aug, leakage="off", report=False, progress=False, **kw,
+        )  # fmt: skip
+        r = train(cfg)
         results[name] = (r.best_val_accuracy, time.perf_counter() - t0)
         print(f"{name:8s} best val acc {r.best_val_accuracy:.4f}  {results[name][1]:.0f} s",
               flush=True)  # fmt: skip
