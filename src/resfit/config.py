@@ -34,6 +34,7 @@ CACHE_DTYPES = ("auto", "fp32", "fp16", "bf16")
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BALANCE = ("weights", "sampler")
 LEAKAGE = ("report", "remove", "off")
+DATA_MODES = ("memory",)  # sources.SOURCES: where the images live during training
 
 
 PRESETS = ("none", "light", "standard", "strong")
@@ -139,6 +140,7 @@ class DataConfig:
     test_fraction: float = option(0.0, "share held out for test when there is no test/ folder")
     balance: str | None = option(None, "for uneven classes: weight the loss, or draw classes evenly", choices=BALANCE)  # fmt: skip
     leakage: str = option("report", "duplicates across splits: report them, remove them from val/test, or skip the check", choices=LEAKAGE)  # fmt: skip
+    data_mode: str = option("memory", "where the images live during training: memory decodes each once", choices=DATA_MODES)  # fmt: skip
     workers: int = option(0, "processes for augmentation (0 keeps the cores for the model)", minimum=0, resumable=True)  # fmt: skip
 
 
@@ -400,8 +402,12 @@ class TrainConfig:
 
         mean = tuple(pretrained.get("mean") or IMAGENET_MEAN)
         std = tuple(pretrained.get("std") or IMAGENET_STD)
-        if self.model.in_chans == 1:  # luminance input: the average of the RGB statistics
+        # Statistics per input channel: a 1-channel model sees luminance (the average of the
+        # RGB statistics); 1-channel statistics (weights of a grey run) repeat for RGB.
+        if self.model.in_chans == 1 and len(mean) == 3:
             mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+        elif self.model.in_chans == 3 and len(mean) == 1:
+            mean, std = mean * 3, std * 3
         img_size = self.model.img_size or pretrained.get("input_size") or default_input_size
         # The weights' own resize only holds at the size they were trained at.
         same_size = img_size == pretrained.get("input_size")

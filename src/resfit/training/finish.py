@@ -12,7 +12,7 @@ from torch import Tensor
 from .. import calibration
 from ..atomic import atomic_save_safetensors, atomic_write_text
 from ..config import TrainConfig
-from ..data import DataSplits, TransformedImages, decode_all
+from ..data import DataSplits, TransformedImages
 from . import callbacks as cb
 from .loop import Loop
 from .step import predict_logits
@@ -91,8 +91,8 @@ def _evaluate_test(cfg, loop, splits, ev_tf, show, temperature) -> dict:
     from ..augmentation import base_size_for
     from ..evaluation import compute_metrics, write_eval
 
-    test_data = decode_all(splits.test, base_size_for(cfg.model.img_size), progress=show,
-                           desc="decoding test")  # fmt: skip
+    test_data = loop.source.open(splits.test, base_size_for(cfg.model.img_size), progress=show,
+                                 desc="decoding test")  # fmt: skip
     s = loop.step
     logits = predict_logits(loop.eval_model, TransformedImages(test_data, ev_tf), 64, s.device,
                             s.precision, s.channels_last)  # fmt: skip

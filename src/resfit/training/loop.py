@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import TransformedImages, iter_batches
+from ..sources import DataSource
 from ..tasks import Task
 from ..transfer import FeatureCache, set_train_mode
 from .distributed import Dist
@@ -85,6 +86,7 @@ class Loop:
         step: TrainStep,
         task: Task,
         data: EpochData,
+        source: DataSource,
         callbacks: Sequence[Callback],
         *,
         epochs: int,
@@ -94,7 +96,7 @@ class Loop:
         workers: int = 0,
     ) -> None:
         self.model, self.net, self.eval_model = model, net, model
-        self.step, self.task, self.data = step, task, data
+        self.step, self.task, self.data, self.source = step, task, data, source
         self.callbacks = sorted(callbacks, key=lambda c: c.order)
         self.epochs, self.seed, self.dist, self.workers = epochs, seed, dist, workers
         self.local_bs = max(1, batch_size // dist.world)
@@ -177,7 +179,7 @@ class Loop:
         if self.features is not None:
             views = torch.Generator().manual_seed(s + self.epoch + 77_777)
             return iter_batches(self.features.train_set(views), index_batches, 0)
-        return iter_batches(self.data.train, index_batches, self.workers)
+        return self.source.batches(self.data.train, index_batches, self.workers)
 
     # -- evaluation -------------------------------------------------------------------------
 

@@ -40,13 +40,13 @@ from ..data import (
     DataSplits,
     DecodedImages,
     TransformedImages,
-    decode_all,
     discover,
     write_skipped,
     write_splits,
 )
 from ..errors import ConfigError, DataError, TrainingError
 from ..models import get_spec
+from ..sources import DataSource, get_source
 from ..tasks import SingleLabel, Task
 from ..weights import create_model
 from . import callbacks as cb
@@ -259,12 +259,12 @@ class _FileLog:
             self.handler.close()
 
 
-def _decode(
-    cfg: TrainConfig, splits: DataSplits, show: bool, out: Path, main: bool
+def _open_data(
+    cfg: TrainConfig, source: DataSource, splits: DataSplits, show: bool, out: Path, main: bool
 ) -> tuple[DecodedImages, DecodedImages, list]:
     base = base_size_for(cfg.model.img_size)
-    train_data = decode_all(splits.train, base, progress=show, desc="decoding train")
-    val_data = decode_all(splits.val, base, progress=show, desc="decoding val")
+    train_data = source.open(splits.train, base, progress=show, desc="decoding train")
+    val_data = source.open(splits.val, base, progress=show, desc="decoding val")
     skipped = splits.skipped + train_data.skipped + val_data.skipped
     if main:
         write_skipped(out / "skipped.csv", skipped)
@@ -328,7 +328,8 @@ def _run(
     duplicates: list,
 ) -> TrainResult:
     out, show = Path(cfg.run.out), cfg.run.progress and dist_info.main
-    train_data, val_data, skipped = _decode(cfg, splits, show, out, dist_info.main)
+    source = get_source(cfg.data.data_mode)
+    train_data, val_data, skipped = _open_data(cfg, source, splits, show, out, dist_info.main)
     log.info(
         "%s: %d classes, %d train / %d val images, %s px, %s on %s",
         cfg.model.arch, len(cfg.classes), len(train_data), len(val_data), cfg.model.img_size,
@@ -345,7 +346,7 @@ def _run(
                      TransformedImages(train_data, ev_tf), sample_weight)  # fmt: skip
     step = TrainStep(optimizer, task.loss, device, precision, cfg.runtime.channels_last,
                      cfg.optim.grad_clip)  # fmt: skip
-    loop = Loop(model, net, step, task, data, [], epochs=cfg.optim.epochs,
+    loop = Loop(model, net, step, task, data, source, [], epochs=cfg.optim.epochs,
                 batch_size=cfg.optim.batch_size, seed=cfg.runtime.seed, dist=dist_info,
                 workers=cfg.data.workers)  # fmt: skip
     mix = batch_transform(cfg.augment, len(cfg.classes))
