@@ -2,9 +2,11 @@
 #
 # step: one SGD step (forward, loss, backward, update) at 224 px, batch 32, from the same
 # weights on the same batch: the naive loop (torchvision resnet50, train mode, fp32 NCHW,
-# SGD over every parameter) against resfit's step (its model and optimizer groups,
-# channels-last, autocast at the precision `auto` picks, plus bf16 and, with --compile,
-# torch.compile). Medians of interleaved rounds; the first-step losses must agree. "% roof":
+# SGD over every parameter) against resfit's TrainStep, the step `resfit train` runs (its
+# model and optimizer groups, channels-last, autocast at the precision `auto` picks, plus bf16
+# and, with --compile, torch.compile). Medians of interleaved rounds; the first-step losses
+# must agree. The figures below were printed before the step moved into TrainStep (the same
+# operations, then written out in resfit.benchmark). "% roof":
 # images/s x 24.6 GFLOP (forward + backward) over the GEMM roof measured in the same run.
 # pipeline: decode + augment images/s on 512 flowers5 training photos at 224 px (the
 # "standard" preset): torchvision ImageFolder-style loading with a 0-worker DataLoader (decodes
