@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -252,9 +254,11 @@ def test_manifest_split_values_take_the_usual_names(tmp_path: Path) -> None:
         f"{p.relative_to(tmp_path)},{p.parent.name},{['Training', 'validation', 'TEST'][i % 3]}"
         for i, p in enumerate(files)
     ]
-    (tmp_path / "m.csv").write_text("\ufeff" + "\n".join(lines) + "\n")  # with a BOM
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
     s = discover(tmp_path / "m.csv")
     assert (len(s.train), len(s.val), len(s.test)) == (3, 3, 3)
+    (tmp_path / "bom.csv").write_text("\ufeff" + "\n".join(lines) + "\n")  # as Excel saves it
+    assert len(discover(tmp_path / "bom.csv").val) == 3
     (tmp_path / "bad.csv").write_text(f"path,label,split\n{files[0]},red,holdout\n")
     with pytest.raises(DataError, match=r"bad.csv:2: split must be train, val or test"):
         discover(tmp_path / "bad.csv")
@@ -330,3 +334,47 @@ def test_display_path_shows_undecodable_bytes_as_escapes() -> None:
     assert display_path("/data/café.png") == "/data/café.png"  # real UTF-8 is untouched
     assert display_text("x\ud800y") == "x\\ud800y"  # a surrogate no file name makes
     display_path(ODD).encode("utf-8")  # always encodable
+
+
+def test_cli_train_on_odd_file_names_keeps_the_run_and_its_outputs(tmp_path: Path) -> None:
+    """Issue 13, defect 1: ``resfit train`` trained, then lost the run at the end on
+    ``'utf-8' codec can't encode character '\\udce9'``.
+
+    Wiring this test relies on, outside data.py and report.py: training writes
+    ``RUN/splits.csv`` with :func:`write_splits`, its ``train.log`` handler escapes what
+    UTF-8 cannot hold, and ``eval-test/`` (evaluation.write_eval) writes CSVs with
+    :func:`open_csv`.
+    """
+    root = make_colour_folder(tmp_path / "data", per_class=4, splits=("train", "val", "test"))
+    for split, seed in (("train", 1), ("val", 2), ("test", 3)):
+        colour_image(COLOURS["red"], np.random.default_rng(seed)).save(root / split / "red" / ODD)
+    broken = root / "train" / "green" / os.fsdecode(b"br\xefken.png")
+    broken.write_bytes(b"not an image")
+    run = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, "-m", "resfit", "train", str(root), "--out", str(run),
+         "--arch", "resnet20_cifar", "--img-size", "16", "--epochs", "1", "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Logging error" not in r.stderr
+
+    report = (run / "report.html").read_bytes().decode("utf-8")  # valid UTF-8
+    assert "br\\xefken.png" in report  # the skipped file, shown readably
+    with open_csv(run / "skipped.csv") as f:
+        assert [Path(row["path"]) for row in csv.DictReader(f)] == [broken]
+    assert "br\\xefken.png" in (run / "train.log").read_text(encoding="utf-8")
+
+    # The lead's wiring: RUN/splits.csv from write_splits, the same files in the same splits.
+    back = read_splits(run / "splits.csv")
+    for split in ("train", "val", "test"):
+        assert root / split / "red" / ODD in [x.path for x in getattr(back, split)]
+    # Every file found is listed, the one that did not decode too (skipped.csv says why).
+    assert broken in [x.path for x in back.train]
+    assert (len(back.train), len(back.val), len(back.test)) == (14, 13, 13)
+
+    # evaluation.write_eval on the test split: every test image has its row, odd name included.
+    with open_csv(run / "eval-test" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 13 and str(root / "test" / "red" / ODD) in {row["path"] for row in rows}
