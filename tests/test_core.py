@@ -45,7 +45,7 @@ def test_config_is_frozen_and_resolving_returns_a_new_one() -> None:
     cfg = TrainConfig.from_options(data="d", lr=0.1, freeze="layer2", mixup=0.2)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.optim.lr = 1.0  # type: ignore[misc]
-    resolved = cfg.resolve(["a", "b"], {"input_size": 32, "mean": [0.5] * 3}, 224)
+    resolved = cfg.resolve(["a", "b"], {"input_size": 32, "mean": [0.5] * 3, "std": [0.2] * 3}, 224)
     assert resolved is not cfg and cfg.model.img_size is None and cfg.classes == []
     assert resolved.model.img_size == 32 and resolved.classes == ["a", "b"]
     assert resolved.optim.weight_decay == 5e-4 and resolved.optim.lr == 0.1

@@ -396,12 +396,9 @@ class TrainConfig:
         self, classes: list[str], pretrained: Mapping[str, Any], default_input_size: int
     ) -> TrainConfig:
         """A new config with the derived values filled in: the classes, the preprocessing of
-        the weights (``pretrained``: their ``pretrained_cfg``), the image size, and the
-        default learning rate and weight decay."""
-        from .weights import IMAGENET_MEAN, IMAGENET_STD
-
-        mean = tuple(pretrained.get("mean") or IMAGENET_MEAN)
-        std = tuple(pretrained.get("std") or IMAGENET_STD)
+        the weights (``pretrained``: their ``pretrained_cfg``, with ``mean`` and ``std``), the
+        image size, and the default learning rate and weight decay."""
+        mean, std = tuple(pretrained["mean"]), tuple(pretrained["std"])
         # Statistics per input channel: a 1-channel model sees luminance (the average of the
         # RGB statistics); 1-channel statistics (weights of a grey run) repeat for RGB.
         if self.model.in_chans == 1 and len(mean) == 3:

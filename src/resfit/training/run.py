@@ -48,7 +48,7 @@ from ..errors import ConfigError, DataError, TrainingError
 from ..models import get_spec
 from ..sources import DataSource, get_source
 from ..tasks import SingleLabel, Task
-from ..weights import create_model
+from ..weights import IMAGENET_MEAN, IMAGENET_STD, create_model
 from . import callbacks as cb
 from . import recipes
 from .distributed import Dist, barrier, init_distributed
@@ -165,6 +165,7 @@ def resolve(cfg: TrainConfig, splits: DataSplits) -> tuple[TrainConfig, nn.Modul
             log.info("new %d-class head (the weights' head was for %d classes)",
                      len(splits.classes), adapt(model).num_classes)  # fmt: skip
             adapt(model).reset_head(len(splits.classes))
+    pre["mean"], pre["std"] = pre.get("mean") or IMAGENET_MEAN, pre.get("std") or IMAGENET_STD
     return cfg.resolve(splits.classes, pre, get_spec(m.arch).default_input_size), model
 
 
