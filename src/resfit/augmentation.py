@@ -1,7 +1,12 @@
 """Augmentation presets (torchvision.transforms.v2) and the deterministic eval preprocessing.
 
-Every transform takes a uint8 (3, H, W) tensor whose shorter side is ``base_size`` (see
-:func:`base_size_for`) and returns a normalised float tensor of ``img_size`` x ``img_size``.
+Every transform takes a uint8 (3, H, W) tensor whose shorter side is the decode size (see
+:func:`decode_size`) and returns a normalised float tensor of ``img_size`` x ``img_size``.
+
+Evaluation follows the weights' own recipe where they state one: torchvision's V2 ImageNet
+weights were measured with the shorter side resized to 232 (not 256) before the 224 centre
+crop, and a weight may ask for bicubic instead of bilinear. A run records both in its
+``config.json`` (``resize_size``, ``interpolation``); :func:`eval_transform` applies them.
 
 Presets:
 - ``none``: the eval preprocessing (centre crop), nothing random;
@@ -14,82 +19,33 @@ Presets:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 from torchvision.transforms import v2
 
-PRESETS = ("none", "light", "standard", "strong")
+from .config import PRESETS, AugmentConfig
+from .errors import ConfigError
 
+__all__ = [
+    "INTERPOLATIONS",
+    "PRESETS",
+    "AugmentConfig",
+    "Preprocessing",
+    "base_size_for",
+    "batch_transform",
+    "decode_size",
+    "eval_transform",
+    "for_channels",
+    "interpolation_mode",
+    "preview_grid",
+    "train_transform",
+]
 
-@dataclass
-class AugmentConfig:
-    """The knobs behind the presets; ``None`` means "the preset's value"."""
-
-    preset: str = "standard"
-    hflip: float | None = None  # probability
-    vflip: float | None = None  # probability (off by default: not for natural photos)
-    crop_scale: tuple[float, float] | None = None  # RandomResizedCrop area range
-    rotation: float | None = None  # degrees, +/-
-    translate: float | None = None  # fraction of the size
-    zoom: tuple[float, float] | None = None  # scale range of the affine
-    color_jitter: float | None = None  # brightness/contrast/saturation strength
-    policy: str | None = None  # "trivialaugment" | "randaugment" | "none"
-    erasing: float | None = None  # probability
-    mixup: float | None = None  # alpha, 0 = off
-    cutmix: float | None = None  # alpha, 0 = off
-
-    def resolved(self) -> AugmentConfig:
-        if self.preset not in PRESETS:
-            raise ValueError(f"--augment must be one of {', '.join(PRESETS)}, got {self.preset!r}")
-        base = _PRESET_VALUES[self.preset]
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        for k, v in base.items():
-            if values[k] is None:
-                values[k] = v
-        return AugmentConfig(**values)
-
-    def to_dict(self) -> dict:
-        return asdict(self.resolved())
-
-
-_OFF = dict(
-    hflip=0.0,
-    vflip=0.0,
-    crop_scale=(1.0, 1.0),
-    rotation=0.0,
-    translate=0.0,
-    zoom=(1.0, 1.0),
-    color_jitter=0.0,
-    policy="none",
-    erasing=0.0,
-    mixup=0.0,
-    cutmix=0.0,
-)
-_PRESET_VALUES: dict[str, dict] = {
-    "none": _OFF,
-    "light": {**_OFF, "hflip": 0.5, "crop_scale": (0.35, 1.0)},
-    "standard": {
-        **_OFF,
-        "hflip": 0.5,
-        "crop_scale": (0.35, 1.0),
-        "rotation": 15.0,
-        "translate": 0.1,
-        "zoom": (0.9, 1.1),
-        "color_jitter": 0.2,
-    },
-    "strong": {
-        **_OFF,
-        "hflip": 0.5,
-        "crop_scale": (0.25, 1.0),
-        "policy": "trivialaugment",
-        "erasing": 0.25,
-        "mixup": 0.2,
-        "cutmix": 1.0,
-    },
-}
+# The knobs and their preset values live in config.py (no torch import: the CLI stays fast).
 
 
 def base_size_for(img_size: int) -> int:
@@ -102,8 +58,107 @@ def _normalize(mean: tuple[float, ...], std: tuple[float, ...]) -> list[Callable
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
 
-def eval_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
-    return v2.Compose([v2.CenterCrop(img_size), *_normalize(mean, std)])
+# The names weights use for their resize filter (torchvision's InterpolationMode values).
+INTERPOLATIONS: dict[str, v2.InterpolationMode] = {
+    m.value: m
+    for m in (
+        v2.InterpolationMode.NEAREST,
+        v2.InterpolationMode.NEAREST_EXACT,
+        v2.InterpolationMode.BILINEAR,
+        v2.InterpolationMode.BICUBIC,
+        v2.InterpolationMode.BOX,
+        v2.InterpolationMode.HAMMING,
+        v2.InterpolationMode.LANCZOS,
+    )
+}
+
+
+def interpolation_mode(name: str) -> v2.InterpolationMode:
+    """The torchvision mode for a filter name as weights and ``config.json`` store it."""
+    mode = INTERPOLATIONS.get(str(name).lower())
+    if mode is None:
+        raise ConfigError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not {name!r}")
+    return mode
+
+
+def decode_size(img_size: int, resize_size: int | None = None) -> int:
+    """Shorter side that evaluation images are decoded (and kept in memory) at: the weights'
+    ``resize_size`` when they state one, else :func:`base_size_for`. Decoding straight to it
+    makes the resize in :func:`eval_transform` a no-op for bilinear weights."""
+    if resize_size is None:
+        return base_size_for(img_size)
+    if resize_size < img_size:
+        raise ConfigError(
+            f"resize_size {resize_size} is smaller than the {img_size} px crop it feeds"
+        )
+    return int(resize_size)
+
+
+def eval_transform(
+    img_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    *,
+    resize_size: int | None = None,
+    interpolation: str = "bilinear",
+) -> v2.Compose:
+    """The deterministic evaluation preprocessing: centre crop and normalise, after resizing
+    the shorter side to ``resize_size`` with ``interpolation`` when given (the weights' recipe;
+    torchvision's ``ImageClassification`` does the same). Without ``resize_size`` the input is
+    taken as already decoded at :func:`base_size_for` (runs from before resize_size existed)."""
+    steps: list[Callable] = []
+    if resize_size is not None:
+        mode = interpolation_mode(interpolation)
+        steps.append(v2.Resize(decode_size(img_size, resize_size), mode, antialias=True))
+    return v2.Compose([*steps, v2.CenterCrop(img_size), *_normalize(mean, std)])
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a run's images reach its model: decode size, resize filter, crop and normalisation.
+
+    Read from a run's flat ``config.json`` with :meth:`from_config`; ``resize_size`` and
+    ``interpolation`` are optional there (runs written before they existed decode at
+    :func:`base_size_for` with bilinear, as they were validated).
+    """
+
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    in_chans: int = 3
+    resize_size: int | None = None
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        interpolation_mode(self.interpolation)  # refuse an unknown filter now, not per image
+        decode_size(self.img_size, self.resize_size)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> Preprocessing:
+        resize = cfg.get("resize_size")
+        return cls(
+            img_size=int(cfg["img_size"]),
+            mean=tuple(float(m) for m in cfg["mean"]),
+            std=tuple(float(s) for s in cfg["std"]),
+            in_chans=int(cfg.get("in_chans") or 3),
+            resize_size=int(resize) if resize is not None else None,
+            interpolation=str(cfg.get("interpolation") or "bilinear"),
+        )
+
+    @property
+    def decode_size(self) -> int:
+        return decode_size(self.img_size, self.resize_size)
+
+    def eval_transform(self) -> Callable[[Tensor], Tensor]:
+        """:func:`eval_transform` for this run, adapted to its input channels."""
+        tf = eval_transform(
+            self.img_size,
+            self.mean,
+            self.std,
+            resize_size=self.resize_size,
+            interpolation=self.interpolation,
+        )
+        return for_channels(tf, self.in_chans)
 
 
 def train_transform(
