@@ -3,6 +3,11 @@
 ``evaluate("RUN", "DATA")`` (``resfit eval RUN DATA``) scores a run on a folder of class
 folders, or on a data root's ``test/`` split, and writes ``RUN/eval-<name>/``: metrics.json,
 per_class.csv (precision/recall/F1 from scikit-learn), confusion.csv and .png, predictions.csv.
+
+The images go through the run's own evaluation preprocessing (its weights' resize and filter,
+see :class:`resfit.augmentation.Preprocessing`), and a file name that is not valid UTF-8 is
+written as its bytes on disk (see :mod:`resfit.inference`), so one odd name never costs the
+other rows.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import eval_samples
+from .data import decode_all, eval_samples, open_csv, write_skipped
 from .inference import Predictor
 
 
@@ -136,28 +141,25 @@ def write_eval(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(res.summary(), indent=2))
-    with open(out / "per_class.csv", "w", newline="") as f:
+    with open_csv(out / "per_class.csv", "w") as f:
         w = csv.DictWriter(f, fieldnames=["class", "precision", "recall", "f1", "support"])
         w.writeheader()
         w.writerows(res.per_class)
-    with open(out / "confusion.csv", "w", newline="") as f:
+    with open_csv(out / "confusion.csv", "w") as f:
         w = csv.writer(f)
         w.writerow(["true\\predicted", *res.classes])
         for c, row in zip(res.classes, res.confusion, strict=True):
             w.writerow([c, *row.tolist()])
     plot_confusion(res.confusion, res.classes, out / "confusion.png")
     probs = torch.softmax(torch.from_numpy(res.logits) / (temperature or 1.0), dim=1).numpy()
-    with open(out / "predictions.csv", "w", newline="") as f:
+    with open_csv(out / "predictions.csv", "w") as f:
         w = csv.writer(f)
         w.writerow(["path", "true", "predicted", "confidence", "correct"])
         for path, t, pr in zip(res.paths, res.y_true, probs, strict=True):
             j = int(pr.argmax())
             w.writerow([path, res.classes[int(t)], res.classes[j], f"{pr[j]:.6f}", int(j == t)])
     if res.skipped:
-        with open(out / "skipped.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "reason"])
-            w.writerows(res.skipped)
+        write_skipped(out / "skipped.csv", res.skipped)
     return out
 
 
@@ -175,17 +177,17 @@ def evaluate(
     """Score a run on labelled images it has not seen; writes RUN/eval-<data name>/."""
     predictor = Predictor.from_run(run, device=device, precision=precision)
     samples, skipped = eval_samples(data, predictor.classes)
-    decoded = predictor.decode([s.path for s in samples], progress=progress)
-    label_of = {str(s.path): s.label for s in samples}
-    y = torch.tensor([label_of[str(p)] for p in decoded.paths], dtype=torch.long)
+    # Decoded with their labels: an unreadable file drops out together with its label.
+    decoded = decode_all(samples, predictor.base_size, progress=progress)
     logits = predictor.logits(decoded, batch_size)
-    res = compute_metrics(logits, y, predictor.classes, [str(p) for p in decoded.paths])
+    res = compute_metrics(
+        logits, decoded.labels, predictor.classes, [str(p) for p in decoded.paths]
+    )
     res.skipped = skipped + decoded.skipped
     name = Path(data).name or "data"
     out_dir = write_eval(res, out or Path(run) / f"eval-{name}", predictor.temperature)
     if report:
-        from .inference import make_explainer
-        from .report import ReportData, write_report
+        from .report import ReportData, write_report  # matplotlib and jinja: only for a report
 
         cfg = json.loads((Path(run) / "config.json").read_text())
         history = []
@@ -204,9 +206,7 @@ def evaluate(
                 config=cfg,
                 temperature=predictor.temperature,
                 data_summary={"counts": {"eval": _counts(res)}, "skipped": res.skipped},
-                explain=make_explainer(
-                    predictor.model, predictor.img_size, predictor.transform, predictor.device
-                ),
+                explain=predictor.explainer(),
                 split=name,
             ),
         )

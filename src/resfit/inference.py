@@ -1,32 +1,64 @@
 """Inference: load a run folder and predict on new images with the run's own preprocessing.
 
-    predictor = Predictor.from_run("RUN")
-    for p in predictor.predict(["a.jpg", "folder/"], top_k=3):
+    predictor = Predictor.from_run("RUN")  # or engine="onnx", precision="int8"
+    preds, skipped = predictor.predict(["a.jpg", "folder/"], top_k=3)
+    for p in preds:
         print(p.path, p.label, p.confidence)
 
-Needs only the run folder (config.json, classes.json, model.safetensors), not the training data.
+Needs only the run folder (config.json, classes.json, model.safetensors; ``export/`` for the
+ONNX engine), not the training data. The runtime that computes the logits is an engine from
+:mod:`resfit.engines`, picked by name; this module decodes, batches and labels.
+
+File names need not be valid UTF-8 (Linux allows any bytes but ``/``). Python keeps such a
+name as a ``str`` with surrogate escapes (PEP 383); resfit passes it through unchanged and
+writes its CSVs with :func:`resfit.data.open_csv` (UTF-8, ``errors="surrogateescape"``), so
+the path column holds the name's bytes exactly as on disk, what ``ls`` writes to a pipe. Every
+other row stays plain UTF-8, and a reader that opens the CSV with ``errors="surrogateescape"``
+(pandas: ``encoding_errors="surrogateescape"``) gets a path that opens the file again. Logs and
+messages show such a name with ``\\xNN`` escapes (:func:`resfit.data.display_path`).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import runtime
-from .augmentation import base_size_for, eval_transform, for_channels
-from .data import DecodedImages, Sample, TransformedImages, decode_all, find_images, iter_batches
+from .augmentation import Preprocessing, base_size_for
+from .data import (
+    DecodedImages,
+    Sample,
+    TransformedImages,
+    decode_all,
+    find_images,
+    iter_batches,
+    load_image,
+    open_csv,
+    resize_shorter,
+    to_tensor,
+)
+from .engines import Engine, create_engine
+from .errors import ConfigError, RunError
 from .models import build_model
 
-
-class RunError(ValueError):
-    """A run folder is missing something or does not match; the message names the file."""
+__all__ = [
+    "Prediction",
+    "Predictor",
+    "RunError",
+    "load_run",
+    "load_run_model",
+    "make_explainer",
+    "write_predictions_csv",
+]
 
 
 @dataclass
@@ -53,7 +85,7 @@ def load_run(run: str | os.PathLike) -> tuple[dict, list[str]]:
 
 def load_run_model(run: str | os.PathLike) -> tuple[nn.Module, dict, list[str]]:
     """The trained model of a run (eval mode, CPU), its config and class names."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # safetensors imports numpy-heavy code; only here
 
     cfg, classes = load_run(run)
     model = build_model(cfg["arch"], num_classes=len(classes), in_chans=cfg.get("in_chans", 3))
@@ -67,8 +99,23 @@ def load_run_model(run: str | os.PathLike) -> tuple[nn.Module, dict, list[str]]:
     return model.eval(), cfg, classes
 
 
+def run_preprocessing(run: str | os.PathLike, cfg: Mapping[str, Any]) -> Preprocessing:
+    """The preprocessing a run's ``config.json`` records; a bad value names the file."""
+    try:
+        return Preprocessing.from_config(cfg)
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
+        raise RunError(f"{Path(run) / 'config.json'}: {e}") from None
+
+
 class Predictor:
-    """A trained classifier with its preprocessing, ready for new images."""
+    """A trained classifier with its preprocessing, ready for new images.
+
+    ``model`` is the PyTorch model (kept for Grad-CAM and export); the logits come from
+    ``engine``: a registered engine name (see :func:`resfit.engines.available_engines`),
+    created for ``run_dir`` and ``model``, or a ready :class:`~resfit.engines.Engine`.
+    ``resize_size`` and ``interpolation`` are the weights' evaluation resize (see
+    :class:`~resfit.augmentation.Preprocessing`).
+    """
 
     def __init__(
         self,
@@ -79,36 +126,40 @@ class Predictor:
         mean: Sequence[float],
         std: Sequence[float],
         in_chans: int = 3,
+        resize_size: int | None = None,
+        interpolation: str = "bilinear",
         device: str = "auto",
         precision: str = "auto",
         temperature: float | None = None,
         tta: bool = False,
         compile: bool = False,
+        engine: str | Engine = "torch",
+        run_dir: str | os.PathLike | None = None,
+        engine_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self.tta = tta  # test-time augmentation: average the logits of the image and its mirror
-        self.device = runtime.pick_device(device)
-        self.precision = runtime.pick_precision(self.device, precision)
-        if precision == "int8":
-            raise ValueError(
-                "--precision int8 runs in ONNX Runtime: add --engine onnx (after resfit export --int8)"
+        self.preprocessing = Preprocessing(
+            img_size, tuple(mean), tuple(std), in_chans, resize_size, interpolation
+        )
+        if isinstance(engine, str):
+            engine = create_engine(
+                engine,
+                run_dir,
+                model,
+                device=device,
+                precision=precision,
+                compile=compile,
+                **dict(engine_options or {}),
             )
-        self.onnx = not isinstance(model, nn.Module)
-        self.model = (
-            model
-            if self.onnx
-            else model.eval().to(self.device).to(memory_format=torch.channels_last)
-        )
-        # The fast path for repeated inference: BN folded, channels_last, autocast.
-        self._run = (
-            model
-            if self.onnx
-            else runtime.prepare_for_inference(self.model, self.device, self.precision, compile)
-        )
+        self.engine: Engine = engine
+        self.device: torch.device = engine.device
+        self.precision: str = engine.precision
+        self.model = model.eval().to(self.device)
         self.classes = list(classes)
         self.img_size = img_size
-        self.base_size = base_size_for(img_size)
-        self.transform = for_channels(eval_transform(img_size, tuple(mean), tuple(std)), in_chans)
+        self.base_size = self.preprocessing.decode_size  # shorter side images are decoded at
+        self.transform = self.preprocessing.eval_transform()
         self.temperature = temperature
+        self.tta = tta  # test-time augmentation: average the logits of the image and its mirror
 
     @classmethod
     def from_run(
@@ -120,40 +171,28 @@ class Predictor:
         engine: str = "torch",
         tta: bool = False,
         compile: bool = False,
+        **engine_options: Any,
     ) -> Predictor:
         """Load a run. ``engine="onnx"`` runs ``RUN/export/model.onnx`` (or ``model.int8.onnx``
         with ``precision="int8"``) in ONNX Runtime; ``resfit export`` writes them. ``compile``
         adds ``torch.compile`` to the PyTorch engine (its first batch compiles: pays off on
-        large folders only)."""
-        if compile and engine != "torch":
-            raise ValueError("--compile applies to --engine torch, not to ONNX Runtime")
+        large folders only). ``engine_options`` go to the engine (onnx: ``threads``)."""
         model, cfg, classes = load_run_model(run)
-        if engine == "onnx":
-            from .export import OnnxClassifier
-
-            name = "model.int8.onnx" if precision == "int8" else "model.onnx"
-            path = Path(run) / "export" / name
-            if not path.is_file():
-                flag = " --int8 --calib DATA" if precision == "int8" else ""
-                raise RunError(f"{path} is missing: run `resfit export {run}{flag}` first")
-            model = OnnxClassifier(path)
-            device, precision = "cpu", "fp32"
-        elif engine != "torch":
-            raise ValueError(f"--engine must be torch or onnx, not {engine!r}")
+        pre = run_preprocessing(run, cfg)
         calib = Path(run) / "calibration.json"
         temperature = json.loads(calib.read_text())["temperature"] if calib.exists() else None
         return cls(
             model,
             classes,
-            img_size=cfg["img_size"],
-            mean=cfg["mean"],
-            std=cfg["std"],
-            in_chans=cfg.get("in_chans", 3),
+            **asdict(pre),
             device=device,
             precision=precision,
             temperature=temperature,
             tta=tta,
             compile=compile,
+            engine=engine,
+            run_dir=run,
+            engine_options=engine_options,
         )
 
     def decode(self, paths: Sequence[str | os.PathLike], progress: bool = False) -> DecodedImages:
@@ -161,6 +200,7 @@ class Predictor:
 
     @torch.inference_mode()
     def logits(self, decoded: DecodedImages, batch_size: int = 64) -> Tensor:
+        """fp32 logits (N, classes) on the CPU for decoded images, in their order."""
         out = []
         data = TransformedImages(decoded, self.transform)
         n = len(data)
@@ -168,17 +208,23 @@ class Predictor:
             data, [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
         ):
             views = [x, x.flip(-1)] if self.tta else [x]
-            logits = [
-                torch.from_numpy(self.model(v.numpy())).float()
-                if self.onnx
-                else self._run(v).float().cpu()
-                for v in views
-            ]
-            out.append(torch.stack(logits).mean(0))
+            out.append(torch.stack([self.engine(v) for v in views]).mean(0))
         return torch.cat(out) if out else torch.empty(0, len(self.classes))
 
     def probabilities(self, logits: Tensor) -> Tensor:
         return torch.softmax(logits / (self.temperature or 1.0), dim=1)
+
+    def _label(self, decoded: DecodedImages, batch_size: int, k: int) -> list[Prediction]:
+        conf, idx = self.probabilities(self.logits(decoded, batch_size)).topk(k, dim=1)
+        return [
+            Prediction(
+                str(p),
+                self.classes[int(j[0])],
+                float(c[0]),
+                [(self.classes[int(a)], float(v)) for a, v in zip(j, c, strict=True)],
+            )
+            for p, c, j in zip(decoded.paths, conf, idx, strict=True)
+        ]
 
     def predict(
         self,
@@ -206,31 +252,29 @@ class Predictor:
                 decoded = pending.result()
                 if i + 1 < len(chunks):
                     pending = pool.submit(self.decode, chunks[i + 1])
-                probs = self.probabilities(self.logits(decoded, batch_size))
-                conf, idx = probs.topk(k, dim=1)
-                preds += [
-                    Prediction(
-                        str(p),
-                        self.classes[int(j[0])],
-                        float(c[0]),
-                        [(self.classes[int(a)], float(v)) for a, v in zip(j, c, strict=True)],
-                    )
-                    for p, c, j in zip(decoded.paths, conf, idx, strict=True)
-                ]
+                preds += self._label(decoded, batch_size, k)
                 skipped += decoded.skipped
                 bar.update(len(chunks[i]))
         bar.close()
         return preds, skipped
+
+    def explainer(self) -> Callable:
+        """A Grad-CAM overlay maker (path, class index -> PIL image) with this preprocessing."""
+        return make_explainer(
+            self.model, self.img_size, self.transform, self.device, base_size=self.base_size
+        )
 
 
 def write_predictions_csv(
     path: str | os.PathLike | None, preds: Sequence[Prediction], top_k: int
 ) -> str:
     """CSV with path,label,confidence and, for top_k > 1, label_2,confidence_2,...; returns the
-    text (and writes it when ``path`` is given)."""
-    import csv
-    import io
+    text (and writes it when ``path`` is given).
 
+    A file name that is not valid UTF-8 is written as its bytes on disk (surrogateescape, see
+    the module doc), so one odd name never costs the other rows. Whoever prints the returned
+    text should encode it the same way: ``text.encode("utf-8", "surrogateescape")``.
+    """
     buf = io.StringIO()
     w = csv.writer(buf)
     header = ["path", "label", "confidence"]
@@ -244,19 +288,33 @@ def write_predictions_csv(
         w.writerow(row)
     text = buf.getvalue()
     if path:
-        Path(path).write_text(text)
+        with open_csv(path, "w") as f:
+            f.write(text)
     return text
 
 
-def make_explainer(model: nn.Module, img_size: int, transform, device: torch.device):
-    """A Grad-CAM overlay maker for the report: path, class -> PIL image of what the model saw."""
+def make_explainer(
+    model: nn.Module,
+    img_size: int,
+    transform: Callable[[Tensor], Tensor],
+    device: torch.device,
+    *,
+    base_size: int | None = None,
+) -> Callable:
+    """A Grad-CAM overlay maker for the report: path, class -> PIL image of what the model saw.
+
+    ``base_size`` is the shorter side images are decoded at (a run's ``decode_size``; default
+    :func:`~resfit.augmentation.base_size_for` ``(img_size)``), so the overlay shows the crop
+    the model was given.
+    """
     from torchvision.transforms.v2.functional import center_crop, to_pil_image
 
-    from .data import load_image, resize_shorter, to_tensor
-    from .explain import grad_cam, overlay_cam
+    from .explain import grad_cam, overlay_cam  # matplotlib: only when a report is drawn
+
+    size = base_size or base_size_for(img_size)
 
     def explain(path: str, class_idx: int):
-        img = to_tensor(resize_shorter(load_image(path), base_size_for(img_size)))
+        img = to_tensor(resize_shorter(load_image(path), size))
         x = transform(img)[None].to(device)
         cam = grad_cam(model, x, class_idx)
         shown = to_pil_image(center_crop(img, [img_size, img_size]))
