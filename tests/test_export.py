@@ -3,7 +3,10 @@ resnet20 checkpoint (from the registry, served by a local mirror of ../shared)."
 
 from __future__ import annotations
 
+import csv
 import functools
+import os
+import shutil
 import sys
 import zipfile
 from pathlib import Path
@@ -13,10 +16,11 @@ import pytest
 import torch
 from torchvision.io import decode_jpeg
 
-from resfit.export import ExportError, OnnxClassifier, export_onnx, onnx_parity, quantize_int8
+from resfit.export import OnnxClassifier, export_onnx, export_run, onnx_parity, quantize_int8
 from resfit.weights import CIFAR10_CLASSES, IMAGENET_MEAN, IMAGENET_STD, create_model
 
 from .conftest import CIFAR_CKPTS, CIFAR_ZIP, need
+from .images import make_colour_folder
 
 
 @pytest.fixture(autouse=True)
@@ -167,6 +171,65 @@ def test_quantize_checks_its_calibration_data(onnx_file, tmp_path) -> None:
 
 
 def test_missing_onnxruntime_says_how_to_install(monkeypatch, onnx_file) -> None:
+    from resfit.errors import MissingExtraError
+
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(ExportError, match=r"pip install 'resfit\[export\]'"):
+    with pytest.raises(MissingExtraError, match=r"pip install 'resfit\[export\]'"):
         OnnxClassifier(onnx_file)
+
+
+# ---------------------------------------------------------------------------------------------
+# resfit export RUN --int8: which images the accuracy check uses (issue 13, defect 6)
+
+
+def test_int8_check_pairs_labels_with_the_images_that_decoded(tmp_path) -> None:
+    """One unreadable file in the validation folder: the same accuracy as without it, on the
+    same 18 images, and the file counted as skipped (it used to shift every later label)."""
+    from .test_inference import make_run
+
+    data = make_colour_folder(tmp_path / "data", per_class=6, splits=("train", "val"))
+    broken = tmp_path / "val_broken"
+    shutil.copytree(data / "val", broken)
+    (broken / "blue" / "000_unreadable.png").write_bytes(b"not an image")
+    run = make_run(tmp_path, data=str(data))
+    common = dict(int8=True, calib=data / "train", opset=17)
+    clean = export_run(run, val=data / "val", out=tmp_path / "clean", **common)
+    odd = export_run(run, val=broken, out=tmp_path / "broken", **common)
+    assert clean["val_images"] == odd["val_images"] == 18
+    assert (clean["val_skipped"], odd["val_skipped"]) == (0, 1)
+    for key in ("fp32_accuracy", "int8_accuracy", "top1_agreement"):
+        assert odd[key] == clean[key], key
+
+
+def test_int8_check_defaults_to_the_runs_validation_split(tmp_path) -> None:
+    """A plain class-folder layout (no val/ folder): the check uses the images that training
+    held out with the run's seed, never the training images, and says so."""
+    from resfit.data import discover
+
+    from .test_inference import make_run
+
+    data = make_colour_folder(tmp_path / "data", per_class=10, splits=("",))
+    run = make_run(tmp_path, data=str(data), seed=0, val_fraction=0.15)
+    info = export_run(run, int8=True, calib=data, opset=17)
+    held_out = discover(data, val_fraction=0.15, seed=0).val
+    assert info["val_images"] == len(held_out) == 6  # of 30 images, 24 of them training images
+    assert "val split" in info["val_source"] and "int8_accuracy" in info
+
+
+def test_export_checks_on_the_val_rows_of_splits_csv(tmp_path) -> None:
+    """With RUN/splits.csv (path,label,split) the check takes its val rows, relative paths
+    being relative to the run folder."""
+    from .test_inference import make_run
+
+    data = make_colour_folder(tmp_path / "data", per_class=3, splits=("",))
+    run = make_run(tmp_path, data=str(data))
+    rows = [("path", "label", "split")]
+    for i, img in enumerate(sorted(data.glob("*/*.png"))):
+        split = "val" if i % 3 == 0 else "train"
+        shown = os.path.relpath(img, run) if i == 0 else str(img)  # one relative, the rest not
+        rows.append((shown, img.parent.name, split))
+    with open(run / "splits.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    info = export_run(run, opset=17)
+    assert info["val_images"] == 3 and info["val_skipped"] == 0
+    assert "splits.csv" in info["val_source"] and info["max_abs_logit_diff"] < 1e-4

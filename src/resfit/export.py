@@ -1,24 +1,30 @@
-"""Ship a classifier as ONNX: export, parity check, int8 quantization, and a small runner.
+"""Ship a classifier as ONNX: export, parity check, int8 quantization, and exporting a run.
 
-ONNX Runtime is the CPU engine: on the project's AVX-512 VNNI Xeon (no AVX512_BF16/AMX), static
-int8 is the one precision faster than fp32 (``bench/inference.py`` prints the figures).
-``onnx``/``onnxruntime`` are optional (``pip install 'resfit[export]'``) and imported only
-inside the functions that need them.
+ONNX Runtime is the CPU engine (``resfit predict --engine onnx``, :mod:`resfit.engines`): on the
+project's AVX-512 VNNI Xeon (no AVX512_BF16/AMX), static int8 is the one precision faster than
+fp32 (``resfit bench`` prints the figures). ``onnx``/``onnxruntime`` are optional (``pip install
+'resfit[export]'``) and imported only inside the functions that need them.
 
 Every file is written to a temporary name beside the target and renamed into place, so an
 interrupted export never leaves a truncated model where a good one was expected.
+
+This module builds on :mod:`resfit.inference` and :mod:`resfit.engines` (which runs the files
+written here); neither imports it. ``OnnxClassifier`` lives in :mod:`resfit.engines` and is
+re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import itertools
 import json
+import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +32,29 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .data import (
+    DataSplits,
+    DecodedImages,
+    Sample,
+    decode_all,
+    discover,
+    display_path,
+    eval_samples,
+    find_images,
+    read_splits,
+)
+from .engines import ONNX_METADATA_KEY, OnnxClassifier
+from .errors import ConfigError, DataError, ExportError, MissingExtraError
+from .inference import Predictor, load_run
+
+log = logging.getLogger("resfit")
+
 __all__ = [
     "DEFAULT_OPSET",
     "ExportError",
     "OnnxClassifier",
     "export_onnx",
+    "export_run",
     "onnx_parity",
     "quantize_int8",
 ]
@@ -39,23 +63,23 @@ __all__ = [
 # 17 (its Pad and ReduceMean version adapters fail, measured with torch 2.14), so an older opset
 # goes through the TorchScript exporter instead. Opset 18 needs ONNX Runtime >= 1.14.
 DEFAULT_OPSET = 18
-METADATA_KEY = "resfit"
+METADATA_KEY = ONNX_METADATA_KEY
 
 
-class ExportError(RuntimeError):
-    """Export or quantization cannot proceed; the message says what to do."""
-
-
-def _import_onnx() -> tuple[Any, Any]:
+def _import_onnx(*also: str) -> Any:
+    """The ``onnx`` package, after checking that the modules in ``also`` are installed too."""
+    for name in also:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a stubbed-out module (sys.modules[name] = None)
+            found = False
+        if not found:
+            raise MissingExtraError(name, "export")
     try:
         import onnx
-        import onnxruntime
-    except ImportError as e:
-        raise ExportError(
-            f"ONNX export and the ONNX engine need the optional packages onnx, onnxruntime and "
-            f"onnxscript ({e.name} is missing): pip install 'resfit[export]'"
-        ) from None
-    return onnx, onnxruntime
+    except ImportError:
+        raise MissingExtraError("onnx", "export") from None
+    return onnx
 
 
 @contextlib.contextmanager
@@ -106,7 +130,8 @@ def export_onnx(
     ``pretrained_cfg`` (mean, std, categories ...) goes into the file's metadata under
     ``"resfit"``. ``model`` is left in the train/eval mode it had.
     """
-    onnx, _ = _import_onnx()
+    # The torch.export-based exporter (opset >= 18) writes its graph with onnxscript.
+    onnx = _import_onnx(*(["onnxscript"] if opset >= 18 else []))
     path = Path(path)
     h, w = _size_hw(input_size)
     param = next(model.parameters(), None)
@@ -209,7 +234,7 @@ def quantize_int8(
     activations ran 2.9x slower on ResNet-50 here), in QDQ format after ONNX Runtime's
     pre-processing (shape inference and graph optimisation).
     """
-    onnx, ort = _import_onnx()
+    onnx = _import_onnx("onnxruntime")
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -255,73 +280,110 @@ def quantize_int8(
     return out
 
 
-class OnnxClassifier:
-    """Run an exported classifier with ONNX Runtime on the CPU.
-
-    ``threads`` sets the intra-op threads (default: ONNX Runtime's, one per physical core).
-    ``metadata`` is the ``pretrained_cfg`` stored at export (mean, std, input_size,
-    categories, precision); ``precision`` is ``"fp32"`` or ``"int8"``.
-    """
-
-    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
-        _, ort = _import_onnx()
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"ONNX model {self.path} does not exist")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(
-            str(self.path), opts, providers=["CPUExecutionProvider"]
-        )
-        inp = self.session.get_inputs()[0]
-        self.input_name: str = inp.name
-        self.input_shape: list[int | str | None] = list(inp.shape)
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.metadata: dict[str, Any] = json.loads(meta.get(METADATA_KEY, "{}"))
-        self.precision: str = self.metadata.get("precision", "fp32")
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Logits (N, classes) for a float32 NCHW batch preprocessed like training inputs."""
-        x = np.asarray(x)
-        if x.ndim == 3:
-            x = x[None]
-        want = self.input_shape[1:]
-        if x.ndim != 4 or any(
-            isinstance(w, int) and w != g for w, g in zip(want, x.shape[1:], strict=False)
-        ):
-            raise ValueError(
-                f"{self.path.name} takes N x {' x '.join(map(str, want))} float32 images, "
-                f"got shape {x.shape}"
-            )
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        return self.session.run(None, {self.input_name: x})[0]
-
-    def __repr__(self) -> str:
-        return f"OnnxClassifier({str(self.path)!r}, precision={self.precision!r})"
-
-
 # ---------------------------------------------------------------------------------------------
 # Exporting a run folder (what `resfit export RUN` does)
 
 
-def _preprocessed_batches(predictor, paths: list, batch_size: int = 32) -> Iterator[np.ndarray]:
-    decoded = predictor.decode(paths)
-    for i in range(0, len(decoded), batch_size):
-        x = torch.stack([predictor.transform(img) for img in decoded.images[i : i + batch_size]])
+def _batches(predictor: Predictor, decoded: DecodedImages, size: int = 32) -> Iterator[np.ndarray]:
+    """Decoded images preprocessed as the run's model takes them, as float32 NCHW batches."""
+    for i in range(0, len(decoded), size):
+        x = torch.stack([predictor.transform(img) for img in decoded.images[i : i + size]])
         yield x.numpy().astype(np.float32)
 
 
-def _labelled(data: str | os.PathLike, classes: list[str], limit: int, seed: int = 0) -> list:
-    """Up to ``limit`` labelled samples of ``data``, drawn evenly at random."""
-    from .data import eval_samples
-
-    samples, _ = eval_samples(data, classes)
+def _pick(items: Sequence, limit: int, seed: int = 0) -> list:
+    """Up to ``limit`` of ``items``, drawn evenly at random (in their order)."""
+    if len(items) <= limit:
+        return list(items)
     rng = np.random.default_rng(seed)
-    if len(samples) > limit:
-        samples = [samples[i] for i in sorted(rng.choice(len(samples), limit, replace=False))]
-    return samples
+    return [items[i] for i in sorted(rng.choice(len(items), limit, replace=False))]
+
+
+def _as_run_classes(splits: DataSplits, classes: Sequence[str], where: str) -> list[Sample]:
+    """The val samples of ``splits`` labelled by the run's class indices."""
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(splits.classes) - set(index))
+    if unknown:
+        raise DataError(f"{where} has classes the run does not know: {', '.join(unknown)}")
+    return [Sample(s.path, index[splits.classes[s.label]]) for s in splits.val]
+
+
+def _rederived_val(cfg: dict, classes: Sequence[str]) -> list[Sample]:
+    """The run's validation split, found again from its data with its seed and fractions."""
+    splits = discover(
+        cfg["data"],
+        val_fraction=cfg.get("val_fraction", 0.15),
+        test_fraction=cfg.get("test_fraction", 0.0),
+        seed=cfg.get("seed", 0),
+    )
+    return _as_run_classes(splits, classes, display_path(cfg["data"]))
+
+
+def validation_samples(
+    run: str | os.PathLike, cfg: dict, classes: Sequence[str], val: str | os.PathLike | None
+) -> tuple[list[Sample], str]:
+    """Labelled images to measure an export on, and a sentence saying which ones they are.
+
+    In order: ``val`` (a folder of class folders, a data root's test/ or val/, or a manifest);
+    the ``val`` rows of ``RUN/splits.csv``; the validation split of the run's data found again
+    with its seed. Never the training images: with none of these there is no measurement.
+    """
+    if val:
+        return eval_samples(val, classes)[0], f"--val {display_path(val)}"
+    splits_csv = Path(run) / "splits.csv"
+    shown = display_path(splits_csv)
+    if splits_csv.is_file():
+        val_rows = _as_run_classes(read_splits(splits_csv), classes, shown)
+        return val_rows, f"the val rows of {shown}"
+    data = cfg.get("data")
+    if data and Path(data).exists():
+        where = (
+            f"the val split of {display_path(data)} (found again with the run's seed; no {shown})"
+        )
+        return _rederived_val(cfg, classes), where
+    return [], f"none: {shown} and the run's data are missing (pass --val DATA)"
+
+
+def _export_fp32(predictor: Predictor, classes: list[str], out_dir: Path, opset: int) -> Path:
+    pre = predictor.preprocessing
+    model = predictor.model
+    # What a runner of the file needs, in the file: labels and the run's preprocessing.
+    model.pretrained_cfg = {
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+        "input_size": pre.img_size,
+        "resize_size": pre.decode_size,
+        "interpolation": pre.interpolation,
+        "categories": classes,
+    }
+    return export_onnx(
+        model, out_dir / "model.onnx", input_size=pre.img_size, in_chans=pre.in_chans, opset=opset
+    )
+
+
+def _quantize_run(
+    predictor: Predictor, fp32_path: Path, out_dir: Path, calib: str | os.PathLike, limit: int
+) -> tuple[Path, int]:
+    paths = _pick(find_images([str(calib)]), limit)
+    decoded = predictor.decode(paths)
+    if not len(decoded):
+        raise DataError(f"--calib {display_path(calib)}: none of its images could be read")
+    path = quantize_int8(fp32_path, out_dir / "model.int8.onnx", _batches(predictor, decoded))
+    return path, len(decoded)
+
+
+def _int8_accuracy(
+    fp32_path: Path, int8_path: Path, batches: list[np.ndarray], y: np.ndarray
+) -> dict[str, float]:
+    fp32 = np.concatenate([OnnxClassifier(fp32_path)(b) for b in batches]).argmax(1)
+    q = np.concatenate([OnnxClassifier(int8_path)(b) for b in batches]).argmax(1)
+    acc32, acc8 = float((fp32 == y).mean()), float((q == y).mean())
+    return {
+        "fp32_accuracy": acc32,
+        "int8_accuracy": acc8,
+        "int8_accuracy_change": acc8 - acc32,
+        "top1_agreement": float((q == fp32).mean()),
+    }
 
 
 def export_run(
@@ -337,68 +399,40 @@ def export_run(
 ) -> dict:
     """Export a run to ONNX (``RUN/export/model.onnx``), check it against PyTorch on real images,
     and with ``int8`` quantize it on the user's calibration images and measure the accuracy
-    change on validation images. Returns (and writes to export.json) what was measured."""
-    from .inference import Predictor, load_run
-
+    change on validation images (see :func:`validation_samples` for which; ``val_source`` in
+    the result says, ``val_images`` and ``val_skipped`` count the images used and unreadable).
+    Returns (and writes to export.json) what was measured."""
+    if int8 and not calib:
+        raise ConfigError(
+            "--int8 needs --calib DATA: a few hundred of your own images to calibrate on"
+        )
     cfg, classes = load_run(run)
     out_dir = Path(out or Path(run) / "export")
     out_dir.mkdir(parents=True, exist_ok=True)
     predictor = Predictor.from_run(run, device="cpu", precision="fp32")
-    model = predictor.model
-    model.pretrained_cfg = {
-        "mean": cfg["mean"],
-        "std": cfg["std"],
-        "input_size": cfg["img_size"],
-        "categories": classes,
-    }
-    fp32_path = export_onnx(
-        model,
-        out_dir / "model.onnx",
-        input_size=cfg["img_size"],
-        in_chans=cfg.get("in_chans", 3),
-        opset=opset,
-    )
+    fp32_path = _export_fp32(predictor, classes, out_dir, opset)
     report: dict[str, Any] = {"onnx": str(fp32_path), "opset": opset}
 
-    val = val or (cfg["data"] if Path(cfg.get("data", "")).exists() else None)
-    val_samples = _labelled(val, classes, val_images) if val else []
-    check = val_samples[:64] or None
-    if check is None and calib:
-        check = _labelled(calib, classes, 64)
-    if check:
-        images = torch.from_numpy(
-            np.concatenate(list(_preprocessed_batches(predictor, [s.path for s in check])))
-        )
-        report["max_abs_logit_diff"] = onnx_parity(model, fp32_path, images)
+    samples, source = validation_samples(run, cfg, classes, val)
+    # Decoded with their labels: a file that cannot be read drops out with its label. Without
+    # int8 only the parity check needs images, and 64 are enough for it.
+    limit = val_images if int8 else 64
+    checked = decode_all(_pick(samples, limit), predictor.base_size, progress=False)
+    report.update(val_source=source, val_images=len(checked), val_skipped=len(checked.skipped))
+    batches = list(_batches(predictor, checked))
+    if not batches and calib:
+        batches = list(_batches(predictor, predictor.decode(_pick(find_images([str(calib)]), 64))))
+    if batches:
+        images = torch.from_numpy(np.concatenate(batches)[:64])
+        report["max_abs_logit_diff"] = onnx_parity(predictor.model, fp32_path, images)
     if int8:
-        if not calib:
-            raise ExportError(
-                "--int8 needs --calib DATA: a few hundred of your own images to calibrate on"
-            )
-        from .data import find_images
-
-        calib_paths = find_images([str(calib)])
-        rng = np.random.default_rng(0)
-        if len(calib_paths) > calib_images:
-            calib_paths = [
-                calib_paths[i]
-                for i in sorted(rng.choice(len(calib_paths), calib_images, replace=False))
-            ]
-        int8_path = quantize_int8(
-            fp32_path, out_dir / "model.int8.onnx", _preprocessed_batches(predictor, calib_paths)
-        )
-        report.update(int8=str(int8_path), calib_images=len(calib_paths))
-        if val_samples:
-            y = np.array([s.label for s in val_samples])
-            batches = list(_preprocessed_batches(predictor, [s.path for s in val_samples]))
-            fp32 = np.concatenate([OnnxClassifier(fp32_path)(b) for b in batches]).argmax(1)
-            q = np.concatenate([OnnxClassifier(int8_path)(b) for b in batches]).argmax(1)
-            report.update(
-                val_images=len(y),
-                fp32_accuracy=float((fp32 == y).mean()),
-                int8_accuracy=float((q == y).mean()),
-                int8_accuracy_change=float((q == y).mean() - (fp32 == y).mean()),
-                top1_agreement=float((q == fp32).mean()),
-            )
+        int8_path, n_calib = _quantize_run(predictor, fp32_path, out_dir, calib, calib_images)
+        report.update(int8=str(int8_path), calib_images=n_calib)
+        if len(checked):
+            y = checked.labels.numpy()
+            report.update(_int8_accuracy(fp32_path, int8_path, batches, y))
+            log.info("int8 accuracy measured on %d images: %s", len(checked), source)
+        else:
+            log.warning("int8 accuracy not measured: no validation images (%s)", source)
     (out_dir / "export.json").write_text(json.dumps(report, indent=2))
     return report

@@ -1,0 +1,149 @@
+"""The inference-engine seam: a registry picks the runtime, every engine gives fp32 CPU logits,
+and the import graph runs one way (export builds on inference and engines, never back)."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import resfit
+from resfit.inference import Predictor
+
+from .test_inference import CLASSES, make_run
+
+SRC = Path(resfit.__file__).parent  # the sources of the package under test
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """resfit modules a file imports anywhere, inside functions too (a lazy import is still
+    an edge of the graph)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found |= {node.module} if node.module else {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("resfit."):
+            found.add(node.module.split(".")[1])
+    return found
+
+
+def test_export_builds_on_inference_and_never_the_reverse() -> None:
+    for name in ("inference", "evaluation", "augmentation", "engines"):
+        assert "export" not in _imported_modules(SRC / f"{name}.py"), name
+    assert not {"inference", "evaluation", "export"} & _imported_modules(SRC / "engines.py")
+    assert {"inference", "engines"} <= _imported_modules(SRC / "export.py")
+
+
+def test_registry_lists_engines_and_refuses_an_unknown_one(tmp_path) -> None:
+    from resfit.engines import available_engines, create_engine
+    from resfit.errors import ConfigError
+
+    names = available_engines()
+    assert names[0] == "torch"
+    with pytest.raises(ConfigError, match=r"'tensorrt' is not an inference engine.*torch"):
+        create_engine("tensorrt", tmp_path, None)
+    with pytest.raises(ConfigError, match="available: torch"):
+        Predictor.from_run(make_run(tmp_path), engine="tensorrt")
+
+
+class _Fixed:
+    """An engine that always answers the last class: proves Predictor asks the registry."""
+
+    name, precision, device = "fixed", "fp32", torch.device("cpu")
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir, self.calls = run_dir, 0
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        logits = torch.zeros(len(batch), len(CLASSES), dtype=torch.float64)
+        logits[:, -1] = 5.0
+        return logits.float()
+
+    def describe(self) -> str:
+        return "always the last class"
+
+
+@pytest.fixture()
+def fixed_engine():
+    from resfit import engines
+
+    made: list[_Fixed] = []
+
+    def factory(run_dir, model, *, device, precision, compile, **options):
+        made.append(_Fixed(run_dir))
+        return made[-1]
+
+    engines.register_engine("fixed", factory)
+    try:
+        yield made
+    finally:
+        del engines._ENGINES["fixed"]
+
+
+def test_a_registered_engine_serves_predictor(tmp_path, fixed_engine) -> None:
+    from resfit.engines import Engine, available_engines
+
+    from .images import make_colour_folder
+
+    data = make_colour_folder(tmp_path / "data", per_class=2, splits=("",))
+    run = make_run(tmp_path)
+    assert "fixed" in available_engines()
+    p = Predictor.from_run(run, engine="fixed")
+    preds, _ = p.predict([data], top_k=2)
+    (engine,) = fixed_engine
+    assert isinstance(p.engine, Engine) and p.engine is engine and engine.run_dir == run
+    assert engine.calls == 1 and [x.label for x in preds] == [CLASSES[-1]] * 6
+
+
+def test_torch_engine_gives_fp32_cpu_logits_of_the_model(tmp_path) -> None:
+    from resfit.engines import create_engine
+    from resfit.errors import ConfigError
+    from resfit.inference import load_run_model
+
+    model, _, _ = load_run_model(make_run(tmp_path))
+    engine = create_engine("torch", None, model, device="cpu", precision="fp32")
+    x = torch.randn(5, 3, 16, 16)
+    got = engine(x)
+    with torch.no_grad():
+        want = model(x)
+    assert got.dtype == torch.float32 and got.device.type == "cpu"
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)  # BN folded: same function
+    assert engine.name == "torch" and engine.precision == "fp32" and "CPU" in engine.describe()
+    with pytest.raises(ConfigError, match="--engine onnx"):
+        create_engine("torch", None, model, precision="int8")
+
+
+def test_onnx_engine_runs_the_exported_run_like_torch(tmp_path) -> None:
+    pytest.importorskip("onnxruntime", reason="the optional export extra is not installed")
+    from resfit.errors import ConfigError, RunError
+    from resfit.export import export_run
+
+    run = make_run(tmp_path)
+    with pytest.raises(RunError, match="resfit export"):
+        Predictor.from_run(run, engine="onnx")
+    export_run(run, opset=17)
+    onnx = Predictor.from_run(run, engine="onnx", threads=1)
+    torch_ = Predictor.from_run(run, device="cpu", precision="fp32")
+    x = torch.randn(4, 3, 16, 16)
+    torch.testing.assert_close(onnx.engine(x), torch_.engine(x), rtol=0, atol=1e-4)
+    assert onnx.engine.name == "onnx" and onnx.precision == "fp32" and onnx.device.type == "cpu"
+    for bad in (dict(precision="bf16"), dict(compile=True), dict(device="cuda")):
+        with pytest.raises(ConfigError):
+            Predictor.from_run(run, engine="onnx", **bad)
+    with pytest.raises(RunError, match=r"--int8 --calib DATA"):
+        Predictor.from_run(run, engine="onnx", precision="int8")
+
+
+def test_missing_onnxruntime_names_the_extra(monkeypatch, tmp_path) -> None:
+    from resfit.engines import available_engines, create_engine
+    from resfit.errors import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert "onnx" not in available_engines()
+    with pytest.raises(MissingExtraError, match=r"pip install 'resfit\[export\]'") as e:
+        create_engine("onnx", make_run(tmp_path), None)
+    assert (e.value.package, e.value.extra) == ("onnxruntime", "export")
