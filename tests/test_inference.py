@@ -171,12 +171,12 @@ def test_predictions_follow_the_torchvision_recipe_end_to_end(tmp_path) -> None:
 
 
 def test_runs_without_resize_size_keep_their_preprocessing(tmp_path) -> None:
-    from resfit.augmentation import Preprocessing
+    from resfit.augmentation import EvalPreprocessing
 
     p = Predictor.from_run(make_run(tmp_path, img_size=80), precision="fp32")
     assert p.base_size == base_size_for(80) == 91
     assert [type(t).__name__ for t in p.transform.transforms][0] == "CenterCrop"
-    pre = Preprocessing.from_config({"img_size": 80, "mean": MEAN, "std": STD})
+    pre = EvalPreprocessing.from_config({"img_size": 80, "mean": MEAN, "std": STD})
     assert pre.resize_size is None and pre.interpolation == "bilinear"
 
 

@@ -34,7 +34,7 @@ __all__ = [
     "INTERPOLATIONS",
     "PRESETS",
     "AugmentConfig",
-    "Preprocessing",
+    "EvalPreprocessing",
     "base_size_for",
     "batch_transform",
     "decode_size",
@@ -114,12 +114,14 @@ def eval_transform(
 
 
 @dataclass(frozen=True)
-class Preprocessing:
-    """How a run's images reach its model: decode size, resize filter, crop and normalisation.
+class EvalPreprocessing:
+    """How a run's images reach its model at evaluation and inference: decode size, resize
+    filter, crop, normalisation and input channels.
 
     Read from a run's flat ``config.json`` with :meth:`from_config`; ``resize_size`` and
     ``interpolation`` are optional there (runs written before they existed decode at
-    :func:`base_size_for` with bilinear, as they were validated).
+    :func:`base_size_for` with bilinear, as they were validated). Training's counterpart is
+    the ``pre`` section of :class:`resfit.config.TrainConfig`, which writes these keys.
     """
 
     img_size: int
@@ -134,7 +136,7 @@ class Preprocessing:
         decode_size(self.img_size, self.resize_size)
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> Preprocessing:
+    def from_config(cls, cfg: Mapping[str, Any]) -> EvalPreprocessing:
         resize = cfg.get("resize_size")
         return cls(
             img_size=int(cfg["img_size"]),

@@ -5,7 +5,7 @@ folders, or on a data root's ``test/`` split, and writes ``RUN/eval-<name>/``: m
 per_class.csv (precision/recall/F1 from scikit-learn), confusion.csv and .png, predictions.csv.
 
 The images go through the run's own evaluation preprocessing (its weights' resize and filter,
-see :class:`resfit.augmentation.Preprocessing`), and a file name that is not valid UTF-8 is
+see :class:`resfit.augmentation.EvalPreprocessing`), and a file name that is not valid UTF-8 is
 written as its bytes on disk (see :mod:`resfit.inference`), so one odd name never costs the
 other rows.
 """

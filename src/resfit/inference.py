@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .augmentation import Preprocessing, base_size_for
+from .augmentation import EvalPreprocessing, base_size_for
 from .data import (
     DecodedImages,
     Sample,
@@ -99,10 +99,10 @@ def load_run_model(run: str | os.PathLike) -> tuple[nn.Module, dict, list[str]]:
     return model.eval(), cfg, classes
 
 
-def run_preprocessing(run: str | os.PathLike, cfg: Mapping[str, Any]) -> Preprocessing:
+def run_preprocessing(run: str | os.PathLike, cfg: Mapping[str, Any]) -> EvalPreprocessing:
     """The preprocessing a run's ``config.json`` records; a bad value names the file."""
     try:
-        return Preprocessing.from_config(cfg)
+        return EvalPreprocessing.from_config(cfg)
     except (ConfigError, KeyError, TypeError, ValueError) as e:
         raise RunError(f"{Path(run) / 'config.json'}: {e}") from None
 
@@ -114,7 +114,7 @@ class Predictor:
     ``engine``: a registered engine name (see :func:`resfit.engines.available_engines`),
     created for ``run_dir`` and ``model``, or a ready :class:`~resfit.engines.Engine`.
     ``resize_size`` and ``interpolation`` are the weights' evaluation resize (see
-    :class:`~resfit.augmentation.Preprocessing`).
+    :class:`~resfit.augmentation.EvalPreprocessing`).
     """
 
     def __init__(
@@ -137,7 +137,7 @@ class Predictor:
         run_dir: str | os.PathLike | None = None,
         engine_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self.preprocessing = Preprocessing(
+        self.preprocessing = EvalPreprocessing(
             img_size, tuple(mean), tuple(std), in_chans, resize_size, interpolation
         )
         if isinstance(engine, str):
