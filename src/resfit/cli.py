@@ -1,20 +1,119 @@
-"""The `resfit` command: a thin layer over the Python API. Every command maps to one call."""
+"""The `resfit` command: a thin layer over the Python API. Every command maps to one call.
+
+The options of ``train`` and ``lr-find`` are generated from :data:`resfit.config.OPTIONS`, one
+argument group per config section, so an option's help, type, choices and default are written
+once, in config.py. Their parsed namespace holds only the options the user gave; ``train``
+passes exactly those to :func:`resfit.train`, which is what lets ``--resume`` apply the ones a
+resumed run may change and refuse the others.
+
+Nothing heavy is imported at module level: ``resfit --help``, ``resfit train --help`` and an
+argument error answer without importing torch. Each command imports what it runs.
+
+A user's mistake (a :class:`resfit.errors.ResfitError`) ends in one line and exit status 2;
+anything else is a bug in resfit and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from . import models, weights
-from .data import DataError
-from .export import ExportError
-from .inference import RunError
-from .training import TrainConfig, TrainingError
+from .config import AUGMENT_FLAGS, OPTIONS, PRESETS, SECTIONS, OptionInfo, TrainConfig, flag
+from .errors import ConfigError, ResfitError
+
+# What `resfit bench` can time; `all` is every part. Lives only here: it is the CLI's own.
+BENCH_PARTS = ("all", "inference", "train", "pipeline")
+
+# -- the options generated from the config --------------------------------------------------------
+
+
+def _option_help(info: OptionInfo) -> str:
+    """The option's help with its default, unless the help already explains the default."""
+    if info.type is bool:
+        return info.help if not info.default else f"turn off: {info.help}"
+    text = info.help
+    if info.default is not None and "default" not in text:
+        shown = str(info.default).replace("%", "%%")  # argparse %-formats the help
+        text += f" (default: {shown})"
+    return text
+
+
+def _add_option(parser: argparse.ArgumentParser | Any, info: OptionInfo, **extra: Any) -> None:
+    """One config option as an argument. ``default=SUPPRESS``: an option the user did not give
+    stays out of the namespace, so the config's default (or a resumed run's value) holds."""
+    if info.type is bool:
+        # On by default: the flag turns it off (--no-report); off by default: it turns it on.
+        name = ("--no-" if info.default else "--") + info.name.replace("_", "-")
+        action = "store_false" if info.default else "store_true"
+        parser.add_argument(name, dest=info.name, action=action, default=argparse.SUPPRESS,
+                            help=_option_help(info))  # fmt: skip
+        return
+    if info.type not in (int, float, str):
+        raise TypeError(f"option {info.name}: the CLI cannot parse {info.type!r}")
+    kwargs: dict[str, Any] = dict(
+        type=info.type, default=argparse.SUPPRESS, help=_option_help(info)
+    )
+    if info.choices is not None:
+        kwargs["choices"] = info.choices
+    if info.metavar is not None:
+        kwargs["metavar"] = info.metavar
+    parser.add_argument(flag(info.name), dest=info.name, **{**kwargs, **extra})
+
+
+def _section_description(section: str) -> str:
+    doc = type(getattr(TrainConfig(), section)).__doc__ or ""
+    return doc.strip().splitlines()[0].replace("``", "")
+
+
+def add_config_options(parser: argparse.ArgumentParser, *, data_optional: bool = False) -> None:
+    """Every option of :data:`resfit.config.OPTIONS`, in one argument group per section.
+
+    ``data`` is positional (optional with ``data_optional``, for ``--resume``) and ``--out``
+    is required; the rest are flags.
+    """
+    for section in SECTIONS:
+        group = parser.add_argument_group(f"{section} options", _section_description(section))
+        for info in OPTIONS.values():
+            if info.section != section or not info.cli:
+                continue
+            if info.name == "data":
+                group.add_argument("data", nargs="?" if data_optional else None, metavar="DATA",
+                                   default=argparse.SUPPRESS, help=info.help)  # fmt: skip
+            elif info.name == "out":
+                _add_option(group, info, required=True, help=info.help)
+            else:
+                _add_option(group, info)
+
+
+def given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The config options the user gave on the command line, and only those, by flat name."""
+    return {name: value for name, value in vars(args).items() if name in OPTIONS}
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The config of a parsed ``train``/``lr-find`` command line: the defaults with the given
+    options, checked (a :class:`~resfit.errors.ConfigError` names a bad option)."""
+    return TrainConfig.from_options(**given_options(args)).check()
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+def _use_cores(args: argparse.Namespace) -> None:
+    """Take this process's share of the CPU threads (``--threads``, else the fair share).
+    Called once logging is set up, since it logs its choice; imports torch."""
+    from . import threads
+
+    threads.configure(getattr(args, "threads", None))
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    from . import models
+
     for name in models.list_models(include_plain=args.plain):
         spec = models.get_spec(name)
         print(f"{name:22s} {spec.family:9s} {'residual' if spec.residual else 'plain'}")
@@ -22,6 +121,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_weights(args: argparse.Namespace) -> int:
+    from . import weights
+
     for name in weights.list_weights(args.arch):
         w = weights.get_weights(name)
         top1 = w.metrics.get("top1")
@@ -29,168 +130,31 @@ def _cmd_weights(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    p.add_argument(
-        "data", help="image folder (train/ val/ test/ or class folders) or a CSV manifest"
-    )
-    p.add_argument("--out", required=True, help="run folder to write")
-    p.add_argument(
-        "--arch",
-        default=d.arch,
-        help=f"architecture (default {d.arch}); `resfit models` lists them",
-    )
-    p.add_argument(
-        "--weights", help="pretrained weights: a registered name, 'pretrained', or a file"
-    )
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument(
-        "--img-size", type=int, help="input size (default: the weights', else 224 or 32)"
-    )
-    p.add_argument(
-        "--lr", type=float, help="peak learning rate (default: by optimizer and transfer)"
-    )
-    p.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adam", "adamw"])
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", default=d.schedule, choices=["cosine", "onecycle", "constant"])
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    p.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this value")
-    p.add_argument(
-        "--early-stopping",
-        type=int,
-        metavar="PATIENCE",
-        help="stop after this many epochs without a better val accuracy",
-    )
-    p.add_argument("--augment", default="standard", choices=["none", "light", "standard", "strong"])
-    p.add_argument("--rotation", type=float, help="augmentation: max rotation in degrees")
-    p.add_argument("--translate", type=float, help="augmentation: max shift, fraction of the size")
-    p.add_argument("--hflip", type=float, help="augmentation: horizontal flip probability")
-    p.add_argument("--vflip", type=float, help="augmentation: vertical flip probability")
-    p.add_argument("--color-jitter", type=float, help="augmentation: colour jitter strength")
-    p.add_argument("--mixup", type=float, help="augmentation: MixUp alpha (0 = off)")
-    p.add_argument("--cutmix", type=float, help="augmentation: CutMix alpha (0 = off)")
-    p.add_argument(
-        "--freeze",
-        default=d.freeze,
-        choices=["none", "stem", "layer1", "layer2", "layer3", "layer4", "backbone"],
-    )
-    p.add_argument(
-        "--train-bn", action="store_true", help="keep BatchNorm in the frozen part training"
-    )
-    p.add_argument(
-        "--recipe",
-        default=d.recipe,
-        choices=["default", "finetune"],
-        help="finetune: train the head with the backbone frozen, then unfreeze with lower "
-        "per-stage learning rates",
-    )
-    p.add_argument(
-        "--head-epochs",
-        type=int,
-        default=d.head_epochs,
-        help=f"finetune: epochs (out of --epochs) for the head alone (default {d.head_epochs})",
-    )
-    p.add_argument(
-        "--unfreeze",
-        default=d.unfreeze,
-        choices=["all", "gradual"],
-        help="finetune: unfreeze all at once, or one stage per epoch from the top",
-    )
-    p.add_argument(
-        "--stem-lr-ratio",
-        type=float,
-        default=d.stem_lr_ratio,
-        help="finetune: the stem's learning rate as a fraction of the head's",
-    )
-    p.add_argument(
-        "--cache",
-        default=d.cache,
-        choices=["auto", "memory", "disk", "off"],
-        help="compute the frozen part once per image and train the rest from the stored "
-        "features (disk: a memory map in RUN/cache)",
-    )
-    p.add_argument(
-        "--cache-views",
-        type=int,
-        default=d.cache_views,
-        help="with random augmentation: augmented views stored per image (fewer = faster, "
-        f"less augmentation variety; default {d.cache_views})",
-    )
-    p.add_argument("--cache-dtype", default=d.cache_dtype, choices=["auto", "fp32", "fp16", "bf16"])
-    p.add_argument("--in-chans", type=int, default=d.in_chans, choices=[1, 3])
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    p.add_argument("--test-fraction", type=float, default=d.test_fraction)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--deterministic", action="store_true")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument(
-        "--sync-bn", action="store_true", help="SyncBatchNorm across GPUs under torchrun"
-    )
-    p.add_argument(
-        "--balance",
-        choices=["weights", "sampler"],
-        help="for uneven classes: weight the loss, or draw classes evenly",
-    )
-    p.add_argument(
-        "--leakage",
-        default=d.leakage,
-        choices=["report", "remove", "off"],
-        help="duplicates across splits (default: report)",
-    )
-    p.add_argument("--no-report", dest="report", action="store_false", help="skip report.html")
-    p.add_argument(
-        "--precise-bn",
-        type=int,
-        default=d.precise_bn,
-        help="re-estimate BN statistics on this many train images per epoch (0 = off)",
-    )
-    p.add_argument("--workers", type=int, default=d.workers)
-    p.add_argument("--tensorboard", action="store_true")
-    p.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
-    )
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-
-
-_AUG_FLAGS = ("rotation", "translate", "hflip", "vflip", "color_jitter", "mixup", "cutmix")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    from .augmentation import AugmentConfig
-
-    aug = AugmentConfig(args.augment, **{k: getattr(args, k) for k in _AUG_FLAGS})
-    names = {f for f in TrainConfig.__dataclass_fields__} - {"augment", "classes", "mean", "std"}
-    values = {k: getattr(args, k) for k in names if hasattr(args, k)}
-    return TrainConfig(**values, augment=aug)
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
+    given = given_options(args)
+    if not args.resume and "data" not in given:
+        raise ConfigError("no training data given: resfit train DATA --out RUN")
+    TrainConfig.from_options(**given).check()  # bad values answer before torch is imported
+    _use_cores(args)
     from .training import train
 
-    result = train(config_from_args(args), resume=args.resume)
+    # Resuming, the run's saved config holds; train() applies the given options that may
+    # change mid-run and refuses the others.
+    result = train(resume=args.resume, **given)
     if result.history:
-        print(
-            f"best val accuracy {result.best_val_accuracy:.4f} (epoch {result.best_epoch}); run in {result.run_dir}"
-        )
+        print(f"best val accuracy {result.best_val_accuracy:.4f} (epoch {result.best_epoch}); "
+              f"run in {result.run_dir}")  # fmt: skip
     if result.test:
         print(f"test accuracy {result.test['accuracy']:.4f} on {result.test['n']} images")
     return 0
 
 
 def _cmd_lr_find(args: argparse.Namespace) -> int:
-    from .transfer import lr_find
+    cfg = config_from_args(args)
+    _use_cores(args)
+    from .training.lr_find import lr_find
 
-    res = lr_find(
-        config_from_args(args),
-        start_lr=args.start_lr,
-        end_lr=args.end_lr,
-        steps=args.steps,
-        out=args.out,
-    )
+    res = lr_find(cfg, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps, out=args.out)
     print(f"suggested lr {res.suggestion:.2g} (steepest descent; lowest loss at {res.lr_min:.2g})")
     print(f"plot: {res.plot}")
     return 0
@@ -199,33 +163,26 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
+    _use_cores(args)
     from .evaluation import evaluate
 
-    res = evaluate(
-        args.run,
-        args.data,
-        out=args.out,
-        batch_size=args.batch_size,
-        device=args.device,
-        precision=args.precision,
-        progress=not args.json,
-    )
+    res = evaluate(args.run, args.data, out=args.out, batch_size=args.batch_size,
+                   device=args.device, precision=args.precision, progress=not args.json)  # fmt: skip
     if args.json:
         print(json.dumps(res.summary()))
-    else:
-        print(
-            f"accuracy {res.accuracy:.4f}  top-5 {res.top5:.4f}  balanced {res.balanced_accuracy:.4f}  macro-F1 {res.macro_f1:.4f}  n={res.n}"
-        )
-        for row in res.per_class:
-            print(
-                f"  {row['class']:20s} precision {row['precision']:.3f} recall {row['recall']:.3f} f1 {row['f1']:.3f} n={row['support']}"
-            )
-        if res.skipped:
-            print(f"skipped {len(res.skipped)} unreadable file(s)")
+        return 0
+    print(f"accuracy {res.accuracy:.4f}  top-5 {res.top5:.4f}  balanced "
+          f"{res.balanced_accuracy:.4f}  macro-F1 {res.macro_f1:.4f}  n={res.n}")  # fmt: skip
+    for row in res.per_class:
+        print(f"  {row['class']:20s} precision {row['precision']:.3f} recall {row['recall']:.3f} "
+              f"f1 {row['f1']:.3f} n={row['support']}")  # fmt: skip
+    if res.skipped:
+        print(f"skipped {len(res.skipped)} unreadable file(s)")
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    _use_cores(args)
     from .inference import Predictor, write_predictions_csv
 
     predictor = Predictor.from_run(
@@ -237,7 +194,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.out:
         print(f"wrote {len(preds)} predictions to {args.out}")
     else:
-        sys.stdout.write(text)
+        # A file name that is not UTF-8 goes out as its bytes on disk, as in the CSV file.
+        sys.stdout.flush()
+        sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape"))
+        sys.stdout.buffer.flush()
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     return 0
@@ -246,6 +206,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     import json
 
+    _use_cores(args)
     from .export import export_run
 
     info = export_run(args.run, int8=args.int8, calib=args.calib, val=args.val, out=args.out)
@@ -254,17 +215,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    _use_cores(args)
     from .data import find_images
-    from .inference import Predictor, make_explainer
+    from .inference import Predictor
 
     predictor = Predictor.from_run(args.run, device="cpu", precision="fp32")
     if args.class_name and args.class_name not in predictor.classes:
-        raise ValueError(f"--class {args.class_name}: the run knows {', '.join(predictor.classes)}")
-    explain = make_explainer(
-        predictor.model, predictor.img_size, predictor.transform, predictor.device
-    )
-    paths = find_images(args.inputs)
-    preds, skipped = predictor.predict(paths)
+        raise ConfigError(
+            f"--class {args.class_name}: the run knows {', '.join(predictor.classes)}"
+        )
+    explain = predictor.explainer()
+    preds, skipped = predictor.predict(find_images(args.inputs))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for p in preds:
@@ -278,6 +239,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_gradient_flow(args: argparse.Namespace) -> int:
+    _use_cores(args)
     from .analysis import run_gradient_flow
 
     s = run_gradient_flow(
@@ -294,38 +256,31 @@ def _cmd_gradient_flow(args: argparse.Namespace) -> int:
 
 
 def _cmd_augment_preview(args: argparse.Namespace) -> int:
-    from .augmentation import AugmentConfig, base_size_for, preview_grid
+    given = {k: v for k, v in given_options(args).items() if OPTIONS[k].section == "augment"}
+    aug = TrainConfig.from_options(**given).check().augment
+    _use_cores(args)
+    from torchvision.io import write_png
+
+    from .augmentation import base_size_for, preview_grid
     from .data import decode_all, discover
     from .weights import IMAGENET_MEAN, IMAGENET_STD
 
     splits = discover(args.data, seed=args.seed)
-    per_class: dict[int, list] = {}
+    first: dict[int, Any] = {}  # one image per class
     for s in splits.train:
-        per_class.setdefault(s.label, [])
-        if len(per_class[s.label]) < 1:
-            per_class[s.label].append(s)
-    samples = [s for v in per_class.values() for s in v][: args.rows]
+        first.setdefault(s.label, s)
+    samples = list(first.values())[: args.rows]
     decoded = decode_all(samples, base_size_for(args.img_size), progress=False)
-    cfg = AugmentConfig(args.augment, **{k: getattr(args, k) for k in _AUG_FLAGS})
-    grid = preview_grid(
-        decoded.images,
-        cfg,
-        args.img_size,
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-        views=args.views,
-        seed=args.seed,
-    )
-    from torchvision.io import write_png
-
+    grid = preview_grid(decoded.images, aug, args.img_size, IMAGENET_MEAN, IMAGENET_STD,
+                        views=args.views, seed=args.seed)  # fmt: skip
     write_png(grid, args.out)
-    print(
-        f"wrote {args.out}: {len(samples)} images (first column: eval view) x {args.views} augmented views, preset {args.augment}"
-    )
+    print(f"wrote {args.out}: {len(samples)} images (first column: eval view) x {args.views} "
+          f"augmented views, preset {aug.preset}")  # fmt: skip
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    _use_cores(args)
     from .demo import run_demo
 
     run_demo(out=args.out, quick=args.quick)
@@ -335,14 +290,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from . import benchmark
-
-    what = ["inference", "train", "pipeline"] if args.what == "all" else [args.what]
+    what = list(BENCH_PARTS[1:]) if args.what == "all" else [args.what]
     if "pipeline" in what and not args.data:
         if args.what == "pipeline":
-            raise ValueError("resfit bench pipeline needs --data DIR (a folder of class folders)")
+            raise ConfigError("resfit bench pipeline needs --data DIR (a folder of class folders)")
         what.remove("pipeline")
         print("(the data pipeline needs --data DIR: skipped)\n")
+    _use_cores(args)
+    from . import benchmark
+
     reports = []
     step_rate = None
     for w in what:
@@ -371,32 +327,53 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="resfit", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+# -- the parser -----------------------------------------------------------------------------------
 
-    p = sub.add_parser("models", help="list the architectures")
-    p.add_argument("--no-plain", dest="plain", action="store_false", help="hide plain twins")
-    p.set_defaults(func=_cmd_models)
 
-    p = sub.add_parser("weights", help="list the registered pretrained weights")
-    p.add_argument("--arch", help="only the weights for this architecture")
-    p.set_defaults(func=_cmd_weights)
+class _PredictHelp(argparse.HelpFormatter):
+    """Lists the inference engines installed here in ``predict --help``; the registry imports
+    torch, so it is read only when that help is shown."""
 
-    p = sub.add_parser("train", help="train a classifier on an image folder")
-    _add_train_args(p)
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        if action.dest == "engine" and text:
+            from .engines import available_engines
+
+            text += f" (installed here: {', '.join(available_engines())})"
+        return text
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    """``--threads`` after a command that runs a model, as well as before it."""
+    _add_option(p, OPTIONS["threads"])
+
+
+def _add_training_commands(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a classifier on an image folder",
+                       description="Train a classifier on an image folder and write a run folder.")  # fmt: skip
+    add_config_options(p, data_optional=True)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint; DATA may be left out, and "
+        "of the options given only those that may change mid-run are applied (--epochs, "
+        "--early-stopping, --progress ...): any other one is refused",
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
         "lr-find", help="sweep the learning rate, plot loss against it and suggest one"
     )
-    _add_train_args(p)
-    p.add_argument("--start-lr", type=float, default=1e-7)
-    p.add_argument("--end-lr", type=float, default=10.0)
-    p.add_argument("--steps", type=int, default=100, help="batches in the sweep")
+    add_config_options(p)
+    sweep = p.add_argument_group("sweep options")
+    sweep.add_argument("--start-lr", type=float, default=1e-7, help="(default: %(default)g)")
+    sweep.add_argument("--end-lr", type=float, default=10.0, help="(default: %(default)g)")
+    sweep.add_argument("--steps", type=int, default=100, help="batches in the sweep (default: %(default)d)")  # fmt: skip
     p.set_defaults(func=_cmd_lr_find)
 
+
+def _add_run_commands(sub: Any) -> None:
+    """The commands that use a finished run: eval, predict, export, explain."""
     p = sub.add_parser("eval", help="score a run on labelled images (top-1, top-5, per class)")
     p.add_argument("run")
     p.add_argument(
@@ -407,9 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
+    _add_threads(p)
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("predict", help="predict new images with a run")
+    p = sub.add_parser(
+        "predict", help="predict new images with a run", formatter_class=_PredictHelp
+    )
     p.add_argument("run")
     p.add_argument("inputs", nargs="+", help="files, folders (recursive) or globs")
     p.add_argument("--top-k", type=int, default=1)
@@ -420,15 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tta", action="store_true", help="test-time augmentation: average with the mirrored image"
     )
-    p.add_argument(
-        "--engine",
-        default="torch",
-        choices=["torch", "onnx"],
-        help="onnx: run RUN/export/model.onnx (int8 with --precision int8)",
-    )
+    # No choice list: the engine registry checks the name, and for an engine whose package is
+    # missing it says what to install (argparse would only say "invalid choice").
+    p.add_argument("--engine", default="torch", metavar="ENGINE",
+                   help="torch, or onnx to run RUN/export/model.onnx (int8 with --precision int8)")  # fmt: skip
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the model (pays off on large folders)"
     )
+    _add_threads(p)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("export", help="export a run to ONNX, optionally int8")
@@ -442,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--val", help="labelled images to measure the accuracy change on (default: the run's data)"
     )
     p.add_argument("--out", help="folder (default RUN/export)")
+    _add_threads(p)
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("explain", help="Grad-CAM overlays (PNG) of what the model looked at")
@@ -451,8 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--class", dest="class_name", help="explain this class (default: the prediction)"
     )
+    _add_threads(p)
     p.set_defaults(func=_cmd_explain)
 
+
+def _add_tool_commands(sub: Any) -> None:
+    """gradient-flow, augment-preview, bench and demo."""
     p = sub.add_parser(
         "gradient-flow", help="per-block gradient norms: ResNets vs their plain twins"
     )
@@ -464,26 +448,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="SGD steps before the second measurement")
     p.add_argument("--images", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    _add_threads(p)
     p.set_defaults(func=_cmd_gradient_flow)
 
     p = sub.add_parser("augment-preview", help="write a PNG grid of augmented samples")
     p.add_argument("data")
     p.add_argument("--out", default="augment-preview.png")
-    p.add_argument("--augment", default="standard", choices=["none", "light", "standard", "strong"])
-    for flag in _AUG_FLAGS:
-        p.add_argument("--" + flag.replace("_", "-"), type=float)
+    for name in ("augment", *AUGMENT_FLAGS):
+        _add_option(p, OPTIONS[name])
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--rows", type=int, default=6)
     p.add_argument("--views", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)
+    _add_threads(p)
     p.set_defaults(func=_cmd_augment_preview)
 
     p = sub.add_parser(
         "bench", help="time inference engines, a training step and the data pipeline here"
     )
-    p.add_argument(
-        "what", nargs="?", default="all", choices=["all", "inference", "train", "pipeline"]
-    )
+    p.add_argument("what", nargs="?", default="all", choices=BENCH_PARTS)
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--weights", help="inference: weights to load (default: seeded random init)")
     p.add_argument("--data", help="image folder: real inputs for inference; needed by pipeline")
@@ -492,10 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (the median is shown)")
     p.add_argument("--compile", action="store_true", help="add torch.compile rows (slow start)")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime engines")
-    p.add_argument("--augment", default="standard", choices=["none", "light", "standard", "strong"])
+    p.add_argument("--augment", default=OPTIONS["augment"].default, choices=PRESETS)
     p.add_argument("--limit", type=int, default=512, help="pipeline: images to read")
     p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda")
     p.add_argument("--json", help="also write the figures to this file")
+    _add_threads(p)
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser(
@@ -503,31 +487,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="fewer epochs (for the tests)")
+    _add_threads(p)
     p.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``resfit`` parser. Builds without importing torch."""
+    parser = argparse.ArgumentParser(
+        prog="resfit", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_option(parser, OPTIONS["threads"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the architectures")
+    p.add_argument("--no-plain", dest="plain", action="store_false", help="hide plain twins")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("weights", help="list the registered pretrained weights")
+    p.add_argument("--arch", help="only the weights for this architecture")
+    p.set_defaults(func=_cmd_weights)
+
+    _add_training_commands(sub)
+    _add_run_commands(sub)
+    _add_tool_commands(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    import os
-
+def _setup_logging(verbose: bool) -> None:
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports progress
-    # Other libraries at WARNING unless --verbose: the ONNX exporter's log every graph pass.
-    root = logging.DEBUG if args.verbose else logging.WARNING
+    # Other libraries at WARNING unless --verbose: the ONNX exporter logs every graph pass.
+    root = logging.DEBUG if verbose else logging.WARNING
     logging.basicConfig(level=root, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("resfit").setLevel(root if args.verbose or not rank0 else logging.INFO)
+    logging.getLogger("resfit").setLevel(root if verbose or not rank0 else logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``resfit ARGV``; returns the exit status (2: a user error, told in one line)."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
     try:
         return args.func(args)
-    except (
-        ValueError,
-        FileNotFoundError,
-        weights.WeightsError,
-        DataError,
-        RunError,
-        TrainingError,
-        ExportError,
-    ) as e:
-        # Bad input ends in one clear line, not a traceback.
+    except ResfitError as e:
+        # The user's mistake: one line that says what to change. Any other exception is a
+        # bug in resfit and keeps its traceback.
         print(f"resfit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
