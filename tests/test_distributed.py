@@ -84,6 +84,6 @@ def test_sync_bn_on_cpu_is_refused_with_a_clear_message(data: Path, tmp_path: Pa
 
 
 def test_single_process_api_ignores_distributed_settings(data: Path, tmp_path: Path) -> None:
-    r = train(TrainConfig(data=str(data), out=str(tmp_path / "r"), arch="resnet20_cifar", img_size=16,
+    r = train(TrainConfig.from_options(data=str(data), out=str(tmp_path / "r"), arch="resnet20_cifar", img_size=16,
                           epochs=1, batch_size=16, progress=False, report=False))  # fmt: skip
     assert len(r.history) == 1

@@ -36,7 +36,7 @@ def run(tmp_path_factory) -> tuple[Path, Path]:
         tmp_path_factory.mktemp("data"), per_class=16, splits=("train", "val", "test")
     )
     out = tmp_path_factory.mktemp("runs") / "run"
-    train(TrainConfig(data=str(data), out=str(out), epochs=5, **FAST))
+    train(TrainConfig.from_options(data=str(data), out=str(out), epochs=5, **FAST))
     return data, out
 
 
@@ -121,12 +121,14 @@ def _uneven(root: Path) -> Path:
 def test_imbalance_warns_and_balance_options_change_training(tmp_path: Path, caplog) -> None:
     data = _uneven(tmp_path / "d")
     with caplog.at_level("WARNING", logger="resfit"):
-        train(TrainConfig(data=str(data), out=str(tmp_path / "plain"), epochs=1, **FAST))
+        train(
+            TrainConfig.from_options(data=str(data), out=str(tmp_path / "plain"), epochs=1, **FAST)
+        )
     assert "classes are uneven" in caplog.text
     runs = {}
     for balance in ("weights", "sampler"):
         r = train(
-            TrainConfig(
+            TrainConfig.from_options(
                 data=str(data), out=str(tmp_path / balance), epochs=1, balance=balance, **FAST
             )
         )
@@ -141,7 +143,9 @@ def test_leakage_is_reported_and_removed_from_val(tmp_path: Path, caplog) -> Non
     shutil.copy(data / "train" / "red" / "003.png", data / "val" / "red" / "leak.png")
     with caplog.at_level("WARNING", logger="resfit"):
         r = train(
-            TrainConfig(data=str(data), out=str(tmp_path / "r"), epochs=1, leakage="remove", **FAST)
+            TrainConfig.from_options(
+                data=str(data), out=str(tmp_path / "r"), epochs=1, leakage="remove", **FAST
+            )
         )
     assert "appear in more than one split" in caplog.text
     assert r.history

@@ -8,7 +8,8 @@ convolution weights, at initialisation and optionally after a few SGD steps on t
 Only the residual *branch* convolutions are counted (projection shortcuts are left out) so that
 a ResNet and its plain twin are measured on exactly the same weights.
 
-Knows nothing of training, data pipelines or the CLI: it loads its few images itself.
+Knows nothing of the training loop, data pipelines or the CLI (it loads its few images
+itself); its SGD steps go through the TrainStep that training runs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from torch import Tensor, nn
 from .adapters import adapt
 from .errors import ConfigError, DataError
 from .models import build_model, get_spec
+from .tasks import SingleLabel
+from .training.step import TrainStep
 from .weights import IMAGENET_MEAN, IMAGENET_STD  # what the CIFAR and ImageNet weights expect
 
 __all__ = [
@@ -105,42 +108,45 @@ def gradient_flow(
     decay 5e-4, the training recipe) on the same batch and is measured again.
     """
     if images.ndim != 4 or images.shape[0] != labels.shape[0]:
-        raise ValueError("images must be N x C x H x W with one label per image")
+        raise DataError("images must be N x C x H x W with one label per image")
     if steps < 0:
         raise ConfigError(f"--steps must be >= 0, got {steps}")
     rows: list[dict] = []
     for arch in archs:
-        spec = get_spec(arch)
-        num_classes = max(spec.default_num_classes, int(labels.max()) + 1)
-        # Same seed per architecture: a ResNet and its plain twin start from identical weights.
-        torch.manual_seed(seed)
-        model = build_model(arch, num_classes=num_classes).train()
-        blocks = block_convs(model)
-        last = blocks[-1][1]
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-        for step in range(steps + 1):
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(images), labels)
-            loss.backward()
-            if step == 0 or step == steps:
-                phase = "init" if step == 0 else f"after {steps} step{'s' if steps > 1 else ''}"
-                for i, (name, depth, convs) in enumerate(blocks, start=1):
-                    rows.append(
-                        {
-                            "arch": arch,
-                            "phase": phase,
-                            "step": step,
-                            "block": i,
-                            "depth": depth,
-                            "rel_depth": depth / last,
-                            "layer": name,
-                            "grad_norm": _grad_norm(convs),
-                            "weight_norm": _weight_norm(convs),
-                            "loss": float(loss.detach()),
-                        }
-                    )
-            if step < steps:
-                opt.step()
+        rows.extend(_arch_rows(arch, images, labels, steps, lr, seed))
+    return rows
+
+
+def _arch_rows(
+    arch: str, images: Tensor, labels: Tensor, steps: int, lr: float, seed: int
+) -> list[dict]:
+    spec = get_spec(arch)
+    num_classes = max(spec.default_num_classes, int(labels.max()) + 1)
+    # Same seed per architecture: a ResNet and its plain twin start from identical weights.
+    torch.manual_seed(seed)
+    model = build_model(arch, num_classes=num_classes).train()
+    blocks = block_convs(model)
+    last = blocks[-1][1]
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    grads: list[float] = []
+
+    def read_grads(*_: object) -> None:  # after backward, before the update: this step's
+        grads[:] = [_grad_norm(convs) for _, _, convs in blocks]
+
+    opt.register_step_pre_hook(read_grads)
+    # The step training runs, in fp32 NCHW: the figures are about the network, not speed.
+    train_step = TrainStep(opt, SingleLabel().loss, images.device, "fp32", channels_last=False)
+    rows: list[dict] = []
+    for step in range(steps + 1):
+        weights = [_weight_norm(convs) for _, _, convs in blocks]
+        _, loss = train_step(model, images, labels)  # the last update is never measured
+        if step == 0 or step == steps:
+            phase = "init" if step == 0 else f"after {steps} step{'s' if steps > 1 else ''}"
+            blockwise = zip(blocks, grads, weights, strict=True)
+            for i, ((name, depth, _), g, w) in enumerate(blockwise, start=1):
+                rows.append({"arch": arch, "phase": phase, "step": step, "block": i,
+                             "depth": depth, "rel_depth": depth / last, "layer": name,
+                             "grad_norm": g, "weight_norm": w, "loss": float(loss.detach())})  # fmt: skip
     return rows
 
 

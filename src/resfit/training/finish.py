@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .. import calibration
 from ..atomic import atomic_save_safetensors, atomic_write_text
+from ..augmentation import decode_size
 from ..config import TrainConfig
 from ..data import DataSplits, TransformedImages
 from . import callbacks as cb
@@ -18,6 +19,12 @@ from .loop import Loop
 from .step import predict_logits
 
 log = logging.getLogger("resfit")
+
+
+def eval_decode_size(cfg: TrainConfig) -> int:
+    """Shorter side that validation and test images are decoded at: the weights' own resize
+    (torchvision V2: 232 for a 224 crop) where they state one."""
+    return decode_size(cfg.model.img_size, cfg.pre.resize_size)
 
 
 def finish_run(
@@ -43,9 +50,10 @@ def finish_run(
     # The frozen prefix is the same in the best weights: cached val features still hold.
     val_logits = loop.val_logits(model)
     val_labels = loop.data.val.decoded.labels
-    temperature = calibrate(out, val_logits, val_labels)
+    cal = calibrate(out, val_logits, val_labels)
+    temperature = cal.temperature
     if cfg.run.report:
-        _write_report(cfg, loop, splits, val_logits, temperature, skipped, duplicates, ev_tf)
+        _write_report(cfg, loop, splits, val_logits, cal, skipped, duplicates, ev_tf)
     test = _evaluate_test(cfg, loop, splits, ev_tf, show, temperature) if splits.test else None
     summary = {"best_epoch": best.best_epoch, "best_val_accuracy": best.best,
                "epochs_run": len(loop.history), "test": test}  # fmt: skip
@@ -55,17 +63,17 @@ def finish_run(
     return test
 
 
-def calibrate(out: Path, val_logits: Tensor, val_labels: Tensor) -> float:
+def calibrate(out: Path, val_logits: Tensor, val_labels: Tensor) -> calibration.Calibration:
     """Temperature scaling fitted on the validation set, kept only where it lowers the
     calibration error there (else T = 1, and the log says why); ``predict`` applies it."""
     c = calibration.calibrate_temperature(val_logits, val_labels)
     record = {**c.to_dict(), "fitted_on": "validation"}
     atomic_write_text(out / "calibration.json", json.dumps(record, indent=2))
     log.info("calibration: %s", c.reason)
-    return c.temperature
+    return c
 
 
-def _write_report(cfg, loop, splits, val_logits, temperature, skipped, duplicates, ev_tf) -> None:
+def _write_report(cfg, loop, splits, val_logits, cal, skipped, duplicates, ev_tf) -> None:
     from ..inference import make_explainer
     from ..report import ReportData, write_report
 
@@ -78,9 +86,21 @@ def _write_report(cfg, loop, splits, val_logits, temperature, skipped, duplicate
         paths=[str(p) for p in val.paths],
         history=loop.history,
         config=cfg.to_dict(),
-        temperature=temperature,
-        data_summary={"counts": splits.counts(), "skipped": skipped, "duplicates": duplicates},
-        explain=make_explainer(loop.eval_model, cfg.model.img_size, ev_tf, loop.step.device),
+        temperature=cal.temperature,
+        calibration=cal,
+        data_summary={
+            "counts": splits.counts(),
+            "skipped": skipped,
+            "duplicates": duplicates,
+            "notes": [f"{s}: {o}" for s, o in splits.origins.items()],
+        },  # fmt: skip
+        explain=make_explainer(
+            loop.eval_model,
+            cfg.model.img_size,
+            ev_tf,
+            loop.step.device,
+            base_size=eval_decode_size(cfg),
+        ),  # fmt: skip
         split="validation",
     )
     path = write_report(Path(cfg.run.out) / "report.html", data)
@@ -88,10 +108,9 @@ def _write_report(cfg, loop, splits, val_logits, temperature, skipped, duplicate
 
 
 def _evaluate_test(cfg, loop, splits, ev_tf, show, temperature) -> dict:
-    from ..augmentation import base_size_for
     from ..evaluation import compute_metrics, write_eval
 
-    test_data = loop.source.open(splits.test, base_size_for(cfg.model.img_size), progress=show,
+    test_data = loop.source.open(splits.test, eval_decode_size(cfg), progress=show,
                                  desc="decoding test")  # fmt: skip
     s = loop.step
     logits = predict_logits(loop.eval_model, TransformedImages(test_data, ev_tf), 64, s.device,

@@ -52,7 +52,7 @@ from ..weights import IMAGENET_MEAN, IMAGENET_STD, create_model
 from . import callbacks as cb
 from . import recipes
 from .distributed import Dist, barrier, init_distributed
-from .finish import finish_run
+from .finish import eval_decode_size, finish_run
 from .loop import EpochData, Loop
 from .step import TrainStep, make_optimizer
 
@@ -235,7 +235,8 @@ def build_transforms(cfg: TrainConfig) -> tuple:
     """(train, eval) per-image transforms for the config's size, statistics and channels."""
     p, m = cfg.pre, cfg.model
     tr = train_transform(cfg.augment, m.img_size, p.mean, p.std)
-    ev = eval_transform(m.img_size, p.mean, p.std)
+    ev = eval_transform(m.img_size, p.mean, p.std, resize_size=p.resize_size,
+                        interpolation=p.interpolation)  # fmt: skip
     return for_channels(tr, m.in_chans), for_channels(ev, m.in_chans)
 
 
@@ -243,7 +244,11 @@ class _FileLog:
     """Send the resfit log to RUN/train.log for the duration of a run."""
 
     def __init__(self, path: Path, enabled: bool) -> None:
-        self.handler = logging.FileHandler(path, errors="backslashreplace") if enabled else None
+        self.handler = (
+            logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
+            if enabled
+            else None
+        )
         if self.handler:
             self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
 
@@ -263,9 +268,10 @@ class _FileLog:
 def _open_data(
     cfg: TrainConfig, source: DataSource, splits: DataSplits, show: bool, out: Path, main: bool
 ) -> tuple[DecodedImages, DecodedImages, list]:
-    base = base_size_for(cfg.model.img_size)
-    train_data = source.open(splits.train, base, progress=show, desc="decoding train")
-    val_data = source.open(splits.val, base, progress=show, desc="decoding val")
+    train_data = source.open(splits.train, base_size_for(cfg.model.img_size), progress=show,
+                             desc="decoding train")  # fmt: skip
+    # Validation at the weights' own resize (torchvision V2: 232 for a 224 crop), if any.
+    val_data = source.open(splits.val, eval_decode_size(cfg), progress=show, desc="decoding val")
     skipped = splits.skipped + train_data.skipped + val_data.skipped
     if main:
         write_skipped(out / "skipped.csv", skipped)
