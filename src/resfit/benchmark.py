@@ -310,6 +310,38 @@ def bench_inference(
         info={"GFLOP per image": round(gflop, 2), "input": f"{len(x)} images"},
     )
     work = Path(tempfile.mkdtemp(prefix="resfit-bench-"))
+    engines = _inference_engines(arch, base_model, ours, x, dev, work, bf16=bf16,
+                                 compile=compile, onnx=onnx)  # fmt: skip
+    built = _build_engines(engines, x, dev, report)
+    batch_s = _interleaved(
+        {k: _synced(lambda f=v[1]: f(x), dev) for k, v in built.items()}, repeats
+    )
+    one_s = _interleaved(
+        {k: _synced(lambda f=v[1]: f(x[:1]), dev) for k, v in built.items()}, 3 * repeats
+    )
+    shutil.rmtree(work, ignore_errors=True)  # the sessions hold the models in memory
+    after = gemm_roof(device=dev)
+    report.roof = {k: max(v, after[k]) for k, v in roof.items()}  # others only lower it
+    base_name = engines[0][0]
+    base_pred = built[base_name][3] if base_name in built else None
+    for name, (precision, _, setup, pred) in built.items():
+        ips = len(x) / batch_s[name]
+        agreement = (pred == base_pred).float().mean().item() if base_pred is not None else math.nan
+        report.rows.append(
+            BenchRow(name, precision, ips, ratio=ips * batch_s.get(base_name, math.nan) / len(x),
+                     roof_fraction=ips * gflop / report.roof.get(precision, math.nan),
+                     latency_ms=1e3 * one_s[name],
+                     latency_ratio=one_s[name] / one_s.get(base_name, math.nan),
+                     setup_s=setup, agreement=agreement)
+        )  # fmt: skip
+    return report
+
+
+def _inference_engines(
+    arch: str, base_model: nn.Module, ours: nn.Module, x: Tensor, dev: torch.device, work: Path,
+    *, bf16: bool, compile: bool, onnx: bool,
+) -> list[tuple[str, str, Callable]]:  # fmt: skip
+    """(name, precision, builder) of every engine to time; the baseline first."""
 
     def baseline():
         def fn(t: Tensor) -> Tensor:
@@ -356,7 +388,14 @@ def bench_inference(
             ("ONNX Runtime fp32", "fp32", onnx_engine(False)),
             ("ONNX Runtime int8", "int8", onnx_engine(True)),
         ]
+    return engines
 
+
+def _build_engines(
+    engines: list[tuple[str, str, Callable]], x: Tensor, dev: torch.device, report: BenchReport
+) -> dict[str, tuple[str, Callable, float, Tensor]]:
+    """Build and warm up each engine: name -> (precision, callable, setup s, predictions). One
+    that cannot run here is a row saying why, not a crash."""
     built: dict[str, tuple[str, Callable, float, Tensor]] = {}
     for name, precision, build in engines:
         t0 = time.perf_counter()
@@ -371,36 +410,7 @@ def bench_inference(
             continue
         built[name] = (precision, fn, time.perf_counter() - t0, pred)
         log.info("  %s ready (%.1f s)", name, time.perf_counter() - t0)
-
-    batch_s = _interleaved(
-        {k: _synced(lambda f=v[1]: f(x), dev) for k, v in built.items()}, repeats
-    )
-    one_s = _interleaved(
-        {k: _synced(lambda f=v[1]: f(x[:1]), dev) for k, v in built.items()}, 3 * repeats
-    )
-    shutil.rmtree(work, ignore_errors=True)  # the sessions hold the models in memory
-    after = gemm_roof(device=dev)
-    report.roof = {k: max(v, after[k]) for k, v in roof.items()}  # others only lower it
-    base_name = engines[0][0]
-    base_pred = built[base_name][3] if base_name in built else None
-    for name, (precision, _, setup, pred) in built.items():
-        ips = len(x) / batch_s[name]
-        report.rows.append(
-            BenchRow(
-                name,
-                precision,
-                ips,
-                ratio=ips * batch_s.get(base_name, math.nan) / len(x),
-                roof_fraction=ips * gflop / report.roof.get(precision, math.nan),
-                latency_ms=1e3 * one_s[name],
-                latency_ratio=one_s[name] / one_s.get(base_name, math.nan),
-                setup_s=setup,
-                agreement=(pred == base_pred).float().mean().item()
-                if base_pred is not None
-                else math.nan,
-            )
-        )
-    return report
+    return built
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,17 +499,7 @@ def bench_train_step(
     if compile:
         engines.append((f"resfit {auto} + torch.compile", auto, resfit_step(auto, True)))
 
-    built: dict[str, tuple[str, Callable, float, float]] = {}
-    for name, precision, build in engines:
-        t0 = time.perf_counter()
-        try:
-            step = build()
-            first = step()  # also the warm-up (and compilation)
-        except Exception as e:
-            report.rows.append(BenchRow(name, precision, math.nan, note=f"skipped: {e}"[:140]))
-            continue
-        built[name] = (precision, step, time.perf_counter() - t0, first)
-        log.info("  %s ready (%.1f s)", name, time.perf_counter() - t0)
+    built = _warm_up_steps(engines, report)
     secs = _interleaved({k: v[1] for k, v in built.items()}, repeats)
     after = gemm_roof(device=device)
     report.roof = {k: max(v, after[k]) for k, v in roof.items()}
@@ -507,17 +507,30 @@ def bench_train_step(
     for name, (precision, _, setup, first) in built.items():
         ips = batch / secs[name]
         report.rows.append(
-            BenchRow(
-                name,
-                precision,
-                ips,
-                ratio=secs.get(base_name, math.nan) / secs[name],
-                roof_fraction=ips * gflop / report.roof.get(precision, math.nan),
-                setup_s=setup,
-                first_loss=first,
-            )
-        )
+            BenchRow(name, precision, ips, ratio=secs.get(base_name, math.nan) / secs[name],
+                     roof_fraction=ips * gflop / report.roof.get(precision, math.nan),
+                     setup_s=setup, first_loss=first)
+        )  # fmt: skip
     return report
+
+
+def _warm_up_steps(
+    engines: list[tuple[str, str, Callable]], report: BenchReport
+) -> dict[str, tuple[str, Callable, float, float]]:
+    """Build each step and take its first step (warm-up and compilation): name -> (precision,
+    step, setup s, first loss). One that cannot run here is a row saying why."""
+    built: dict[str, tuple[str, Callable, float, float]] = {}
+    for name, precision, build in engines:
+        t0 = time.perf_counter()
+        try:
+            step = build()
+            first = step()
+        except Exception as e:
+            report.rows.append(BenchRow(name, precision, math.nan, note=f"skipped: {e}"[:140]))
+            continue
+        built[name] = (precision, step, time.perf_counter() - t0, first)
+        log.info("  %s ready (%.1f s)", name, time.perf_counter() - t0)
+    return built
 
 
 # ---------------------------------------------------------------------------------------------

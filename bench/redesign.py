@@ -1,0 +1,96 @@
+# The training-core redesign (issue 13) must not slow the hot paths. This times them with the
+# code before it and after it, alternately, on the same machine:
+#   step:     resfit's ResNet-50 training step at 224 px, batch 32, at the precision `auto`
+#             picks (`resfit.benchmark.bench_train_step`, medians of 3 rounds; its naive row
+#             is printed too, as the in-run reference for machine noise);
+#   finetune: `resfit.train(freeze="backbone", augment="none")`, the head-only fine-tune of
+#             bench/finetune.py (ResNet-50, 224 px, 10 epochs, 300 train / 150 val flowers5
+#             photos, feature cache), wall time from the folder to the trained head.
+# "before" is a checkout of the commit before the redesign (c7da56a): make one with
+#   git worktree add /tmp/old-main c7da56a
+# and run, from the repository root with ../shared/assets present (~12 min on 2 cores):
+#   python bench/redesign.py --old /tmp/old-main [--rounds 2]
+#
+# Last figures: in the README, "The training core" (the run of 2026-11-29).
+"""Training step and head-only fine-tune: the code before the redesign against today's."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from _common import FLOWERS_ZIP, ROOT
+
+STEP = """
+import json, resfit.benchmark as b
+rep = b.bench_train_step("resnet50", batch=32, img_size=224, repeats=3)
+print(json.dumps({r.name: r.images_per_s for r in rep.rows}))
+"""
+FINETUNE = """
+import json, sys, time, resfit
+t = time.perf_counter()
+r = resfit.train(data=sys.argv[1], out=sys.argv[2], arch="resnet50", freeze="backbone",
+                 augment="none", epochs=10, lr=3e-4, batch_size=64, progress=False,
+                 report=False, leakage="off")
+print(json.dumps({"seconds": time.perf_counter() - t, "val": r.best_val_accuracy}))
+"""
+
+
+def _subset(root: Path, train: int, val: int) -> Path:
+    """A class-balanced subset of flowers5 as symlinks."""
+    with zipfile.ZipFile(FLOWERS_ZIP) as z:
+        z.extractall(root / "all")
+    for split, n in (("train", train), ("val", val)):
+        for cls in sorted((root / "all" / split).iterdir()):
+            (root / "subset" / split / cls.name).mkdir(parents=True)
+            for f in sorted(cls.iterdir())[: n // 5]:
+                (root / "subset" / split / cls.name / f.name).symlink_to(f)
+    return root / "subset"
+
+
+def _run(tree: Path, code: str, *args: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(tree / "src")}
+    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         env=env, timeout=1800)  # fmt: skip
+    if res.returncode != 0:
+        raise SystemExit(f"{tree}: {res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--old", type=Path, required=True, help="a checkout of the commit before")
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="resfit-redesign-"))
+    data = _subset(work, 300, 150)
+    trees = {"before": args.old.resolve(), "after": ROOT}
+    step: dict[str, list[dict]] = {k: [] for k in trees}
+    tune: dict[str, list[dict]] = {k: [] for k in trees}
+    for i in range(args.rounds):
+        for name, tree in trees.items():  # alternate, so drift hits both sides alike
+            step[name].append(_run(tree, STEP))
+            tune[name].append(_run(tree, FINETUNE, str(data), str(work / f"{name}{i}")))
+            print(name, i, step[name][-1], tune[name][-1], flush=True)
+    print(f"\n{'':8} {'step img/s (resfit, naive)':>28} {'head-only fine-tune s':>22} {'val':>6}")
+    med = {}
+    for name in trees:
+        resfit_rows = [max(v for k, v in s.items() if k.startswith("resfit")) for s in step[name]]
+        naive_rows = [v for s in step[name] for k, v in s.items() if k.startswith("naive")]
+        secs = statistics.median(t["seconds"] for t in tune[name])
+        med[name] = (statistics.median(resfit_rows), secs)
+        print(f"{name:8} {med[name][0]:14.2f} {statistics.median(naive_rows):13.2f} "
+              f"{secs:22.1f} {tune[name][-1]['val']:6.3f}")  # fmt: skip
+    print(f"after / before: step {med['after'][0] / med['before'][0]:.3f}x, "
+          f"fine-tune time {med['after'][1] / med['before'][1]:.3f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
