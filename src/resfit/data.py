@@ -42,6 +42,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from .errors import DataError
+from .threads import worker_init
 
 log = logging.getLogger("resfit")
 
@@ -709,7 +710,10 @@ def iter_batches(
     two here, since such small ops cost more to split than to run."""
     if workers > 0:
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=[list(map(int, b)) for b in index_batches], num_workers=workers
+            dataset,
+            batch_sampler=[list(map(int, b)) for b in index_batches],
+            num_workers=workers,
+            worker_init_fn=worker_init,  # one thread per worker: the cores are the model's
         )
         yield from loader
         return
