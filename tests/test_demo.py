@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from resfit.demo import run_demo
+from resfit.errors import ConfigError
 
 
 def test_quick_demo_prints_what_it_measured(tmp_path: Path, capsys) -> None:
@@ -23,6 +24,8 @@ def test_quick_demo_prints_what_it_measured(tmp_path: Path, capsys) -> None:
 
 def test_demo_refuses_to_delete_a_folder_that_is_not_a_demo(tmp_path: Path) -> None:
     (tmp_path / "mine.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="not an earlier demo"):
+    with pytest.raises(
+        ConfigError, match="not an earlier demo"
+    ):  # a user error: one line in the CLI
         run_demo(out=tmp_path)
     assert (tmp_path / "mine.txt").exists()

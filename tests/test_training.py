@@ -131,7 +131,7 @@ def test_broken_and_odd_files_are_skipped_and_listed(colours: Path, tmp_path: Pa
 
     Image.new("CMYK", (20, 20), (0, 200, 200, 0)).save(data / "train" / "red" / "cmyk.jpg")
     Image.new("I;16", (20, 20), 3000).save(data / "train" / "blue" / "deep.png")
-    r = train(TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=1, **FAST))
+    r = train(TrainConfig.from_options(data=str(data), out=str(tmp_path / "run"), epochs=1, **FAST))
     with open(tmp_path / "run" / "skipped.csv") as f:
         listed = {row["path"] for row in csv.DictReader(f)}
     assert listed == {str(p) for p in broken}
@@ -167,15 +167,37 @@ def test_killed_run_resumes_and_finishes_with_the_same_epochs(
         assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), rel=1e-3, abs=1e-4)
 
 
+def test_resume_applies_the_options_that_may_change_and_refuses_the_others(
+    colours: Path, tmp_path: Path
+) -> None:
+    """Issue 13, defect 8: --resume used to drop every flag given with it."""
+    run = tmp_path / "run"
+    args = ["train", str(colours), "--out", str(run), "--arch", "resnet20_cifar", "--img-size", "16",
+            "--batch-size", "16", "--augment", "light", "--no-progress", "--no-report"]  # fmt: skip
+    assert _cli(*args, "--epochs", "2").returncode == 0
+    res = _cli(*args, "--resume", "--epochs", "4")  # the same command line, and a new --epochs
+    assert res.returncode == 0, res.stderr
+    assert [int(r["epoch"]) for r in _metrics(run)] == [1, 2, 3, 4]
+    assert json.loads((run / "config.json").read_text())["epochs"] == 4
+
+    # DATA may be left out with --resume; the run's own holds.
+    res = _cli("train", "--out", str(run), "--resume", "--epochs", "5", "--lr", "0.5")
+    assert res.returncode == 2
+    assert "--lr" in res.stderr and "Traceback" not in res.stderr
+    assert len(_metrics(run)) == 4  # refused before anything ran
+
+
 def test_existing_run_is_not_overwritten(trained_run: Path, colours: Path) -> None:
     with pytest.raises(TrainingError, match="already holds a run"):
-        train(TrainConfig(data=str(colours), out=str(trained_run), **FAST))
+        train(TrainConfig.from_options(data=str(colours), out=str(trained_run), **FAST))
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     colours: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    real = training.soft_cross_entropy
+    import resfit.tasks as tasks
+
+    real = tasks.soft_cross_entropy
     calls = {"n": 0}
 
     def poisoned(logits, target, *args):
@@ -183,9 +205,12 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
         loss = real(logits, target, *args)
         return loss * float("nan") if calls["n"] > 3 * 3 else loss  # 3 steps per epoch
 
-    monkeypatch.setattr(training, "soft_cross_entropy", poisoned)
+    # SingleLabel.loss calls it through the module global.
+    monkeypatch.setattr(tasks, "soft_cross_entropy", poisoned)
     with pytest.raises(TrainingError, match=r"loss became nan at epoch 4.*last good checkpoint"):
-        train(TrainConfig(data=str(colours), out=str(tmp_path / "run"), epochs=6, **FAST))
+        train(
+            TrainConfig.from_options(data=str(colours), out=str(tmp_path / "run"), epochs=6, **FAST)
+        )
     ck = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert ck["epoch"] == 3
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
@@ -208,7 +233,7 @@ def test_failed_checkpoint_write_leaves_the_previous_one_intact(
     monkeypatch.setattr(training.torch, "save", flaky_save)
     run = tmp_path / "run"
     with caplog.at_level("ERROR", logger="resfit"):
-        train(TrainConfig(data=str(colours), out=str(run), epochs=2, **FAST))
+        train(TrainConfig.from_options(data=str(colours), out=str(run), epochs=2, **FAST))
     assert "No space left" in caplog.text
     ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ck["epoch"] == 1  # epoch 2's failed write did not replace epoch 1's checkpoint
@@ -217,7 +242,7 @@ def test_failed_checkpoint_write_leaves_the_previous_one_intact(
 
 def test_early_stopping(colours: Path, tmp_path: Path) -> None:
     # With a zero learning rate nothing improves after the first epoch.
-    r = train(TrainConfig(data=str(colours), out=str(tmp_path / "run"), epochs=10, lr=1e-12,
+    r = train(TrainConfig.from_options(data=str(colours), out=str(tmp_path / "run"), epochs=10, lr=1e-12,
                           early_stopping=2, **FAST))  # fmt: skip
     assert len(r.history) == 3
 
@@ -229,7 +254,7 @@ def test_frozen_part_keeps_its_weights_and_bn_statistics(colours: Path, tmp_path
 
     init = create_model("resnet20_cifar", num_classes=3)
     torch.save(init.state_dict(), tmp_path / "init.pth")
-    train(TrainConfig(data=str(colours), out=str(tmp_path / "run"), epochs=2, freeze="layer2",
+    train(TrainConfig.from_options(data=str(colours), out=str(tmp_path / "run"), epochs=2, freeze="layer2",
                       weights=str(tmp_path / "init.pth"), **FAST))  # fmt: skip
     after = load_file(str(tmp_path / "run" / "model.safetensors"))
     before = init.state_dict()
