@@ -24,8 +24,7 @@ def test_quick_demo_prints_what_it_measured(tmp_path: Path, capsys) -> None:
 
 def test_demo_refuses_to_delete_a_folder_that_is_not_a_demo(tmp_path: Path) -> None:
     (tmp_path / "mine.txt").write_text("keep me")
-    with pytest.raises(
-        ConfigError, match="not an earlier demo"
-    ):  # a user error: one line in the CLI
+    # A user error (one line in the CLI), not a bug.
+    with pytest.raises(ConfigError, match="not an earlier demo"):
         run_demo(out=tmp_path)
     assert (tmp_path / "mine.txt").exists()
