@@ -251,7 +251,10 @@ class OnnxClassifier:
         ort = _import_onnxruntime()
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"ONNX model {self.path} does not exist")
+            raise RunError(
+                f"ONNX model {self.path} does not exist: write it with resfit export RUN "
+                f"(add --int8 --calib DATA for the int8 model)"
+            )
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:

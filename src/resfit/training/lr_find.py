@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import runtime
+from .. import runtime, threads
 from ..augmentation import base_size_for, batch_transform
 from ..config import TrainConfig
 from ..data import TransformedImages, decode_all, discover, iter_batches
@@ -78,6 +78,8 @@ def lr_find(
     if steps < 5:
         raise ConfigError("lr-find needs at least 5 --steps")
     cfg = cfg.check()
+    if cfg.runtime.threads is not None or not threads.is_configured():
+        threads.configure(cfg.runtime.threads)
     torch.manual_seed(cfg.runtime.seed)
     device = runtime.pick_device(cfg.runtime.device)
     precision = runtime.pick_precision(device, cfg.runtime.precision)
