@@ -89,7 +89,9 @@ def main() -> None:
     ref = {}
     for name in SCENARIOS:
         with tempfile.TemporaryDirectory() as tmp:
-            ref[name] = run_scenario(name, Path(tmp), train, TrainConfig.from_options, AugmentConfig)
+            ref[name] = run_scenario(
+                name, Path(tmp), train, TrainConfig.from_options, AugmentConfig
+            )
     REFERENCE.write_text(json.dumps(ref, indent=1))
     print(f"wrote {REFERENCE}")
 
