@@ -208,8 +208,17 @@ def test_ema_resumes_and_works_with_the_feature_cache(
 # -- defect 9: keep the head when the classes are the weights' own -----------------------------
 
 
-def test_cifar_weights_keep_their_head_on_cifar_classes(cifar_mirror: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("weights", ["file", "resnet20_cifar.cifar10"])
+def test_cifar_weights_keep_their_head_on_cifar_classes(
+    cifar_mirror: Path, tmp_path: Path, weights: str
+) -> None:
+    """The checkpoint as a registered name, or as the file a user downloaded (recognised by
+    its sha256: the file alone does not say which classes its head is for)."""
+    from .conftest import CIFAR_CKPTS
     from .images import colour_image
+
+    if weights == "file":
+        weights = str(CIFAR_CKPTS / "resnet20-12fca82f.th")
 
     rng = __import__("numpy").random.default_rng(0)
     for split in ("train", "val"):
@@ -220,7 +229,7 @@ def test_cifar_weights_keep_their_head_on_cifar_classes(cifar_mirror: Path, tmp_
                     tmp_path / "d" / split / cls / f"{i}.png"
                 )
     run = tmp_path / "run"
-    train(data=str(tmp_path / "d"), out=str(run), weights="resnet20_cifar.cifar10", epochs=1,
+    train(data=str(tmp_path / "d"), out=str(run), weights=weights, epochs=1,
           lr=1e-12, batch_size=8, arch="resnet20_cifar", progress=False, report=False,
           leakage="off", precision="fp32", precise_bn=0)  # fmt: skip
     assert "keeping the weights' 10-class head" in (run / "train.log").read_text()
