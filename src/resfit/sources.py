@@ -42,8 +42,9 @@ class DataSource:
         index_batches: Sequence[Sequence[int]],
         workers: int = 0,
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Stacked ``(x, y)`` for each list of indices, in order."""
-        raise NotImplementedError
+        """Stacked ``(x, y)`` for each list of indices, in order: per-image transforms here on
+        one thread, or in ``workers`` processes. A source that streams overrides this."""
+        return iter_batches(dataset, index_batches, workers)
 
 
 class InMemory(DataSource):
@@ -54,14 +55,6 @@ class InMemory(DataSource):
     def open(self, samples: Sequence[Sample], base_size: int, *, progress: bool,
              desc: str) -> DecodedImages:  # fmt: skip
         return decode_all(samples, base_size, progress=progress, desc=desc)
-
-    def batches(
-        self,
-        dataset: torch.utils.data.Dataset,
-        index_batches: Sequence[Sequence[int]],
-        workers: int = 0,
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        return iter_batches(dataset, index_batches, workers)
 
 
 SOURCES: dict[str, type[DataSource]] = {InMemory.mode: InMemory}
