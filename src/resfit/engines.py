@@ -338,6 +338,14 @@ def _onnx_engine(
     return OnnxEngine(path, threads=threads)
 
 
-# The built-in engines; new ones (OpenVINO, TensorRT) are registered here the same way.
+def _openvino_engine(run_dir: Path | None, model: nn.Module | None, **kw: Any) -> Engine:
+    # Imported when asked for: OpenVINO is optional, and the module imports it on use.
+    from .openvino_engine import make_openvino
+
+    return make_openvino(run_dir, model, **kw)
+
+
+# The built-in engines; new ones (TensorRT ...) are registered here the same way.
 register_engine("torch", _torch_engine)
 register_engine("onnx", _onnx_engine, requires=("onnxruntime",), extra="export")
+register_engine("openvino", _openvino_engine, requires=("openvino",), extra="openvino")

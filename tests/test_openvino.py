@@ -1,0 +1,70 @@
+"""The OpenVINO engine (issue 18, part 1): it agrees with PyTorch, int8 through NNCF keeps the
+answers of a trained model, and a missing package is one line with the install command."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from resfit.engines import available_engines, create_engine
+from resfit.errors import MissingExtraError, RunError
+from resfit.inference import Predictor
+from resfit.training import train
+
+from .images import make_colour_folder
+
+ov = pytest.importorskip("openvino", reason="needs the optional openvino (resfit[openvino])")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    data = make_colour_folder(tmp_path_factory.mktemp("colours"), per_class=12)
+    out = tmp_path_factory.mktemp("runs") / "run"
+    train(data=str(data), out=str(out), arch="resnet20_cifar", img_size=16, epochs=4,
+          batch_size=16, lr=0.1, progress=False, report=False, leakage="off")  # fmt: skip
+    return out
+
+
+def test_openvino_is_listed_and_agrees_with_pytorch_in_fp32(run: Path) -> None:
+    assert "openvino" in available_engines()
+    p = Predictor.from_run(run, device="cpu", precision="fp32")
+    x = torch.randn(8, 3, 16, 16)
+    engine = create_engine("openvino", run, p.model, precision="fp32")
+    assert engine.precision == "fp32" and "converted at load" in engine.describe()
+    torch.testing.assert_close(engine(x), p.model.eval()(x), rtol=1e-3, atol=1e-3)
+
+
+def test_int8_through_nncf_keeps_the_trained_models_answers(run: Path) -> None:
+    from resfit import openvino_engine as ove
+
+    p = Predictor.from_run(run, device="cpu", precision="fp32")
+    images = sorted((run.parent.parent).glob("**/val/*/*.png"))
+    decoded = p.decode(images)
+    x = torch.stack([p.transform(img) for img in decoded.images])
+    q = ove.quantize(ove.convert(p.model, 16), [x.numpy()])
+    ove.save(q, run / "export" / "openvino" / "model.int8.xml")
+    engine = create_engine("openvino", run, None, precision="int8")
+    with torch.no_grad():
+        fp32 = p.model.eval()(x).argmax(1)
+    int8 = engine(x).argmax(1)
+    y = torch.tensor([p.classes.index(Path(f).parent.name) for f in decoded.paths])
+    acc32, acc8 = float((fp32 == y).float().mean()), float((int8 == y).float().mean())
+    print(f"fp32 {acc32:.3f} int8 {acc8:.3f} agreement {float((fp32 == int8).float().mean()):.3f}")
+    assert acc32 >= 0.9 and acc8 >= acc32 - 0.06  # at most 2 of 36 images lost
+    labels, _ = Predictor.from_run(run, engine="openvino", precision="int8").predict(images)
+    assert len(labels) == len(images)
+
+
+def test_int8_without_an_export_says_how_to_make_one(tmp_path: Path) -> None:
+    with pytest.raises(RunError, match="--format openvino --int8 --calib DATA"):
+        create_engine("openvino", tmp_path, None, precision="int8")
+
+
+def test_a_missing_openvino_is_one_line_with_the_install_command(monkeypatch, run) -> None:
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    assert "openvino" not in available_engines()
+    with pytest.raises(MissingExtraError, match=r"pip install 'resfit\[openvino\]'"):
+        create_engine("openvino", run, None)
