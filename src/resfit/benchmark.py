@@ -22,6 +22,7 @@ Slowness never raises; an engine that cannot run on this machine is reported and
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import math
 import platform
@@ -277,6 +278,7 @@ def bench_inference(
     onnx: bool = True,
     bf16: bool = True,
     device: str = "auto",
+    openvino: bool = True,
 ) -> BenchReport:
     """Inference engines against torchvision eager fp32; see the module docstring.
 
@@ -311,7 +313,7 @@ def bench_inference(
     )
     work = Path(tempfile.mkdtemp(prefix="resfit-bench-"))
     engines = _inference_engines(arch, base_model, ours, x, dev, work, bf16=bf16,
-                                 compile=compile, onnx=onnx)  # fmt: skip
+                                 compile=compile, onnx=onnx, openvino=openvino)  # fmt: skip
     built = _build_engines(engines, x, dev, report)
     batch_s = _interleaved(
         {k: _synced(lambda f=v[1]: f(x), dev) for k, v in built.items()}, repeats
@@ -339,7 +341,7 @@ def bench_inference(
 
 def _inference_engines(
     arch: str, base_model: nn.Module, ours: nn.Module, x: Tensor, dev: torch.device, work: Path,
-    *, bf16: bool, compile: bool, onnx: bool,
+    *, bf16: bool, compile: bool, onnx: bool, openvino: bool = True,
 ) -> list[tuple[str, str, Callable]]:  # fmt: skip
     """(name, precision, builder) of every engine to time; the baseline first."""
 
@@ -388,7 +390,26 @@ def _inference_engines(
             ("ONNX Runtime fp32", "fp32", onnx_engine(False)),
             ("ONNX Runtime int8", "int8", onnx_engine(True)),
         ]
+    if openvino and dev.type == "cpu" and importlib.util.find_spec("openvino") is not None:
+        engines += [
+            (f"OpenVINO {p}", p, _openvino_builder(ours, x, p)) for p in ("fp32", "bf16", "int8")
+        ]
     return engines
+
+
+def _openvino_builder(model: nn.Module, x: Tensor, precision: str) -> Callable:
+    """OpenVINO at ``precision``; int8 is NNCF post-training quantization calibrated on the
+    timed images themselves (fine for speed, optimistic for the agreement column)."""
+
+    def build():
+        from . import openvino_engine as ove
+
+        ov_model = ove.convert(model, x.shape[-1], x.shape[1])
+        if precision == "int8":
+            ov_model = ove.quantize(ov_model, [x.numpy()])
+        return ove.OpenVinoEngine(ov_model, precision, hint="throughput")
+
+    return build
 
 
 def _build_engines(

@@ -306,7 +306,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             rep = benchmark.bench_inference(
                 args.arch, data=args.data, weights=args.weights, batch=args.batch,
                 img_size=args.img_size, repeats=args.repeats, compile=args.compile,
-                onnx=not args.no_onnx, device=args.device,
+                onnx=not args.no_onnx, openvino=not args.no_openvino, device=args.device,
             )  # fmt: skip
         elif w == "train":
             rep = benchmark.bench_train_step(
@@ -475,6 +475,7 @@ def _add_tool_commands(sub: Any) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (the median is shown)")
     p.add_argument("--compile", action="store_true", help="add torch.compile rows (slow start)")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime engines")
+    p.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO engines")
     p.add_argument("--augment", default=OPTIONS["augment"].default, choices=PRESETS)
     p.add_argument("--limit", type=int, default=512, help="pipeline: images to read")
     p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda")
