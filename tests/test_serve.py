@@ -263,3 +263,18 @@ def test_parser_builds_without_torch() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.split() == ["8", "127.0.0.1", "serve", "False"], out.stderr
+
+
+def test_workers_share_the_port_and_stop_on_sigterm(
+    run_dir: Path, images: list[Path], offline
+) -> None:
+    s = Server(run_dir, "--workers", "2")
+    try:
+        for path in images[:6]:
+            r = s.client.post("/v1/predict", content=path.read_bytes())
+            assert r.status_code == 200 and r.json()["label"] == offline[_key(path)][0]
+        s.proc.send_signal(signal.SIGTERM)  # the supervisor passes it on to both workers
+        assert s.proc.wait(timeout=30) == 0
+        assert "2 workers, CPU threads each: 1" in s.proc.communicate()[0]
+    finally:
+        s.stop()

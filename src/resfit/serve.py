@@ -194,8 +194,9 @@ def _supervise(args: argparse.Namespace) -> int:
     argv = [sys.executable, "-m", "resfit.serve", *_worker_argv(args), "--fd", str(sock.fileno())]
     children = [subprocess.Popen(argv, env=env, pass_fds=(sock.fileno(),))
                 for _ in range(args.workers)]  # fmt: skip
-    print(f"serving {args.run} on http://{args.host}:{args.port} with {args.workers} "
-          f"workers, {env['RESFIT_THREADS']} threads each", flush=True)  # fmt: skip
+    n = env["RESFIT_THREADS"]
+    print(f"serving {args.run} on http://{args.host}:{args.port}: {args.workers} workers, "
+          f"CPU threads each: {n}", flush=True)  # fmt: skip
 
     def forward(sig: int, _frame: object) -> None:
         for c in children:
