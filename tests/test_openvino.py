@@ -68,3 +68,40 @@ def test_a_missing_openvino_is_one_line_with_the_install_command(monkeypatch, ru
     assert "openvino" not in available_engines()
     with pytest.raises(MissingExtraError, match=r"pip install 'resfit\[openvino\]'"):
         create_engine("openvino", run, None)
+
+
+def test_auto_picks_openvino_on_an_x86_cpu_and_says_why(run: Path, caplog, monkeypatch) -> None:
+    import platform
+
+    from resfit.engines import choose_engine
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert choose_engine(run, device="cpu")[0] == "openvino"
+    with caplog.at_level("INFO", logger="resfit"):
+        p = Predictor.from_run(run, device="cpu")
+    assert p.engine.name == "openvino" and "engine: openvino (an x86 CPU" in caplog.text
+    assert choose_engine(run, device="cpu", compile=True)[0] == "torch"
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert choose_engine(run, device="cpu") == ("torch", "a aarch64 CPU")
+
+
+def test_auto_without_openvino_falls_back_with_the_install_command(run, monkeypatch) -> None:
+    import platform
+
+    from resfit.engines import choose_engine
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    name, why = choose_engine(run, device="cpu")
+    assert name == "torch" and "pip install 'resfit[openvino]'" in why
+
+
+def test_auto_int8_takes_an_int8_export_and_never_picks_int8_by_itself(tmp_path: Path) -> None:
+    from resfit.engines import choose_engine
+
+    assert choose_engine(tmp_path, device="cpu")[0] in ("openvino", "torch")  # fp32/bf16 only
+    with pytest.raises(RunError, match="needs an int8 export"):
+        choose_engine(tmp_path, device="cpu", precision="int8")
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "model.int8.onnx").write_bytes(b"")
+    assert choose_engine(tmp_path, device="cpu", precision="int8")[0] == "onnx"

@@ -402,8 +402,9 @@ def _add_run_commands(sub: Any) -> None:
     )
     # No choice list: the engine registry checks the name, and for an engine whose package is
     # missing it says what to install (argparse would only say "invalid choice").
-    p.add_argument("--engine", default="torch", metavar="ENGINE",
-                   help="torch, or onnx to run RUN/export/model.onnx (int8 with --precision int8)")  # fmt: skip
+    p.add_argument("--engine", default="auto", metavar="ENGINE",
+                   help="auto (the default: the fastest installed engine here, named in the log), "
+                        "torch, openvino, or onnx (RUN/export/model.onnx; int8 with --precision int8)")  # fmt: skip
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the model (pays off on large folders)"
     )

@@ -168,12 +168,13 @@ class Predictor:
         *,
         device: str = "auto",
         precision: str = "auto",
-        engine: str = "torch",
+        engine: str = "auto",
         tta: bool = False,
         compile: bool = False,
         **engine_options: Any,
     ) -> Predictor:
-        """Load a run. ``engine="onnx"`` runs ``RUN/export/model.onnx`` (or ``model.int8.onnx``
+        """Load a run. ``engine="auto"`` picks the fastest installed engine here
+        (:func:`resfit.engines.choose_engine`); ``engine="onnx"`` runs ``RUN/export/model.onnx`` (or ``model.int8.onnx``
         with ``precision="int8"``) in ONNX Runtime; ``resfit export`` writes them. ``compile``
         adds ``torch.compile`` to the PyTorch engine (its first batch compiles: pays off on
         large folders only). ``engine_options`` go to the engine (onnx: ``threads``)."""

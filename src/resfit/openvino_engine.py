@@ -23,6 +23,7 @@ import copy
 import json
 import logging
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,8 @@ def convert(model: nn.Module, img_size: int, in_chans: int = 3) -> Any:
     """An OpenVINO model of ``model`` (eval mode, a copy) with a dynamic batch dimension."""
     ov = _openvino()
     example = torch.zeros(1, in_chans, img_size, img_size)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # OpenVINO traces with torch.jit
         converted = ov.convert_model(copy.deepcopy(model).float().eval(), example_input=example)
     converted.reshape([-1, in_chans, img_size, img_size])
     return converted
