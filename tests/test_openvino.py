@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,3 +106,19 @@ def test_auto_int8_takes_an_int8_export_and_never_picks_int8_by_itself(tmp_path:
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "model.int8.onnx").write_bytes(b"")
     assert choose_engine(tmp_path, device="cpu", precision="int8")[0] == "onnx"
+
+
+def test_export_writes_the_models_and_what_it_measured(run: Path, tmp_path: Path) -> None:
+    from resfit.openvino_engine import export_openvino
+
+    p = Predictor.from_run(run, device="cpu", precision="fp32", engine="torch")
+    images = sorted((run.parent.parent).glob("**/val/*/*.png"))
+    decoded = p.decode(images)
+    x = torch.stack([p.transform(img) for img in decoded.images]).numpy()
+    y = np.array([p.classes.index(Path(f).parent.name) for f in decoded.paths])
+    rep = export_openvino(p.model, 16, 3, tmp_path, check=[x], labels=y, calib=[x])
+    assert (tmp_path / "openvino" / "model.xml").is_file()
+    assert (tmp_path / "openvino" / "model.int8.bin").is_file()
+    assert rep["openvino_max_abs_logit_diff"] < 1e-3
+    assert rep["openvino_int8_top1_agreement"] >= 0.9
+    assert abs(rep["openvino_int8_accuracy_change"]) <= 0.06

@@ -167,3 +167,40 @@ def make_openvino(
     ov_model = convert(model, img_size, in_chans)
     log.info("OpenVINO: converted the run's model in %.1f s", time.perf_counter() - t0)
     return OpenVinoEngine(ov_model, prec, hint=hint, threads=threads, source="converted at load")
+
+
+def export_openvino(
+    model: nn.Module,
+    img_size: int,
+    in_chans: int,
+    out_dir: Path,
+    *,
+    check: list[np.ndarray],
+    labels: np.ndarray | None = None,
+    calib: list[np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Write ``out_dir/openvino/model.xml`` (and ``model.int8.xml`` from NNCF calibrated on
+    ``calib``), check the fp32 model against PyTorch on the ``check`` batches (max abs logit
+    difference) and, with ``labels`` for them, the int8 accuracy change. Returns what was
+    measured."""
+    folder = Path(out_dir) / FOLDER
+    ov_model = convert(model, img_size, in_chans)
+    report: dict[str, Any] = {"openvino": str(save(ov_model, folder / FP32_FILE))}
+    if not check:
+        return report
+    x = torch.from_numpy(np.concatenate(check))
+    fp32 = OpenVinoEngine(ov_model, "fp32", source="export check")(x)
+    with torch.no_grad():
+        reference = copy.deepcopy(model).float().eval()(x)
+    report["openvino_max_abs_logit_diff"] = float((fp32 - reference).abs().max())
+    if calib:
+        q = quantize(ov_model, calib)
+        report["openvino_int8"] = str(save(q, folder / INT8_FILE))
+        int8 = OpenVinoEngine(q, "int8", source="export check")(x).argmax(1).numpy()
+        report["openvino_int8_top1_agreement"] = float((int8 == fp32.argmax(1).numpy()).mean())
+        if labels is not None and len(labels) == len(x):
+            acc32 = float((fp32.argmax(1).numpy() == labels).mean())
+            acc8 = float((int8 == labels).mean())
+            report.update(openvino_fp32_accuracy=acc32, openvino_int8_accuracy=acc8,
+                          openvino_int8_accuracy_change=acc8 - acc32)  # fmt: skip
+    return report
