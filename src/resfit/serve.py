@@ -115,7 +115,7 @@ def serve(args: argparse.Namespace) -> int:
         except ImportError:
             raise MissingExtraError(package, "serve") from None
     if args.workers > 1 and args.fd is None:
-        return _supervise(args)
+        return _supervise(args, token)
     return _serve_one(args, token)
 
 
@@ -176,7 +176,7 @@ def _graceful_server(config: object) -> object:
     return _server_class()(config)
 
 
-def _supervise(args: argparse.Namespace) -> int:
+def _supervise(args: argparse.Namespace, token: str | None) -> int:
     """Bind once, start ``--workers`` server processes on the shared socket, each with its
     share of the cores (:func:`resfit.threads.child_env`), and pass SIGTERM on to them."""
     from . import threads
@@ -191,6 +191,8 @@ def _supervise(args: argparse.Namespace) -> int:
     sock.listen(2048)
     sock.set_inheritable(True)
     env = threads.child_env(threads.child_threads(args.workers, args.threads))
+    if token:  # in the environment, not on the command line where ps shows it
+        env[TOKEN_ENV] = token
     argv = [sys.executable, "-m", "resfit.serve", *_worker_argv(args), "--fd", str(sock.fileno())]
     children = [subprocess.Popen(argv, env=env, pass_fds=(sock.fileno(),))
                 for _ in range(args.workers)]  # fmt: skip
@@ -198,7 +200,10 @@ def _supervise(args: argparse.Namespace) -> int:
     print(f"serving {args.run} on http://{args.host}:{args.port}: {args.workers} workers, "
           f"CPU threads each: {n}", flush=True)  # fmt: skip
 
+    stopping: list[int] = []
+
     def forward(sig: int, _frame: object) -> None:
+        stopping.append(sig)
         for c in children:
             if c.poll() is None:
                 c.send_signal(sig)
@@ -207,13 +212,14 @@ def _supervise(args: argparse.Namespace) -> int:
         signal.signal(s, forward)
     codes = [c.wait() for c in children]
     sock.close()
-    return 0 if all(c == 0 for c in codes) else 1
+    # A worker still loading its model when the signal came dies of it: a clean stop too.
+    return 0 if all(c == 0 or -c in stopping for c in codes) else 1
 
 
 def _worker_argv(args: argparse.Namespace) -> list[str]:
     out = [str(args.run)]
     for name in ("engine", "device", "precision", "host", "port", "max_batch", "max_wait_ms",
-                 "max_queue", "max_body_mb", "token"):  # fmt: skip
+                 "max_queue", "max_body_mb"):  # fmt: skip
         value = getattr(args, name)
         if value is not None:
             out += [f"--{name.replace('_', '-')}", str(value)]
