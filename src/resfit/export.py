@@ -396,12 +396,22 @@ def export_run(
     calib_images: int = 256,
     val_images: int = 1000,
     opset: int = DEFAULT_OPSET,
+    format: str = "onnx",
+    name: str | None = None,
+    max_batch: int = 32,
+    max_queue_delay_us: int = 5000,
 ) -> dict:
     """Export a run to ONNX (``RUN/export/model.onnx``), check it against PyTorch on real images,
     and with ``int8`` quantize it on the user's calibration images and measure the accuracy
     change on validation images (see :func:`validation_samples` for which; ``val_source`` in
     the result says, ``val_images`` and ``val_skipped`` count the images used and unreadable).
-    Returns (and writes to export.json) what was measured."""
+    Returns (and writes to export.json) what was measured.
+
+    ``format="triton"`` also writes a Triton model repository, ``OUT/triton/NAME`` (``name``
+    defaults to the run folder's name), with dynamic batching up to ``max_batch`` after at most
+    ``max_queue_delay_us``; see :mod:`resfit.triton`."""
+    if format not in ("onnx", "triton"):
+        raise ConfigError(f"--format must be onnx or triton, got {format!r}")
     if int8 and not calib:
         raise ConfigError(
             "--int8 needs --calib DATA: a few hundred of your own images to calibrate on"
@@ -434,5 +444,14 @@ def export_run(
             log.info("int8 accuracy measured on %d images: %s", len(checked), source)
         else:
             log.warning("int8 accuracy not measured: no validation images (%s)", source)
+    if format == "triton":
+        from .triton import write_triton_repository
+
+        model_name = name or Path(run).resolve().name
+        triton_dir = write_triton_repository(
+            fp32_path, out_dir / "triton", model_name, classes=classes,
+            max_batch=max_batch, max_queue_delay_us=max_queue_delay_us,
+        )  # fmt: skip
+        report["triton"] = str(triton_dir)
     (out_dir / "export.json").write_text(json.dumps(report, indent=2))
     return report
