@@ -12,7 +12,6 @@ from PIL import Image
 
 from resfit.embed import (
     Embedder,
-    add_embed_parsers,
     embed_batch,
     load_embeddings,
     save_embeddings,
@@ -129,11 +128,9 @@ def test_bad_npz_is_one_clear_line(tmp_path: Path, content, message: str) -> Non
 
 
 def _cli(argv: list[str]) -> int:
-    import argparse
+    from resfit.cli import build_parser
 
-    parser = argparse.ArgumentParser(prog="resfit")
-    add_embed_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 
@@ -175,9 +172,9 @@ def test_parsers_import_no_torch() -> None:
     import sys
 
     code = (
-        "import argparse, sys; from resfit.embed import add_embed_parsers; "
-        "add_embed_parsers(argparse.ArgumentParser().add_subparsers()); "
-        "print('torch' in sys.modules)"
+        "import sys; from resfit.cli import build_parser; "
+        "build_parser().parse_args(['similar', 'x.npz', '1']); "
+        "print('torch' in sys.modules or 'numpy' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

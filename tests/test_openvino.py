@@ -156,3 +156,23 @@ def test_cifar_resnet56_int8_loses_at_most_half_a_point_on_the_10000_test_photos
     print(acc)
     assert len(y) == 10_000 and acc["fp32"] > 80
     assert acc["openvino int8"] >= acc["fp32"] - 0.5 and acc["onnx int8"] >= acc["fp32"] - 0.5
+
+
+def test_export_format_openvino_through_the_cli(run: Path) -> None:
+    import json
+    import subprocess
+
+    data = next(run.parent.parent.glob("colours*"))
+    res = subprocess.run([sys.executable, "-m", "resfit", "export", str(run), "--format",
+                          "openvino", "--int8", "--calib", str(data / "train")],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    info = json.loads((run / "export" / "export.json").read_text())
+    assert info["openvino_max_abs_logit_diff"] < 1e-3 and "val" in info["val_source"]
+    assert abs(info["openvino_int8_accuracy_change"]) <= 0.1 and info["calib_images"] == 36
+    res = subprocess.run([sys.executable, "-m", "resfit", "predict", str(run),
+                          str(data / "val" / "red"), "--engine", "openvino", "--precision", "int8"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = res.stdout.strip().splitlines()[1:]
+    assert len(rows) == 12 and sum(",red," in r for r in rows) >= 11

@@ -16,14 +16,26 @@ anything else is a bug in resfit and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import AUGMENT_FLAGS, OPTIONS, PRESETS, SECTIONS, OptionInfo, TrainConfig, flag
+from .config import (
+    AUGMENT_FLAGS,
+    EXPORT_FORMATS,
+    OPTIONS,
+    PRESETS,
+    SECTIONS,
+    OptionInfo,
+    TrainConfig,
+    flag,
+)
 from .errors import ConfigError, ResfitError
+from .serve import add_serve_parser
 
 # What `resfit bench` can time; `all` is every part. Lives only here: it is the CLI's own.
 BENCH_PARTS = ("all", "inference", "train", "pipeline")
@@ -209,7 +221,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     _use_cores(args)
     from .export import export_run
 
-    info = export_run(args.run, int8=args.int8, calib=args.calib, val=args.val, out=args.out)
+    info = export_run(
+        args.run, int8=args.int8, calib=args.calib, val=args.val, out=args.out,
+        format=args.format, name=args.name, max_batch=args.max_batch,
+        max_queue_delay_us=args.max_queue_delay_us,
+    )  # fmt: skip
     print(json.dumps(info, indent=2))
     return 0
 
@@ -411,9 +427,15 @@ def _add_run_commands(sub: Any) -> None:
     _add_threads(p)
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("export", help="export a run to ONNX, optionally int8")
+    p = sub.add_parser("export", help="export a run to ONNX, OpenVINO or Triton, optionally int8")
     p.add_argument("run")
-    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--format", default="onnx", choices=EXPORT_FORMATS,
+                   help="onnx (RUN/export/model.onnx), openvino (RUN/export/openvino/), or "
+                        "triton (a Triton model repository around the ONNX model)")  # fmt: skip
+    p.add_argument("--name", help="triton: the model's name (default: the run folder's)")
+    p.add_argument("--max-batch", type=int, default=32, help="triton: dynamic batching limit")
+    p.add_argument("--max-queue-delay-us", type=int, default=5000,
+                   help="triton: longest wait to fill a batch, in microseconds")  # fmt: skip
     p.add_argument("--int8", action="store_true", help="static int8 quantization (needs --calib)")
     p.add_argument(
         "--calib", help="images to calibrate int8 on (a folder; a few hundred are enough)"
@@ -491,6 +513,45 @@ def _add_tool_commands(sub: Any) -> None:
     p.add_argument("--quick", action="store_true", help="fewer epochs (for the tests)")
     _add_threads(p)
     p.set_defaults(func=_cmd_demo)
+
+    add_serve_parser(sub)
+    _add_embed_parsers(sub)
+
+
+def _lazy(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    """A command whose module is imported only when it runs (``--help`` stays fast)."""
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(f"resfit.{module}"), function)(args)
+
+    return run
+
+
+def _add_embed_parsers(subparsers: Any) -> None:
+    """``embed`` and ``similar`` (resfit.embed, and its numpy, load when they run)."""
+    p = subparsers.add_parser(
+        "embed", help="write image embeddings (L2-normalised pooled features) to an npz"
+    )
+    p.add_argument("inputs", nargs="+", metavar="RUN|INPUT",
+                   help="RUN then images, folders or globs; or only inputs with --arch/--weights")  # fmt: skip
+    p.add_argument("--arch", help="an architecture (`resfit models`), instead of a RUN")
+    p.add_argument("--weights", help="registered weights name or file, with --arch")
+    p.add_argument("--out", required=True, help="the .npz file to write")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--no-flip", action="store_true",
+                   help="do not sum each image's features with its mirror's (2x faster, not mirror-invariant)")  # fmt: skip
+    p.set_defaults(func=_lazy("embed", "_cmd_embed"))
+
+    p = subparsers.add_parser(
+        "similar", help="nearest neighbours in an embeddings npz (CSV to stdout)"
+    )
+    p.add_argument("npz", help="written by `resfit embed`")
+    p.add_argument("queries", nargs="+", metavar="QUERY",
+                   help="image files, folders or globs (embedded with the npz's model), or row numbers in the npz")  # fmt: skip
+    p.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(func=_lazy("embed", "_cmd_similar"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,6 +34,7 @@ CACHE_DTYPES = ("auto", "fp32", "fp16", "bf16")
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BALANCE = ("weights", "sampler")
 LEAKAGE = ("report", "remove", "off")
+EXPORT_FORMATS = ("onnx", "triton", "openvino")  # resfit export --format
 DATA_MODES = ("memory",)  # sources.SOURCES: where the images live during training
 
 

@@ -45,7 +45,6 @@ if TYPE_CHECKING:  # torch is imported when embedding, not when the CLI builds i
 __all__ = [
     "EXACT_BELOW",
     "Embedder",
-    "add_embed_parsers",
     "embed_batch",
     "embed_paths",
     "load_embeddings",
@@ -412,30 +411,3 @@ def _cmd_similar(args: argparse.Namespace) -> int:
         for rank, (s, i) in enumerate(hits, 1):
             w.writerow([label, rank, paths[i], f"{s:.6f}"])
     return 0
-
-
-def add_embed_parsers(subparsers: Any) -> None:
-    """Add ``embed`` and ``similar`` to the CLI's subparsers (imports no torch)."""
-    p = subparsers.add_parser(
-        "embed", help="write image embeddings (L2-normalised pooled features) to an npz"
-    )
-    p.add_argument("inputs", nargs="+", metavar="RUN|INPUT",
-                   help="RUN then images, folders or globs; or only inputs with --arch/--weights")  # fmt: skip
-    p.add_argument("--arch", help="an architecture (`resfit models`), instead of a RUN")
-    p.add_argument("--weights", help="registered weights name or file, with --arch")
-    p.add_argument("--out", required=True, help="the .npz file to write")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--no-flip", action="store_true",
-                   help="do not sum each image's features with its mirror's (2x faster, not mirror-invariant)")  # fmt: skip
-    p.set_defaults(func=_cmd_embed)
-
-    p = subparsers.add_parser(
-        "similar", help="nearest neighbours in an embeddings npz (CSV to stdout)"
-    )
-    p.add_argument("npz", help="written by `resfit embed`")
-    p.add_argument("queries", nargs="+", metavar="QUERY",
-                   help="image files, folders or globs (embedded with the npz's model), or row numbers in the npz")  # fmt: skip
-    p.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.set_defaults(func=_cmd_similar)

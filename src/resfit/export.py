@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .config import EXPORT_FORMATS
 from .data import (
     DataSplits,
     DecodedImages,
@@ -386,6 +387,36 @@ def _int8_accuracy(
     }
 
 
+def _export_openvino(
+    predictor: Predictor, run, cfg: dict, classes: list[str], out_dir: Path, int8: bool, calib,
+    val, calib_images: int, val_images: int,
+) -> dict[str, Any]:  # fmt: skip
+    """``--format openvino``: OpenVINO IR converted from the run's model (no ONNX step), the
+    parity check, and with ``int8`` NNCF quantization and its accuracy change on validation
+    images (as the ONNX path measures its own)."""
+    from .openvino_engine import export_openvino
+
+    samples, source = validation_samples(run, cfg, classes, val)
+    checked = decode_all(_pick(samples, val_images if int8 else 64), predictor.base_size,
+                         progress=False)  # fmt: skip
+    batches = list(_batches(predictor, checked))
+    calib_batches = None
+    if int8:
+        decoded = predictor.decode(_pick(find_images([str(calib)]), calib_images))
+        if not len(decoded):
+            raise DataError(f"--calib {display_path(calib)}: none of its images could be read")
+        calib_batches = list(_batches(predictor, decoded))
+    pre = predictor.preprocessing
+    report = export_openvino(
+        predictor.model, pre.img_size, pre.in_chans, out_dir, check=batches,
+        labels=checked.labels.numpy() if len(checked) else None, calib=calib_batches,
+    )  # fmt: skip
+    report.update(val_source=source, val_images=len(checked), val_skipped=len(checked.skipped))
+    if calib_batches:
+        report["calib_images"] = sum(len(b) for b in calib_batches)
+    return report
+
+
 def export_run(
     run: str | os.PathLike,
     *,
@@ -407,11 +438,13 @@ def export_run(
     the result says, ``val_images`` and ``val_skipped`` count the images used and unreadable).
     Returns (and writes to export.json) what was measured.
 
+    ``format="openvino"`` writes ``OUT/openvino/model.xml`` (and ``model.int8.xml`` with
+    ``int8``) instead of ONNX, with the same checks (:mod:`resfit.openvino_engine`).
     ``format="triton"`` also writes a Triton model repository, ``OUT/triton/NAME`` (``name``
     defaults to the run folder's name), with dynamic batching up to ``max_batch`` after at most
     ``max_queue_delay_us``; see :mod:`resfit.triton`."""
-    if format not in ("onnx", "triton"):
-        raise ConfigError(f"--format must be onnx or triton, got {format!r}")
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {format!r}")
     if int8 and not calib:
         raise ConfigError(
             "--int8 needs --calib DATA: a few hundred of your own images to calibrate on"
@@ -419,7 +452,12 @@ def export_run(
     cfg, classes = load_run(run)
     out_dir = Path(out or Path(run) / "export")
     out_dir.mkdir(parents=True, exist_ok=True)
-    predictor = Predictor.from_run(run, device="cpu", precision="fp32")
+    predictor = Predictor.from_run(run, device="cpu", precision="fp32", engine="torch")
+    if format == "openvino":
+        report = _export_openvino(predictor, run, cfg, classes, out_dir, int8, calib, val,
+                                  calib_images, val_images)  # fmt: skip
+        (out_dir / "export.json").write_text(json.dumps(report, indent=2))
+        return report
     fp32_path = _export_fp32(predictor, classes, out_dir, opset)
     report: dict[str, Any] = {"onnx": str(fp32_path), "opset": opset}
 

@@ -107,48 +107,47 @@ async def _multipart_files(request: Request, body: bytes, limit: int) -> list[tu
     return files
 
 
-def create_app(predictor: Predictor, options: ServeOptions, *, run_name: str = "") -> FastAPI:
-    """The service for one loaded ``predictor``; the model is warmed up at startup."""
-    metrics = _Metrics()
-    batcher = Batcher(
-        predictor,
-        max_batch=options.max_batch,
-        max_wait_ms=options.max_wait_ms,
-        max_queue=options.max_queue,
-        on_batch=metrics.on_batch,
-    )
-    decode_pool = ThreadPoolExecutor(options.decode_threads, thread_name_prefix="resfit-decode")
-    limit = int(options.max_body_mb * 1024 * 1024)
-    state = {"ready": False}
-    has_embed = importlib.util.find_spec("resfit.embed") is not None
+class _Service:
+    """The state and the handlers of one served ``predictor``."""
+
+    def __init__(self, predictor: Predictor, options: ServeOptions, run_name: str) -> None:
+        self.predictor, self.options, self.run_name = predictor, options, run_name
+        self.metrics = _Metrics()
+        self.batcher = Batcher(
+            predictor,
+            max_batch=options.max_batch,
+            max_wait_ms=options.max_wait_ms,
+            max_queue=options.max_queue,
+            on_batch=self.metrics.on_batch,
+        )
+        self.decode_pool = ThreadPoolExecutor(
+            options.decode_threads, thread_name_prefix="resfit-decode"
+        )
+        self.limit = int(options.max_body_mb * 1024 * 1024)
+        self.ready = False
+        self.has_embed = importlib.util.find_spec("resfit.embed") is not None
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        batcher.start()
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        self.batcher.start()
         # Warm up (allocations, autotuning) before /readyz says yes.
-        size = predictor.base_size
+        size = self.predictor.base_size
         dummy = torch.zeros(3, size, size, dtype=torch.uint8)
-        await asyncio.get_running_loop().run_in_executor(None, batcher.probabilities, [dummy])
-        state["ready"] = True
+        await asyncio.get_running_loop().run_in_executor(None, self.batcher.probabilities, [dummy])
+        self.ready = True
         yield
         # uvicorn calls this after the in-flight requests are answered (graceful shutdown).
-        state["ready"] = False
-        await batcher.stop()
-        decode_pool.shutdown(wait=True)
+        self.ready = False
+        await self.batcher.stop()
+        self.decode_pool.shutdown(wait=True)
 
-    app = FastAPI(
-        title="resfit serve",
-        summary=f"Image classification with the resfit run {run_name}".strip(),
-        lifespan=lifespan,
-    )
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):  # token, metrics
+    async def guard(self, request: Request, call_next):  # token, metrics
         start = time.perf_counter()
         path = request.url.path
-        if options.token and path not in _OPEN_PATHS:
+        token = self.options.token
+        if token and path not in _OPEN_PATHS:
             given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {options.token}".encode()):
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 response = _error(
                     401, "missing or wrong token: send 'Authorization: Bearer TOKEN'",
                     **{"WWW-Authenticate": "Bearer"},
@@ -158,28 +157,33 @@ def create_app(predictor: Predictor, options: ServeOptions, *, run_name: str = "
         else:
             response = await call_next(request)
         known = path if path in ("/v1/predict", "/v1/embed", "/healthz", "/readyz") else "other"
-        metrics.requests.labels(known, str(response.status_code)).inc()
-        metrics.latency.labels(known).observe(time.perf_counter() - start)
+        self.metrics.requests.labels(known, str(response.status_code)).inc()
+        self.metrics.latency.labels(known).observe(time.perf_counter() - start)
         return response
 
-    async def images_of(request: Request) -> list[tuple[str, object]] | JSONResponse:
-        """(name, decoded tensor) per image of the request, or the error response."""
+    async def _files(self, request: Request) -> list[tuple[str, bytes]] | JSONResponse:
         try:
-            body = await _read_body(request, limit)
+            body = await _read_body(request, self.limit)
         except _TooLarge:
-            return _error(413, f"body over the --max-body-mb limit of {options.max_body_mb:g} MB")
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            try:
-                files = await _multipart_files(request, body, limit)
-            except Exception as e:  # starlette's MultiPartException and parser errors
-                return _error(400, f"bad multipart form: {e}")
-            if not files:
-                return _error(400, "the multipart form holds no file")
-        else:
-            files = [("body", body)]
+            mb = self.options.max_body_mb
+            return _error(413, f"body over the --max-body-mb limit of {mb:g} MB")
+        if not _is_multipart(request):
+            return [("body", body)]
+        try:
+            files = await _multipart_files(request, body, self.limit)
+        except Exception as e:  # starlette's MultiPartException and parser errors
+            return _error(400, f"bad multipart form: {e}")
+        return files or _error(400, "the multipart form holds no file")
+
+    async def images_of(self, request: Request) -> list[tuple[str, object]] | JSONResponse:
+        """(name, decoded tensor) per image of the request, or the error response."""
+        files = await self._files(request)
+        if isinstance(files, JSONResponse):
+            return files
         loop = asyncio.get_running_loop()
+        base = self.predictor.base_size
         jobs = [
-            loop.run_in_executor(decode_pool, decode_image_bytes, data, predictor.base_size)
+            loop.run_in_executor(self.decode_pool, decode_image_bytes, data, base)
             for _, data in files
         ]
         out = []
@@ -191,63 +195,82 @@ def create_app(predictor: Predictor, options: ServeOptions, *, run_name: str = "
                 return _error(e.status, prefix + e.reason)
         return out
 
-    @app.post("/v1/predict", summary="Classify one image (raw body) or several (multipart files)")
-    async def predict(request: Request, top_k: int = Query(5, ge=1)):
-        images = await images_of(request)
+    async def predict(self, request: Request, top_k: int = Query(5, ge=1)):
+        images = await self.images_of(request)
         if isinstance(images, JSONResponse):
             return images
-        k = min(top_k, len(predictor.classes))
+        classes = self.predictor.classes
+        k = min(top_k, len(classes))
         try:
-            probs = await asyncio.gather(*(batcher.submit(img) for _, img in images))
+            probs = await asyncio.gather(*(self.batcher.submit(img) for _, img in images))
         except QueueFull as e:
             return _error(503, f"server busy: {e}; retry shortly", **{"Retry-After": "1"})
         finally:
-            metrics.queue_depth.set(batcher.pending)
+            self.metrics.queue_depth.set(self.batcher.pending)
         answers = []
         for p in probs:
             conf, idx = p.topk(k)
-            top = [[predictor.classes[int(i)], float(c)] for c, i in zip(conf, idx, strict=True)]
+            top = [[classes[int(i)], float(c)] for c, i in zip(conf, idx, strict=True)]
             answers.append({"label": top[0][0], "confidence": top[0][1], "top_k": top})
-        multipart = request.headers.get("content-type", "").startswith("multipart/form-data")
-        if multipart:
+        if _is_multipart(request):
             return [{"file": name, **a} for (name, _), a in zip(images, answers, strict=True)]
         return answers[0]
 
-    @app.post("/v1/embed", summary="L2-normalised pooled features of one or several images")
-    async def embed(request: Request):
-        if not has_embed:
+    async def embed(self, request: Request):
+        if not self.has_embed:
             return _error(
                 501, "embeddings are not part of this resfit version (no resfit.embed module)"
             )
         from ..embed import embed_batch  # the embeddings module, when installed
 
-        images = await images_of(request)
+        images = await self.images_of(request)
         if isinstance(images, JSONResponse):
             return images
+        p = self.predictor
 
         def run() -> list[list[float]]:
-            x = torch.stack([predictor.transform(img) for _, img in images])
-            return embed_batch(predictor.model, x.to(predictor.device)).tolist()
+            x = torch.stack([p.transform(img) for _, img in images])
+            return embed_batch(p.model, x.to(p.device)).tolist()
 
-        vectors = await asyncio.get_running_loop().run_in_executor(batcher._model_thread, run)
-        multipart = request.headers.get("content-type", "").startswith("multipart/form-data")
-        if multipart:
+        loop = asyncio.get_running_loop()
+        vectors = await loop.run_in_executor(self.batcher._model_thread, run)
+        if _is_multipart(request):
             return [{"file": n, "embedding": v} for (n, _), v in zip(images, vectors, strict=True)]
         return {"embedding": vectors[0]}
 
-    @app.get("/healthz", summary="The process is alive")
-    async def healthz():
+    async def healthz(self):
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="The model is loaded and warmed up")
-    async def readyz():
-        if not state["ready"]:
+    async def readyz(self):
+        if not self.ready:
             return _error(503, "not ready: the model is loading or the server is stopping")
-        return {"status": "ready", "engine": predictor.engine.describe(), "run": run_name}
+        return {"status": "ready", "engine": self.predictor.engine.describe(), "run": self.run_name}
 
-    @app.get("/metrics", summary="Prometheus metrics")
-    async def prometheus():
-        metrics.queue_depth.set(batcher.pending)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    async def prometheus(self):
+        self.metrics.queue_depth.set(self.batcher.pending)
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+
+def _is_multipart(request: Request) -> bool:
+    return request.headers.get("content-type", "").startswith("multipart/form-data")
+
+
+def create_app(predictor: Predictor, options: ServeOptions, *, run_name: str = "") -> FastAPI:
+    """The service for one loaded ``predictor``; the model is warmed up at startup."""
+    service = _Service(predictor, options, run_name)
+    app = FastAPI(
+        title="resfit serve",
+        summary=f"Image classification with the resfit run {run_name}".strip(),
+        lifespan=service.lifespan,
+    )
+    app.middleware("http")(service.guard)
+    app.post("/v1/predict", summary="Classify one image (raw body) or several (multipart files)")(
+        service.predict
+    )
+    app.post("/v1/embed", summary="L2-normalised pooled features of one or several images")(
+        service.embed
+    )
+    app.get("/healthz", summary="The process is alive")(service.healthz)
+    app.get("/readyz", summary="The model is loaded and warmed up")(service.readyz)
+    app.get("/metrics", summary="Prometheus metrics")(service.prometheus)
     return app
