@@ -407,7 +407,7 @@ def _openvino_builder(model: nn.Module, x: Tensor, precision: str) -> Callable:
         ov_model = ove.convert(model, x.shape[-1], x.shape[1])
         if precision == "int8":
             ov_model = ove.quantize(ov_model, [x.numpy()])
-        return ove.OpenVinoEngine(ov_model, precision, hint="throughput")
+        return ove.OpenVinoEngine(ov_model, precision)
 
     return build
 
