@@ -21,8 +21,13 @@ ov = pytest.importorskip("openvino", reason="needs the optional openvino (resfit
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    data = make_colour_folder(tmp_path_factory.mktemp("colours"), per_class=12)
+def colours(tmp_path_factory) -> Path:
+    return make_colour_folder(tmp_path_factory.mktemp("colours"), per_class=12)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, colours: Path) -> Path:
+    data = colours
     out = tmp_path_factory.mktemp("runs") / "run"
     train(data=str(data), out=str(out), arch="resnet20_cifar", img_size=16, epochs=4,
           batch_size=16, lr=0.1, progress=False, report=False, leakage="off")  # fmt: skip
@@ -38,11 +43,11 @@ def test_openvino_is_listed_and_agrees_with_pytorch_in_fp32(run: Path) -> None:
     torch.testing.assert_close(engine(x), p.model.eval()(x), rtol=1e-3, atol=1e-3)
 
 
-def test_int8_through_nncf_keeps_the_trained_models_answers(run: Path) -> None:
+def test_int8_through_nncf_keeps_the_trained_models_answers(run: Path, colours: Path) -> None:
     from resfit import openvino_engine as ove
 
     p = Predictor.from_run(run, device="cpu", precision="fp32")
-    images = sorted((run.parent.parent).glob("**/val/*/*.png"))
+    images = sorted(colours.glob("val/*/*.png"))
     decoded = p.decode(images)
     x = torch.stack([p.transform(img) for img in decoded.images])
     q = ove.quantize(ove.convert(p.model, 16), [x.numpy()])
@@ -108,11 +113,13 @@ def test_auto_int8_takes_an_int8_export_and_never_picks_int8_by_itself(tmp_path:
     assert choose_engine(tmp_path, device="cpu", precision="int8")[0] == "onnx"
 
 
-def test_export_writes_the_models_and_what_it_measured(run: Path, tmp_path: Path) -> None:
+def test_export_writes_the_models_and_what_it_measured(
+    run: Path, colours: Path, tmp_path: Path
+) -> None:
     from resfit.openvino_engine import export_openvino
 
     p = Predictor.from_run(run, device="cpu", precision="fp32", engine="torch")
-    images = sorted((run.parent.parent).glob("**/val/*/*.png"))
+    images = sorted(colours.glob("val/*/*.png"))
     decoded = p.decode(images)
     x = torch.stack([p.transform(img) for img in decoded.images]).numpy()
     y = np.array([p.classes.index(Path(f).parent.name) for f in decoded.paths])
@@ -158,11 +165,11 @@ def test_cifar_resnet56_int8_loses_at_most_half_a_point_on_the_10000_test_photos
     assert acc["openvino int8"] >= acc["fp32"] - 0.5 and acc["onnx int8"] >= acc["fp32"] - 0.5
 
 
-def test_export_format_openvino_through_the_cli(run: Path) -> None:
+def test_export_format_openvino_through_the_cli(run: Path, colours: Path) -> None:
     import json
     import subprocess
 
-    data = next(run.parent.parent.glob("colours*"))
+    data = colours
     res = subprocess.run([sys.executable, "-m", "resfit", "export", str(run), "--format",
                           "openvino", "--int8", "--calib", str(data / "train")],
                          capture_output=True, text=True, timeout=300)  # fmt: skip
