@@ -24,7 +24,6 @@ back only after ~25,000 queries, hence exact below 50,000 and a saved index abov
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -85,14 +84,6 @@ def embed_batch(model: nn.Module | InferenceModel, x: Tensor, *, flip: bool = Fa
     return F.normalize(feats.float(), dim=1).cpu()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class Embedder:
     """A model prepared for embedding, with its preprocessing and its identity (JSON-able).
 
@@ -124,12 +115,13 @@ class Embedder:
     def from_run(cls, run: str | os.PathLike, **kw: Any) -> Embedder:
         """The trained model of a run folder, with the run's preprocessing."""
         from .inference import load_run_model, run_preprocessing
+        from .weights import file_sha256
 
         model, cfg, _ = load_run_model(run)
         pre = run_preprocessing(run, cfg)
         ident = {
             "run": str(Path(run).resolve()),
-            "sha256": _sha256(Path(run) / "model.safetensors"),
+            "sha256": file_sha256(Path(run) / "model.safetensors"),
         }
         return cls(model, pre, ident, **kw)
 
@@ -142,7 +134,7 @@ class Embedder:
         """
         from .augmentation import EvalPreprocessing
         from .models import get_spec
-        from .weights import IMAGENET_MEAN, IMAGENET_STD, create_model
+        from .weights import IMAGENET_MEAN, IMAGENET_STD, create_model, file_sha256
 
         model = create_model(arch, weights=weights, progress=False)
         cfg = model.pretrained_cfg
@@ -156,7 +148,7 @@ class Embedder:
         wpath = Path(weights)
         ident: dict[str, Any] = {"arch": arch, "weights": str(weights)}
         if wpath.is_file():
-            ident.update(weights=str(wpath.resolve()), sha256=_sha256(wpath))
+            ident.update(weights=str(wpath.resolve()), sha256=file_sha256(wpath))
         return cls(model, pre, ident, **kw)
 
     @classmethod

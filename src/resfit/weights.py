@@ -198,7 +198,8 @@ def weights_dir() -> Path:
     return cache_dir() / "weights"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -224,7 +225,7 @@ def download_weights(spec: WeightsSpec, progress: bool = True) -> Path:
     folder = weights_dir()
     target = folder / spec.filename
     if target.exists():
-        if _sha256(target).startswith(spec.sha256):
+        if file_sha256(target).startswith(spec.sha256):
             return target
         raise WeightsError(
             f"{target} does not match the sha256 expected for {spec.name} ({spec.sha256}...): "

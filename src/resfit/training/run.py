@@ -172,13 +172,11 @@ def resolve(cfg: TrainConfig, splits: DataSplits) -> tuple[TrainConfig, nn.Modul
 def _known_file_preprocessing(weights: Path) -> dict:
     """A local copy of registered weights (found by its sha256) carries the registry's
     categories and preprocessing, as the registered name would."""
-    import hashlib
-
-    from ..weights import get_weights, list_weights
+    from ..weights import file_sha256, get_weights, list_weights
 
     if not weights.is_file() or weights.stat().st_size > 1 << 30:
         return {}
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    digest = file_sha256(weights)
     for name in list_weights():
         spec = get_weights(name)
         if spec.sha256 and digest.startswith(spec.sha256):
