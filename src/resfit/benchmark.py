@@ -438,6 +438,41 @@ def _build_engines(
 # Training step
 
 
+def _naive_step(base_model: nn.Module, x: Tensor, y: Tensor, lr: float, wd: float) -> Callable:
+    """The loop users write: train mode, fp32 NCHW, SGD over every parameter."""
+    model = copy.deepcopy(base_model).train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+
+    def step() -> float:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+def _resfit_step(
+    ours: nn.Module, x: Tensor, y: Tensor, lr: float, wd: float, precision: str,
+    compiled: bool = False,
+) -> Callable[[], Callable[[], float]]:  # fmt: skip
+    """A builder of resfit's step: the TrainStep train() runs, with its optimizer groups."""
+
+    def build() -> Callable[[], float]:
+        model = copy.deepcopy(ours).train().to(memory_format=torch.channels_last)
+        opt = make_optimizer(TrainConfig().optim, param_groups(model, wd), lr)  # Nesterov SGD
+        # fp16 gets the loss scaling training adds (its GradScaling callback).
+        scaler = torch.amp.GradScaler(x.device.type) if precision == "fp16" else None
+        # No label smoothing: the first-step loss must equal the naive side's.
+        step = TrainStep(opt, SingleLabel(label_smoothing=0.0).loss, x.device, precision,
+                         scaler=scaler)  # fmt: skip
+        net = torch.compile(model) if compiled else model
+        return lambda: step(net, x, y)[1].item()
+
+    return build
+
+
 def bench_train_step(
     arch: str = "resnet50",
     *,
@@ -479,46 +514,20 @@ def bench_train_step(
     )
     lr, weight_decay = 0.01, 5e-4  # both sides
 
-    def naive():
-        model = copy.deepcopy(base_model).train()
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-
-        def step() -> float:
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            return loss.item()
-
-        return step
-
-    def resfit_step(precision: str, compiled: bool = False):
-        def build():
-            model = copy.deepcopy(ours).train().to(memory_format=torch.channels_last)
-            groups = param_groups(model, weight_decay)
-            opt = make_optimizer(TrainConfig().optim, groups, lr)  # resfit's SGD (Nesterov)
-            # fp16 gets the loss scaling training adds (its GradScaling callback).
-            scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-            # No label smoothing: the first-step loss must equal the naive side's.
-            loss_fn = SingleLabel(label_smoothing=0.0).loss
-            step = TrainStep(opt, loss_fn, device, precision, scaler=scaler)
-            net = torch.compile(model) if compiled else model
-            return lambda: step(net, x, y)[1].item()
-
-        return build
-
     engines: list[tuple[str, str, Callable]] = [
         (
             f"naive {'torchvision ' if arch in _TORCHVISION else ''}fp32 NCHW (baseline)",
             "fp32",
-            naive,
+            lambda: _naive_step(base_model, x, y, lr, weight_decay),
         ),
-        (f"resfit {auto} channels-last", auto, resfit_step(auto)),
+        (f"resfit {auto} channels-last", auto, _resfit_step(ours, x, y, lr, weight_decay, auto)),
     ]
     if bf16 and auto != "bf16":
-        engines.append(("resfit bf16 autocast channels-last", "bf16", resfit_step("bf16")))
+        engines.append(("resfit bf16 autocast channels-last", "bf16",
+                        _resfit_step(ours, x, y, lr, weight_decay, "bf16")))  # fmt: skip
     if compile:
-        engines.append((f"resfit {auto} + torch.compile", auto, resfit_step(auto, True)))
+        engines.append((f"resfit {auto} + torch.compile", auto,
+                        _resfit_step(ours, x, y, lr, weight_decay, auto, True)))  # fmt: skip
 
     built = _warm_up_steps(engines, report)
     secs = _interleaved({k: v[1] for k, v in built.items()}, repeats)
@@ -588,6 +597,26 @@ def _pil_transform(cfg: AugmentConfig, img_size: int) -> Callable:
     return T.Compose(ops)
 
 
+def _naive_pipeline(paths: list, labels: list, tf: Callable, batch: int) -> Callable[[], None]:
+    """One epoch of torchvision ImageFolder-style loading: PIL decodes every file every epoch,
+    through a 0-worker DataLoader (the default)."""
+    from PIL import Image
+
+    class Files(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(paths)
+
+        def __getitem__(self, i: int):
+            with Image.open(paths[i]) as im:
+                return tf(im.convert("RGB")), labels[i]
+
+    def epoch() -> None:
+        for _ in torch.utils.data.DataLoader(Files(), batch_size=batch, shuffle=True):
+            pass
+
+    return epoch
+
+
 def bench_pipeline(
     data: str | Path,
     *,
@@ -607,8 +636,6 @@ def bench_pipeline(
     ``consumer_images_per_s`` (the training step's rate) adds how many times faster the
     pipeline is than the step that consumes it.
     """
-    from PIL import Image
-
     splits = discover(str(data))
     step = max(1, len(splits.train) // limit)
     samples = splits.train[::step][:limit]
@@ -620,19 +647,9 @@ def bench_pipeline(
         machine_summary(),
         {},
     )
-    naive_tf = _pil_transform(AugmentConfig(augment), img_size)
-
-    class Files(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(paths)
-
-        def __getitem__(self, i: int):
-            with Image.open(paths[i]) as im:
-                return naive_tf(im.convert("RGB")), labels[i]
-
-    def naive_epoch() -> None:
-        for _ in torch.utils.data.DataLoader(Files(), batch_size=batch, shuffle=True):
-            pass
+    naive_epoch = _naive_pipeline(
+        paths, labels, _pil_transform(AugmentConfig(augment), img_size), batch
+    )
 
     t0 = time.perf_counter()
     decoded = decode_all(samples, base_size_for(img_size), progress=False)
@@ -652,19 +669,10 @@ def bench_pipeline(
     naive_ips, resfit_ips = n / secs["naive"], n / secs["resfit"]
     report.rows = [
         BenchRow("naive: decode + augment every epoch (baseline)", "", naive_ips, ratio=1.0),
-        BenchRow(
-            "resfit: decode once",
-            "",
-            n / decode_s,
-            note="paid once per run, in threads",
-        ),
-        BenchRow(
-            f"resfit: augment {augment!r} per epoch",
-            "",
-            resfit_ips,
-            ratio=resfit_ips / naive_ips,
-        ),
-    ]
+        BenchRow("resfit: decode once", "", n / decode_s, note="paid once per run, in threads"),
+        BenchRow(f"resfit: augment {augment!r} per epoch", "", resfit_ips,
+                 ratio=resfit_ips / naive_ips),
+    ]  # fmt: skip
     if consumer_images_per_s:
         report.info["training step consumes"] = f"{consumer_images_per_s:.1f} images/s"
         report.info["resfit pipeline / consumption"] = f"{resfit_ips / consumer_images_per_s:.1f}x"

@@ -14,7 +14,7 @@ from ..atomic import atomic_save_safetensors, atomic_write_text
 from ..augmentation import decode_size
 from ..config import TrainConfig
 from ..data import DataSplits, TransformedImages
-from . import callbacks as cb
+from .callbacks import BestModel
 from .loop import Loop
 from .step import predict_logits
 
@@ -41,7 +41,7 @@ def finish_run(
     from safetensors.torch import load_file
 
     out, model = Path(cfg.run.out), loop.eval_model
-    best = loop.callback(cb.BestModel)
+    best = loop.callback(BestModel)
     best_path = out / "checkpoints" / "best.safetensors"
     if best_path.exists():
         model.load_state_dict(load_file(str(best_path)))

@@ -21,7 +21,23 @@ from .. import transfer
 from ..adapters import adapt
 from ..config import TrainConfig
 from ..errors import ConfigError
-from . import callbacks as cb
+from .callbacks import (
+    BestModel,
+    Checkpoint,
+    EarlyStopping,
+    EpochLog,
+    FeatureCaching,
+    FreezeSchedule,
+    GradScaling,
+    LRSchedule,
+    Mixing,
+    PreciseBN,
+    Progress,
+    ShareCores,
+    StopOnNonFinite,
+    WeightAveraging,
+    default_ema_decay,
+)
 from .loop import Callback, Loop
 from .step import param_groups
 
@@ -67,30 +83,30 @@ def callbacks_for(
     """The callbacks of a run, from its config."""
     r, main = cfg.run, loop.dist.main
     cbs: list[Callback] = [
-        cb.StopOnNonFinite(cfg.optim.lr, out / "checkpoints" / "last.pt"),
-        cb.FreezeSchedule(cfg, adapt(loop.model).stage_names),
-        cb.FeatureCaching(cfg, transforms, mix is not None, out, show),
-        cb.LRSchedule(cfg, loop.steps_per_epoch),
-        cb.BestModel(loop.task.monitor),
-        cb.Checkpoint(out / "checkpoints", resume, main),
-        cb.ShareCores(),
+        StopOnNonFinite(cfg.optim.lr, out / "checkpoints" / "last.pt"),
+        FreezeSchedule(cfg, adapt(loop.model).stage_names),
+        FeatureCaching(cfg, transforms, mix is not None, out, show),
+        LRSchedule(cfg, loop.steps_per_epoch),
+        BestModel(loop.task.monitor),
+        Checkpoint(out / "checkpoints", resume, main),
+        ShareCores(),
     ]
     if precision == "fp16":
-        cbs.append(cb.GradScaling(loop.step.device))
+        cbs.append(GradScaling(loop.step.device))
     if mix is not None:
-        cbs.append(cb.Mixing(mix))
+        cbs.append(Mixing(mix))
     if r.ema:
         decay = r.ema_decay
         if decay is None:
-            decay = cb.default_ema_decay(cfg.optim.epochs * loop.steps_per_epoch)
+            decay = default_ema_decay(cfg.optim.epochs * loop.steps_per_epoch)
         log.info("EMA of the weights with decay %.5f per step", decay)
-        cbs.append(cb.WeightAveraging(loop.model, decay))
+        cbs.append(WeightAveraging(loop.model, decay))
     if r.precise_bn:
-        cbs.append(cb.PreciseBN(r.precise_bn))
+        cbs.append(PreciseBN(r.precise_bn))
     if r.early_stopping is not None:
-        cbs.append(cb.EarlyStopping(r.early_stopping))
+        cbs.append(EarlyStopping(r.early_stopping))
     if show:
-        cbs.append(cb.Progress(cfg.optim.epochs))
+        cbs.append(Progress(cfg.optim.epochs))
     if main:
-        cbs.append(cb.EpochLog(out, cfg.optim.epochs, r.tensorboard))
+        cbs.append(EpochLog(out, cfg.optim.epochs, r.tensorboard))
     return cbs

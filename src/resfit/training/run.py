@@ -49,11 +49,11 @@ from ..models import get_spec
 from ..sources import DataSource, get_source
 from ..tasks import SingleLabel, Task
 from ..weights import IMAGENET_MEAN, IMAGENET_STD, create_model
-from . import callbacks as cb
-from . import recipes
+from .callbacks import BestModel
 from .distributed import Dist, barrier, init_distributed
 from .finish import eval_decode_size, finish_run
 from .loop import EpochData, Loop
+from .recipes import callbacks_for, log_recipe, param_groups_for
 from .step import TrainStep, make_optimizer
 
 log = logging.getLogger("resfit")
@@ -341,9 +341,9 @@ def _run(
         cfg.model.weights or "random init", runtime.describe(device, precision),
     )  # fmt: skip
     model = _place(cfg, model, device, dist_info)
-    groups = recipes.param_groups_for(cfg, model)
+    groups = param_groups_for(cfg, model)
     optimizer = make_optimizer(cfg.optim, groups, cfg.optim.lr)
-    recipes.log_recipe(cfg, optimizer)
+    log_recipe(cfg, optimizer)
     net = _wrap(cfg, model, device, dist_info)
     tr_tf, ev_tf = build_transforms(cfg)
     task, sample_weight = _task(cfg, train_data.labels, device)
@@ -356,12 +356,12 @@ def _run(
                 workers=cfg.data.workers)  # fmt: skip
     mix = batch_transform(cfg.augment, len(cfg.classes))
     loop.callbacks = sorted(
-        recipes.callbacks_for(cfg, loop, (tr_tf, ev_tf), mix, out, resume, precision, show),
+        callbacks_for(cfg, loop, (tr_tf, ev_tf), mix, out, resume, precision, show),
         key=lambda c: c.order,
     )
     loop.fit()
     barrier(dist_info)
-    best = loop.callback(cb.BestModel)
+    best = loop.callback(BestModel)
     result = TrainResult(out, loop.history, best.best_epoch, best.best, config=cfg)
     if dist_info.main:
         result.test = finish_run(cfg, loop, splits, skipped, duplicates, ev_tf, show)
