@@ -115,6 +115,7 @@ def option(
     *,
     choices: tuple | None = None,
     minimum: float | None = None,
+    positive: bool = False,
     resumable: bool = False,
     name: str | None = None,
     cli: bool = True,
@@ -124,10 +125,10 @@ def option(
 
     ``resumable``: ``--resume`` may change it (epochs, progress ...); any other option given
     with ``--resume`` must equal the run's. ``name``: the flat option name when it differs from
-    the field's. ``minimum``: the smallest allowed value (inclusive).
+    the field's. ``minimum``: the smallest allowed value (inclusive); ``positive``: above 0.
     """
-    meta = dict(help=help, choices=choices, minimum=minimum, resumable=resumable, name=name,
-                cli=cli, metavar=metavar)  # fmt: skip
+    meta = dict(help=help, choices=choices, minimum=minimum, positive=positive,
+                resumable=resumable, name=name, cli=cli, metavar=metavar)  # fmt: skip
     return field(default=default, metadata=meta)
 
 
@@ -162,14 +163,14 @@ class OptimConfig:
     epochs: int = option(20, "epochs to train", minimum=1, resumable=True)
     batch_size: int = option(64, "global batch (split across ranks under torchrun)", minimum=1)
     optimizer: str = option("sgd", "the optimizer", choices=OPTIMIZERS)
-    lr: float | None = option(None, "peak learning rate (default: by optimizer and transfer)", minimum=1e-30)  # fmt: skip
+    lr: float | None = option(None, "peak learning rate (default: by optimizer and transfer)", positive=True)  # fmt: skip
     momentum: float = option(0.9, "SGD momentum", minimum=0.0)
     nesterov: bool = option(True, "Nesterov momentum for SGD")
     weight_decay: float | None = option(None, "weight decay (default: 5e-4 SGD, 0 Adam, 0.05 AdamW)", minimum=0.0)  # fmt: skip
     schedule: str = option("cosine", "learning-rate schedule after the warm-up", choices=SCHEDULES)
     warmup_epochs: float = option(1.0, "epochs of linear warm-up", minimum=0.0)
     label_smoothing: float = option(0.1, "label smoothing of the loss", minimum=0.0)
-    grad_clip: float | None = option(None, "clip the global gradient norm to this value", minimum=1e-30)  # fmt: skip
+    grad_clip: float | None = option(None, "clip the global gradient norm to this value", positive=True)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ class TransferConfig:
     recipe: str = option("default", "finetune: train the head with the backbone frozen, then unfreeze with lower per-stage learning rates", choices=RECIPES)  # fmt: skip
     head_epochs: int = option(2, "finetune: epochs (out of --epochs) for the head alone", minimum=0)
     unfreeze: str = option("all", "finetune: unfreeze all at once, or one stage per epoch from the top", choices=UNFREEZE)  # fmt: skip
-    stem_lr_ratio: float = option(0.1, "finetune: the stem's learning rate as a fraction of the head's", minimum=1e-9)  # fmt: skip
+    stem_lr_ratio: float = option(0.1, "finetune: the stem's learning rate as a fraction of the head's", positive=True)  # fmt: skip
     cache: str = option("auto", "compute the frozen part once per image and train the rest from stored features (disk: a memory map in RUN/cache)", choices=CACHE_CHOICES)  # fmt: skip
     cache_views: int = option(4, "with random augmentation: augmented views stored per image", minimum=1)  # fmt: skip
     cache_dtype: str = option("auto", "storage type of cached features", choices=CACHE_DTYPES)
@@ -262,6 +263,7 @@ class OptionInfo:
     resumable: bool
     cli: bool
     metavar: str | None
+    positive: bool = False
 
 
 def _base_type(tp: Any) -> Any:
@@ -279,7 +281,7 @@ def _section_options(section: str, cls: type) -> Iterator[OptionInfo]:
         yield OptionInfo(
             m.get("name") or f.name, section, f.name, _base_type(hints[f.name]), f.default,
             m.get("help", ""), m.get("choices"), m.get("minimum"), m.get("resumable", False),
-            m.get("cli", True), m.get("metavar"),
+            m.get("cli", True), m.get("metavar"), m.get("positive", False),
         )  # fmt: skip
 
 
@@ -358,10 +360,6 @@ class TrainConfig:
         info = OPTIONS[name]
         return getattr(getattr(self, info.section), info.field)
 
-    def options(self) -> dict[str, Any]:
-        """Every option by flat name (``augment`` as its preset name)."""
-        return {name: self.get(name) for name in OPTIONS}
-
     @property
     def classes(self) -> list[str]:
         return list(self.pre.classes)
@@ -378,6 +376,8 @@ class TrainConfig:
                 raise ConfigError(
                     f"{flag(name)} must be one of {', '.join(map(str, info.choices))}, not {value!r}"
                 )
+            if info.positive and not value > 0:
+                raise ConfigError(f"{flag(name)} must be positive")
             if info.minimum is not None and value < info.minimum:
                 raise ConfigError(_minimum_message(name, info.minimum))
         d = self.data
@@ -453,8 +453,6 @@ class TrainConfig:
 
 
 def _minimum_message(name: str, minimum: float) -> str:
-    if minimum == 1e-30 or minimum == 1e-9:
-        return f"{flag(name)} must be positive"
     if minimum == 0:
         return f"{flag(name)} must not be negative"
     if name == "img_size":

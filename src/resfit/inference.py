@@ -49,6 +49,7 @@ from .data import (
 from .engines import Engine, create_engine
 from .errors import ConfigError, RunError
 from .models import build_model
+from .tasks import SingleLabel
 
 __all__ = [
     "Prediction",
@@ -59,6 +60,10 @@ __all__ = [
     "make_explainer",
     "write_predictions_csv",
 ]
+
+
+# What a run's outputs mean (one label per image); multi-label runs will name theirs.
+_TASK = SingleLabel()
 
 
 @dataclass
@@ -213,7 +218,8 @@ class Predictor:
         return torch.cat(out) if out else torch.empty(0, len(self.classes))
 
     def probabilities(self, logits: Tensor) -> Tensor:
-        return torch.softmax(logits / (self.temperature or 1.0), dim=1)
+        """Calibrated probabilities: the task's post-processing at the run's temperature."""
+        return _TASK.probabilities(logits, self.temperature or 1.0)
 
     def _label(self, decoded: DecodedImages, batch_size: int, k: int) -> list[Prediction]:
         conf, idx = self.probabilities(self.logits(decoded, batch_size)).topk(k, dim=1)

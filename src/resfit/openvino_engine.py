@@ -7,12 +7,12 @@ otherwise converts the run's PyTorch model when it loads (about 2 s for a ResNet
 ``auto`` precision is bf16 where the CPU has it natively (AVX512_BF16, AMX), else fp32. The
 engine uses this process's share of the cores (``torch.get_num_threads()``) in one stream (the
 ``latency`` hint): it is called synchronously, one batch at a time, and the ``throughput``
-hint's several streams then leave cores idle (measured: int8 4.3x instead of 9.6x here).
+hint's several streams then leave cores idle (measured: int8 4.3x instead of 8.2x here).
 
-Measured on 2 cores of a Zen 4 EPYC (AVX512_BF16, VNNI), ResNet-50 at 224 px, batch 32, against
-torchvision eager fp32 in the same run, helpers' tests running beside it: OpenVINO fp32 2.4x,
-bf16 4.9x, int8 (NNCF, 32 calibration images) 9.6x with batch-1 latency 0.15x; ONNX Runtime
-int8 was 8.35x on the same machine (README).
+Measured by one ``resfit bench inference`` run on 2 quiet cores of a Zen 4 EPYC (AVX512_BF16,
+VNNI), ResNet-50 at 224 px, batch 32, against torchvision eager fp32 in the same run: OpenVINO
+fp32 2.21x, bf16 4.33x, int8 (NNCF) 8.17x with batch-1 latency 0.19x; PyTorch bf16 3.33x and
+ONNX Runtime int8 7.02x in the same run.
 
 Needs the optional packages ``openvino`` and ``nncf``: ``pip install 'resfit[openvino]'``.
 Imports only :mod:`resfit.runtime` and the error types.

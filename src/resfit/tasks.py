@@ -7,7 +7,8 @@ across the code.
 
 Today: :class:`SingleLabel` (one class per image: softmax, cross-entropy, argmax accuracy).
 
-Add a task: subclass :class:`Task`, implement its methods, register it in ``TASKS``.
+Add a task: subclass :class:`Task` and implement its methods; training builds it in
+``training.run._task`` and inference in ``inference._TASK``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from .errors import ConfigError
 
 
 def soft_cross_entropy(
@@ -80,13 +79,3 @@ class SingleLabel(Task):
 
     def probabilities(self, logits: Tensor, temperature: float = 1.0) -> Tensor:
         return torch.softmax(logits.float() / temperature, dim=1)
-
-
-TASKS: dict[str, type[Task]] = {SingleLabel.name: SingleLabel}
-
-
-def get_task(name: str) -> type[Task]:
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise ConfigError(f"unknown task {name!r}; resfit knows {', '.join(TASKS)}") from None

@@ -217,6 +217,11 @@ class FeatureCache:
             view = torch.randint(self.views, (len(self.train_labels),), generator=generator)
         return CachedFeatures(self.train, self.train_labels, view)
 
+    def tail_for(self, model: nn.Module) -> Tail:
+        """The trainable rest of ``model`` (the training weights or their average) on these
+        features: the frozen prefix is the same in both."""
+        return Tail(model, self.stage)
+
     def val_set(self) -> CachedFeatures:
         return CachedFeatures(self.val, self.val_labels)
 

@@ -209,7 +209,7 @@ class PreciseBN(Callback):
     def after_train(self, loop: Loop) -> None:
         s = loop.step
         if loop.features is not None:
-            net = type(loop.features.tail)(loop.eval_model, loop.features.stage)
+            net = loop.features.tail_for(loop.eval_model)
             data = loop.features.bn_set()
         else:
             net, data = loop.eval_model, loop.data.train_eval

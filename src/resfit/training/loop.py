@@ -187,7 +187,7 @@ class Loop:
         """The network and data validation runs: through the feature cache when there is one
         (the frozen prefix is the same in ``model``), else the whole model on images."""
         if self.features is not None:
-            return type(self.features.tail)(model, self.features.stage), self.features.val_set()
+            return self.features.tail_for(model), self.features.val_set()
         return model, self.data.val
 
     def val_logits(self, model: nn.Module | None = None) -> Tensor:

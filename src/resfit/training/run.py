@@ -299,6 +299,8 @@ def _task(cfg: TrainConfig, labels: torch.Tensor, device: torch.device) -> tuple
 
 def _place(cfg: TrainConfig, model: nn.Module, device: torch.device, dist_info: Dist) -> nn.Module:
     """Freeze, convert BN for multi-GPU, move to the device and the memory layout."""
+    # Frozen before the optimizer is built, so its groups leave the frozen part out; the freeze
+    # schedule then sets each epoch's policy (and BN modes) on top.
     transfer.apply_freeze(model, cfg.transfer.freeze, cfg.transfer.train_bn)
     if cfg.runtime.sync_bn and dist_info.world > 1:
         if device.type != "cuda":
