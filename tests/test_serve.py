@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -57,18 +58,21 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, run: Path, *options: str, token: str | None = None) -> None:
+    def __init__(
+        self, run: Path, *options: str, token: str | None = None, env: dict | None = None
+    ) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
-        env = {**os.environ, "RESFIT_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+        env = {**os.environ, "RESFIT_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), **(env or {})}
         env.pop("RESFIT_SERVE_TOKEN", None)
         argv = [sys.executable, "-m", "resfit.serve", str(run), "--port", str(self.port)]
         if token:
             argv += ["--token", token]
         self.proc = subprocess.Popen(
-            [*argv, *options], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
+            [*argv, *options], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,  # stop() ends --workers processes with their supervisor
+        )  # fmt: skip
         self.client = httpx.Client(base_url=self.url, headers=self.headers, timeout=30)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # /readyz is the server's own readiness signal
@@ -96,8 +100,8 @@ class Server:
 
     def stop(self) -> None:
         self.client.close()
-        if self.proc.poll() is None:
-            self.proc.kill()
+        with contextlib.suppress(ProcessLookupError):  # workers hold the output pipes open
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.communicate()
 
 
@@ -266,17 +270,40 @@ def test_parser_builds_without_torch() -> None:
     assert out.stdout.split() == ["8", "127.0.0.1", "serve", "False"], out.stderr
 
 
-def test_workers_share_the_port_and_stop_on_sigterm(
-    run_dir: Path, images: list[Path], offline
+def test_workers_share_the_port_metrics_sum_and_stop_on_sigterm(
+    run_dir: Path, images: list[Path], offline, tmp_path: Path
 ) -> None:
-    s = Server(run_dir, "--workers", "2")
+    from concurrent.futures import ThreadPoolExecutor
+
+    s = Server(run_dir, "--workers", "2", env={"TMPDIR": str(tmp_path)})
+    assert len(list(tmp_path.glob("resfit-metrics-*"))) == 1  # the workers' metric files
     try:
-        for path in images[:6]:
-            r = s.client.post("/v1/predict", content=path.read_bytes())
-            assert r.status_code == 200 and r.json()["label"] == offline[_key(path)][0]
+
+        def predict_then_whoami(path: Path) -> tuple[int, str]:
+            # One connection for both requests: /readyz names the worker that answered.
+            with httpx.Client(base_url=s.url, timeout=30) as c:
+                r = c.post("/v1/predict", content=path.read_bytes())
+                assert r.status_code == 200 and r.json()["label"] == offline[_key(path)][0]
+                return c.get("/readyz").json()["pid"], r.json()["label"]
+
+        pids: list[int] = []
+        with ThreadPoolExecutor(8) as pool:
+            while len(set(pids)) < 2:  # until both workers have answered predictions
+                assert len(pids) < 400, "one worker took every connection"
+                batch = [images[i % len(images)] for i in range(len(pids), len(pids) + 16)]
+                pids += [pid for pid, _ in pool.map(predict_then_whoami, batch)]
+        # Each scrape reaches one worker, and each reports the sum over both.
+        for _ in range(4):
+            with httpx.Client(base_url=s.url) as c:
+                text = c.get("/metrics").text
+            line = 'resfit_requests_total{code="200",path="/v1/predict"} '
+            total = [float(x.split()[-1]) for x in text.splitlines() if x.startswith(line)]
+            assert total == [len(pids)], text
         s.proc.send_signal(signal.SIGTERM)  # the supervisor passes it on to both workers
         assert s.proc.wait(timeout=30) == 0
-        assert "2 workers, CPU threads each: 1" in s.proc.communicate()[0]
+        out = s.proc.communicate()[0]
+        assert "2 workers, CPU threads each: 1" in out
+        assert list(tmp_path.glob("resfit-metrics-*")) == []  # the supervisor removed it
     finally:
         s.stop()
 
