@@ -1,6 +1,6 @@
 """resfit serve against offline predict: images/s and p50/p99 latency, batching on and off.
 
-    python bench/serve.py RUN IMAGES [--requests 1000] [--clients 16] [--engine torch]
+    python bench/serve.py RUN IMAGES [--requests 1000] [--clients 16] [--engine auto]
 
 RUN is a trained run (a ResNet-50 on flowers5, or the CIFAR ResNet-56 run); IMAGES a folder
 of real photos (../shared/assets/datasets/flowers5-256.zip extracted). Offline: one
@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("images")
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--engine", default="torch")
+    ap.add_argument("--engine", default="auto")  # resfit serve's and resfit predict's default
     a = ap.parse_args()
     exts = {".jpg", ".jpeg", ".png"}
     files = sorted(p for p in Path(a.images).rglob("*") if p.suffix.lower() in exts)

@@ -47,8 +47,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     p.add_argument("run", help="the run folder to serve")
-    p.add_argument("--engine", default="torch", metavar="ENGINE",
-                   help="inference engine: torch, or onnx (after resfit export)")  # fmt: skip
+    # The same default as resfit predict: the same engine gives the same confidences.
+    p.add_argument("--engine", default="auto", metavar="ENGINE",
+                   help="auto (the default, as resfit predict: the fastest installed engine "
+                        "here), torch, openvino, or onnx (after resfit export)")  # fmt: skip
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
     p.add_argument("--host", default="127.0.0.1",
