@@ -34,6 +34,7 @@ CACHE_DTYPES = ("auto", "fp32", "fp16", "bf16")
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BALANCE = ("weights", "sampler")
 LEAKAGE = ("report", "remove", "off")
+LEAKAGE_SIGNALS = ("phash", "both")  # both: pHash and embeddings (resfit.leakage)
 EXPORT_FORMATS = ("onnx", "triton", "openvino")  # resfit export --format
 DATA_MODES = ("memory",)  # sources.SOURCES: where the images live during training
 
@@ -142,6 +143,7 @@ class DataConfig:
     test_fraction: float = option(0.0, "share held out for test when there is no test/ folder")
     balance: str | None = option(None, "for uneven classes: weight the loss, or draw classes evenly", choices=BALANCE)  # fmt: skip
     leakage: str = option("report", "duplicates across splits: report them, remove them from val/test, or skip the check", choices=LEAKAGE)  # fmt: skip
+    leakage_signal: str = option("phash", "how the leakage check finds duplicates: perceptual hashes, or both hashes and the --weights' embeddings (also finds crops, rotations, mirror images; a forward pass per image)", choices=LEAKAGE_SIGNALS)  # fmt: skip
     data_mode: str = option("memory", "where the images live during training: memory decodes each once", choices=DATA_MODES)  # fmt: skip
     workers: int = option(0, "processes for augmentation (0 keeps the cores for the model)", minimum=0, resumable=True)  # fmt: skip
 

@@ -110,7 +110,7 @@ def _prepare_and_run(
     if resume and splits.classes != cfg.classes:
         raise TrainingError(f"--resume: the classes in {cfg.data.path} differ from those of {out}")
     cfg, model = resolve(cfg, splits)
-    duplicates = check_leakage(splits, cfg.data.leakage) if main or cfg.data.leakage == "remove" else []  # fmt: skip
+    duplicates = check_leakage(splits, cfg.data.leakage, cfg, model) if main or cfg.data.leakage == "remove" else []  # fmt: skip
     warn_imbalance(splits)
     if main:
         atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
@@ -195,16 +195,23 @@ def _run_preprocessing(weights: Path) -> dict:
             **{k: saved[k] for k in keys if saved.get(k) is not None}}  # fmt: skip
 
 
-def check_leakage(splits: DataSplits, mode: str) -> list:
+def check_leakage(
+    splits: DataSplits, mode: str, cfg: TrainConfig | None = None, model: nn.Module | None = None
+) -> list:
     """Exact and near-duplicate images across train/val/test: reported, or removed from
-    val/test (train keeps its copy) with ``mode="remove"``."""
+    val/test (train keeps its copy) with ``mode="remove"``. With ``--leakage-signal both``
+    (``cfg``), the embeddings of ``model`` (its ``--weights``, before training) find crops,
+    rotations and mirror images too."""
     if mode == "off":
         return []
     from ..leakage import find_duplicates, remove_leaks
 
     groups = {name: [x.path for x in getattr(splits, name)]
               for name in ("train", "val", "test") if getattr(splits, name)}  # fmt: skip
-    dups = find_duplicates(groups)
+    embedder = None
+    if cfg is not None and cfg.data.leakage_signal == "both":
+        embedder = _leakage_embedder(cfg, model)
+    dups = find_duplicates(groups, embedder=embedder)
     if dups:
         log.warning(
             "%d image(s) appear in more than one split (%s): scores on val/test are optimistic%s",
@@ -217,6 +224,20 @@ def check_leakage(splits: DataSplits, mode: str) -> list:
             gone = set(paths)
             setattr(splits, name, [x for x in getattr(splits, name) if x.path not in gone])
     return dups
+
+
+def _leakage_embedder(cfg: TrainConfig, model: nn.Module | None) -> Any:
+    """The model as an embedder, at the run's evaluation preprocessing (it works on a copy)."""
+    if not cfg.model.weights or model is None:
+        raise ConfigError(
+            "--leakage-signal both compares the embeddings of pretrained weights: give "
+            "--weights (an untrained network's features say nothing about likeness)"
+        )
+    from ..augmentation import EvalPreprocessing
+    from ..embed import Embedder
+
+    pre = EvalPreprocessing.from_config(cfg.to_dict())
+    return Embedder(model, pre, {"weights": cfg.model.weights}, precision="fp32")
 
 
 def warn_imbalance(splits: DataSplits, ratio: float = 3.0) -> None:
