@@ -13,7 +13,10 @@ A photo in both train and test makes the test accuracy a memory test. Two kinds 
   CIFAR ResNet-56's 32 px features put distinct flowers at cosines up to 0.98, where a crop
   sits at 0.95), so by default the threshold is measured on each scan: the cosine that only
   :data:`EMBED_FPR` of the pairs of images *within* a split reach (leaks are pairs across
-  splits, so these pairs hold none of them). bench/leakage.py measured what that finds.
+  splits, so these pairs hold none of them). bench/leakage.py measured what that finds. Expect
+  about ``EMBED_FPR * len(train) * len(val)`` false pairs (21 for flowers5's 2,900 x 736;
+  about one in a scan too small to have 1 / EMBED_FPR pairs within its splits): they are
+  reported with their ``similarity`` to look at, and ``--leakage remove`` drops them too.
 
 Speed: JPEGs are decoded with PIL's ``draft`` mode (the decoder scales by 1/2..1/8 in the DCT
 domain, so a 4000 px photo costs about as much as a 500 px one) in a thread pool (PIL releases

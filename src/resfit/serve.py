@@ -6,7 +6,9 @@
 Routes: ``POST /v1/predict`` (raw image body, or multipart files for a list), ``POST /v1/embed``,
 ``GET /healthz``, ``/readyz``, ``/metrics`` (Prometheus) and the OpenAPI docs at ``/docs``.
 The service itself is :mod:`resfit.serving`; this module parses the options, checks the bind
-address, and runs uvicorn in one process or in ``--workers`` processes that share one socket.
+address, and runs uvicorn in one process or in ``--workers`` processes that share one socket
+(``/metrics`` then sums over the workers: prometheus_client's multiprocess mode, in a
+temporary folder this process owns and removes).
 
 It binds to 127.0.0.1 by default. Any other address needs a token (``--token`` or
 ``RESFIT_SERVE_TOKEN``) that every request must send as ``Authorization: Bearer TOKEN``.
