@@ -13,8 +13,22 @@ cosine threshold, and either one. The threshold is the largest that lets no more
 ``--max-fpr`` of the negative pairs through; resfit's default (``EMBED_SIMILARITY``) follows.
 
 Last figures (2 cores of an AMD EPYC Zen 4 with avx512_bf16, no AMX, 2026-11-29; CIFAR-10
-ResNet-56 weights at 32 px, fp32; 736 flowers5 val photos):
-  (filled in from the run below)
+ResNet-56 weights, the only pretrained weights in the assets, fp32; 736 flowers5 val photos,
+270,479 negative pairs, 54,816 of them same class; recall per edit, pHash / embed / both):
+  32 px (the weights' size), resfit's threshold 0.9776, FPR 3.7e-6 (same class 0):
+    crop 80% 0.0 / 10.6 / 10.6 %, rotate 5 deg 0.1 / 40.6 / 40.6 %, rescale 0.5 99.2 / 99.6 /
+    99.9 %, jpeg q40 100 / 100 / 100 %, mirror 0.0 / 99.0 / 99.0 %; all edits 39.9 / 70.0 /
+    70.0 %.
+  32 px at a fixed 0.95: FPR 9.5e-4 (same class 2.6e-3): all edits 39.9 / 87.7 / 87.7 %
+    (crop 51.8, rotate 86.7 %): the recall that a fixed threshold buys with ~250x the false
+    pairs (2,000 of flowers5's 2.1 million train x val pairs).
+  64 px (--img-size 64; threshold 0.9864 at FPR 7.4e-6): all edits 39.9 / 79.8 / 80.1 %
+    (crop 26.5, rotate 74.3, mirror 100 %).
+  Nearest original is the copy's own (retrieval, no threshold), 32 px: crop 55.6 %, rotate
+  87.8 %, rescale, JPEG and mirror 100 %.
+  Cost: pHash 2,169 img/s; embeddings 265 img/s at 32 px, 67 at 64 px (mirror: two passes).
+  Baseline pHash alone (resfit's default) finds 39.9 % of these edits; with the embeddings,
+  70.0 % (1.75x) at 3.7 false pairs per million.
 """
 
 from __future__ import annotations
