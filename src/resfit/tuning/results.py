@@ -100,10 +100,15 @@ def _baseline(study: Any) -> Any | None:
     return next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline")), None)
 
 
-def save_best(trial: Any, out: Path) -> Path:
+def save_best(trial: Any, out: Path) -> Path | None:
     """Copy the best trial's run folder to ``out/best`` (without its cache), whole or not
-    at all; ``best/trial.json`` says which trial it is."""
-    src = out / "trials" / f"{trial.number:04d}"
+    at all; ``best/trial.json`` says which trial it is. None if the trial ran elsewhere (a
+    study shared across machines): the log says where."""
+    src = Path(trial.user_attrs.get("run_dir") or out / "trials" / f"{trial.number:04d}")
+    if not (src / "model.safetensors").exists():
+        log.warning("resfit tune: the best trial (%d) ran on %s in %s, not here: copy it from "
+                    "there", trial.number, trial.user_attrs.get("host", "?"), src)  # fmt: skip
+        return None
     dest, tmp, old = out / "best", out / ".best.tmp", out / ".best.old"
     for p in (tmp, old):
         shutil.rmtree(p, ignore_errors=True)
@@ -125,6 +130,8 @@ def finish(study: Any, out: Path, wall_s: float) -> TuneResult:
     counts = {s: sum(t.state.name == s for t in kept) for s in ("COMPLETE", "PRUNED", "FAIL")}
     best, base = _best(study), _baseline(study)
     best_dir = save_best(best, out) if best is not None else None
+    if best_dir is None:
+        shutil.rmtree(out / "best", ignore_errors=True)  # never a best/ of an older best
     if best is None:
         log.warning("resfit tune: no trial completed; see %s", out / "trials.csv")
     result = TuneResult(

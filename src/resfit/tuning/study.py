@@ -125,7 +125,7 @@ def open_storage(out: Path, storage: str | None) -> Any:
 def _lock_path(plan: Plan) -> Path:
     """The claim lock: next to a shared journal file, else in DIR."""
     if plan.storage and "://" not in plan.storage:
-        return Path(plan.storage + ".lock")
+        return Path(plan.storage + ".claim")  # not ".lock": the journal's own lock file
     return Path(plan.out) / "claim.lock"
 
 
@@ -302,6 +302,7 @@ def run_trial(study: Any, trial: Any, params: dict, plan: Plan, cfg: TrainConfig
         lock.release()
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # model.safetensors stays
     trial.set_user_attr("duration_s", round(time.time() - start, 2))
+    trial.set_user_attr("run_dir", str(run_dir.resolve()))  # where best/ is copied from
     if reason:
         trial.set_user_attr("reason", reason)
     study.tell(trial, value if state == optuna.trial.TrialState.COMPLETE else None, state=state)
