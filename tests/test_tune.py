@@ -168,3 +168,24 @@ def test_without_optuna_one_line_says_what_to_install(
     monkeypatch.setitem(sys.modules, "optuna", None)
     with pytest.raises(MissingExtraError, match=r"pip install 'resfit\[tune\]'"):
         tune(colours, 2, tmp_path / "study")
+
+
+def test_tune_help_and_a_bad_option_answer_without_torch(tmp_path: Path) -> None:
+    script = f"""
+import sys
+from resfit.cli import main
+codes = []
+try:
+    main(["tune", "--help"])
+except SystemExit as e:
+    codes.append(e.code)
+codes.append(main(["tune", "D", "--out", {str(tmp_path / "s")!r}, "--trials", "3", "--epochs", "0"]))
+print(codes, sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "optuna")))
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(SRC)}, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "[0, 2] []"
+    assert "resfit tune: error: --epochs must be at least 1" in res.stderr
+    assert "--trials" in res.stdout and "--storage" in res.stdout and "--jobs" in res.stdout
+    assert not (tmp_path / "s").exists()

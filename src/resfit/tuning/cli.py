@@ -47,10 +47,12 @@ def add_tune_parser(
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    from ..config import TrainConfig
     from .study import tune
 
     fixed = {k: v for k, v in vars(args).items() if k in OPTIONS}
     data, out = fixed.pop("data"), fixed.pop("out")
+    TrainConfig.from_options(data=data, **fixed).check()  # bad values answer before torch loads
     if args.jobs == 1:  # trials run in this process: it takes its share of the cores
         from .. import threads
 

@@ -376,13 +376,10 @@ def tune(
     ``enqueue``: parameter sets to try first. ``fixed``: training options (``arch``,
     ``weights``, ``epochs`` ...), fixed in every trial and left out of the search.
     """
-    _optuna()
     if trials < 1 or jobs < 1:
         raise ConfigError("--trials and --jobs must be at least 1")
     if timeout is not None and not timeout > 0:
         raise ConfigError("--timeout must be a positive number of seconds")
-    if not Path(data).exists():
-        raise DataError(f"{data}: no such folder or file")
     unknown = sorted(set(fixed) - set(OPTIONS))
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(unknown)}")
@@ -390,8 +387,11 @@ def tune(
     start = time.time()
     plan = Plan(str(data), str(out), trials, dict(fixed), storage,
                 None if timeout is None else start + timeout, [dict(p) for p in enqueue])  # fmt: skip
+    cfg = plan.config()  # a bad option answers before anything is imported or written
+    if not Path(data).exists():
+        raise DataError(f"{data}: no such folder or file")
+    _optuna()
     Path(out).mkdir(parents=True, exist_ok=True)
-    cfg = plan.config()
     study = load_study(plan, cfg)  # created (and checked) once, before any worker
     if jobs == 1:
         work(plan)
