@@ -67,7 +67,6 @@ class Plan:
     storage: str | None = None
     deadline: float | None = None  # time.time() after which no trial starts
     enqueue: list[dict[str, Any]] = field(default_factory=list)
-    worker: int = 0
 
     def config(self) -> TrainConfig:
         return TrainConfig.from_options(data=self.data, **self.fixed).check()
@@ -186,6 +185,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _requeue(study: Any, trial: Any, params: Mapping[str, Any], why: str) -> None:
+    """Close ``trial`` (an ``optuna.Trial``) as FAIL with ``why``, not counted, and queue its
+    parameters to run again."""
+    optuna = _optuna()
+    trial.set_user_attr("excluded", why)
+    study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    study.enqueue_trial(dict(params), user_attrs={"retry_of": trial.number})
+    log.warning("trial %d was interrupted; its parameters run again", trial.number)
+
+
 def _close_interrupted(study: Any) -> None:
     """Trials left RUNNING by a process of this machine that is gone: closed as FAIL with the
     reason ``interrupted`` (not counted), and their parameters queued to run again."""
@@ -195,10 +204,7 @@ def _close_interrupted(study: Any) -> None:
         if t.user_attrs.get("host") != HOST or pid is None or _pid_alive(pid):
             continue
         trial = optuna.trial.Trial(study, t._trial_id)
-        trial.set_user_attr("excluded", f"interrupted (process {pid} stopped); run again")
-        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-        log.info("trial %d was interrupted; its parameters run again", t.number)
+        _requeue(study, trial, t.params, f"interrupted (process {pid} stopped); run again")
 
 
 def _sampler(seed: int, trials: int) -> Any:
@@ -298,6 +304,9 @@ def run_trial(study: Any, trial: Any, params: dict, plan: Plan, cfg: TrainConfig
     except Exception as e:  # noqa: BLE001 (any failure is the trial's, not the study's)
         state, reason = optuna.trial.TrialState.FAIL, f"{type(e).__name__}: {e}"
         (run_dir / "error.log").write_text(traceback.format_exc())
+    except BaseException:  # Ctrl-C: not the trial's fault; it runs again next time
+        _requeue(study, trial, trial.params, "interrupted (Ctrl-C); run again")
+        raise
     finally:
         lock.release()
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # model.safetensors stays
@@ -340,8 +349,8 @@ def _spawn_workers(plan: Plan, jobs: int) -> None:
     log.warning("resfit tune: %d trials at once, %d CPU thread(s) each", jobs, n)
     procs = []
     try:
-        for w in range(jobs):
-            spec = dataclasses.replace(plan, worker=w).to_json()
+        for _ in range(jobs):
+            spec = plan.to_json()
             procs.append(subprocess.Popen([sys.executable, "-m", "resfit.tuning.worker"],
                                           stdin=subprocess.PIPE, env=env, text=True))  # fmt: skip
             procs[-1].stdin.write(spec)
