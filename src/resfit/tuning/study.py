@@ -192,7 +192,7 @@ def _requeue(study: Any, trial: Any, params: Mapping[str, Any], why: str) -> Non
     trial.set_user_attr("excluded", why)
     study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
     study.enqueue_trial(dict(params), user_attrs={"retry_of": trial.number})
-    log.warning("trial %d was interrupted; its parameters run again", trial.number)
+    log.info("trial %d was interrupted; its parameters run again", trial.number)
 
 
 def _close_interrupted(study: Any) -> None:
@@ -316,7 +316,7 @@ def run_trial(study: Any, trial: Any, params: dict, plan: Plan, cfg: TrainConfig
         trial.set_user_attr("reason", reason)
     study.tell(trial, value if state == optuna.trial.TrialState.COMPLETE else None, state=state)
     shown = f"{value:.4f}" if value is not None else reason
-    log.warning("trial %d %s: %s  %s  (%.0f s)", trial.number, state.name.lower(), shown,
+    log.info("trial %d %s: %s  %s  (%.0f s)", trial.number, state.name.lower(), shown,
                 json.dumps(params, default=str), time.time() - start)  # fmt: skip
     return state.name
 
@@ -346,7 +346,7 @@ def _spawn_workers(plan: Plan, jobs: int) -> None:
     env = threads.child_env(n)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[2]),
                                                       env.get("PYTHONPATH")]))  # fmt: skip
-    log.warning("resfit tune: %d trials at once, %d CPU thread(s) each", jobs, n)
+    log.info("resfit tune: %d trials at once, %d CPU thread(s) each", jobs, n)
     procs = []
     try:
         for _ in range(jobs):

@@ -12,6 +12,7 @@ from .study import Plan, work
 
 def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("resfit").setLevel(logging.INFO)  # as the CLI: trials and epochs
     plan = Plan.from_json(sys.stdin.read())
     threads.configure(plan.fixed.get("threads"))  # the parent set RESFIT_THREADS to our share
     work(plan)
