@@ -52,6 +52,11 @@ log = logging.getLogger("resfit")
 STUDY_NAME = "resfit"
 JOURNAL = "study.journal"
 HOST = socket.gethostname()
+# What an RDB URL's scheme needs installed (SQLAlchemy's default drivers).
+_DRIVERS = {
+    "postgresql": "psycopg2: pip install psycopg2-binary",
+    "mysql": "mysqlclient: pip install mysqlclient (or PyMySQL with a mysql+pymysql:// URL)",
+}
 # Options a study may change between runs (they do not change what a trial computes).
 _FREE = {"progress", "report", "tensorboard", "threads", "device", "workers", "out", "data"}
 
@@ -109,9 +114,10 @@ def open_storage(out: Path, storage: str | None) -> Any:
     if storage and "://" in storage:
         try:
             return optuna.storages.RDBStorage(storage)
-        except ModuleNotFoundError as e:
-            raise ConfigError(f"--storage {storage}: needs the database driver {e.name}: "
-                              f"pip install {e.name}") from None  # fmt: skip
+        except ImportError:  # the database's driver is not installed
+            scheme = storage.split("://")[0].split("+")[0]
+            driver = _DRIVERS.get(scheme, "its SQLAlchemy driver")
+            raise ConfigError(f"--storage {storage}: a {scheme} database needs {driver}") from None
         except Exception as e:  # a wrong URL, an unreachable server
             raise ConfigError(f"--storage {storage}: {type(e).__name__}: {e}") from None
     from optuna.storages.journal import JournalFileBackend
