@@ -189,3 +189,19 @@ print(codes, sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "optu
     assert "resfit tune: error: --epochs must be at least 1" in res.stderr
     assert "--trials" in res.stdout and "--storage" in res.stdout and "--jobs" in res.stdout
     assert not (tmp_path / "s").exists()
+
+
+def test_an_rdb_url_holds_the_study_and_a_missing_driver_is_named(
+    colours: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    r = tune(colours, 2, tmp_path / "study", storage=url, **{**FAST, "epochs": 1})
+    assert len(optuna.load_study(study_name=STUDY_NAME, storage=url).trials) == 2
+    assert r.best_dir is not None and (r.best_dir / "model.safetensors").exists()
+
+    def no_driver(url: str):
+        raise ImportError("Failed to import DB access module for the specified storage URL.")
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", no_driver)
+    with pytest.raises(ConfigError, match="pip install psycopg2-binary"):
+        tune(colours, 2, tmp_path / "pg", storage="postgresql://u@db.example/tune", **FAST)
