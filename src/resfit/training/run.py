@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ from ..weights import IMAGENET_MEAN, IMAGENET_STD, create_model
 from .callbacks import BestModel
 from .distributed import Dist, barrier, init_distributed
 from .finish import eval_decode_size, finish_run
-from .loop import EpochData, Loop
+from .loop import Callback, EpochData, Loop
 from .recipes import callbacks_for, log_recipe, param_groups_for
 from .step import TrainStep, make_optimizer
 
@@ -69,13 +70,20 @@ class TrainResult:
     config: TrainConfig | None = field(default=None, repr=False)
 
 
-def train(cfg: TrainConfig | None = None, *, resume: bool = False, **options: Any) -> TrainResult:
+def train(
+    cfg: TrainConfig | None = None,
+    *,
+    resume: bool = False,
+    callbacks: Sequence[Callback] = (),
+    **options: Any,
+) -> TrainResult:
     """Train a classifier and write the run folder.
 
     Keyword ``options`` are flat option names (``resfit.train(data="DATA", out="RUN",
     arch="resnet20_cifar", epochs=5)``) applied on top of ``cfg``. ``resume=True`` continues
     the run in ``out``: options that may change mid-run (``epochs``, ``early_stopping``,
     ``progress`` ...) are applied, any other option given with a different value is refused.
+    ``callbacks`` join the recipe's (a tuner's pruning report, for one).
     """
     cfg = _config_for(cfg, resume, options)
     if cfg.runtime.threads is not None or not threads.is_configured():
@@ -98,12 +106,13 @@ def train(cfg: TrainConfig | None = None, *, resume: bool = False, **options: An
     if dist_info.main:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     with _FileLog(out / "train.log", dist_info.main):  # from here on, the log is in the run
-        return _prepare_and_run(cfg, device, precision, dist_info, resume)
+        return _prepare_and_run(cfg, device, precision, dist_info, resume, callbacks)
 
 
 def _prepare_and_run(
-    cfg: TrainConfig, device: torch.device, precision: str, dist_info: Dist, resume: bool
-) -> TrainResult:
+    cfg: TrainConfig, device: torch.device, precision: str, dist_info: Dist, resume: bool,
+    extra: Sequence[Callback] = (),
+) -> TrainResult:  # fmt: skip
     out, main = Path(cfg.run.out), dist_info.main
     splits = discover(cfg.data.path, val_fraction=cfg.data.val_fraction,
                       test_fraction=cfg.data.test_fraction, seed=cfg.runtime.seed)  # fmt: skip
@@ -116,7 +125,7 @@ def _prepare_and_run(
         atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
         atomic_write_text(out / "classes.json", json.dumps(cfg.classes, indent=2))
         write_splits(out / "splits.csv", splits)
-    return _run(cfg, model, splits, device, precision, dist_info, resume, duplicates)
+    return _run(cfg, model, splits, device, precision, dist_info, resume, duplicates, extra)
 
 
 def _config_for(cfg: TrainConfig | None, resume: bool, options: dict[str, Any]) -> TrainConfig:
@@ -354,6 +363,7 @@ def _run(
     dist_info: Dist,
     resume: bool,
     duplicates: list,
+    extra: Sequence[Callback] = (),
 ) -> TrainResult:
     out, show = Path(cfg.run.out), cfg.run.progress and dist_info.main
     source = get_source(cfg.data.data_mode)
@@ -379,7 +389,7 @@ def _run(
                 workers=cfg.data.workers)  # fmt: skip
     mix = batch_transform(cfg.augment, len(cfg.classes))
     loop.callbacks = sorted(
-        callbacks_for(cfg, loop, (tr_tf, ev_tf), mix, out, resume, precision, show),
+        [*callbacks_for(cfg, loop, (tr_tf, ev_tf), mix, out, resume, precision, show), *extra],
         key=lambda c: c.order,
     )
     loop.fit()
