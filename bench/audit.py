@@ -116,7 +116,9 @@ def head_accuracy(
     return float((clf.predict(b) == y_test).mean())
 
 
-def one_seed(root: Path, photos: str, n: int, noise: float, seed: int) -> dict:
+def one_seed(
+    root: Path, photos: str, n: int, noise: float, seed: int, finetune_epochs: int = 0
+) -> dict:
     from resfit import label_issues as li
     from resfit.audit import audit
 
@@ -148,7 +150,7 @@ def one_seed(root: Path, photos: str, n: int, noise: float, seed: int) -> dict:
             hits = len(set(flagged_idx) & truth)
             row[name] = {"flagged": len(flagged_idx), "precision": hits / max(len(flagged_idx), 1),
                          "recall": hits / k, "p_at_k": at_k(flagged_idx, truth, k)[0]}  # fmt: skip
-            if head == "sklearn" and fb == "low_self_confidence":
+            if head == "torch" and fb == "low_self_confidence":
                 flagged, chosen_c = set(flagged_idx), c
         self_conf = np.argsort(probs[np.arange(len(y)), y], kind="stable").tolist()
         row["self_conf_p_at_k"] = at_k(self_conf, truth, k)[0]
@@ -166,6 +168,41 @@ def one_seed(root: Path, photos: str, n: int, noise: float, seed: int) -> dict:
     for i in truth:
         clean_y[i] = classes.index(Path(decoded.paths[i]).name.split("-")[0])
     out["test_acc_true_labels"] = head_accuracy(feats, clean_y, x_test, y_test, chosen_c)
+    if finetune_epochs:
+        out["finetune"] = finetune_pair(root, data, [decoded.paths[i] for i in flagged], held,
+                                        finetune_epochs, seed)  # fmt: skip
+    return out
+
+
+def finetune_pair(
+    root: Path, data: Path, flagged: list[Path], held: list[str], epochs: int, seed: int
+) -> dict:
+    """Test accuracy of the checkpoint fine-tuned (finetune recipe, same epochs and seed) on
+    the noisy folder and on the same folder without the flagged images."""
+    from resfit import evaluate, train
+
+    cleaned = root / f"cleaned-{data.name}"
+    gone = {str(p) for p in flagged}
+    for p in sorted(data.rglob("*.jpg")):
+        if str(p) not in gone:
+            dest = cleaned / p.parent.name / p.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.symlink_to(p.resolve())
+    test = root / f"heldout-{seed}"
+    for h in held:
+        dest = test / h.split("/")[1] / Path(h).name
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.symlink_to(root / "zip" / h)
+    out = {"epochs": epochs}
+    for name, folder in (("noisy", data), ("cleaned", cleaned)):
+        t = time.perf_counter()
+        run = root / f"run-{name}-{seed}"
+        train(data=str(folder), out=str(run), arch="resnet56_cifar", weights=str(CKPT),
+              recipe="finetune", epochs=epochs, seed=seed, progress=False, report=False,
+              leakage="off", precision="fp32")  # fmt: skip
+        out[name] = evaluate(str(run), str(test), progress=False).accuracy
+        out[f"{name}_s"] = round(time.perf_counter() - t, 1)
     return out
 
 
@@ -175,13 +212,15 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--noise", type=float, default=0.1)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--finetune-epochs", type=int, default=0,
+                    help="also fine-tune the checkpoint on noisy vs cleaned for this many epochs")  # fmt: skip
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
     print(machine_summary())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            row = one_seed(Path(tmp), args.photos, args.n, args.noise, seed)
+            row = one_seed(Path(tmp), args.photos, args.n, args.noise, seed, args.finetune_epochs)
             print(json.dumps(row), flush=True)
             rows.append(row)
     if args.json:
