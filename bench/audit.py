@@ -21,7 +21,30 @@ Command (from the repository root, ../shared/assets present; about 2 minutes per
     python bench/audit.py --photos train --seeds 0 1 2
     python bench/audit.py --photos test --seeds 0 1 2
 
-Last figures: see the end of this docstring (filled from the last run).
+Last figures, 2026-11-29, AMD EPYC (Zen 4, AVX512_BF16; 2 cores shared with other jobs),
+torch 2.14.1, cleanlab 2.9.0, features in fp32; 2,000 photos, 200 flipped; seeds 0 / 1 / 2:
+
+  --photos train (the issue's measure)          mean     per seed
+    audit wall time (decode, features, 5 C x 5 folds, cleanlab, files)   8-11 s
+    C chosen by out-of-fold log-loss             0.03 for all seeds
+    resfit (cleanlab, low_self_confidence):  flagged 172 / 157 / 170
+        precision 95.6 %, recall 79.5 %
+    cleanlab's default (prune_by_noise_rate):  flagged 227 / 207 / 223
+        precision 75.4 %, recall 82.5 %
+    precision = recall at K = 200: self-confidence ranking 89.8 %, cleanlab default's
+        ranked list 81.7 %, normalised margin 81.8 %
+    head fits to choose C: torch 2.2 s, scikit-learn 4.5 s (2.0x), the same C and
+        probabilities (out-of-fold accuracy on the given labels 81.5 % both)
+    test accuracy of the head (same C, 2,000 held-out test photos):
+        noisy 84.55 / 84.05 / 84.75 -> flagged removed 85.35 / 84.90 / 85.00
+        (mean 84.5 -> 85.1, +0.6 points; with the true labels 85.2)
+  --photos test (photos the checkpoint never saw)
+    C 0.01 / 0.01 / 0.03
+    resfit: flagged 206 / 215 / 202, precision 81.3 %, recall 84.3 %
+    cleanlab's default: flagged 278 / 293 / 283, precision 59.0 %, recall 84.0 %
+    precision = recall at K: self-confidence 83.2 %, cleanlab default 78.2 %, margin 74.2 %
+    test accuracy of the head: noisy 84.5 -> cleaned 84.6 (true labels 84.6): a linear head
+        with strong L2 on good features hardly suffers from 10 % random flips
 """
 
 from __future__ import annotations

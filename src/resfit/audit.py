@@ -62,9 +62,9 @@ def audit(
 
     ``weights``: the backbone's pretrained weights (a registered name, ``pretrained`` or a
     file; None is a random backbone, useless here except with ``full_finetune``). ``head``:
-    ``torch`` or ``sklearn`` logistic regression (the same objective; torch is faster). ``epochs``: per fold,
-    with ``full_finetune``. ``max_distance``: pHash bits within which two images are the same
-    picture (-1: no near-duplicate check). Returns a
+    ``torch`` or ``sklearn`` logistic regression (the same objective; torch is faster).
+    ``epochs``: per fold, with ``full_finetune``. ``max_distance``: pHash bits within which
+    two images are the same picture (-1: no near-duplicate check). Returns a
     :class:`resfit.label_issues.AuditResult`.
     """
     from . import label_issues as li
@@ -100,7 +100,8 @@ def audit(
         return li.audit_images(model, decoded, ev_tf, cfg.classes, out, head=head, **common)
     labels = decoded.labels.numpy()
     li.check_folds(labels, cfg.classes, folds, where)
-    feats = li.extract_features(model, decoded, ev_tf, dev, prec, progress=progress)
+    # Outliers need meaningful features: a pretrained backbone's, not a random one's.
+    feats = li.extract_features(model, decoded, ev_tf, dev, prec, progress=progress) if weights else None  # fmt: skip
     probs = _finetune_oof(cfg, decoded, folds, seed, epochs, Path(out) / "folds", dev, prec)
     return li.audit_probabilities(probs, labels, cfg.classes, decoded.paths, out, features=feats,
                                   max_distance=max_distance, meta={**meta, "folds": folds,
@@ -113,7 +114,10 @@ def _labels(samples: list) -> Any:
     return np.array([s.label for s in samples], dtype=np.int64)
 
 
-def _config(data, out, arch, weights, img_size, seed, device, precision, progress) -> Any:  # noqa: ANN001
+def _config(
+    data: str | os.PathLike, out: str | os.PathLike, arch: str, weights: str | None,
+    img_size: int | None, seed: int, device: str, precision: str, progress: bool,
+) -> Any:  # fmt: skip
     from .config import TrainConfig
 
     options = dict(data=str(data), out=str(out), arch=arch, weights=weights, seed=seed,
@@ -130,7 +134,10 @@ def _device(device: str, precision: str) -> tuple[Any, str]:
     return dev, pick_precision(dev, precision)
 
 
-def _finetune_oof(cfg, decoded, folds, seed, epochs, root: Path, device, precision) -> Any:  # noqa: ANN001
+def _finetune_oof(
+    cfg: Any, decoded: Any, folds: int, seed: int, epochs: int, root: Path, device: Any,
+    precision: str,
+) -> Any:  # fmt: skip
     """(N, K) probabilities: ``folds`` runs of :func:`resfit.train`, each on the other folds
     (its validation carved from them), each predicting its held-out fold."""
     import numpy as np

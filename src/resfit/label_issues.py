@@ -323,8 +323,9 @@ def conflicting_duplicates(
             for b in group[a + 1 :]:
                 found[(group[a], b)] = 0
     arr, idx_arr = np.array(ph, dtype=np.uint64), np.array(idx, dtype=np.int64)
-    for start in range(0, len(arr), 2048):  # blocks keep the XOR matrix small
-        dist = np.bitwise_count(arr[start : start + 2048, None] ^ arr[None, :])
+    block = max(1, (1 << 24) // max(len(arr), 1))  # rows per block: XOR matrix <= 128 MB
+    for start in range(0, len(arr), block):
+        dist = np.bitwise_count(arr[start : start + block, None] ^ arr[None, :])
         rows, cols = np.nonzero(dist <= max_distance)
         for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
             i, j = int(idx_arr[start + r]), int(idx_arr[c])
