@@ -518,6 +518,9 @@ def _add_tool_commands(sub: Any) -> None:
     add_serve_parser(sub)
     _add_embed_parsers(sub)
     add_tune_parser(sub, add_config_options)
+    from .audit import add_audit_parser  # its command imports torch only when it runs
+
+    add_audit_parser(sub)
 
 
 def _lazy(module: str, function: str) -> Callable[[argparse.Namespace], int]:

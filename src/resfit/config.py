@@ -214,6 +214,7 @@ class RunConfig:
     ema_decay: float | None = option(None, "EMA decay per step (default: a half-life of 5%% of the steps)", minimum=0.0)  # fmt: skip
     precise_bn: int = option(2048, "re-estimate BN statistics on this many train images per epoch (0 = off)", minimum=0)  # fmt: skip
     report: bool = option(True, "write report.html", resumable=True)
+    audit: bool = option(False, "after training, find the training labels that look wrong (resfit audit, frozen backbone): RUN/audit/, linked from the report; needs resfit[audit]", resumable=True)  # fmt: skip
     tensorboard: bool = option(False, "log to RUN/tensorboard", resumable=True)
     progress: bool = option(True, "progress bars", resumable=True)
 

@@ -120,6 +120,14 @@ def _prepare_and_run(
         raise TrainingError(f"--resume: the classes in {cfg.data.path} differ from those of {out}")
     cfg, model = resolve(cfg, splits)
     duplicates = check_leakage(splits, cfg.data.leakage, cfg, model) if main or cfg.data.leakage == "remove" else []  # fmt: skip
+    if cfg.run.audit and main:  # a missing extra answers now, not after the training
+        from ..label_issues import check_audit
+
+        check_audit(
+            splits.classes,
+            [s.label for s in splits.train],
+            f"the training split of {cfg.data.path}",
+        )
     warn_imbalance(splits)
     if main:
         atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
