@@ -405,6 +405,10 @@ def test_export_int8_is_checked_in_map(squares_run: tuple[Path, Path]) -> None:
     assert report["val_images"] == 40
     assert report["fp32_mAP"] > 0.75 and abs(report["int8_mAP_change"]) < 0.1
     assert report["label_agreement"] > 0.9
+    pytest.importorskip("nncf")
+    ov = export_run(run, int8=True, calib=manifest.parent, out=run / "export-ov", format="openvino")
+    assert ov["openvino_fp32_mAP"] == pytest.approx(report["fp32_mAP"], abs=1e-3)
+    assert abs(ov["openvino_int8_mAP_change"]) < 0.1
 
 
 def test_finetune_with_the_feature_cache(squares_run: tuple[Path, Path], tmp_path: Path) -> None:
