@@ -16,9 +16,20 @@ Command (repository root, ../shared/assets present; each variant is its own proc
 CPU lock is held per variant):
   python bench/multilabel.py --train 2000 --val 400 --test 1000 --epochs 8
 
-Last figures (2026-11-29, AMD EPYC Zen 4 with AVX512_BF16, 2 cores shared, fp32, torch from
-the project venv; --train 2000 --val 400 --test 1000 --epochs 8, test mAP on 1,000 mosaics):
-  see the table printed at the end of this docstring once filled in below.
+Last figures (2026-11-29, AMD EPYC Zen 4 with AVX512_BF16, 2 shared cores, fp32; --train 2000
+--val 400 --test 1000 --epochs 8; scores on the 1,000 test mosaics; "training" is the sum of
+the epochs' times, without the wait for the CPU lock):
+
+  variant             mAP micro-mAP micro-F1  exact  time
+  prevalence        0.199         -        -      -
+  pretrained        0.856     0.856    0.752  0.375  154 s training
+  pretrained+asl    0.843     0.843    0.748  0.363  169 s training
+  scratch           0.397     0.399    0.429  0.004  158 s training
+
+The baseline is the constant guess (mAP 0.199). The checkpoint reaches 4.3x its mAP and 2.2x
+the same network from scratch (0.856 / 0.397). ASL does not help with 10 classes and 2 labels
+per image on average (0.843 against BCE's 0.856): it is meant for many labels with few
+positives each.
 """
 
 from __future__ import annotations
