@@ -280,7 +280,8 @@ def discover(
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise DataError(
-                f"{display_path(root)} is a file but not a CSV manifest (path,label[,split])"
+                f"{display_path(root)} is a file but not a CSV manifest (path,label[,split], "
+                f"or path,labels[,split] for several labels per image)"
             )
         if _is_multilabel_csv(root, task):
             splits = _discover_multilabel_csv(root, val_fraction, test_fraction, seed)
