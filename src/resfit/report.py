@@ -801,6 +801,8 @@ def _ml_pr_curves(r) -> str:
             if t.any():
                 ax.plot(tp / y.sum(), tp / t.sum(), "o", color="tab:red")
         ax.set_title(f"{display_text(r.classes[j])[:24]}", fontsize=9)
+        ax.set_xlabel("recall", fontsize=8)
+        ax.set_ylabel("precision", fontsize=8)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
         ax.tick_params(labelsize=7)
