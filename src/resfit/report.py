@@ -826,12 +826,14 @@ def _ml_cooccurrence(r) -> str:
     if k <= 20:
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, str(co[i, j]), ha="center", va="center", fontsize=7)
+                dark = co[i, j] > co.max() / 2
+                ax.text(j, i, str(co[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")  # fmt: skip
     fig.tight_layout()
     counts = np.bincount(y.sum(1), minlength=1)
     per = ", ".join(f"{n} label(s): {c}" for n, c in enumerate(counts) if c)
     return _section("co-occurrence", "Label co-occurrence",
-                    f"<p>Images that carry both classes (diagonal: the class alone counted). "
+                    f"<p>Images that carry both classes (diagonal: the images with the class). "
                     f"Labels per image: {_e(per)}.</p>" + _img(_png_uri(fig), "co-occurrence", "fig"))  # fmt: skip
 
 
