@@ -152,7 +152,7 @@ class MultiLabel(Task):
     loss_kind: str = "bce"  # or "asl"
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        t = target.to(logits.dtype)
+        logits, t = logits.float(), target.float()  # bf16 would round smoothed targets
         if self.label_smoothing:
             t = t * (1 - self.label_smoothing) + self.label_smoothing / 2
         if self.loss_kind == "asl":
