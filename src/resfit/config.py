@@ -33,6 +33,8 @@ CACHE_CHOICES = ("auto", "memory", "disk", "off")
 CACHE_DTYPES = ("auto", "fp32", "fp16", "bf16")
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BALANCE = ("weights", "sampler")
+TASKS = ("auto", "single", "multilabel")  # data.TASKS: what the labels mean
+MULTILABEL_LOSSES = ("bce", "asl")
 LEAKAGE = ("report", "remove", "off")
 LEAKAGE_SIGNALS = ("phash", "both")  # both: pHash and embeddings (resfit.leakage)
 EXPORT_FORMATS = ("onnx", "triton", "openvino")  # resfit export --format
@@ -141,7 +143,8 @@ class DataConfig:
                        name="data", resumable=True)  # fmt: skip
     val_fraction: float = option(0.15, "share of train held out for validation when there is no val/ folder")  # fmt: skip
     test_fraction: float = option(0.0, "share held out for test when there is no test/ folder")
-    balance: str | None = option(None, "for uneven classes: weight the loss, or draw classes evenly", choices=BALANCE)  # fmt: skip
+    task: str = option("auto", "single: one label per image; multilabel: any number (sigmoid outputs); auto: multilabel when the manifest has a labels column", choices=TASKS)  # fmt: skip
+    balance: str | None = option(None, "for uneven classes: weight the loss, or draw classes evenly (multilabel: weights only, as positive weights per class)", choices=BALANCE)  # fmt: skip
     leakage: str = option("report", "duplicates across splits: report them, remove them from val/test, or skip the check", choices=LEAKAGE)  # fmt: skip
     leakage_signal: str = option("phash", "how the leakage check finds duplicates: perceptual hashes, or both hashes and the --weights' embeddings (also finds crops, rotations, mirror images; a forward pass per image)", choices=LEAKAGE_SIGNALS)  # fmt: skip
     data_mode: str = option("memory", "where the images live during training: memory decodes each once", choices=DATA_MODES)  # fmt: skip
@@ -172,6 +175,7 @@ class OptimConfig:
     schedule: str = option("cosine", "learning-rate schedule after the warm-up", choices=SCHEDULES)
     warmup_epochs: float = option(1.0, "epochs of linear warm-up", minimum=0.0)
     label_smoothing: float = option(0.1, "label smoothing of the loss", minimum=0.0)
+    multilabel_loss: str = option("bce", "multilabel: binary cross-entropy, or the asymmetric loss (ASL) that down-weights easy negatives", choices=MULTILABEL_LOSSES)  # fmt: skip
     grad_clip: float | None = option(None, "clip the global gradient norm to this value", positive=True)  # fmt: skip
 
 

@@ -8,7 +8,10 @@ Layouts understood by :func:`discover`:
   other top-level folders are named in a warning, never silently dropped;
 - ``DATA/<class>/*``: one folder of class folders, split into train/val/test by the seed;
 - a CSV manifest ``path,label[,split]`` (paths relative to the CSV's folder), such as the
-  ``splits.csv`` that :func:`write_splits` records and :func:`read_splits` reads back.
+  ``splits.csv`` that :func:`write_splits` records and :func:`read_splits` reads back;
+- a multi-label CSV manifest ``path,labels[,split]``: an image's labels joined by ``;`` (an
+  empty field: none of the classes). Its samples carry a multi-hot tuple instead of a class
+  index, and :attr:`DataSplits.task` is ``"multilabel"``.
 
 Decoding converts every image to 8-bit RGB the way a person sees it: EXIF orientation applied,
 grey/palette/CMYK converted, 16-bit scaled (not clipped), transparency composited on white,
@@ -54,7 +57,9 @@ __all__ = [
     "DecodeError",
     "DecodedImages",
     "Sample",
+    "TASKS",
     "TransformedImages",
+    "as_task",
     "decode_all",
     "discover",
     "display_path",
@@ -68,6 +73,7 @@ __all__ = [
     "read_splits",
     "resize_shorter",
     "scan_class_folders",
+    "split_labels",
     "split_of",
     "to_tensor",
     "write_skipped",
@@ -122,10 +128,16 @@ def open_csv(path: str | os.PathLike[str], mode: str = "r") -> TextIO:
     return open(path, mode, newline="", encoding=encoding, errors="surrogateescape")
 
 
+TASKS = ("auto", "single", "multilabel")  # --task: what a label column means
+
+
 @dataclass
 class Sample:
+    """One image and its label: a class index, or for multi-label data a multi-hot tuple (one
+    0/1 per class, in the order of the classes)."""
+
     path: Path
-    label: int
+    label: int | tuple[int, ...]
 
 
 @dataclass
@@ -143,11 +155,16 @@ class DataSplits:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     source: str = ""
     origins: dict[str, str] = field(default_factory=dict)
+    task: str = "single"  # or "multilabel": each sample's label is a multi-hot tuple
 
     def counts(self) -> dict[str, dict[str, int]]:
+        """Images per class and split (multi-label: the images that carry the class)."""
         out = {}
         for split in SPLITS:
-            c = Counter(s.label for s in getattr(self, split))
+            if self.task == "multilabel":
+                c = Counter(i for s in getattr(self, split) for i, on in enumerate(s.label) if on)
+            else:
+                c = Counter(s.label for s in getattr(self, split))
             out[split] = {name: c.get(i, 0) for i, name in enumerate(self.classes)}
         return out
 
@@ -246,21 +263,30 @@ def discover(
     val_fraction: float = 0.15,
     test_fraction: float = 0.0,
     seed: int = 0,
+    task: str = "auto",
 ) -> DataSplits:
     """Find the labelled images under ``data`` (see the module doc for the layouts).
 
-    Logs (INFO, logger ``"resfit"``) where each split comes from, and warns about folders
-    and images that it does not use.
+    ``task``: ``"auto"`` takes it from the data (a ``labels`` column is multi-label),
+    ``"multilabel"`` reads one-label data as multi-label, ``"single"`` refuses an image with
+    other than one label. Logs (INFO, logger ``"resfit"``) where each split comes from, and
+    warns about folders and images that it does not use.
     """
+    if task not in TASKS:
+        raise DataError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
     root = Path(data).expanduser()
     if not root.exists():
         raise DataError(f"data path {display_path(root)} does not exist")
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise DataError(
-                f"{display_path(root)} is a file but not a CSV manifest (path,label[,split])"
+                f"{display_path(root)} is a file but not a CSV manifest (path,label[,split], "
+                f"or path,labels[,split] for several labels per image)"
             )
-        splits = _discover_csv(root, val_fraction, test_fraction, seed)
+        if _is_multilabel_csv(root, task):
+            splits = _discover_multilabel_csv(root, val_fraction, test_fraction, seed)
+        else:
+            splits = _discover_csv(root, val_fraction, test_fraction, seed)
     else:
         folders, others = find_split_folders(root)
         if "train" in folders:
@@ -276,6 +302,7 @@ def discover(
             )
         else:
             splits = _discover_flat(root, val_fraction, test_fraction, seed)
+    splits = as_task(splits, task)
     for split in SPLITS:
         log.info("data: %s <- %s", split, splits.origins.get(split, "none"))
     return splits
@@ -385,25 +412,35 @@ def _read_manifest(path: Path) -> tuple[list[tuple[Path, str, str]], list[tuple[
         if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
             raise DataError(f"{where} needs a header with columns path,label (and optional split)")
         for line_no, row in enumerate(reader, start=2):
-            if not (row.get("path") or "").strip():
-                raise DataError(f"{where}:{line_no}: the path is empty")
-            p = Path(row["path"])
-            p = p if p.is_absolute() else path.parent / p
-            value = (row.get("split") or "").strip()
-            split = split_of(value) if value else ""
-            if split is None:
-                raise DataError(
-                    f"{where}:{line_no}: split must be train, val or test (or "
-                    f"{', '.join(n for names in SPLIT_FOLDER_NAMES.values() for n in names[1:])}"
-                    f"), not {display_text(value)!r}"
-                )
+            p, split = _manifest_row(row, path, line_no)
             if not p.is_file():
-                skipped.append(
-                    (str(p), f"listed in {display_path(path.name)}:{line_no} but missing")
-                )
+                skipped.append(_missing(p, path, line_no))
                 continue
             rows.append((p, (row["label"] or "").strip(), split))
     return rows, skipped
+
+
+def _manifest_row(row: dict, path: Path, line_no: int) -> tuple[Path, str]:
+    """A manifest row's file (relative to the CSV's folder) and split ("" if none); an empty
+    path or an unknown split is a :class:`DataError` naming the row."""
+    where = display_path(path)
+    if not (row.get("path") or "").strip():
+        raise DataError(f"{where}:{line_no}: the path is empty; give the image's path")
+    p = Path(row["path"])
+    p = p if p.is_absolute() else path.parent / p
+    value = (row.get("split") or "").strip()
+    split = split_of(value) if value else ""
+    if split is None:
+        raise DataError(
+            f"{where}:{line_no}: split must be train, val or test (or "
+            f"{', '.join(n for names in SPLIT_FOLDER_NAMES.values() for n in names[1:])}"
+            f"), not {display_text(value)!r}"
+        )
+    return p, split
+
+
+def _missing(p: Path, manifest: Path, line_no: int) -> tuple[str, str]:
+    return str(p), f"listed in {display_path(manifest.name)}:{line_no} but missing"
 
 
 def _discover_csv(path: Path, val_fraction: float, test_fraction: float, seed: int) -> DataSplits:
@@ -440,18 +477,177 @@ def _discover_csv(path: Path, val_fraction: float, test_fraction: float, seed: i
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Multi-label manifests: path,labels[,split], labels joined by ";"
+
+_MLRow = tuple[Path, tuple[str, ...], str, int]  # file, label names, split or "", CSV line
+
+
+def _header(path: Path) -> set[str]:
+    with open_csv(path) as f:
+        return {h.strip() for h in next(csv.reader(f), [])}
+
+
+def _is_multilabel_csv(path: Path, task: str = "auto") -> bool:
+    """A ``labels`` column means multi-label data; ``--task multilabel`` reads a ``label``
+    column the same way (``;`` between labels)."""
+    return "labels" in _header(path) or task == "multilabel"
+
+
+def split_labels(text: str) -> tuple[str, ...]:
+    """``"cat; dog;;cat"`` -> ``("cat", "dog")``: the distinct labels of a ``labels`` field."""
+    return tuple(sorted({x.strip() for x in text.split(";") if x.strip()}))
+
+
+def _read_multilabel_manifest(path: Path) -> tuple[list[_MLRow], list[tuple[str, str]]]:
+    """The rows of a ``path,labels[,split]`` CSV and the rows whose file is missing (skipped,
+    with the row named), validated as :func:`_read_manifest` does."""
+    rows: list[_MLRow] = []
+    skipped: list[tuple[str, str]] = []
+    with open_csv(path) as f:
+        reader = csv.DictReader(f)
+        fields = {h.strip() for h in reader.fieldnames or []}
+        column = "labels" if "labels" in fields else "label"
+        if "path" not in fields or column not in fields:
+            raise DataError(
+                f"{display_path(path)} needs a header with columns path,labels (and optional "
+                f"split); labels are joined by ';'"
+            )
+        for line_no, row in enumerate(reader, start=2):
+            p, split = _manifest_row(row, path, line_no)
+            if not p.is_file():
+                skipped.append(_missing(p, path, line_no))
+                continue
+            rows.append((p, split_labels(row[column] or ""), split, line_no))
+    return rows, skipped
+
+
+def _check_known(rows: Sequence[_MLRow], known: set[str], path: Path, what: str) -> None:
+    """Every label of ``rows`` must be in ``known``; the first one that is not names its row."""
+    for _, labels, _, line_no in rows:
+        for label in labels:
+            if label not in known:
+                raise DataError(
+                    f"{display_path(path)}:{line_no}: label {display_text(label)!r} {what}"
+                )
+
+
+def _carve_multilabel(rows: list[_MLRow], fractions: Sequence[float], seed: int) -> list[list]:
+    """Split rows at random by ``fractions`` (the first part is the rest), never taking the
+    last training image of a label: each label keeps at least one training image."""
+    rng = random.Random(seed)
+    order = list(rows)
+    rng.shuffle(order)
+    left = Counter(label for r in rows for label in r[1])
+    parts: list[list[_MLRow]] = [[] for _ in range(len(fractions) + 1)]
+    taken: set[int] = set()
+    for i, frac in enumerate(fractions, start=1):
+        want = max(1, round(len(rows) * frac))
+        for j, r in enumerate(order):
+            if len(parts[i]) >= want:
+                break
+            if j not in taken and all(left[label] > 1 for label in r[1]):
+                parts[i].append(r)
+                taken.add(j)
+                left.subtract(r[1])
+    parts[0] = [r for j, r in enumerate(order) if j not in taken]
+    return parts
+
+
+def _multi_hot(rows: Sequence[_MLRow], classes: Sequence[str]) -> list[Sample]:
+    return [Sample(p, tuple(int(c in labels) for c in classes)) for p, labels, _, _ in rows]
+
+
+def _discover_multilabel_csv(
+    path: Path, val_fraction: float, test_fraction: float, seed: int
+) -> DataSplits:
+    rows, skipped = _read_multilabel_manifest(path)
+    where = display_path(path)
+    by_split = {s: [r for r in rows if (r[2] or "train") == s] for s in SPLITS}
+    classes = sorted({label for r in by_split["train"] for label in r[1]})
+    if not classes:
+        raise DataError(f"{where}: no train row has a label (labels are joined by ';')")
+    fix = "has no training image: add train rows that carry it, or remove it from this row"
+    _check_known(rows, set(classes), path, fix)
+    train, val, test = by_split["train"], by_split["val"], by_split["test"]
+    origins = {s: f"{where} ({s} rows)" for s in SPLITS if by_split[s]}
+    if not val:
+        fractions = [val_fraction] + ([test_fraction] if test_fraction > 0 and not test else [])
+        parts = _carve_multilabel(train, fractions, seed)
+        train, val = parts[0], parts[1]
+        note = f"{val_fraction:.0%} of the train rows of {where}, at random, seed {seed}"
+        origins["val"] = note
+        if len(parts) > 2:
+            test = parts[2]
+            origins["test"] = note.replace(f"{val_fraction:.0%}", f"{test_fraction:.0%}")
+    return DataSplits(classes, _multi_hot(train, classes), _multi_hot(val, classes),
+                      _multi_hot(test, classes), skipped=skipped, source=str(path),
+                      origins=origins, task="multilabel")  # fmt: skip
+
+
+def as_task(splits: DataSplits, task: str) -> DataSplits:
+    """``splits`` as the ``task`` asks: one-label data as multi-hot for ``"multilabel"``;
+    multi-label data as class indices for ``"single"`` (each image must have one label)."""
+    import dataclasses
+
+    if task == "multilabel" and splits.task == "single":
+        k = len(splits.classes)
+        new = {s: [Sample(x.path, tuple(int(i == x.label) for i in range(k)))
+                   for x in getattr(splits, s)] for s in SPLITS}  # fmt: skip
+        return dataclasses.replace(splits, **new, task="multilabel")
+    if task == "single" and splits.task == "multilabel":
+        for s in SPLITS:
+            for x in getattr(splits, s):
+                if sum(x.label) != 1:
+                    raise DataError(
+                        f"{display_path(x.path)} has {sum(x.label)} labels, and --task single "
+                        f"needs one per image: use --task multilabel (or auto)"
+                    )
+        new = {s: [Sample(x.path, x.label.index(1)) for x in getattr(splits, s)] for s in SPLITS}
+        return dataclasses.replace(splits, **new, task="single")
+    return splits
+
+
+def _read_multilabel_splits(path: Path) -> DataSplits:
+    """:func:`read_splits` for a multi-label ``splits.csv`` (``path,labels,split``)."""
+    rows, skipped = _read_multilabel_manifest(path)
+    classes = sorted({label for r in rows if r[2] == "train" for label in r[1]})
+    _check_known(rows, set(classes), path, "has no training image in this splits file")
+    where = display_path(path)
+    samples = {s: _multi_hot([r for r in rows if r[2] == s], classes) for s in SPLITS}
+    return DataSplits(classes, samples["train"], samples["val"], samples["test"],
+                      skipped=skipped, source=str(path), task="multilabel",
+                      origins={s: f"{where} ({s} rows)" for s in SPLITS if samples[s]})  # fmt: skip
+
+
+def _multilabel_eval_samples(
+    path: Path, classes: Sequence[str]
+) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """The test rows of a multi-label manifest (all rows if none is a test row), as multi-hot
+    vectors over the run's ``classes``; a label the run does not know names its row."""
+    rows, skipped = _read_multilabel_manifest(path)
+    rows = [r for r in rows if r[2] == "test"] or rows
+    _check_known(
+        rows, set(classes), path, f"is not one of the run's classes ({', '.join(classes)})"
+    )
+    return _multi_hot(rows, classes), skipped
+
+
 def write_splits(path: str | os.PathLike[str], splits: DataSplits) -> None:
     """Record every file's split as ``path,label,split`` (absolute path, class name), in the
     order of the splits, so a user can check what went where and :func:`read_splits` (or
     ``resfit train splits.csv``) can reproduce it. Odd file names keep their bytes."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
+    multi = splits.task == "multilabel"
     with open_csv(tmp, "w") as f:
         w = csv.writer(f)
-        w.writerow(["path", "label", "split"])
+        w.writerow(["path", "labels" if multi else "label", "split"])
         for split in SPLITS:
             for s in getattr(splits, split):
-                w.writerow([str(Path(s.path).absolute()), splits.classes[s.label], split])
+                label = (";".join(c for c, on in zip(splits.classes, s.label, strict=True) if on)
+                         if multi else splits.classes[s.label])  # fmt: skip
+                w.writerow([str(Path(s.path).absolute()), label, split])
     os.replace(tmp, path)  # never a half-written record
 
 
@@ -462,6 +658,8 @@ def read_splits(path: str | os.PathLike[str]) -> DataSplits:
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"splits file {display_path(path)} does not exist")
+    if _is_multilabel_csv(path):
+        return _read_multilabel_splits(path)
     rows, skipped = _read_manifest(path)
     if any(split == "" for _, _, split in rows):
         raise DataError(
@@ -492,14 +690,27 @@ def read_splits(path: str | os.PathLike[str]) -> DataSplits:
 
 
 def eval_samples(
-    data: str | os.PathLike, classes: Sequence[str]
+    data: str | os.PathLike, classes: Sequence[str], *, multilabel: bool = False
 ) -> tuple[list[Sample], list[tuple[str, str]]]:
     """The images to evaluate on: a folder of class folders, a data root whose test split
     (else its val split, by any of their usual folder names) is used, or a CSV manifest (its
-    test rows, else all rows)."""
+    test rows, else all rows). ``multilabel``: labels as multi-hot tuples over ``classes``."""
     root = Path(data).expanduser()
     if not root.exists():
         raise DataError(f"data path {display_path(root)} does not exist")
+    if root.is_file() and _is_multilabel_csv(root, "multilabel" if multilabel else "auto"):
+        if not multilabel:
+            raise DataError(
+                f"{display_path(root)} is a multi-label manifest (labels column), and this run "
+                f"predicts one label per image: evaluate it with a path,label manifest"
+            )
+        return _multilabel_eval_samples(root, classes)
+    if multilabel:
+        samples, skipped = eval_samples(root, classes)
+        k = len(classes)
+        return [
+            Sample(s.path, tuple(int(i == s.label) for i in range(k))) for s in samples
+        ], skipped
     if root.is_file():
         splits = _discover_csv(root, 0.0, 0.0, 0)
         samples = splits.test or splits.train + splits.val
@@ -684,7 +895,13 @@ def decode_all(
                 images.append(r)
                 labels.append(s.label)
                 paths.append(s.path)
-    return DecodedImages(images, torch.tensor(labels, dtype=torch.long), paths, skipped, base_size)
+    # Multi-label samples carry multi-hot tuples: float targets for the BCE loss.
+    multi = bool(samples) and isinstance(samples[0].label, tuple)
+    dtype = torch.float32 if multi else torch.long
+    target = torch.tensor(labels, dtype=dtype) if labels else torch.zeros(0, dtype=dtype)
+    if multi and not labels:
+        target = target.reshape(0, len(samples[0].label))
+    return DecodedImages(images, target, paths, skipped, base_size)
 
 
 class TransformedImages(torch.utils.data.Dataset):

@@ -103,6 +103,109 @@ def compute_metrics(
     )
 
 
+@dataclass
+class MultiLabelEvalResult:
+    """Multi-label scores (scikit-learn): ``mAP`` (macro: the mean of the per-class APs over
+    the classes present) and ``micro_mAP`` (every image-class pair as one ranking) need no
+    threshold; ``micro_f1``, ``macro_f1``, ``exact_match`` (every label of an image right)
+    and ``hamming_loss`` (the share of wrong image-class decisions) are at the run's
+    thresholds on its calibrated probabilities. ``per_class``: AP, precision, recall, F1,
+    support and threshold of each class."""
+
+    classes: list[str]
+    y_true: np.ndarray  # (N, K) 0/1
+    logits: np.ndarray
+    probs: np.ndarray  # calibrated
+    thresholds: list[float]
+    paths: list[str]
+    mAP: float
+    micro_mAP: float
+    micro_f1: float
+    macro_f1: float
+    exact_match: float
+    hamming_loss: float
+    n: int
+    per_class: list[dict]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    task: str = "multilabel"
+
+    @property
+    def y_pred(self) -> np.ndarray:
+        return self.probs >= np.asarray(self.thresholds)
+
+    def summary(self) -> dict:
+        keys = ("mAP", "micro_mAP", "micro_f1", "macro_f1", "exact_match", "hamming_loss", "n")
+        return {"task": self.task, **{k: getattr(self, k) for k in keys},
+                "skipped": len(self.skipped), "per_class": self.per_class}  # fmt: skip
+
+
+def compute_multilabel_metrics(
+    logits: Tensor,
+    y_true: Tensor,
+    classes: Sequence[str],
+    paths: Sequence[str],
+    temperature: float | Sequence[float] = 1.0,
+    thresholds: Sequence[float] | None = None,
+) -> MultiLabelEvalResult:
+    """Score multi-label ``logits`` against multi-hot ``y_true`` (see
+    :class:`MultiLabelEvalResult`); probabilities are ``sigmoid(logits / temperature)``."""
+    from sklearn.metrics import average_precision_score, hamming_loss
+    from sklearn.metrics import precision_recall_fscore_support as prfs
+
+    from .tasks import MultiLabel, average_precisions
+
+    k = len(classes)
+    y = y_true.numpy() > 0.5
+    probs = MultiLabel().probabilities(logits, temperature).numpy()
+    thr = list(thresholds) if thresholds is not None else [0.5] * k
+    pred = probs >= np.asarray(thr)
+    aps = average_precisions(probs, y) if len(y) else [None] * k
+    p, r, f1, support = prfs(y, pred, average=None, zero_division=0) if len(y) else ([0] * k,) * 4
+    per_class = [
+        {"class": c, "ap": aps[i], "precision": float(p[i]), "recall": float(r[i]),
+         "f1": float(f1[i]), "support": int(support[i]), "threshold": float(thr[i])}
+        for i, c in enumerate(classes)
+    ]  # fmt: skip
+    present = [i for i in range(k) if aps[i] is not None]
+    micro = prfs(y, pred, average="micro", zero_division=0)[2] if len(y) else 0.0
+    return MultiLabelEvalResult(
+        classes=list(classes), y_true=y.astype(np.int64), logits=logits.numpy(), probs=probs,
+        thresholds=thr, paths=list(paths),
+        mAP=float(np.mean([aps[i] for i in present])) if present else 0.0,
+        micro_mAP=float(average_precision_score(y, probs, average="micro")) if y.any() else 0.0,
+        micro_f1=float(micro),
+        macro_f1=float(np.mean([f1[i] for i in present])) if present else 0.0,
+        exact_match=float((pred == y).all(1).mean()) if len(y) else 0.0,
+        hamming_loss=float(hamming_loss(y, pred)) if len(y) else 0.0,
+        n=int(len(y)), per_class=per_class,
+    )  # fmt: skip
+
+
+def write_multilabel_eval(res: MultiLabelEvalResult, out_dir: str | os.PathLike) -> Path:
+    """``metrics.json``, ``per_class.csv`` and ``predictions.csv`` (path, true and predicted
+    labels joined by ``;``, then each class's calibrated probability)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(res.summary(), indent=2))
+    with open_csv(out / "per_class.csv", "w") as f:
+        cols = ["class", "ap", "precision", "recall", "f1", "support", "threshold"]
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(res.per_class)
+
+    def names(row: np.ndarray) -> str:
+        return ";".join(c for c, on in zip(res.classes, row, strict=True) if on)
+
+    with open_csv(out / "predictions.csv", "w") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "true", "predicted", *res.classes])
+        for path, t, pr, pb in zip(res.paths, res.y_true, res.y_pred, res.probs, strict=True):
+            w.writerow([path, names(t), names(pr), *(f"{v:.6f}" for v in pb)])
+    if res.skipped:
+        write_skipped(out / "skipped.csv", res.skipped)
+    return out
+
+
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path) -> None:
     import matplotlib
 
@@ -174,8 +277,13 @@ def evaluate(
     progress: bool = False,
     report: bool = True,
 ) -> EvalResult:
-    """Score a run on labelled images it has not seen; writes RUN/eval-<data name>/."""
+    """Score a run on labelled images it has not seen; writes RUN/eval-<data name>/.
+
+    A multi-label run is scored on a ``path,labels[,split]`` manifest (its test rows, else all
+    rows) or class folders, and returns a :class:`MultiLabelEvalResult`."""
     predictor = Predictor.from_run(run, device=device, precision=precision)
+    if predictor.multilabel:
+        return _evaluate_multilabel(predictor, run, data, out, batch_size, progress, report)
     samples, skipped = eval_samples(data, predictor.classes)
     # Decoded with their labels: an unreadable file drops out together with its label.
     decoded = decode_all(samples, predictor.base_size, progress=progress)
@@ -213,9 +321,41 @@ def evaluate(
     return res
 
 
+def _evaluate_multilabel(
+    predictor: Predictor, run, data, out, batch_size: int, progress: bool, report: bool
+) -> MultiLabelEvalResult:
+    samples, skipped = eval_samples(data, predictor.classes, multilabel=True)
+    decoded = decode_all(samples, predictor.base_size, progress=progress)
+    logits = predictor.logits(decoded, batch_size)
+    res = compute_multilabel_metrics(
+        logits, decoded.labels, predictor.classes, [str(p) for p in decoded.paths],
+        predictor.temperature if predictor.temperature is not None else 1.0, predictor.thresholds,
+    )  # fmt: skip
+    res.skipped = skipped + decoded.skipped
+    name = Path(data).stem if Path(data).is_file() else Path(data).name or "data"
+    out_dir = write_multilabel_eval(res, out or Path(run) / f"eval-{name}")
+    if report:
+        from .report import MultiLabelReportData, write_multilabel_report
+
+        cfg = json.loads((Path(run) / "config.json").read_text())
+        write_multilabel_report(
+            out_dir / "report.html",
+            MultiLabelReportData(f"{cfg['arch']} evaluated on {name}", res, predictor.explainer()),
+        )
+    return res
+
+
 def _counts(res: EvalResult) -> dict[str, int]:
     c = np.bincount(res.y_true, minlength=len(res.classes))
     return {name: int(c[i]) for i, name in enumerate(res.classes)}
 
 
-__all__ = ["EvalResult", "compute_metrics", "evaluate", "write_eval"]
+__all__ = [
+    "EvalResult",
+    "MultiLabelEvalResult",
+    "compute_metrics",
+    "compute_multilabel_metrics",
+    "evaluate",
+    "write_eval",
+    "write_multilabel_eval",
+]

@@ -301,11 +301,16 @@ def _pick(items: Sequence, limit: int, seed: int = 0) -> list:
 
 
 def _as_run_classes(splits: DataSplits, classes: Sequence[str], where: str) -> list[Sample]:
-    """The val samples of ``splits`` labelled by the run's class indices."""
+    """The val samples of ``splits`` labelled by the run's class indices (multi-label: as
+    multi-hot tuples over the run's classes)."""
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(splits.classes) - set(index))
     if unknown:
         raise DataError(f"{where} has classes the run does not know: {', '.join(unknown)}")
+    if splits.task == "multilabel":
+        names = [{splits.classes[j] for j, on in enumerate(s.label) if on} for s in splits.val]
+        return [Sample(s.path, tuple(int(c in n) for c in classes))
+                for s, n in zip(splits.val, names, strict=True)]  # fmt: skip
     return [Sample(s.path, index[splits.classes[s.label]]) for s in splits.val]
 
 
@@ -316,6 +321,7 @@ def _rederived_val(cfg: dict, classes: Sequence[str]) -> list[Sample]:
         val_fraction=cfg.get("val_fraction", 0.15),
         test_fraction=cfg.get("test_fraction", 0.0),
         seed=cfg.get("seed", 0),
+        task=cfg.get("task") or "auto",
     )
     return _as_run_classes(splits, classes, display_path(cfg["data"]))
 
@@ -330,7 +336,8 @@ def validation_samples(
     with its seed. Never the training images: with none of these there is no measurement.
     """
     if val:
-        return eval_samples(val, classes)[0], f"--val {display_path(val)}"
+        multi = cfg.get("task") == "multilabel"
+        return eval_samples(val, classes, multilabel=multi)[0], f"--val {display_path(val)}"
     splits_csv = Path(run) / "splits.csv"
     shown = display_path(splits_csv)
     if splits_csv.is_file():
@@ -376,8 +383,15 @@ def _quantize_run(
 def _int8_accuracy(
     fp32_path: Path, int8_path: Path, batches: list[np.ndarray], y: np.ndarray
 ) -> dict[str, float]:
-    fp32 = np.concatenate([OnnxClassifier(fp32_path)(b) for b in batches]).argmax(1)
-    q = np.concatenate([OnnxClassifier(int8_path)(b) for b in batches]).argmax(1)
+    fp32 = np.concatenate([OnnxClassifier(fp32_path)(b) for b in batches])
+    q = np.concatenate([OnnxClassifier(int8_path)(b) for b in batches])
+    if y.ndim == 2:  # multi-label: the check is in mAP, the agreement in per-class decisions
+        from .tasks import mean_average_precision
+
+        map32, map8 = mean_average_precision(fp32, y), mean_average_precision(q, y)
+        return {"fp32_mAP": map32, "int8_mAP": map8, "int8_mAP_change": map8 - map32,
+                "label_agreement": float(((fp32 > 0) == (q > 0)).mean())}  # fmt: skip
+    fp32, q = fp32.argmax(1), q.argmax(1)
     acc32, acc8 = float((fp32 == y).mean()), float((q == y).mean())
     return {
         "fp32_accuracy": acc32,

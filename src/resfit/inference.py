@@ -49,7 +49,7 @@ from .data import (
 from .engines import Engine, create_engine
 from .errors import ConfigError, RunError
 from .models import build_model
-from .tasks import SingleLabel
+from .tasks import MultiLabel, SingleLabel, Task, task_for
 
 __all__ = [
     "Prediction",
@@ -58,20 +58,29 @@ __all__ = [
     "load_run",
     "load_run_model",
     "make_explainer",
+    "read_thresholds",
     "write_predictions_csv",
 ]
 
 
-# What a run's outputs mean (one label per image); multi-label runs will name theirs.
+# What a run's outputs mean when its config names no task (runs from before multi-label).
 _TASK = SingleLabel()
 
 
 @dataclass
 class Prediction:
+    """One image's answer. Single-label: ``label`` is the top class, ``confidence`` its
+    probability, ``top_k`` the best classes. Multi-label: ``labels`` are the classes at or
+    above their thresholds with their probabilities (most probable first), ``label`` those
+    names joined by ``;`` ("" for none), ``confidence`` the top class's probability, and
+    ``probabilities`` every class's."""
+
     path: str
     label: str
     confidence: float
     top_k: list[tuple[str, float]]
+    labels: list[tuple[str, float]] | None = None
+    probabilities: dict[str, float] | None = None
 
 
 def load_run(run: str | os.PathLike) -> tuple[dict, list[str]]:
@@ -135,7 +144,9 @@ class Predictor:
         interpolation: str = "bilinear",
         device: str = "auto",
         precision: str = "auto",
-        temperature: float | None = None,
+        temperature: float | Sequence[float] | None = None,
+        thresholds: Sequence[float] | None = None,
+        task: Task | None = None,
         tta: bool = False,
         compile: bool = False,
         engine: str | Engine = "torch",
@@ -164,6 +175,10 @@ class Predictor:
         self.base_size = self.preprocessing.decode_size  # shorter side images are decoded at
         self.transform = self.preprocessing.eval_transform()
         self.temperature = temperature
+        self.task: Task = task or _TASK
+        self.multilabel = isinstance(self.task, MultiLabel)
+        # Multi-label decisions: p >= threshold, per class (tuned on validation by training).
+        self.thresholds = list(thresholds) if thresholds is not None else [0.5] * len(classes)
         self.tta = tta  # test-time augmentation: average the logits of the image and its mirror
 
     @classmethod
@@ -194,6 +209,8 @@ class Predictor:
             device=device,
             precision=precision,
             temperature=temperature,
+            thresholds=read_thresholds(run, classes),
+            task=task_for(cfg),
             tta=tta,
             compile=compile,
             engine=engine,
@@ -218,10 +235,34 @@ class Predictor:
         return torch.cat(out) if out else torch.empty(0, len(self.classes))
 
     def probabilities(self, logits: Tensor) -> Tensor:
-        """Calibrated probabilities: the task's post-processing at the run's temperature."""
-        return _TASK.probabilities(logits, self.temperature or 1.0)
+        """Calibrated probabilities: the task's post-processing at the run's temperature(s)."""
+        t = self.temperature if self.temperature is not None else 1.0
+        return self.task.probabilities(logits, t)
+
+    def answer(self, probs: Tensor) -> dict[str, Any]:
+        """A multi-label answer for one image's probabilities: ``{"labels": [...],
+        "probabilities": {class: p}}``, the labels at or above their thresholds, most
+        probable first (what ``resfit serve`` returns)."""
+        chosen = [(c, float(p)) for c, p, t in zip(self.classes, probs, self.thresholds,
+                                                    strict=True) if float(p) >= t]  # fmt: skip
+        chosen.sort(key=lambda cp: -cp[1])
+        return {"labels": [c for c, _ in chosen],
+                "probabilities": {c: float(p) for c, p in zip(self.classes, probs, strict=True)}}  # fmt: skip
+
+    def _multilabel(self, decoded: DecodedImages, batch_size: int, k: int) -> list[Prediction]:
+        probs = self.probabilities(self.logits(decoded, batch_size))
+        out = []
+        for path, row in zip(decoded.paths, probs, strict=True):
+            a = self.answer(row)
+            ranked = sorted(a["probabilities"].items(), key=lambda cp: -cp[1])
+            labels = [(c, a["probabilities"][c]) for c in a["labels"]]
+            out.append(Prediction(str(path), ";".join(a["labels"]), ranked[0][1], ranked[:k],
+                                  labels, a["probabilities"]))  # fmt: skip
+        return out
 
     def _label(self, decoded: DecodedImages, batch_size: int, k: int) -> list[Prediction]:
+        if self.multilabel:
+            return self._multilabel(decoded, batch_size, k)
         conf, idx = self.probabilities(self.logits(decoded, batch_size)).topk(k, dim=1)
         return [
             Prediction(
@@ -272,11 +313,25 @@ class Predictor:
         )
 
 
+def read_thresholds(run: str | os.PathLike, classes: Sequence[str]) -> list[float] | None:
+    """A multi-label run's decision thresholds, in class order, from ``RUN/thresholds.json``
+    (``{class: threshold}``, written by training; a class it lacks gets 0.5). None if absent."""
+    path = Path(run) / "thresholds.json"
+    if not path.is_file():
+        return None
+    try:
+        by_class = json.loads(path.read_text())
+        return [float(by_class.get(c, 0.5)) for c in classes]
+    except (ValueError, AttributeError, TypeError) as e:
+        raise RunError(f"{path}: expected {{class: threshold}}, {e}") from None
+
+
 def write_predictions_csv(
     path: str | os.PathLike | None, preds: Sequence[Prediction], top_k: int
 ) -> str:
     """CSV with path,label,confidence and, for top_k > 1, label_2,confidence_2,...; returns the
-    text (and writes it when ``path`` is given).
+    text (and writes it when ``path`` is given). Multi-label predictions: path,labels (those
+    at or above their thresholds, joined by ``;``) and a probability column per class.
 
     A file name that is not valid UTF-8 is written as its bytes on disk (surrogateescape, see
     the module doc), so one odd name never costs the other rows. Whoever prints the returned
@@ -284,6 +339,13 @@ def write_predictions_csv(
     """
     buf = io.StringIO()
     w = csv.writer(buf)
+    if preds and preds[0].probabilities is not None:
+        classes = list(preds[0].probabilities)
+        w.writerow(["path", "labels", *classes])
+        for p in preds:
+            probs = p.probabilities or {}
+            w.writerow([p.path, p.label, *(f"{probs[c]:.6f}" for c in classes)])
+        return _write_text(path, buf.getvalue())
     header = ["path", "label", "confidence"]
     for r in range(2, top_k + 1):
         header += [f"label_{r}", f"confidence_{r}"]
@@ -293,7 +355,10 @@ def write_predictions_csv(
         for lab, c in p.top_k[1:top_k]:
             row += [lab, f"{c:.6f}"]
         w.writerow(row)
-    text = buf.getvalue()
+    return _write_text(path, buf.getvalue())
+
+
+def _write_text(path: str | os.PathLike | None, text: str) -> str:
     if path:
         with open_csv(path, "w") as f:
             f.write(text)

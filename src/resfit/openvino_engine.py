@@ -197,7 +197,11 @@ def export_openvino(
     if calib:
         q = quantize(ov_model, calib)
         report["openvino_int8"] = str(save(q, folder / INT8_FILE))
-        int8 = OpenVinoEngine(q, "int8", source="export check")(x).argmax(1).numpy()
+        int8_logits = OpenVinoEngine(q, "int8", source="export check")(x)
+        if labels is not None and labels.ndim == 2 and len(labels) == len(x):
+            report.update(_multilabel_check(fp32.numpy(), int8_logits.numpy(), labels))
+            return report
+        int8 = int8_logits.argmax(1).numpy()
         report["openvino_int8_top1_agreement"] = float((int8 == fp32.argmax(1).numpy()).mean())
         if labels is not None and len(labels) == len(x):
             acc32 = float((fp32.argmax(1).numpy() == labels).mean())
@@ -205,3 +209,14 @@ def export_openvino(
             report.update(openvino_fp32_accuracy=acc32, openvino_int8_accuracy=acc8,
                           openvino_int8_accuracy_change=acc8 - acc32)  # fmt: skip
     return report
+
+
+def _multilabel_check(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The int8 check of a multi-label model: mAP before and after, and how many per-class
+    decisions (at p = 0.5) agree."""
+    from .tasks import mean_average_precision
+
+    map32, map8 = mean_average_precision(fp32, labels), mean_average_precision(int8, labels)
+    return {"openvino_fp32_mAP": map32, "openvino_int8_mAP": map8,
+            "openvino_int8_mAP_change": map8 - map32,
+            "openvino_int8_label_agreement": float(((fp32 > 0) == (int8 > 0)).mean())}  # fmt: skip

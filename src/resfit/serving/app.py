@@ -242,6 +242,9 @@ class _Service:
             self.metrics.queue_depth.set(self.batcher.pending)
         answers = []
         for p in probs:
+            if getattr(self.predictor, "multilabel", False):  # {"labels", "probabilities"}
+                answers.append(self.predictor.answer(p))
+                continue
             conf, idx = p.topk(k)
             top = [[classes[int(i)], float(c)] for c, i in zip(conf, idx, strict=True)]
             answers.append({"label": top[0][0], "confidence": top[0][1], "top_k": top})

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .. import transfer
 from ..atomic import atomic_save, atomic_save_safetensors
-from ..config import TrainConfig
+from ..config import AugmentConfig, TrainConfig
 from ..errors import TrainingError
 from .distributed import from_rank0
 from .loop import Callback, Loop
@@ -151,6 +151,35 @@ class Mixing(Callback):
     def before_step(self, loop: Loop) -> None:
         if len(loop.y) > 1:
             loop.x, loop.y = self.mix(loop.x, loop.y)
+
+
+def multilabel_mix(cfg: AugmentConfig) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None:
+    """MixUp / CutMix for multi-hot targets (torchvision's take class indices): each image is
+    mixed with its neighbour in the batch and the label vectors by the same share, as timm
+    and fastai do. One of the two per batch when both are on; ``None`` when both are off."""
+    c = cfg.resolved()
+    if not (c.mixup or c.cutmix):
+        return None
+
+    def mix(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        cut = bool(c.cutmix) and (not c.mixup or bool(torch.rand(()) < 0.5))
+        alpha = float(c.cutmix if cut else c.mixup)
+        lam = float(torch.distributions.Beta(alpha, alpha).sample())
+        x2, y2 = x.roll(1, 0), y.roll(1, 0)
+        if cut:
+            h, w = x.shape[-2:]
+            ch, cw = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+            cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+            y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+            x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+            x = x.clone()
+            x[..., y0:y1, x0:x1] = x2[..., y0:y1, x0:x1]
+            lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the share actually kept
+        else:
+            x = x * lam + x2 * (1 - lam)
+        return x, y.float() * lam + y2.float() * (1 - lam)
+
+    return mix
 
 
 class WeightAveraging(Callback):
@@ -305,12 +334,12 @@ class EpochLog(Callback):
             self.writer = SummaryWriter(str(out / "tensorboard"))
 
     def after_epoch(self, loop: Loop) -> None:
-        r = loop.row
+        r, monitor = loop.row, loop.task.monitor
         log.info(
-            "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.1fs (%.0f img/s)%s",
+            "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f %s %.4f  %.1fs (%.0f img/s)%s",
             r["epoch"], self.epochs, r["train_loss"], r["train_acc"], r["val_loss"],
-            r["val_acc"], r["epoch_time_s"], r["train_images_per_s"],
-            "  *best*" if loop.improved else "",
+            monitor.removeprefix("val_"), r[monitor], r["epoch_time_s"],
+            r["train_images_per_s"], "  *best*" if loop.improved else "",
         )  # fmt: skip
         write_metrics(self.out / "metrics.csv", loop.history)
         if self.writer:

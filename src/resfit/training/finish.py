@@ -51,16 +51,20 @@ def finish_run(
     # The frozen prefix is the same in the best weights: cached val features still hold.
     val_logits = loop.val_logits(model)
     val_labels = loop.data.val.decoded.labels
-    cal = calibrate(out, val_logits, val_labels)
-    temperature = cal.temperature
-    audit = _audit_training_labels(cfg, loop, ev_tf, show) if cfg.run.audit else None
-    if cfg.run.report:
-        _write_report(cfg, loop, splits, val_logits, cal, skipped, duplicates, ev_tf, audit)
-    test = _evaluate_test(cfg, loop, splits, ev_tf, show, temperature) if splits.test else None
+    if cfg.data.task == "multilabel":
+        test = _finish_multilabel(cfg, loop, splits, val_logits, ev_tf, show)
+    else:
+        cal = calibrate(out, val_logits, val_labels)
+        temperature = cal.temperature
+        audit = _audit_training_labels(cfg, loop, ev_tf, show) if cfg.run.audit else None
+        if cfg.run.report:
+            _write_report(cfg, loop, splits, val_logits, cal, skipped, duplicates, ev_tf, audit)
+        test = _evaluate_test(cfg, loop, splits, ev_tf, show, temperature) if splits.test else None
     summary = {"best_epoch": best.best_epoch, "best_val_accuracy": best.best,
-               "epochs_run": len(loop.history), "test": test}  # fmt: skip
+               "monitor": best.monitor, "epochs_run": len(loop.history), "test": test}  # fmt: skip
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    log.info("best validation accuracy %.4f at epoch %d; run saved in %s", best.best,
+    log.info("best validation %s %.4f at epoch %d; run saved in %s",
+             best.monitor.removeprefix("val_").replace("acc", "accuracy"), best.best,
              best.best_epoch, out)  # fmt: skip
     return test
 
@@ -152,4 +156,56 @@ def _evaluate_test(cfg, loop, splits, ev_tf, show, temperature) -> dict:
     return {"accuracy": res.accuracy, "n": res.n, "top5": res.top5}
 
 
-__all__ = ["calibrate", "finish_run"]
+def calibrate_multilabel(
+    out: Path, val_logits: Tensor, val_targets: Tensor, classes: list[str]
+) -> calibration.MultiLabelCalibration:
+    """A temperature and an F1-maximising threshold per class, fitted on validation:
+    ``calibration.json`` holds both (temperatures in class order), ``thresholds.json`` the
+    thresholds by class name, for users to read and edit; ``predict`` applies them."""
+    c = calibration.calibrate_multilabel(val_logits, val_targets)
+    atomic_write_text(out / "calibration.json",
+                      json.dumps({**c.to_dict(), "fitted_on": "validation"}, indent=2))  # fmt: skip
+    thresholds = dict(zip(classes, c.thresholds, strict=True))
+    atomic_write_text(out / "thresholds.json", json.dumps(thresholds, indent=2))
+    log.info("calibration: %s", c.reason)
+    return c
+
+
+def _finish_multilabel(cfg, loop, splits, val_logits, ev_tf, show) -> dict | None:
+    """Multi-label: calibrate and tune thresholds on validation, report, score the test split."""
+    from ..evaluation import compute_multilabel_metrics, write_multilabel_eval
+
+    out, val = Path(cfg.run.out), loop.data.val.decoded
+    cal = calibrate_multilabel(out, val_logits, val.labels, cfg.classes)
+    if cfg.run.report:
+        res = compute_multilabel_metrics(val_logits, val.labels, cfg.classes,
+                                         [str(p) for p in val.paths], cal.temperature,
+                                         cal.thresholds)  # fmt: skip
+        _write_multilabel_report(cfg, loop, res, ev_tf, cal.reason)
+    if not splits.test:
+        return None
+    test_data = loop.source.open(splits.test, eval_decode_size(cfg), progress=show,
+                                 desc="decoding test")  # fmt: skip
+    s = loop.step
+    logits = predict_logits(loop.eval_model, TransformedImages(test_data, ev_tf), 64, s.device,
+                            s.precision, s.channels_last)  # fmt: skip
+    res = compute_multilabel_metrics(logits, test_data.labels, cfg.classes,
+                                     [str(p) for p in test_data.paths], cal.temperature,
+                                     cal.thresholds)  # fmt: skip
+    write_multilabel_eval(res, out / "eval-test")
+    log.info("test mAP %.4f, micro-F1 %.4f on %d images", res.mAP, res.micro_f1, res.n)
+    return {k: v for k, v in res.summary().items() if k != "per_class"}
+
+
+def _write_multilabel_report(cfg, loop, res, ev_tf, note: str) -> None:
+    from ..inference import make_explainer
+    from ..report import MultiLabelReportData, write_multilabel_report
+
+    explain = make_explainer(loop.eval_model, cfg.model.img_size, ev_tf, loop.step.device,
+                             base_size=eval_decode_size(cfg))  # fmt: skip
+    title = f"{cfg.model.arch} on {Path(cfg.data.path).name}: validation"
+    data = MultiLabelReportData(title, res, explain, history=loop.history, notes=[note])
+    log.info("report: %s", write_multilabel_report(Path(cfg.run.out) / "report.html", data))
+
+
+__all__ = ["calibrate", "calibrate_multilabel", "finish_run"]

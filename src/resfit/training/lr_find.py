@@ -19,8 +19,9 @@ from ..augmentation import base_size_for, batch_transform
 from ..config import TrainConfig
 from ..data import TransformedImages, decode_all, discover, iter_batches
 from ..errors import ConfigError, DataError
-from ..tasks import SingleLabel
+from ..tasks import MultiLabel, SingleLabel
 from ..transfer import apply_freeze, set_train_mode
+from .callbacks import multilabel_mix
 from .run import build_transforms, resolve
 from .step import TrainStep, make_optimizer, param_groups
 
@@ -83,8 +84,9 @@ def lr_find(
     torch.manual_seed(cfg.runtime.seed)
     device = runtime.pick_device(cfg.runtime.device)
     precision = runtime.pick_precision(device, cfg.runtime.precision)
-    splits = discover(cfg.data.path, val_fraction=cfg.data.val_fraction, seed=cfg.runtime.seed)
-    cfg, model = resolve(cfg, splits)
+    splits = discover(cfg.data.path, val_fraction=cfg.data.val_fraction, seed=cfg.runtime.seed,
+                      task=cfg.data.task)  # fmt: skip
+    cfg, model = resolve(cfg.replace(task=splits.task), splits)
     # Only as many images as the sweep can use: decoding 3,000 photos for 50 steps wastes time.
     g = torch.Generator().manual_seed(cfg.runtime.seed)
     order = torch.randperm(len(splits.train), generator=g)[: steps * cfg.optim.batch_size].tolist()
@@ -96,7 +98,9 @@ def lr_find(
     frozen = apply_freeze(model, policy, cfg.transfer.train_bn)
     model.to(device)
     optimizer = make_optimizer(cfg.optim, param_groups(model, cfg.optim.weight_decay), start_lr)
-    loss_fn = SingleLabel(cfg.optim.label_smoothing).loss
+    multi = splits.task == "multilabel"
+    loss_fn = (MultiLabel(cfg.optim.label_smoothing, loss_kind=cfg.optim.multilabel_loss) if multi
+               else SingleLabel(cfg.optim.label_smoothing)).loss  # fmt: skip
     step = TrainStep(optimizer, loss_fn, device, precision, channels_last=False)
     set_train_mode(model, frozen)
     lrs, smoothed = _sweep(cfg, model, step, data, g, start_lr, end_lr, steps)
@@ -116,7 +120,8 @@ def lr_find(
 
 def _sweep(cfg, model, step: TrainStep, data, g, start_lr, end_lr, steps):
     tr_tf, _ = build_transforms(cfg)
-    mix = batch_transform(cfg.augment, len(cfg.classes))
+    multi = cfg.data.task == "multilabel"
+    mix = multilabel_mix(cfg.augment) if multi else batch_transform(cfg.augment, len(cfg.classes))
     train_set = TransformedImages(data, tr_tf)
     bs = min(cfg.optim.batch_size, len(data))
     lrs: list[float] = []

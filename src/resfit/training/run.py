@@ -48,9 +48,9 @@ from ..data import (
 from ..errors import ConfigError, DataError, TrainingError
 from ..models import get_spec
 from ..sources import DataSource, get_source
-from ..tasks import SingleLabel, Task
+from ..tasks import MultiLabel, SingleLabel, Task
 from ..weights import IMAGENET_MEAN, IMAGENET_STD, create_model
-from .callbacks import BestModel
+from .callbacks import BestModel, multilabel_mix
 from .distributed import Dist, barrier, init_distributed
 from .finish import eval_decode_size, finish_run
 from .loop import Callback, EpochData, Loop
@@ -115,12 +115,16 @@ def _prepare_and_run(
 ) -> TrainResult:  # fmt: skip
     out, main = Path(cfg.run.out), dist_info.main
     splits = discover(cfg.data.path, val_fraction=cfg.data.val_fraction,
-                      test_fraction=cfg.data.test_fraction, seed=cfg.runtime.seed)  # fmt: skip
+                      test_fraction=cfg.data.test_fraction, seed=cfg.runtime.seed,
+                      task=cfg.data.task)  # fmt: skip
     if resume and splits.classes != cfg.classes:
         raise TrainingError(f"--resume: the classes in {cfg.data.path} differ from those of {out}")
-    cfg, model = resolve(cfg, splits)
+    cfg, model = resolve(cfg.replace(task=splits.task), splits)  # the run records its task
     duplicates = check_leakage(splits, cfg.data.leakage, cfg, model) if main or cfg.data.leakage == "remove" else []  # fmt: skip
     if cfg.run.audit and main:  # a missing extra answers now, not after the training
+        if cfg.data.task == "multilabel":
+            raise ConfigError("--audit works on single-label data for now; drop --audit for this "
+                              "multi-label manifest")  # fmt: skip
         from ..label_issues import check_audit
 
         check_audit(
@@ -326,6 +330,8 @@ def _open_data(
 def _task(cfg: TrainConfig, labels: torch.Tensor, device: torch.device) -> tuple[Task, Any]:
     """The task with its class weights (``--balance weights``), and the per-image draw weights
     (``--balance sampler``)."""
+    if cfg.data.task == "multilabel":
+        return _multilabel_task(cfg, labels, device), None
     counts = torch.bincount(labels, minlength=len(cfg.classes)).float()
     class_weight = None
     if cfg.data.balance == "weights":
@@ -333,6 +339,21 @@ def _task(cfg: TrainConfig, labels: torch.Tensor, device: torch.device) -> tuple
         class_weight = (counts.sum() / (len(counts) * counts.clamp(min=1))).to(device)
     sample_weight = (1.0 / counts.clamp(min=1))[labels] if cfg.data.balance == "sampler" else None
     return SingleLabel(cfg.optim.label_smoothing, class_weight), sample_weight
+
+
+def _multilabel_task(cfg: TrainConfig, targets: torch.Tensor, device: torch.device) -> Task:
+    """Multi-label: ``--balance weights`` gives each class the positive weight negatives /
+    positives (BCE's usual weighting: a rare label's misses cost as much as its absence)."""
+    if cfg.data.balance == "sampler":
+        raise ConfigError(
+            "--balance sampler draws images by their class, and a multi-label image has "
+            "several: use --balance weights (positive weights per class)"
+        )
+    pos_weight = None
+    if cfg.data.balance == "weights":
+        pos = targets.sum(0)
+        pos_weight = ((len(targets) - pos) / pos.clamp(min=1)).clamp(min=1.0).to(device)
+    return MultiLabel(cfg.optim.label_smoothing, pos_weight, cfg.optim.multilabel_loss)
 
 
 def _place(cfg: TrainConfig, model: nn.Module, device: torch.device, dist_info: Dist) -> nn.Module:
@@ -395,7 +416,8 @@ def _run(
     loop = Loop(model, net, step, task, data, source, [], epochs=cfg.optim.epochs,
                 batch_size=cfg.optim.batch_size, seed=cfg.runtime.seed, dist=dist_info,
                 workers=cfg.data.workers)  # fmt: skip
-    mix = batch_transform(cfg.augment, len(cfg.classes))
+    multi = cfg.data.task == "multilabel"  # torchvision's MixUp/CutMix take class indices
+    mix = multilabel_mix(cfg.augment) if multi else batch_transform(cfg.augment, len(cfg.classes))
     loop.callbacks = sorted(
         [*callbacks_for(cfg, loop, (tr_tf, ev_tf), mix, out, resume, precision, show), *extra],
         key=lambda c: c.order,
