@@ -379,6 +379,22 @@ def test_predict_eval_and_predictor_agree(squares_run: tuple[Path, Path], tmp_pa
     assert metrics["mAP"] == pytest.approx(summary["mAP"], abs=1e-4)
 
 
+def test_explain_draws_each_predicted_label(squares_run: tuple[Path, Path], tmp_path: Path) -> None:
+    from resfit.inference import Predictor
+
+    run, manifest = squares_run
+    images = sorted(manifest.parent.glob("test_00*.png"))[:4]
+    res = _cli("explain", str(run), *map(str, images), "--out", str(tmp_path / "cam"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    preds, _ = Predictor.from_run(run, device="cpu", engine="torch").predict(images)
+    expected = {
+        f"{Path(p.path).stem}.{c}.png"
+        for p in preds
+        for c in ([n for n, _ in p.labels] or [p.top_k[0][0]])
+    }
+    assert {f.name for f in (tmp_path / "cam").iterdir()} == expected
+
+
 def test_serve_answers_labels_and_probabilities(squares_run: tuple[Path, Path]) -> None:
     pytest.importorskip("httpx")
     from starlette.testclient import TestClient

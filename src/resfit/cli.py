@@ -243,6 +243,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _classes_to_explain(p: Any, class_name: str | None) -> list[str]:
+    """The class(es) an overlay is drawn for: the one asked for; else the prediction's label,
+    or for a multi-label run each predicted label (the most probable class when none is)."""
+    if class_name:
+        return [class_name]
+    if p.labels is not None:
+        return [name for name, _ in p.labels] or [p.top_k[0][0]]
+    return [p.label]
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
     _use_cores(args)
     from .data import find_images
@@ -258,10 +268,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for p in preds:
-        cls = args.class_name or p.label
-        target = out / f"{Path(p.path).stem}.{cls}.png"
-        explain(p.path, predictor.classes.index(cls)).save(target)
-        print(f"{target}  predicted {p.label} ({p.confidence:.2f})")
+        for cls in _classes_to_explain(p, args.class_name):
+            target = out / f"{Path(p.path).stem}.{cls}.png"
+            explain(p.path, predictor.classes.index(cls)).save(target)
+            print(f"{target}  predicted {p.label or '(no label)'} ({p.confidence:.2f})")
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     return 0
