@@ -243,3 +243,41 @@ def test_train_audit_links_the_audit_from_the_report(tmp_path: Path) -> None:
     assert summary["images"] == 36  # the train split only (val/ has its own 36)
     report = (run / "report.html").read_text()
     assert 'href="audit/audit.html"' in report and "Label audit" in report
+
+
+def test_audit_of_a_multilabel_manifest_finds_missing_and_extra_labels(tmp_path: Path) -> None:
+    """A multi-label manifest (coloured quadrants: each colour a label) with a label dropped
+    from some images and a wrong one added to others: the audit lists them first."""
+    from resfit.audit import audit
+
+    from .test_multilabel import COLOURS, make_squares
+
+    manifest = make_squares(tmp_path / "data", {"train": 160})
+    rows = list(csv.DictReader(open(manifest)))
+    rng = random.Random(0)
+    changed = set()
+    for i in rng.sample(range(len(rows)), 16):
+        labels = [c for c in rows[i]["labels"].split(";") if c]
+        absent = [c for c in COLOURS if c not in labels]
+        if labels and (not absent or rng.random() < 0.5):
+            labels.remove(rng.choice(labels))  # a missing label
+        else:
+            labels.append(rng.choice(absent))  # an extra label
+        rows[i]["labels"] = ";".join(labels)
+        changed.add(rows[i]["path"])
+    with open(manifest, "w", newline="") as f:
+        w = csv.DictWriter(f, ["path", "labels", "split"])
+        w.writeheader()
+        w.writerows(rows)
+    res = audit(manifest, tmp_path / "audit", arch="resnet20_cifar", weights=None, folds=4,
+                img_size=32, progress=False, device="cpu", precision="fp32")  # fmt: skip
+    assert res.probabilities.shape == (160, len(COLOURS))
+    top = [Path(r.path).name for r in res.issues[: len(changed)]]
+    # 10 % of the images were changed: the top of the list is mostly those.
+    assert len(set(top) & changed) >= 0.6 * len(changed), (top, changed)
+    assert all(r.kind.split("+")[0] in {"missing", "extra", "label"} for r in res.issues)
+    summary = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert summary["task"] == "multilabel" and summary["oof_mAP"] > 0.6
+    with pytest.raises(Exception, match="full-finetune"):
+        audit(manifest, tmp_path / "a2", arch="resnet20_cifar", weights=None, folds=4,
+              full_finetune=True, progress=False)  # fmt: skip

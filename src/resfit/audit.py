@@ -58,7 +58,9 @@ def audit(
     progress: bool = True,
 ) -> Any:
     """Audit the labels of the images under ``data`` (a folder of class folders, a data root
-    with train/ val/ test/, or a ``path,label[,split]`` CSV); write the files into ``out``.
+    with train/ val/ test/, or a ``path,label[,split]`` CSV; a ``path,labels[,split]``
+    multi-label manifest gets its missing and extra labels per image); write the files into
+    ``out``.
 
     ``weights``: the backbone's pretrained weights (a registered name, ``pretrained`` or a
     file; None is a random backbone, useless here except with ``full_finetune``). ``head``:
@@ -83,7 +85,13 @@ def audit(
     splits = discover(data, val_fraction=0.0, test_fraction=0.0, seed=seed)
     samples = splits.train + splits.val + splits.test
     where = display_path(data)
-    li.check_folds(_labels(samples), splits.classes, folds, where)
+    if splits.task == "multilabel":
+        if full_finetune:
+            raise ConfigError("--full-finetune audits single-label data; a multi-label manifest "
+                              "is audited with the frozen backbone: drop --full-finetune")  # fmt: skip
+        li.check_multilabel_folds(_labels(samples), splits.classes, folds, where)
+    else:
+        li.check_folds(_labels(samples), splits.classes, folds, where)
     cfg, model = resolve(_config(data, out, arch, weights, img_size, seed, device, precision,
                                  progress), splits)  # fmt: skip
     _, ev_tf = build_transforms(cfg)
@@ -111,7 +119,7 @@ def audit(
 def _labels(samples: list) -> Any:
     import numpy as np
 
-    return np.array([s.label for s in samples], dtype=np.int64)
+    return np.array([s.label for s in samples], dtype=np.int64)  # multi-hot rows: (N, K)
 
 
 def _config(

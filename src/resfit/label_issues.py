@@ -127,6 +127,25 @@ def check_folds(labels: np.ndarray, class_names: Sequence[str], folds: int, wher
         )
 
 
+def check_multilabel_folds(
+    hot: np.ndarray, class_names: Sequence[str], folds: int, where: str
+) -> None:
+    """The multi-label counterpart of :func:`check_folds`: enough images for ``folds`` folds,
+    and every class given to at least ``folds`` images (else some fold's head never sees it)."""
+    if folds < 2:
+        raise ConfigError(f"--folds must be at least 2, not {folds}")
+    if len(hot) < 2 * folds:
+        raise DataError(f"{where} has {len(hot)} readable image(s): too few for {folds} folds")
+    counts = np.asarray(hot).sum(0)
+    small = [(class_names[c], int(counts[c])) for c in range(len(class_names)) if counts[c] < folds]
+    if small:
+        name, n = min(small, key=lambda x: x[1])
+        raise DataError(
+            f"label {name} is given to {n} image(s), fewer than --folds {folds}: lower --folds "
+            f"to {max(n, 2)} or add images that carry it"
+        )
+
+
 def check_audit(classes: Sequence[str], labels: Sequence[int], where: str, folds: int = 5) -> None:
     """What ``resfit train --audit`` checks before training: cleanlab is installed, and the
     split can be cut into ``folds`` stratified folds."""
@@ -239,6 +258,49 @@ def out_of_fold_probabilities(
         x_tr, x_te = _standardise(features[tr], features[te])
         p = fit(x_tr, labels[tr], x_te, c)
         probs[te, : p.shape[1]] = p
+    return probs
+
+
+def _torch_multilabel_head(
+    x: np.ndarray, hot: np.ndarray, x_out: np.ndarray, c: float
+) -> np.ndarray:
+    """One-vs-rest logistic regression for multi-hot labels: mean binary cross-entropy +
+    ||W||^2 / (2 C n), by full-batch L-BFGS, as :func:`_torch_head` for one label."""
+    import torch
+
+    xt, yt = torch.from_numpy(x).double(), torch.from_numpy(hot).double()
+    w = torch.zeros(x.shape[1], yt.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(yt.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=500, tolerance_grad=1e-6,
+                            line_search_fn="strong_wolfe")  # fmt: skip
+    decay = 1.0 / (2 * c * len(x))
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(xt @ w + b, yt)
+        loss = bce * yt.shape[1] + decay * (w * w).sum()  # summed over classes, as K heads
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return torch.sigmoid(torch.from_numpy(x_out).double() @ w + b).numpy()
+
+
+def out_of_fold_multilabel(
+    features: np.ndarray, hot: np.ndarray, *, folds: int = 5, seed: int = 0, c: float = 0.03
+) -> np.ndarray:
+    """(N, K) per-class probabilities of every image from a one-vs-rest logistic head fitted on
+    the other folds (shuffled by ``seed``) of standardised ``features``. ``c`` defaults to the
+    strong regularisation the single-label search picks on real photos (0.01-0.03)."""
+    from sklearn.model_selection import KFold
+
+    hot = np.asarray(hot, dtype=np.float64)
+    features = np.asarray(features, dtype=np.float64)
+    probs = np.zeros(hot.shape)
+    for tr, te in KFold(folds, shuffle=True, random_state=seed).split(features):
+        x_tr, x_te = _standardise(features[tr], features[te])
+        probs[te] = _torch_multilabel_head(x_tr, hot[tr], x_te, c)
     return probs
 
 
@@ -501,6 +563,37 @@ def audit_probabilities(
     return result
 
 
+def audit_multilabel(
+    probs: np.ndarray,
+    hot: np.ndarray,
+    classes: Sequence[str],
+    paths: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    meta: dict[str, Any] | None = None,
+) -> AuditResult:
+    """Missing and extra labels of multi-label images from out-of-fold probabilities
+    (:func:`multilabel_issues`); writes the CSV, HTML and JSON into ``out``."""
+    from sklearn.metrics import average_precision_score
+
+    hot = np.asarray(hot).astype(bool)
+    issues = multilabel_issues(probs, hot, classes, [str(p) for p in paths])
+    kinds = Counter(k for r in issues for k in r.kind.split("+"))
+    scored = hot.any(0) & ~hot.all(0)  # AP is undefined for a class every image has, or none
+    summary = {
+        **(meta or {}), "task": "multilabel", "images": int(len(hot)), "classes": list(classes),
+        "oof_mAP": float(average_precision_score(hot[:, scored], probs[:, scored], average="macro")),
+        "label_issues": len(issues), "label_issue_share": float(len(issues) / max(len(hot), 1)),
+        "images_with_missing_labels": int(kinds.get("missing", 0)),
+        "images_with_extra_labels": int(kinds.get("extra", 0)),
+    }  # fmt: skip
+    result = AuditResult(issues, probs, summary, Path(out))
+    result.files = write_audit(out, issues, summary)
+    log.info("audit: %d multi-label image(s) look wrong of %d (out-of-fold mAP %.3f): %s",
+             len(issues), len(hot), summary["oof_mAP"], result.files["html"])  # fmt: skip
+    return result
+
+
 def _summary(
     probs: np.ndarray, labels: np.ndarray, classes: Sequence[str], issues: list[Issue],
     flagged: np.ndarray, dups: list, outlying: np.ndarray, meta: dict[str, Any],
@@ -632,16 +725,25 @@ def audit_images(
     import time
 
     labels = decoded.labels.numpy()
-    check_folds(labels, classes, folds, where)
+    multi = labels.ndim == 2  # multi-hot: a multi-label manifest
+    if multi:
+        check_multilabel_folds(labels, classes, folds, where)
+    else:
+        check_folds(labels, classes, folds, where)
     t0 = time.perf_counter()
     feats = extract_features(model, decoded, transform, device, precision,
                              channels_last=channels_last, progress=progress)  # fmt: skip
     t1 = time.perf_counter()
-    probs = out_of_fold_probabilities(
-        feats, labels, len(classes), folds=folds, seed=seed, head=head
-    )
+    if multi:
+        probs = out_of_fold_multilabel(feats, labels, folds=folds, seed=seed)
+    else:
+        probs = out_of_fold_probabilities(
+            feats, labels, len(classes), folds=folds, seed=seed, head=head
+        )
     t2 = time.perf_counter()
     meta = {**(meta or {}), "folds": folds, "head": head, "seed": seed,
             "seconds": {"features": round(t1 - t0, 2), "heads": round(t2 - t1, 2)}}  # fmt: skip
+    if multi:
+        return audit_multilabel(probs, labels, classes, decoded.paths, out, meta=meta)
     return audit_probabilities(probs, labels, classes, decoded.paths, out, features=feats,
                                max_distance=max_distance, meta=meta)  # fmt: skip

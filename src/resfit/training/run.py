@@ -123,8 +123,8 @@ def _prepare_and_run(
     duplicates = check_leakage(splits, cfg.data.leakage, cfg, model) if main or cfg.data.leakage == "remove" else []  # fmt: skip
     if cfg.run.audit and main:  # a missing extra answers now, not after the training
         if cfg.data.task == "multilabel":
-            raise ConfigError("--audit works on single-label data for now; drop --audit for this "
-                              "multi-label manifest")  # fmt: skip
+            raise ConfigError("train --audit works on single-label data for now: drop --audit "
+                              f"and run `resfit audit {cfg.data.path} --out DIR`")  # fmt: skip
         from ..label_issues import check_audit
 
         check_audit(
