@@ -638,9 +638,14 @@ class DecodedImages:
     paths: list[Path]
     skipped: list[tuple[str, str]]
     base_size: int
+    ids: list[int] | None = None  # positions in the split (a rank's share is a subset)
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def item(self, i: int) -> tuple[Tensor, Tensor]:
+        """Image ``i`` and its label (a streamed split decodes it here)."""
+        return self.images[i], self.labels[i]
 
 
 def decode_all(
@@ -698,7 +703,8 @@ class TransformedImages(torch.utils.data.Dataset):
         return len(self.decoded)
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        return self.transform(self.decoded.images[i]), self.decoded.labels[i]
+        image, label = self.decoded.item(i)
+        return self.transform(image), label
 
 
 def iter_batches(
