@@ -707,6 +707,11 @@ class TransformedImages(torch.utils.data.Dataset):
         return self.transform(image), label
 
 
+def _key(i: object) -> object:
+    """An index as the dataset takes it: an int (tensor elements too), or a tuple key."""
+    return i if isinstance(i, tuple) else int(i)  # type: ignore[call-overload]
+
+
 def iter_batches(
     dataset: torch.utils.data.Dataset, index_batches: Sequence[Sequence[int]], workers: int = 0
 ):
@@ -717,7 +722,7 @@ def iter_batches(
     if workers > 0:
         loader = torch.utils.data.DataLoader(
             dataset,
-            batch_sampler=[list(map(int, b)) for b in index_batches],
+            batch_sampler=[[_key(i) for i in b] for b in index_batches],
             num_workers=workers,
             worker_init_fn=worker_init,  # one thread per worker: the cores are the model's
         )
@@ -727,7 +732,7 @@ def iter_batches(
         before = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            items = [dataset[int(i)] for i in idx]
+            items = [dataset[_key(i)] for i in idx]
         finally:
             torch.set_num_threads(before)
         yield (

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from .config import DATA_MODES
 from .data import (
+    MAX_PIXELS,
     DecodedImages,
     DecodeError,
     Sample,
@@ -112,8 +113,8 @@ def header_problem(path: Path) -> str | None:
         if os.stat(path).st_size == 0:
             return "empty file"
         with Image.open(path) as img:
-            if img.width <= 0 or img.height <= 0:
-                return f"{img.width}x{img.height} pixels"
+            if img.width <= 0 or img.height <= 0 or img.width * img.height > MAX_PIXELS:
+                return f"{img.width}x{img.height} pixels (the limit is {MAX_PIXELS:,})"
     except Exception as e:  # PIL raises many types for broken files
         return str(e).splitlines()[0] if str(e) else type(e).__name__
     return None
