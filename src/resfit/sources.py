@@ -33,7 +33,7 @@ import os
 import random
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -376,57 +376,63 @@ class Sharding:
     to the slots (image k of the permutation goes to slot k mod global_bs), so each slot owns a
     fixed shard; every epoch each slot shuffles its shard and global batch i takes the i-th
     image of every slot. Rank r owns the slots of its local batch and opens only their images,
-    which makes the global batches, and so the run, the same for any number of ranks.
+    which makes the global batches, and so the run, the same for any number of ranks. A split
+    smaller than the global batch repeats its images to fill one batch (every rank opens all).
     """
 
-    ids: list[int]  # the split positions this rank opens, slot after slot
+    order: list[int]  # the seeded permutation of the split
     slots: list[int]  # the global slot numbers this rank owns
-    slot_sizes: list[int]  # how many of ``ids`` each owned slot has, in order
+    global_bs: int
     steps: int  # batches per epoch (the caller may lower it: limits, unreadable files)
     seed: int
+    shards: list[list[int]] = field(default_factory=list)  # per owned slot: split positions
+    ids: list[int] = field(default_factory=list)  # the split positions this rank opens
 
     @classmethod
     def plan(cls, n: int, global_bs: int, rank: int, world: int, seed: int) -> Sharding:
-        """This rank's share of a split of ``n`` images. A split smaller than the global batch
-        repeats images to fill one batch."""
+        """This rank's share of a split of ``n`` images."""
         local_bs = global_bs // world
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + 11))
-        ids: list[int] = []
-        sizes: list[int] = []
         slots = list(range(rank * local_bs, (rank + 1) * local_bs))
-        for slot in slots:
-            shard = perm[slot::global_bs].tolist() if n >= global_bs else [int(perm[slot % n])]
-            ids += shard
-            sizes.append(len(shard))
-        return cls(ids, slots, sizes, max(1, n // global_bs), seed)
+        return cls(perm.tolist(), slots, global_bs, max(1, n // global_bs), seed)._deal()
+
+    def _deal(self) -> Sharding:
+        n, g = len(self.order), self.global_bs
+        if n >= g:
+            self.shards = [self.order[slot::g] for slot in self.slots]
+            self.ids = [i for shard in self.shards for i in shard]
+        else:
+            self.shards = [[self.order[slot % n]] if n else [] for slot in self.slots]
+            self.ids = list(self.order)
+        return self
 
     def drop(self, unreadable: set[int]) -> Sharding:
         """Without the split positions ``unreadable`` (files that could not be opened); the
         caller agrees ``steps`` across ranks (see :meth:`local_steps`)."""
-        ids, sizes, start = [], [], 0
-        for size in self.slot_sizes:
-            kept = [i for i in self.ids[start : start + size] if i not in unreadable]
-            ids += kept
-            sizes.append(len(kept))
-            start += size
-        return Sharding(ids, self.slots, sizes, self.steps, self.seed)
+        if len(self.order) < self.global_bs:  # deal the readable ones again
+            order = [i for i in self.order if i not in unreadable]
+            return Sharding(order, self.slots, self.global_bs, self.steps, self.seed)._deal()
+        shards = [[i for i in shard if i not in unreadable] for shard in self.shards]
+        ids = [i for shard in shards for i in shard]
+        return Sharding(self.order, self.slots, self.global_bs, self.steps, self.seed, shards, ids)
 
     def local_steps(self) -> int:
         """The most batches this rank's slots can fill (every slot gives one image a batch)."""
-        return min(self.slot_sizes) if self.slot_sizes else 0
+        return min((len(shard) for shard in self.shards), default=0)
 
     def epoch(self, epoch: int, weights: Tensor | None = None) -> list[list[int]]:
-        """The epoch's local batches as positions in this rank's opened images. With
-        ``weights`` (one per opened image) each slot draws with replacement by weight."""
-        columns, start = [], 0
-        for slot, size in zip(self.slots, self.slot_sizes, strict=True):
+        """The epoch's local batches as positions in :attr:`ids` (the images this rank
+        opened). With ``weights`` (one per opened image) each slot draws with replacement."""
+        where = {i: k for k, i in enumerate(self.ids)}
+        columns = []
+        for slot, shard in zip(self.slots, self.shards, strict=True):
             # Seeded by the global slot: the same draws whichever rank owns it.
             g = torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 65_537 + slot)
+            local = torch.tensor([where[i] for i in shard], dtype=torch.long)
             if weights is not None:
-                draw = torch.multinomial(weights[start : start + size], self.steps,
-                                         replacement=True, generator=g)  # fmt: skip
+                draw = torch.multinomial(weights[local], self.steps, replacement=True,
+                                         generator=g)  # fmt: skip
             else:
-                draw = torch.randperm(size, generator=g)[: self.steps]
-            columns.append((start + draw).tolist())
-            start += size
+                draw = torch.randperm(len(shard), generator=g)[: self.steps]
+            columns.append(local[draw].tolist())
         return [[col[i] for col in columns] for i in range(self.steps)]
