@@ -22,9 +22,44 @@ import warnings
 import zipfile
 from pathlib import Path
 
-from _common import FLOWERS_ZIP
+from _common import ASSETS, FLOWERS_ZIP
 
 from resfit.benchmark import bench_sources, bench_train_step
+
+CIFAR_ZIP = ASSETS / "datasets" / "cifar10-jpg.zip"
+
+
+def accuracy(seeds: tuple[int, ...] = (0, 1, 2), per_class: int = 200, epochs: int = 4) -> None:
+    """The same small run in memory and in stream mode, per seed: the best val accuracy."""
+    import statistics
+
+    from resfit.training import train
+
+    work = Path(tempfile.mkdtemp(prefix="resfit-acc-"))
+    try:
+        with zipfile.ZipFile(CIFAR_ZIP) as z:
+            names = sorted(n for n in z.namelist() if n.startswith("train/") and n.endswith(".jpg"))
+            taken: dict[str, int] = {}
+            for n in names:  # the first per_class photos of each class
+                cls = n.split("/")[1]
+                if taken.get(cls, 0) < per_class:
+                    taken[cls] = taken.get(cls, 0) + 1
+                    z.extract(n, work)
+        scores: dict[str, list[float]] = {"memory": [], "stream": []}
+        for seed in seeds:
+            for mode in scores:
+                r = train(data=str(work / "train"), out=str(work / f"{mode}{seed}"),
+                          data_mode=mode, arch="resnet20_cifar", img_size=32, epochs=epochs,
+                          batch_size=64, seed=seed, progress=False, report=False,
+                          leakage="off")  # fmt: skip
+                scores[mode].append(r.best_val_accuracy)
+                print(f"seed {seed} {mode}: best val accuracy {r.best_val_accuracy:.4f}",
+                      flush=True)  # fmt: skip
+        for mode, v in scores.items():
+            print(f"{mode}: mean {statistics.mean(v):.4f} sd {statistics.stdev(v):.4f} "
+                  f"({', '.join(f'{x:.4f}' for x in v)})")  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,8 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--step-rate", type=float, help="images/s of the step (skip measuring it)")
+    ap.add_argument("--accuracy", action="store_true",
+                    help="instead: the same small CIFAR-10 run in memory and stream mode, 3 seeds")  # fmt: skip
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
+    if args.accuracy:
+        accuracy()
+        return 0
     if not FLOWERS_ZIP.exists():
         print(f"skipped: needs {FLOWERS_ZIP} (the shared assets)")
         return 0

@@ -1,0 +1,116 @@
+"""Benchmark: `resfit train` on 100,000 real photos, more than this machine can hold decoded.
+
+Builds a folder of 100,000 distinct JPEGs from the 3,670 flowers5 photos (each copy gets its
+own JPEG comment, so every file has different bytes: not hard links), then:
+
+1. ``resfit train DATA --data-mode memory``: must refuse in seconds, before decoding, with
+   the estimate (about 26 GB at 224 px) and the memory available;
+2. ``resfit train DATA --data-mode auto --limit-train-batches 8`` (resnet18, 224 px, batch 64,
+   2 workers, one validation batch, no leakage check: that check hashes every file): auto
+   must pick stream, and the peak RSS of the process tree (sampled every 50 ms; a sum over
+   processes, an upper bound) must stay under 4 GB.
+
+The folder (about 2.8 GB) is deleted afterwards.
+
+Last figures: FILLED IN BELOW FROM THE RUN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from _common import FLOWERS_ZIP
+
+
+def make_folder(root: Path, n: int) -> int:
+    """``n`` distinct JPEGs in root/<class>/, cycling over the flowers5 photos; the bytes."""
+    with zipfile.ZipFile(FLOWERS_ZIP) as z:
+        photos = [(name.split("/")[1], z.read(name)) for name in sorted(z.namelist())
+                  if name.endswith(".jpg")]  # fmt: skip
+    for cls in {c for c, _ in photos}:
+        (root / cls).mkdir(parents=True, exist_ok=True)
+
+    def write(i: int) -> int:
+        cls, data = photos[i % len(photos)]
+        note = f"resfit copy {i}".encode()
+        # A COM segment right after SOI: the same picture, different bytes.
+        body = data[:2] + b"\xff\xfe" + (len(note) + 2).to_bytes(2, "big") + note + data[2:]
+        (root / cls / f"{i:06d}.jpg").write_bytes(body)
+        return len(body)
+
+    with ThreadPoolExecutor(8) as pool:
+        return sum(pool.map(write, range(n), chunksize=1000))
+
+
+def peak_tree_rss(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run ``cmd``; its result, the peak RSS of its process tree (bytes) and the seconds."""
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    me, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        total = 0
+        try:
+            for p in [me, *me.children(recursive=True)]:
+                total += p.memory_info().rss
+        except psutil.Error:
+            pass
+        peak = max(peak, total)
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return done, peak, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--keep", help="build the folder here and keep it")
+    args = ap.parse_args(argv)
+    if not FLOWERS_ZIP.exists():
+        print(f"skipped: needs {FLOWERS_ZIP} (the shared assets)")
+        return 0
+    work = Path(args.keep or tempfile.mkdtemp(prefix="resfit-100k-"))
+    data = work / "data"
+    try:
+        t0 = time.perf_counter()
+        size = make_folder(data, args.n) if not data.exists() else 0
+        print(f"{args.n:,} files, {size / 1e9:.2f} GB, in {time.perf_counter() - t0:.0f} s")
+        base = [sys.executable, "-m", "resfit", "train", str(data), "--no-progress",
+                "--leakage", "off", "--no-report", "--epochs", "1", "--limit-train-batches", "8",
+                "--limit-val-batches", "1"]  # fmt: skip
+        res, peak, secs = peak_tree_rss([*base, "--out", str(work / "mem"), "--data-mode",
+                                         "memory"])  # fmt: skip
+        print(f"--data-mode memory: exit {res.returncode} after {secs:.1f} s, "
+              f"peak RSS {peak / 1e9:.2f} GB")  # fmt: skip
+        print("  " + res.stderr.strip().splitlines()[-1])
+        res, peak, secs = peak_tree_rss([*base, "--out", str(work / "auto"), "--data-mode",
+                                         "auto", "--workers", "2"])  # fmt: skip
+        mode = [x for x in res.stderr.splitlines() if "data mode:" in x]
+        print(f"--data-mode auto --limit-train-batches 8: exit {res.returncode} after "
+              f"{secs:.0f} s, peak RSS of the tree {peak / 1e9:.2f} GB")  # fmt: skip
+        print("  " + (mode[0] if mode else res.stderr[-2000:]))
+        epoch = [x for x in res.stderr.splitlines() if "epoch 1/1" in x]
+        print("  " + (epoch[0] if epoch else ""))
+        ok = res.returncode == 0 and mode and "stream" in mode[0] and peak < 4e9
+        print("PASS" if ok else "FAIL")
+        return 0 if ok else 1
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    sys.exit(main())
