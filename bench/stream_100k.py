@@ -30,6 +30,8 @@ from pathlib import Path
 
 from _common import FLOWERS_ZIP
 
+from resfit.benchmark import PeakMemory
+
 
 def make_folder(root: Path, n: int) -> int:
     """``n`` distinct JPEGs in root/<class>/, cycling over the flowers5 photos; the bytes."""
@@ -51,25 +53,14 @@ def make_folder(root: Path, n: int) -> int:
         return sum(pool.map(write, range(n), chunksize=1000))
 
 
-def peak_tree_rss(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
-    """Run ``cmd``; its result, the peak RSS of its process tree (bytes) and the seconds."""
-    import psutil
-
+def peak_tree_memory(cmd: list[str]) -> tuple[subprocess.CompletedProcess, PeakMemory, float]:
+    """Run ``cmd``; its result, the peak memory of its process tree and the seconds."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    me, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        total = 0
-        try:
-            for p in [me, *me.children(recursive=True)]:
-                total += p.memory_info().rss
-        except psutil.Error:
-            pass
-        peak = max(peak, total)
-        time.sleep(0.05)
-    out, err = proc.communicate()
+    with PeakMemory(proc.pid) as mem:
+        out, err = proc.communicate()
     done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-    return done, peak, time.perf_counter() - t0
+    return done, mem, time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,20 +80,21 @@ def main(argv: list[str] | None = None) -> int:
         base = [sys.executable, "-m", "resfit", "train", str(data), "--no-progress",
                 "--leakage", "off", "--no-report", "--epochs", "1", "--limit-train-batches", "8",
                 "--limit-val-batches", "1"]  # fmt: skip
-        res, peak, secs = peak_tree_rss([*base, "--out", str(work / "mem"), "--data-mode",
-                                         "memory"])  # fmt: skip
+        res, mem, secs = peak_tree_memory([*base, "--out", str(work / "mem"), "--data-mode",
+                                           "memory"])  # fmt: skip
         print(f"--data-mode memory: exit {res.returncode} after {secs:.1f} s, "
-              f"peak RSS {peak / 1e9:.2f} GB")  # fmt: skip
+              f"peak PSS {mem.pss / 1e9:.2f} GB")  # fmt: skip
         print("  " + res.stderr.strip().splitlines()[-1])
-        res, peak, secs = peak_tree_rss([*base, "--out", str(work / "auto"), "--data-mode",
-                                         "auto", "--workers", "2"])  # fmt: skip
+        res, mem, secs = peak_tree_memory([*base, "--out", str(work / "auto"), "--data-mode",
+                                           "auto", "--workers", "2"])  # fmt: skip
         mode = [x for x in res.stderr.splitlines() if "data mode:" in x]
         print(f"--data-mode auto --limit-train-batches 8: exit {res.returncode} after "
-              f"{secs:.0f} s, peak RSS of the tree {peak / 1e9:.2f} GB")  # fmt: skip
+              f"{secs:.0f} s, peak of the process tree: PSS {mem.pss / 1e9:.2f} GB, RSS summed "
+              f"{mem.rss / 1e9:.2f} GB")  # fmt: skip
         print("  " + (mode[0] if mode else res.stderr[-2000:]))
         epoch = [x for x in res.stderr.splitlines() if "epoch 1/1" in x]
         print("  " + (epoch[0] if epoch else ""))
-        ok = res.returncode == 0 and mode and "stream" in mode[0] and peak < 4e9
+        ok = res.returncode == 0 and mode and "stream" in mode[0] and mem.pss < 4e9
         print("PASS" if ok else "FAIL")
         return 0 if ok else 1
     finally:

@@ -680,31 +680,42 @@ def bench_pipeline(
     return report
 
 
-class _PeakRSS:
-    """The peak resident memory of this process and its children (DataLoader workers),
-    sampled every 50 ms while in the ``with`` block. Sums RSS, so pages that forked workers
-    share with the parent count once per process: an upper bound."""
+class PeakMemory:
+    """The peak memory of a process (this one by default) and its children (DataLoader
+    workers), sampled every 50 ms while in the ``with`` block: ``rss``, the sum of the
+    processes' resident sets (pages that forked workers share with the parent count once per
+    process: an upper bound), and ``pss``, the sum of their proportional set sizes (a shared
+    page counts as its share in each: what the tree takes from the machine)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pid: int | None = None) -> None:
         import threading
 
-        self.peak, self._stop = 0, threading.Event()
+        self.pid, self.rss, self.pss = pid, 0, 0
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
     def _watch(self) -> None:
         import psutil
 
-        me = psutil.Process()
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.Error:
+            return
         while not self._stop.wait(0.05):
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
+            rss = pss = 0
+            try:
+                tree = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                break
+            for p in tree:
                 try:
-                    total += p.memory_info().rss
+                    info = p.memory_full_info()
                 except psutil.Error:
                     continue
-            self.peak = max(self.peak, total)
+                rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
+            self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)
 
-    def __enter__(self) -> _PeakRSS:
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 
@@ -744,7 +755,7 @@ def bench_sources(
     share = [samples[i] for i in sharding.ids]
     for mode in ("stream", "memory"):
         for w in workers:
-            with _PeakRSS() as rss:
+            with PeakMemory() as mem:
                 t0 = time.perf_counter()
                 source = get_source(mode)
                 opened = source.open(share, base_size_for(img_size), progress=False, desc="")
@@ -754,11 +765,10 @@ def bench_sources(
                         pass
                 secs = time.perf_counter() - t0
             rate = sharding.steps * batch * epochs / secs
-            note = f"peak RSS {rss.peak / 1e9:.2f} GB (process + workers)"
+            note = f"peak PSS {mem.pss / 1e9:.2f} GB, RSS {mem.rss / 1e9:.2f} (process + workers)"
             if consumer_images_per_s:
                 note += f", {rate / consumer_images_per_s:.1f}x the step"
             report.rows.append(BenchRow(f"{mode}, {w} worker(s)", "", rate, note=note))
-            report.info[f"{mode} {w} peak RSS GB"] = f"{rss.peak / 1e9:.2f}"
     if consumer_images_per_s:
         report.info["training step consumes"] = f"{consumer_images_per_s:.1f} images/s"
     return report
