@@ -7,12 +7,26 @@ own JPEG comment, so every file has different bytes: not hard links), then:
    the estimate (about 26 GB at 224 px) and the memory available;
 2. ``resfit train DATA --data-mode auto --limit-train-batches 8`` (resnet18, 224 px, batch 64,
    2 workers, one validation batch, no leakage check: that check hashes every file): auto
-   must pick stream, and the peak RSS of the process tree (sampled every 50 ms; a sum over
-   processes, an upper bound) must stay under 4 GB.
+   must pick stream, and the peak memory of the process tree (sampled every 50 ms) must stay
+   under 4 GB: PSS, where a page shared by the forked workers counts once in all, and the
+   summed RSS, which counts it once per process (an upper bound), are both printed.
 
 The folder (about 2.8 GB) is deleted afterwards.
 
-Last figures: FILLED IN BELOW FROM THE RUN.
+Last figures (python bench/stream_100k.py, 2 cores of an AMD EPYC Zen 4 with AVX512_BF16,
+torch 2.14.1, 23.5 GB available, 2026-11-29):
+  100,000 files, 2.78 GB, in 13 s
+  --data-mode memory: exit 2 after 7.6 s, peak PSS 0.67 GB
+    resfit train: error: --data-mode memory: the 85,063 train and val images would take
+    ~24.0 GB decoded per rank, and 23.5 GB is available per rank. Use --data-mode stream (or
+    auto) to decode on the fly, a smaller --img-size, or more ranks/memory.
+  --data-mode auto --limit-train-batches 8: exit 0 after 63 s, peak of the process tree:
+  PSS 2.24 GB, RSS summed 3.49 GB
+    data mode: stream (auto: decoded images ~24.0 GB per rank, 23.4 GB available per rank,
+    more than 50% of it, so decoding on the fly)
+    epoch 1/1  train loss 2.2043 acc 0.2656  val loss 3.9405 acc 0.1875  40.6s (16 img/s)
+  PASS
+(Memory mode would hold ~24 GB: the estimate; the machine has 24 GB in all.)
 """
 
 from __future__ import annotations

@@ -254,3 +254,13 @@ def test_killed_stream_run_resumes_mid_epoch_with_the_same_weights(
     _assert_same_weights(tmp_path / "whole", tmp_path / "killed")
     log = (tmp_path / "killed" / "train.log").read_text()
     assert "at step 2 of epoch 2" in log
+
+
+def test_bench_sources_times_each_mode_and_worker_count(colours: Path) -> None:
+    from resfit.benchmark import bench_sources
+
+    report = bench_sources(colours, img_size=16, limit=24, batch=8, epochs=1, workers=(1,),
+                           consumer_images_per_s=10.0)  # fmt: skip
+    assert [r.name for r in report.rows] == ["stream, 1 worker(s)", "memory, 1 worker(s)"]
+    for r in report.rows:
+        assert r.images_per_s > 0 and "peak PSS" in r.note and "x the step" in r.note
