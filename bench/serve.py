@@ -1,6 +1,6 @@
 """resfit serve against offline predict: images/s and p50/p99 latency, batching on and off.
 
-    python bench/serve.py RUN IMAGES [--requests 1000] [--clients 16] [--engine torch]
+    python bench/serve.py RUN IMAGES [--requests 1000] [--clients 16] [--engine auto]
 
 RUN is a trained run (a ResNet-50 on flowers5, or the CIFAR ResNet-56 run); IMAGES a folder
 of real photos (../shared/assets/datasets/flowers5-256.zip extracted). Offline: one
@@ -8,8 +8,18 @@ of real photos (../shared/assets/datasets/flowers5-256.zip extracted). Offline: 
 subprocess on 127.0.0.1, ``--clients`` concurrent clients posting the files' bytes, with
 ``--max-batch 32 --max-wait-ms 5`` (batching on) and ``--max-batch 1`` (off).
 
-Last figures (2 cores of an AMD EPYC Zen 4, bf16 picked by `auto`, torch engine, the load
-generator on the same 2 cores, 2026-11-29):
+Last figures (2 cores of an AMD EPYC Zen 4 with avx512_bf16, no AMX; the load generator on
+the same 2 cores; 2026-11-29; resfit serve on Starlette, engine auto = OpenVINO 2026.4 bf16,
+offline predict with the same engine):
+  ResNet-50 at 224 px (a head-only flowers5 run), 150 val photos, 300 requests, 16 clients:
+    offline predict 48.0 img/s
+    serve, batching on (32, 5 ms)   42.0 img/s (0.88x offline), p50 358 ms, p99 592 ms
+    serve, batching off             36.2 img/s (0.75x offline), p50 414 ms, p99 516 ms
+  CIFAR ResNet-56 at 32 px (flowers5 fine-tune), 736 val photos, 1000 requests, 16 clients:
+    offline predict 830.3 img/s
+    serve, batching on (32, 5 ms)  259.8 img/s (0.31x offline), p50 46 ms, p99 298 ms
+    serve, batching off            193.8 img/s (0.23x offline), p50 76 ms, p99 219 ms
+Before (FastAPI, torch engine in bf16, same machine and day):
   ResNet-50 at 224 px (a head-only flowers5 run), 150 val photos, 300 requests, 16 clients:
     offline predict 30.2 img/s
     serve, batching on (32, 5 ms)   32.0 img/s (1.06x offline), p50 472 ms, p99 706 ms
@@ -105,7 +115,7 @@ def main() -> None:
     ap.add_argument("images")
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--engine", default="torch")
+    ap.add_argument("--engine", default="auto")  # resfit serve's and resfit predict's default
     a = ap.parse_args()
     exts = {".jpg", ".jpeg", ".png"}
     files = sorted(p for p in Path(a.images).rglob("*") if p.suffix.lower() in exts)

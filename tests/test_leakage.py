@@ -135,3 +135,72 @@ def test_odd_file_names_are_logged_readably(tmp_path: Path, capsys) -> None:
     assert "cannot decode" in (tmp_path / "train.log").read_text(encoding="utf-8")
     assert "caf\\xe9.jpg" in (tmp_path / "train.log").read_text(encoding="utf-8")
     assert "Logging error" not in capsys.readouterr().err
+
+
+def test_embedding_signal_finds_a_crop_that_phash_misses(
+    flowers_root: Path, tmp_path: Path
+) -> None:
+    from resfit.embed import Embedder
+    from resfit.leakage import similarity_threshold
+    from tests.conftest import CIFAR_CKPTS, need
+
+    weights = need(CIFAR_CKPTS / "resnet56-4bfd9763.th")
+    daisies = sorted((flowers_root / "train" / "daisy").glob("*.jpg"))
+    original, others = daisies[0], daisies[1:6]  # the negatives: other photos of daisies
+    crop = tmp_path / "crop.jpg"
+    with Image.open(original) as im:
+        w, h = im.width * 8 // 10, im.height * 8 // 10  # 80 % of each side, top-left window
+        im.convert("RGB").crop((0, 0, w, h)).save(crop, quality=90)
+    # The test is only meaningful if the hash misses this copy.
+    assert hamming(hash_image(original).phash, hash_image(crop).phash) > 4
+    splits = {"train": [original, *others[:2]], "val": [crop, *others[2:]]}
+    assert find_duplicates(splits) == []
+
+    embedder = Embedder.from_weights("resnet56_cifar", str(weights), precision="fp32")
+    found = find_duplicates(splits, embedder=embedder)
+    _, emb, _ = embedder.embed([*splits["train"], *splits["val"]])
+    sims = emb[:3] @ emb[3:].T  # train x val
+    assert (original, crop, "embed") in [(d.path_a, d.path_b, d.kind) for d in found], sims
+    pair = next(d for d in found if d.path_b == crop)
+    assert pair.distance > 4 and pair.similarity == pytest.approx(sims[0, 0], abs=1e-4)
+    # The crop is its photo's closest image across the splits, and closer than any two
+    # distinct daisies within a split: the threshold find_duplicates measured.
+    assert sims[0, 0] == sims.max()
+    assert sims[0, 0] > similarity_threshold([emb[:3], emb[3:]])
+
+
+def test_training_removes_a_crop_with_leakage_signal_both(
+    flowers_root: Path, tmp_path: Path
+) -> None:
+    from resfit.config import TrainConfig
+    from resfit.data import discover
+    from resfit.training.run import check_leakage, resolve
+    from tests.conftest import CIFAR_CKPTS, need
+
+    weights = need(CIFAR_CKPTS / "resnet56-4bfd9763.th")
+    for cls in ("daisy", "tulips"):
+        photos = sorted((flowers_root / "train" / cls).glob("*.jpg"))[:4]
+        for split, chosen in (("train", photos[:2]), ("val", photos[2:])):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for f in chosen:
+                shutil.copyfile(f, tmp_path / split / cls / f.name)
+    original = sorted((tmp_path / "train" / "daisy").glob("*.jpg"))[0]
+    crop = tmp_path / "val" / "daisy" / "crop.jpg"
+    with Image.open(original) as im:
+        im.convert("RGB").crop((0, 0, im.width * 8 // 10, im.height * 8 // 10)).save(crop)
+    splits = discover(str(tmp_path))
+    cfg = TrainConfig().replace(data=str(tmp_path), arch="resnet56_cifar", weights=str(weights),
+                                leakage="remove", leakage_signal="both")  # fmt: skip
+    cfg, model = resolve(cfg, splits)
+    dups = check_leakage(splits, "remove", cfg, model)
+    assert (original, crop, "embed") in [(d.path_a, d.path_b, d.kind) for d in dups]
+    assert crop not in [x.path for x in splits.val] and len(splits.train) == 4
+
+
+def test_embedding_signal_needs_pretrained_weights() -> None:
+    from resfit.config import TrainConfig
+    from resfit.errors import ConfigError
+    from resfit.training.run import _leakage_embedder
+
+    with pytest.raises(ConfigError, match="--weights"):
+        _leakage_embedder(TrainConfig().replace(leakage_signal="both"), None)

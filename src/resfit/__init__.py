@@ -22,6 +22,7 @@ _LAZY = {
     "TrainConfig": "config",
     "evaluate": "evaluation",
     "train": "training",
+    "tune": "tuning",
     "create_model": "weights",
     "get_weights": "weights",
     "list_weights": "weights",

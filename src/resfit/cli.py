@@ -36,6 +36,7 @@ from .config import (
 )
 from .errors import ConfigError, ResfitError
 from .serve import add_serve_parser
+from .tuning.cli import add_tune_parser
 
 # What `resfit bench` can time; `all` is every part. Lives only here: it is the CLI's own.
 BENCH_PARTS = ("all", "inference", "train", "pipeline")
@@ -516,6 +517,10 @@ def _add_tool_commands(sub: Any) -> None:
 
     add_serve_parser(sub)
     _add_embed_parsers(sub)
+    add_tune_parser(sub, add_config_options)
+    from .audit import add_audit_parser  # its command imports torch only when it runs
+
+    add_audit_parser(sub)
 
 
 def _lazy(module: str, function: str) -> Callable[[argparse.Namespace], int]:

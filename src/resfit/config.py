@@ -34,6 +34,7 @@ CACHE_DTYPES = ("auto", "fp32", "fp16", "bf16")
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BALANCE = ("weights", "sampler")
 LEAKAGE = ("report", "remove", "off")
+LEAKAGE_SIGNALS = ("phash", "both")  # both: pHash and embeddings (resfit.leakage)
 EXPORT_FORMATS = ("onnx", "triton", "openvino")  # resfit export --format
 DATA_MODES = ("auto", "memory", "stream")  # sources.SOURCES (and auto): where images live
 
@@ -142,6 +143,7 @@ class DataConfig:
     test_fraction: float = option(0.0, "share held out for test when there is no test/ folder")
     balance: str | None = option(None, "for uneven classes: weight the loss, or draw classes evenly", choices=BALANCE)  # fmt: skip
     leakage: str = option("report", "duplicates across splits: report them, remove them from val/test, or skip the check", choices=LEAKAGE)  # fmt: skip
+    leakage_signal: str = option("phash", "how the leakage check finds duplicates: perceptual hashes, or both hashes and the --weights' embeddings (also finds crops, rotations, mirror images; a forward pass per image)", choices=LEAKAGE_SIGNALS)  # fmt: skip
     data_mode: str = option("auto", "where the images live during training: memory decodes each once, stream decodes on the fly in the workers, auto picks memory when it fits with room to spare", choices=DATA_MODES)  # fmt: skip
     workers: int = option(0, "processes for decoding (stream) and augmentation (0 keeps the cores for the model)", minimum=0, resumable=True)  # fmt: skip
     limit_train_batches: int | None = option(None, "train on at most this many batches per epoch (smoke runs)", minimum=1, metavar="N")  # fmt: skip
@@ -215,6 +217,7 @@ class RunConfig:
     ema_decay: float | None = option(None, "EMA decay per step (default: a half-life of 5%% of the steps)", minimum=0.0)  # fmt: skip
     precise_bn: int = option(2048, "re-estimate BN statistics on this many train images per epoch (0 = off)", minimum=0)  # fmt: skip
     report: bool = option(True, "write report.html", resumable=True)
+    audit: bool = option(False, "after training, find the training labels that look wrong (resfit audit, frozen backbone): RUN/audit/, linked from the report; needs resfit[audit]", resumable=True)  # fmt: skip
     tensorboard: bool = option(False, "log to RUN/tensorboard", resumable=True)
     progress: bool = option(True, "progress bars", resumable=True)
 

@@ -80,9 +80,10 @@ class ReportData:
     - ``calibration``: the validation set's :class:`~resfit.calibration.Calibration`; when
       given, its ``temperature`` is used and its ``reason`` shown (whether T was kept).
     - ``data_summary``: ``{"counts": {split: {class: n}}, "skipped": [{"path", "reason"}] or
-      [(path, reason)], "duplicates": [leakage.Duplicate or its to_dict()], "notes": [str]}``;
-      every key optional. A split whose counts are all 0 (no test split, say) is absent: no
-      column, no warning.
+      [(path, reason)], "duplicates": [leakage.Duplicate or its to_dict()], "notes": [str],
+      "audit": the label audit's summary with ``html`` and ``csv`` links}``; every key
+      optional. A split whose counts are all 0 (no test split, say) is absent: no column, no
+      warning.
     - ``explain(path, class_idx)``: a Grad-CAM overlay of that image for that class
       (``explain.grad_cam`` + ``explain.overlay_cam``), or None for no overlays.
     - ``split``: which split ``y_true``/``logits`` come from, as shown to the reader.
@@ -304,6 +305,12 @@ def _summary_section(data: ReportData, m: _Metrics) -> str:
     skipped = data.data_summary.get("skipped") or []
     if skipped:
         warnings.append(f"{len(skipped)} file(s) were skipped: see the data section")
+    audit = data.data_summary.get("audit") or {}
+    if audit.get("label_issues"):
+        warnings.append(
+            f"{audit['label_issues']} training label(s) look wrong: see the label audit in "
+            "the data section"
+        )
     if 0 < n < 100:
         warnings.append(
             f"only {n} images were evaluated: the accuracy is uncertain by several points"
@@ -601,7 +608,22 @@ def _data_section(data: ReportData) -> str:
         parts.append("<p>No image appears in more than one split.</p>")
     for note in s.get("notes") or []:
         parts.append(f"<p>{_e(note)}</p>")
+    parts.append(_audit_link(s.get("audit")))
     return _section("data", "Data", "\n".join(parts))
+
+
+def _audit_link(audit: Mapping | None) -> str:
+    """``--audit``: what the label audit found, and a link to its page (beside this report)."""
+    if not audit:
+        return ""
+    return (
+        f"<h3>Label audit</h3><p>{int(audit.get('label_issues', 0))} of "
+        f"{int(audit.get('images', 0))} training labels look wrong (confident learning on "
+        f"out-of-fold probabilities), {len(audit.get('near_duplicate_conflicts', []))} "
+        f"near-duplicate pair(s) carry different labels, {int(audit.get('outliers', 0))} "
+        f'outlier(s): <a href="{_e(audit.get("html", ""))}">the audit, with thumbnails</a>, '
+        f'and <a href="{_e(audit.get("csv", ""))}">label_issues.csv</a>.</p>'
+    )
 
 
 def _config_section(config: Mapping) -> str:

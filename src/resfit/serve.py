@@ -6,7 +6,9 @@
 Routes: ``POST /v1/predict`` (raw image body, or multipart files for a list), ``POST /v1/embed``,
 ``GET /healthz``, ``/readyz``, ``/metrics`` (Prometheus) and the OpenAPI docs at ``/docs``.
 The service itself is :mod:`resfit.serving`; this module parses the options, checks the bind
-address, and runs uvicorn in one process or in ``--workers`` processes that share one socket.
+address, and runs uvicorn in one process or in ``--workers`` processes that share one socket
+(``/metrics`` then sums over the workers: prometheus_client's multiprocess mode, in a
+temporary folder this process owns and removes).
 
 It binds to 127.0.0.1 by default. Any other address needs a token (``--token`` or
 ``RESFIT_SERVE_TOKEN``) that every request must send as ``Authorization: Bearer TOKEN``.
@@ -22,10 +24,12 @@ import contextlib
 import ipaddress
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,8 +49,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     p.add_argument("run", help="the run folder to serve")
-    p.add_argument("--engine", default="torch", metavar="ENGINE",
-                   help="inference engine: torch, or onnx (after resfit export)")  # fmt: skip
+    # The same default as resfit predict: the same engine gives the same confidences.
+    p.add_argument("--engine", default="auto", metavar="ENGINE",
+                   help="auto (the default, as resfit predict: the fastest installed engine "
+                        "here), torch, openvino, or onnx (after resfit export)")  # fmt: skip
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
     p.add_argument("--host", default="127.0.0.1",
@@ -193,13 +199,27 @@ def _supervise(args: argparse.Namespace, token: str | None) -> int:
     env = threads.child_env(threads.child_threads(args.workers, args.threads))
     if token:  # in the environment, not on the command line where ps shows it
         env[TOKEN_ENV] = token
+    # /metrics sums over the workers: each writes its values to files in this folder.
+    metrics_dir = env.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="resfit-metrics-")
+    owned = "PROMETHEUS_MULTIPROC_DIR" not in env
+    env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     argv = [sys.executable, "-m", "resfit.serve", *_worker_argv(args), "--fd", str(sock.fileno())]
-    children = [subprocess.Popen(argv, env=env, pass_fds=(sock.fileno(),))
-                for _ in range(args.workers)]  # fmt: skip
-    n = env["RESFIT_THREADS"]
-    print(f"serving {args.run} on http://{args.host}:{args.port}: {args.workers} workers, "
-          f"CPU threads each: {n}", flush=True)  # fmt: skip
+    try:
+        children = [subprocess.Popen(argv, env=env, pass_fds=(sock.fileno(),))
+                    for _ in range(args.workers)]  # fmt: skip
+        print(f"serving {args.run} on http://{args.host}:{args.port}: {args.workers} workers, "
+              f"CPU threads each: {env['RESFIT_THREADS']}", flush=True)  # fmt: skip
+        codes, stopping = _wait_forwarding_signals(children)
+    finally:
+        sock.close()
+        if owned:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    # A worker still loading its model when the signal came dies of it: a clean stop too.
+    return 0 if all(c == 0 or -c in stopping for c in codes) else 1
 
+
+def _wait_forwarding_signals(children: list[subprocess.Popen]) -> tuple[list[int], list[int]]:
+    """Pass SIGINT/SIGTERM on to the workers; their exit codes, and the signals received."""
     stopping: list[int] = []
 
     def forward(sig: int, _frame: object) -> None:
@@ -210,10 +230,7 @@ def _supervise(args: argparse.Namespace, token: str | None) -> int:
 
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, forward)
-    codes = [c.wait() for c in children]
-    sock.close()
-    # A worker still loading its model when the signal came dies of it: a clean stop too.
-    return 0 if all(c == 0 or -c in stopping for c in codes) else 1
+    return [c.wait() for c in children], stopping
 
 
 def _worker_argv(args: argparse.Namespace) -> list[str]:

@@ -418,3 +418,45 @@ def write_metrics(path: Path, history: list[dict]) -> None:
         w.writeheader()
         w.writerows(history)
     os.replace(tmp, path)
+
+
+class ReportScore(Callback):
+    """Hands each epoch's validation score to ``report(epoch, score)``: a hyperparameter
+    search's pruner sees the run as it goes (``resfit tune``). ``report`` may raise to stop the
+    run (``optuna.TrialPruned``); it runs after the epoch's log line and checkpoint."""
+
+    order = 96
+
+    def __init__(self, report: Callable[[int, float], None]) -> None:
+        self.report = report
+
+    def after_epoch(self, loop: Loop) -> None:
+        self.report(loop.epoch + 1, float(loop.row[loop.task.monitor]))
+
+
+class CacheLock(Callback):
+    """Holds an exclusive lock on ``path`` while the feature cache is prepared (between the
+    first ``before_epoch`` callbacks and ``before_train``), so processes that share one disk
+    cache (the trials of a study) compute it once: the first writes it, the others wait and
+    then reuse it. POSIX only; elsewhere it does nothing. :meth:`release` is safe to repeat."""
+
+    order = 15  # before FeatureCaching (20)
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.fd = path, None
+
+    def before_epoch(self, loop: Loop) -> None:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no shared cache across processes there
+            return
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def before_train(self, loop: Loop) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None

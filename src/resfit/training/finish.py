@@ -14,6 +14,7 @@ from ..atomic import atomic_save_safetensors, atomic_write_text
 from ..augmentation import decode_size
 from ..config import TrainConfig
 from ..data import DataSplits, TransformedImages
+from ..errors import DataError
 from .callbacks import BestModel
 from .loop import Loop
 from .step import predict_logits
@@ -52,8 +53,9 @@ def finish_run(
     val_labels = loop.data.val.decoded.labels
     cal = calibrate(out, val_logits, val_labels)
     temperature = cal.temperature
+    audit = _audit_training_labels(cfg, loop, ev_tf, show) if cfg.run.audit else None
     if cfg.run.report:
-        _write_report(cfg, loop, splits, val_logits, cal, skipped, duplicates, ev_tf)
+        _write_report(cfg, loop, splits, val_logits, cal, skipped, duplicates, ev_tf, audit)
     test = _evaluate_test(cfg, loop, splits, ev_tf, show, temperature) if splits.test else None
     summary = {"best_epoch": best.best_epoch, "best_val_accuracy": best.best,
                "epochs_run": len(loop.history), "test": test}  # fmt: skip
@@ -73,7 +75,35 @@ def calibrate(out: Path, val_logits: Tensor, val_labels: Tensor) -> calibration.
     return c
 
 
-def _write_report(cfg, loop, splits, val_logits, cal, skipped, duplicates, ev_tf) -> None:
+def _audit_training_labels(cfg: TrainConfig, loop: Loop, ev_tf, show: bool) -> dict | None:
+    """``--audit``: the training split's labels, audited with a frozen backbone into RUN/audit.
+    The starting weights, where there are any, have not seen these labels; a network trained
+    from scratch has, and tends to agree with its own training labels (fewer issues found)."""
+    from ..label_issues import audit_images
+    from ..weights import create_model
+
+    m, s = cfg.model, loop.step
+    if m.weights:
+        model = create_model(m.arch, weights=m.weights, in_chans=m.in_chans, progress=False)
+    else:
+        log.info("audit: no --weights, so the trained network's features: it has fit these labels")
+        model = loop.eval_model
+    meta = {"model": f"{m.arch} ({m.weights or 'this run, trained from scratch'})",
+            "data": f"{cfg.data.path} (train split)"}  # fmt: skip
+    try:
+        result = audit_images(model, loop.data.train.decoded, ev_tf, cfg.classes,
+                              Path(cfg.run.out) / "audit", device=s.device, precision=s.precision,
+                              seed=cfg.runtime.seed, channels_last=s.channels_last, progress=show,
+                              meta=meta, where=f"the training split of {cfg.data.path}")  # fmt: skip
+    except DataError as e:  # the trained model is worth more than the audit: keep the run
+        log.warning("audit skipped: %s", e)
+        return None
+    return {"html": "audit/audit.html", "csv": "audit/label_issues.csv", **result.summary}
+
+
+def _write_report(
+    cfg, loop, splits, val_logits, cal, skipped, duplicates, ev_tf, audit=None
+) -> None:
     from ..inference import make_explainer
     from ..report import ReportData, write_report
 
@@ -93,6 +123,7 @@ def _write_report(cfg, loop, splits, val_logits, cal, skipped, duplicates, ev_tf
             "skipped": skipped,
             "duplicates": duplicates,
             "notes": [f"{s}: {o}" for s, o in splits.origins.items()],
+            "audit": audit,
         },  # fmt: skip
         explain=make_explainer(
             loop.eval_model,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ from ..weights import IMAGENET_MEAN, IMAGENET_STD, create_model
 from .callbacks import BestModel
 from .distributed import Dist, barrier, gathered, init_distributed, local_world, min_across_ranks
 from .finish import eval_decode_size, finish_run
-from .loop import EpochData, Loop
+from .loop import Callback, EpochData, Loop
 from .recipes import callbacks_for, log_recipe, param_groups_for
 from .step import TrainStep, make_optimizer
 
@@ -70,13 +71,20 @@ class TrainResult:
     config: TrainConfig | None = field(default=None, repr=False)
 
 
-def train(cfg: TrainConfig | None = None, *, resume: bool = False, **options: Any) -> TrainResult:
+def train(
+    cfg: TrainConfig | None = None,
+    *,
+    resume: bool = False,
+    callbacks: Sequence[Callback] = (),
+    **options: Any,
+) -> TrainResult:
     """Train a classifier and write the run folder.
 
     Keyword ``options`` are flat option names (``resfit.train(data="DATA", out="RUN",
     arch="resnet20_cifar", epochs=5)``) applied on top of ``cfg``. ``resume=True`` continues
     the run in ``out``: options that may change mid-run (``epochs``, ``early_stopping``,
     ``progress`` ...) are applied, any other option given with a different value is refused.
+    ``callbacks`` join the recipe's (a tuner's pruning report, for one).
     """
     cfg = _config_for(cfg, resume, options)
     if cfg.runtime.threads is not None or not threads.is_configured():
@@ -99,12 +107,13 @@ def train(cfg: TrainConfig | None = None, *, resume: bool = False, **options: An
     if dist_info.main:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     with _FileLog(out / "train.log", dist_info.main):  # from here on, the log is in the run
-        return _prepare_and_run(cfg, device, precision, dist_info, resume)
+        return _prepare_and_run(cfg, device, precision, dist_info, resume, callbacks)
 
 
 def _prepare_and_run(
-    cfg: TrainConfig, device: torch.device, precision: str, dist_info: Dist, resume: bool
-) -> TrainResult:
+    cfg: TrainConfig, device: torch.device, precision: str, dist_info: Dist, resume: bool,
+    extra: Sequence[Callback] = (),
+) -> TrainResult:  # fmt: skip
     out, main = Path(cfg.run.out), dist_info.main
     splits = discover(cfg.data.path, val_fraction=cfg.data.val_fraction,
                       test_fraction=cfg.data.test_fraction, seed=cfg.runtime.seed)  # fmt: skip
@@ -112,13 +121,21 @@ def _prepare_and_run(
         raise TrainingError(f"--resume: the classes in {cfg.data.path} differ from those of {out}")
     cfg, model = resolve(cfg, splits)
     cfg = _choose_data_mode(cfg, splits, dist_info)  # before anything is decoded
-    duplicates = check_leakage(splits, cfg.data.leakage) if main or cfg.data.leakage == "remove" else []  # fmt: skip
+    duplicates = check_leakage(splits, cfg.data.leakage, cfg, model) if main or cfg.data.leakage == "remove" else []  # fmt: skip
+    if cfg.run.audit and main:  # a missing extra answers now, not after the training
+        from ..label_issues import check_audit
+
+        check_audit(
+            splits.classes,
+            [s.label for s in splits.train],
+            f"the training split of {cfg.data.path}",
+        )
     warn_imbalance(splits)
     if main:
         atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
         atomic_write_text(out / "classes.json", json.dumps(cfg.classes, indent=2))
         write_splits(out / "splits.csv", splits)
-    return _run(cfg, model, splits, device, precision, dist_info, resume, duplicates)
+    return _run(cfg, model, splits, device, precision, dist_info, resume, duplicates, extra)
 
 
 def _choose_data_mode(cfg: TrainConfig, splits: DataSplits, dist_info: Dist) -> TrainConfig:
@@ -218,16 +235,23 @@ def _run_preprocessing(weights: Path) -> dict:
             **{k: saved[k] for k in keys if saved.get(k) is not None}}  # fmt: skip
 
 
-def check_leakage(splits: DataSplits, mode: str) -> list:
+def check_leakage(
+    splits: DataSplits, mode: str, cfg: TrainConfig | None = None, model: nn.Module | None = None
+) -> list:
     """Exact and near-duplicate images across train/val/test: reported, or removed from
-    val/test (train keeps its copy) with ``mode="remove"``."""
+    val/test (train keeps its copy) with ``mode="remove"``. With ``--leakage-signal both``
+    (``cfg``), the embeddings of ``model`` (its ``--weights``, before training) find crops,
+    rotations and mirror images too."""
     if mode == "off":
         return []
     from ..leakage import find_duplicates, remove_leaks
 
     groups = {name: [x.path for x in getattr(splits, name)]
               for name in ("train", "val", "test") if getattr(splits, name)}  # fmt: skip
-    dups = find_duplicates(groups)
+    embedder = None
+    if cfg is not None and cfg.data.leakage_signal == "both":
+        embedder = _leakage_embedder(cfg, model)
+    dups = find_duplicates(groups, embedder=embedder)
     if dups:
         log.warning(
             "%d image(s) appear in more than one split (%s): scores on val/test are optimistic%s",
@@ -240,6 +264,20 @@ def check_leakage(splits: DataSplits, mode: str) -> list:
             gone = set(paths)
             setattr(splits, name, [x for x in getattr(splits, name) if x.path not in gone])
     return dups
+
+
+def _leakage_embedder(cfg: TrainConfig, model: nn.Module | None) -> Any:
+    """The model as an embedder, at the run's evaluation preprocessing (it works on a copy)."""
+    if not cfg.model.weights or model is None:
+        raise ConfigError(
+            "--leakage-signal both compares the embeddings of pretrained weights: give "
+            "--weights (an untrained network's features say nothing about likeness)"
+        )
+    from ..augmentation import EvalPreprocessing
+    from ..embed import Embedder
+
+    pre = EvalPreprocessing.from_config(cfg.to_dict())
+    return Embedder(model, pre, {"weights": cfg.model.weights}, precision="fp32")
 
 
 def warn_imbalance(splits: DataSplits, ratio: float = 3.0) -> None:
@@ -400,6 +438,7 @@ def _run(
     dist_info: Dist,
     resume: bool,
     duplicates: list,
+    extra: Sequence[Callback] = (),
 ) -> TrainResult:
     out, show = Path(cfg.run.out), cfg.run.progress and dist_info.main
     stream = cfg.data.data_mode == "stream"
@@ -430,7 +469,7 @@ def _run(
                 workers=cfg.data.workers, sharding=sharding)  # fmt: skip
     mix = batch_transform(cfg.augment, len(cfg.classes))
     loop.callbacks = sorted(
-        callbacks_for(cfg, loop, (tr_tf, ev_tf), mix, out, resume, precision, show),
+        [*callbacks_for(cfg, loop, (tr_tf, ev_tf), mix, out, resume, precision, show), *extra],
         key=lambda c: c.order,
     )
     loop.fit()
