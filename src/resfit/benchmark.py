@@ -678,3 +678,97 @@ def bench_pipeline(
         report.info["resfit pipeline / consumption"] = f"{resfit_ips / consumer_images_per_s:.1f}x"
         report.info["naive pipeline / consumption"] = f"{naive_ips / consumer_images_per_s:.1f}x"
     return report
+
+
+class PeakMemory:
+    """The peak memory of a process (this one by default) and its children (DataLoader
+    workers), sampled every 50 ms while in the ``with`` block: ``rss``, the sum of the
+    processes' resident sets (pages that forked workers share with the parent count once per
+    process: an upper bound), and ``pss``, the sum of their proportional set sizes (a shared
+    page counts as its share in each: what the tree takes from the machine)."""
+
+    def __init__(self, pid: int | None = None) -> None:
+        import threading
+
+        self.pid, self.rss, self.pss = pid, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.Error:
+            return
+        while not self._stop.wait(0.05):
+            rss = pss = 0
+            try:
+                tree = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                break
+            for p in tree:
+                try:
+                    info = p.memory_full_info()
+                except psutil.Error:
+                    continue
+                rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
+            self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def bench_sources(
+    data: str | Path,
+    *,
+    img_size: int = 224,
+    augment: str = "standard",
+    limit: int = 512,
+    batch: int = 32,
+    epochs: int = 2,
+    workers: tuple[int, ...] = (1, 2),
+    consumer_images_per_s: float | None = None,
+) -> BenchReport:
+    """Images/s and peak memory of each data mode as ``train()`` runs it, per worker count:
+    ``stream`` (decode + augment every image every epoch, in the DataLoader workers) and
+    ``memory`` (decode once, here in threads, then augment in the workers). The rate is over
+    ``epochs`` epochs of the first ``limit`` training images of ``data``; memory's includes
+    its decoding, as a run of ``epochs`` epochs pays it."""
+    from .sources import Sharding, get_source
+
+    splits = discover(str(data))
+    samples = splits.train[:: max(1, len(splits.train) // limit)][:limit]
+    tf = train_transform(AugmentConfig(augment), img_size, IMAGENET_MEAN, IMAGENET_STD)
+    report = BenchReport(
+        f"data modes: {len(samples)} training images of {data}, {img_size} px, augment "
+        f"{augment!r}, batch {batch}, {epochs} epochs",
+        machine_summary(),
+        {},
+    )
+    sharding = Sharding.plan(len(samples), batch, 0, 1, seed=0)
+    share = [samples[i] for i in sharding.ids]
+    for mode in ("stream", "memory"):
+        for w in workers:
+            with PeakMemory() as mem:
+                t0 = time.perf_counter()
+                source = get_source(mode)
+                opened = source.open(share, base_size_for(img_size), progress=False, desc="")
+                dataset = TransformedImages(opened, tf)
+                for e in range(epochs):
+                    for _ in source.batches(dataset, sharding.epoch(e), w, seed=e):
+                        pass
+                secs = time.perf_counter() - t0
+            rate = sharding.steps * batch * epochs / secs
+            note = f"peak PSS {mem.pss / 1e9:.2f} GB, RSS {mem.rss / 1e9:.2f} (process + workers)"
+            if consumer_images_per_s:
+                note += f", {rate / consumer_images_per_s:.1f}x the step"
+            report.rows.append(BenchRow(f"{mode}, {w} worker(s)", "", rate, note=note))
+    if consumer_images_per_s:
+        report.info["training step consumes"] = f"{consumer_images_per_s:.1f} images/s"
+    return report

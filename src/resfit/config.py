@@ -38,7 +38,7 @@ MULTILABEL_LOSSES = ("bce", "asl")
 LEAKAGE = ("report", "remove", "off")
 LEAKAGE_SIGNALS = ("phash", "both")  # both: pHash and embeddings (resfit.leakage)
 EXPORT_FORMATS = ("onnx", "triton", "openvino")  # resfit export --format
-DATA_MODES = ("memory",)  # sources.SOURCES: where the images live during training
+DATA_MODES = ("auto", "memory", "stream")  # sources.SOURCES (and auto): where images live
 
 
 PRESETS = ("none", "light", "standard", "strong")
@@ -147,8 +147,10 @@ class DataConfig:
     balance: str | None = option(None, "for uneven classes: weight the loss, or draw classes evenly (multilabel: weights only, as positive weights per class)", choices=BALANCE)  # fmt: skip
     leakage: str = option("report", "duplicates across splits: report them, remove them from val/test, or skip the check", choices=LEAKAGE)  # fmt: skip
     leakage_signal: str = option("phash", "how the leakage check finds duplicates: perceptual hashes, or both hashes and the --weights' embeddings (also finds crops, rotations, mirror images; a forward pass per image)", choices=LEAKAGE_SIGNALS)  # fmt: skip
-    data_mode: str = option("memory", "where the images live during training: memory decodes each once", choices=DATA_MODES)  # fmt: skip
-    workers: int = option(0, "processes for augmentation (0 keeps the cores for the model)", minimum=0, resumable=True)  # fmt: skip
+    data_mode: str = option("auto", "where the images live during training: memory decodes each once, stream decodes on the fly in the workers, auto picks memory when it fits with room to spare", choices=DATA_MODES)  # fmt: skip
+    workers: int = option(0, "processes for decoding (stream) and augmentation (0 keeps the cores for the model)", minimum=0, resumable=True)  # fmt: skip
+    limit_train_batches: int | None = option(None, "train on at most this many batches per epoch (smoke runs)", minimum=1, metavar="N")  # fmt: skip
+    limit_val_batches: int | None = option(None, "validate on at most this many batches (a seeded subset of val; smoke runs)", minimum=1, metavar="N")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -213,6 +215,7 @@ class RunConfig:
     """The run folder, what is kept in it, and when to stop."""
 
     out: str = option("runs/run", "run folder to write")
+    checkpoint_every: int | None = option(None, "also write checkpoints/last.pt every N steps, so a killed run resumes mid-epoch", minimum=1, resumable=True, metavar="N")  # fmt: skip
     early_stopping: int | None = option(None, "stop after this many epochs without a better validation score", minimum=1, resumable=True, metavar="PATIENCE")  # fmt: skip
     ema: bool = option(False, "keep an exponential moving average of the weights, validate it and save it as the run's model")  # fmt: skip
     ema_decay: float | None = option(None, "EMA decay per step (default: a half-life of 5%% of the steps)", minimum=0.0)  # fmt: skip

@@ -849,9 +849,14 @@ class DecodedImages:
     paths: list[Path]
     skipped: list[tuple[str, str]]
     base_size: int
+    ids: list[int] | None = None  # positions in the split (a rank's share is a subset)
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def item(self, i: int) -> tuple[Tensor, Tensor]:
+        """Image ``i`` and its label (a streamed split decodes it here)."""
+        return self.images[i], self.labels[i]
 
 
 def decode_all(
@@ -915,7 +920,13 @@ class TransformedImages(torch.utils.data.Dataset):
         return len(self.decoded)
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        return self.transform(self.decoded.images[i]), self.decoded.labels[i]
+        image, label = self.decoded.item(i)
+        return self.transform(image), label
+
+
+def _key(i: object) -> object:
+    """An index as the dataset takes it: an int (tensor elements too), or a tuple key."""
+    return i if isinstance(i, tuple) else int(i)  # type: ignore[call-overload]
 
 
 def iter_batches(
@@ -928,7 +939,7 @@ def iter_batches(
     if workers > 0:
         loader = torch.utils.data.DataLoader(
             dataset,
-            batch_sampler=[list(map(int, b)) for b in index_batches],
+            batch_sampler=[[_key(i) for i in b] for b in index_batches],
             num_workers=workers,
             worker_init_fn=worker_init,  # one thread per worker: the cores are the model's
         )
@@ -938,7 +949,7 @@ def iter_batches(
         before = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            items = [dataset[int(i)] for i in idx]
+            items = [dataset[_key(i)] for i in idx]
         finally:
             torch.set_num_threads(before)
         yield (

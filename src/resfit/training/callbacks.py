@@ -303,7 +303,7 @@ class Progress(Callback):
     def before_train(self, loop: Loop) -> None:
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(loop.batches, total=loop.steps_per_epoch, leave=False,
+        self.bar = tqdm(loop.batches, total=loop.steps_per_epoch - loop.first_step, leave=False,
                         desc=f"epoch {loop.epoch + 1}/{self.epochs}")  # fmt: skip
         loop.batches = self.bar
 
@@ -355,14 +355,17 @@ class EpochLog(Callback):
 class Checkpoint(Callback):
     """``checkpoints/last.pt`` after every epoch (the model, the optimizer, the history and
     every callback's state) and ``best.safetensors`` when the score improved; written
-    atomically, so a crash or a full disk leaves the previous one intact. ``resume`` restores
-    all of it before the first epoch."""
+    atomically, so a crash or a full disk leaves the previous one intact. With ``every``, also
+    every that many steps, with the epoch's position (batches done, running sums, random
+    state): the epoch's batches are a function of the seed and the epoch, so a run resumed
+    there continues with the very batches and augmentations it would have drawn. ``resume``
+    restores all of it before the first epoch."""
 
     order = 95
 
-    def __init__(self, folder: Path, resume: bool, main: bool) -> None:
+    def __init__(self, folder: Path, resume: bool, main: bool, every: int | None = None) -> None:
         self.last, self.best = folder / "last.pt", folder / "best.safetensors"
-        self.resume, self.main = resume, main
+        self.resume, self.main, self.every = resume, main, every
 
     def before_fit(self, loop: Loop) -> None:
         if not (self.resume and self.last.exists()):
@@ -377,23 +380,41 @@ class Checkpoint(Callback):
         for cb in loop.callbacks:
             if cb.name in states:
                 cb.load_state_dict(states[cb.name])
+        progress = ck.get("progress")
+        if progress:
+            loop.start_step, loop.partial = progress["step"], progress
+            log.info("resuming %s at step %d of epoch %d", self.last.parent.parent,
+                     progress["step"], ck["epoch"] + 1)  # fmt: skip
+            return
         log.info("resuming %s after epoch %d of %d", self.last.parent.parent, ck["epoch"],
                  loop.epochs)  # fmt: skip
         if loop.start_epoch >= loop.epochs:
             log.info("%s already finished its %d epochs", self.last.parent.parent, loop.epochs)
 
+    def after_step(self, loop: Loop) -> None:
+        done = loop.step_in_epoch + 1
+        if self.every and done % self.every == 0 and done < loop.steps_per_epoch:
+            self._save(loop, loop.epoch, loop.progress_state())
+
     def after_epoch(self, loop: Loop) -> None:
+        if self.main and loop.improved:
+            try:
+                atomic_save_safetensors(loop.eval_model.state_dict(), self.best)
+            except OSError as e:
+                log.error("could not write %s (%s)", self.best, e)
+        self._save(loop, loop.epoch + 1, None)
+
+    def _save(self, loop: Loop, epoch: int, progress: dict[str, Any] | None) -> None:
         if not self.main:
             return
         best = loop.callback(BestModel)
         try:
-            if loop.improved:
-                atomic_save_safetensors(loop.eval_model.state_dict(), self.best)
             atomic_save(
                 {
                     "model": loop.model.state_dict(),
                     "optimizer": loop.step.optimizer.state_dict(),
-                    "epoch": loop.epoch + 1,
+                    "epoch": epoch,
+                    "progress": progress,
                     "best_acc": best.best if best else None,
                     "best_epoch": best.best_epoch if best else None,
                     "history": loop.history,

@@ -56,3 +56,30 @@ def barrier(dist_info: Dist) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def min_across_ranks(value: int, dist_info: Dist, device: torch.device) -> int:
+    """The smallest ``value`` of all ranks (how many batches every rank can fill)."""
+    if dist_info.world <= 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def local_world() -> int:
+    """How many ranks share this machine (and its memory)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+def gathered(items: list, dist_info: Dist) -> list:
+    """The concatenation of every rank's ``items`` (picklable), in rank order."""
+    if dist_info.world <= 1:
+        return items
+    import torch.distributed as dist
+
+    parts: list = [None] * dist_info.world
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import TransformedImages, iter_batches
-from ..sources import DataSource
+from ..sources import DataSource, Sharding
 from ..tasks import Task
 from ..transfer import FeatureCache, set_train_mode
 from .distributed import Dist
@@ -94,6 +94,7 @@ class Loop:
         seed: int,
         dist: Dist,
         workers: int = 0,
+        sharding: Sharding | None = None,
     ) -> None:
         self.model, self.net, self.eval_model = model, net, model
         self.step, self.task, self.data, self.source = step, task, data, source
@@ -101,13 +102,20 @@ class Loop:
         self.epochs, self.seed, self.dist, self.workers = epochs, seed, dist, workers
         self.local_bs = max(1, batch_size // dist.world)
         self.global_bs = self.local_bs * dist.world
-        n = len(data.train)
-        # Drop a last partial batch: a batch of one breaks BatchNorm, and equal batches keep
+        # Which images this rank trains on, batch by batch (see sources.Sharding). A last
+        # partial batch is dropped: a batch of one breaks BatchNorm, and equal batches keep
         # ranks in step.
-        self.steps_per_epoch = max(1, n // self.global_bs) if n >= self.global_bs else 1
+        self.sharding = sharding or Sharding.plan(
+            len(data.train), self.global_bs, dist.rank, dist.world, seed
+        )
+        self.steps_per_epoch = self.sharding.steps
         self.frozen: list[nn.Module] = []
         self.features: FeatureCache | None = None
         self.start_epoch, self.epoch, self.step_in_epoch = 0, 0, 0
+        # Mid-epoch resume: the batches already done in start_epoch, with their running sums
+        # and the random state after them (set by the checkpoint callback).
+        self.start_step, self.first_step = 0, 0
+        self.partial: dict[str, Any] | None = None
         self.history: list[dict[str, float]] = []
         self.row: dict[str, float] = {}
         self.stop = self.improved = False
@@ -132,6 +140,7 @@ class Loop:
         self.event("before_fit")
         for epoch in range(self.start_epoch, self.epochs):
             self.epoch, self.epoch_start = epoch, time.perf_counter()
+            self.first_step = self.start_step if epoch == self.start_epoch else 0
             self.event("before_epoch")
             self.batches = self.epoch_batches()
             self.event("before_train")
@@ -146,8 +155,13 @@ class Loop:
 
     def train_epoch(self) -> None:
         self.loss_sum = self.correct = self.seen = 0.0
+        if self.first_step and self.partial:  # resumed mid-epoch: the sums so far
+            p = self.partial
+            self.loss_sum, self.correct, self.seen = p["loss_sum"], p["correct"], p["seen"]
+            self.epoch_start -= p["elapsed"]
+            torch.set_rng_state(p["rng"])  # the mixing draws continue where they stopped
         net = self.features.tail if self.features is not None else self.net
-        for i, (x, y) in enumerate(self.batches):
+        for i, (x, y) in enumerate(self.batches, start=self.first_step):
             self.step_in_epoch, self.x, self.y, self.hard_y = i, x, y, y
             self.event("before_step")
             self.logits, self.loss = self.step(net, self.x, self.y)
@@ -160,26 +174,29 @@ class Loop:
 
     def epoch_batches(self) -> Iterable[tuple[Tensor, Tensor]]:
         """This epoch's batches: seeded by the epoch (not carried over from the last one), so a
-        resumed run draws the same batches as an uninterrupted one."""
-        n, s = len(self.data.train), self.seed * 100_003
-        g = torch.Generator().manual_seed(s + self.epoch)
+        resumed run draws the same batches as an uninterrupted one; a run resumed mid-epoch
+        starts at batch ``first_step``."""
+        s = self.seed * 100_003
         torch.manual_seed(s + self.epoch * 7 + self.dist.rank)  # augmentation and mixing draws
-        if self.data.sample_weight is not None:  # balanced draws, with replacement
-            perm = torch.multinomial(self.data.sample_weight, n, replacement=True, generator=g)
-        else:
-            perm = torch.randperm(n, generator=g)
-        if n < self.global_bs:
-            perm = perm[torch.arange(self.global_bs) % n]  # tiny data: repeat to fill one batch
         set_train_mode(self.model, self.frozen)
-        r, b = self.dist.rank, self.local_bs
-        index_batches = [
-            perm[i * self.global_bs : (i + 1) * self.global_bs][r * b : (r + 1) * b]
-            for i in range(self.steps_per_epoch)
-        ]
+        index_batches = self.sharding.epoch(self.epoch, self.data.sample_weight)
+        index_batches = index_batches[self.first_step : self.steps_per_epoch]
         if self.features is not None:
             views = torch.Generator().manual_seed(s + self.epoch + 77_777)
             return iter_batches(self.features.train_set(views), index_batches, 0)
-        return self.source.batches(self.data.train, index_batches, self.workers)
+        return self.source.batches(self.data.train, index_batches, self.workers,
+                                   seed=s + self.epoch, first_step=self.first_step)  # fmt: skip
+
+    def progress_state(self) -> dict[str, Any]:
+        """Where the epoch stands after the current step: what a mid-epoch checkpoint keeps."""
+        return {
+            "step": self.step_in_epoch + 1,
+            "loss_sum": self.loss_sum,
+            "correct": self.correct,
+            "seen": self.seen,
+            "elapsed": time.perf_counter() - self.epoch_start,
+            "rng": torch.get_rng_state(),
+        }
 
     # -- evaluation -------------------------------------------------------------------------
 

@@ -88,7 +88,7 @@ def callbacks_for(
         FeatureCaching(cfg, transforms, mix is not None, out, show),
         LRSchedule(cfg, loop.steps_per_epoch),
         BestModel(loop.task.monitor),
-        Checkpoint(out / "checkpoints", resume, main),
+        Checkpoint(out / "checkpoints", resume, main, r.checkpoint_every),
         ShareCores(),
     ]
     if precision == "fp16":
@@ -102,7 +102,10 @@ def callbacks_for(
         log.info("EMA of the weights with decay %.5f per step", decay)
         cbs.append(WeightAveraging(loop.model, decay))
     if r.precise_bn:
-        cbs.append(PreciseBN(r.precise_bn))
+        limit = cfg.data.limit_train_batches  # a smoke run re-estimates BN on what it trained on
+        cbs.append(
+            PreciseBN(min(r.precise_bn, limit * cfg.optim.batch_size) if limit else r.precise_bn)
+        )
     if r.early_stopping is not None:
         cbs.append(EarlyStopping(r.early_stopping))
     if show:

@@ -10,7 +10,8 @@ report and test score.
     RUN/model.safetensors  the best weights (by the task's validation score)
     RUN/metrics.csv        one row per epoch
     RUN/train.log          the log
-    RUN/skipped.csv        files that could not be decoded, with the reason
+    RUN/skipped.csv        files that could not be decoded, with the reason (stream mode
+                           adds the files that fail during training)
     RUN/checkpoints/last.pt, best.safetensors   written atomically; ``--resume`` continues
 """
 
@@ -47,11 +48,11 @@ from ..data import (
 )
 from ..errors import ConfigError, DataError, TrainingError
 from ..models import get_spec
-from ..sources import DataSource, get_source
+from ..sources import DataSource, Sharding, choose_mode, get_source
 from ..tasks import MultiLabel, SingleLabel, Task
 from ..weights import IMAGENET_MEAN, IMAGENET_STD, create_model
 from .callbacks import BestModel, multilabel_mix
-from .distributed import Dist, barrier, init_distributed
+from .distributed import Dist, barrier, gathered, init_distributed, local_world, min_across_ranks
 from .finish import eval_decode_size, finish_run
 from .loop import Callback, EpochData, Loop
 from .recipes import callbacks_for, log_recipe, param_groups_for
@@ -120,6 +121,7 @@ def _prepare_and_run(
     if resume and splits.classes != cfg.classes:
         raise TrainingError(f"--resume: the classes in {cfg.data.path} differ from those of {out}")
     cfg, model = resolve(cfg.replace(task=splits.task), splits)  # the run records its task
+    cfg = _choose_data_mode(cfg, splits, dist_info)  # before anything is decoded
     duplicates = check_leakage(splits, cfg.data.leakage, cfg, model) if main or cfg.data.leakage == "remove" else []  # fmt: skip
     if cfg.run.audit and main:  # a missing extra answers now, not after the training
         if cfg.data.task == "multilabel":
@@ -138,6 +140,27 @@ def _prepare_and_run(
         atomic_write_text(out / "classes.json", json.dumps(cfg.classes, indent=2))
         write_splits(out / "splits.csv", splits)
     return _run(cfg, model, splits, device, precision, dist_info, resume, duplicates, extra)
+
+
+def _choose_data_mode(cfg: TrainConfig, splits: DataSplits, dist_info: Dist) -> TrainConfig:
+    """The config with ``--data-mode auto`` settled (memory or stream, logged with the
+    reason); ``memory`` on data that will not fit stops here, before any decoding."""
+    sizes = (base_size_for(cfg.model.img_size), eval_decode_size(cfg))
+    choice = choose_mode(cfg.data.data_mode, splits.train, val_samples(cfg, splits.val),
+                         sizes, dist_info.world, local_world())  # fmt: skip
+    log.info("data mode: %s (%s)", choice.mode, choice.reason)
+    return cfg.replace(data_mode=choice.mode)
+
+
+def val_samples(cfg: TrainConfig, val: list) -> list:
+    """The validation samples, or with ``--limit-val-batches`` a seeded subset of them (val
+    lists its files class by class: the first batches would be one class)."""
+    limit = cfg.data.limit_val_batches
+    n = limit * max(64, cfg.optim.batch_size) if limit else len(val)
+    if n >= len(val):
+        return val
+    keep = torch.randperm(len(val), generator=torch.Generator().manual_seed(cfg.runtime.seed))
+    return [val[i] for i in sorted(keep[:n].tolist())]
 
 
 def _config_for(cfg: TrainConfig | None, resume: bool, options: dict[str, Any]) -> TrainConfig:
@@ -306,33 +329,77 @@ class _FileLog:
 
 
 def _open_data(
-    cfg: TrainConfig, source: DataSource, splits: DataSplits, show: bool, out: Path, main: bool
-) -> tuple[DecodedImages, DecodedImages, list]:
-    train_data = source.open(splits.train, base_size_for(cfg.model.img_size), progress=show,
+    cfg: TrainConfig,
+    source: DataSource,
+    splits: DataSplits,
+    show: bool,
+    dist_info: Dist,
+    device: torch.device,
+) -> tuple[DecodedImages, DecodedImages, list, Sharding]:
+    """This rank's share of train and the val images, opened by ``source``, with the files
+    that could not be read (listed in RUN/skipped.csv) and the sharding of the epochs."""
+    out, main = Path(cfg.run.out), dist_info.main
+    global_bs = max(1, cfg.optim.batch_size // dist_info.world) * dist_info.world
+    sharding = Sharding.plan(len(splits.train), global_bs, dist_info.rank, dist_info.world,
+                             cfg.runtime.seed)  # fmt: skip
+    share = [splits.train[i] for i in sharding.ids]
+    if dist_info.world > 1:
+        log.info("rank %d opens %d of the %d training images", dist_info.rank,
+                 len(set(sharding.ids)), len(splits.train))  # fmt: skip
+    train_data = source.open(share, base_size_for(cfg.model.img_size), progress=show,
                              desc="decoding train")  # fmt: skip
     # Validation at the weights' own resize (torchvision V2: 232 for a 224 crop), if any.
-    val_data = source.open(splits.val, eval_decode_size(cfg), progress=show, desc="decoding val")
-    skipped = splits.skipped + train_data.skipped + val_data.skipped
+    val_data = source.open(val_samples(cfg, splits.val), eval_decode_size(cfg), progress=show,
+                           desc="decoding val")  # fmt: skip
+    if train_data.skipped:
+        bad = {p for p, _ in train_data.skipped}
+        sharding = sharding.drop({i for i in sharding.ids if str(splits.train[i].path) in bad})
+    train_data.ids = sharding.ids
+    steps = min_across_ranks(sharding.local_steps(), dist_info, device)
+    sharding.steps = min(sharding.steps, steps, cfg.data.limit_train_batches or steps)
+    skipped = splits.skipped + gathered(train_data.skipped, dist_info) + val_data.skipped
     if main:
         write_skipped(out / "skipped.csv", skipped)
         if skipped:
             log.warning("%d file(s) could not be read and were skipped: see %s", len(skipped),
                         out / "skipped.csv")  # fmt: skip
-    if len(train_data) == 0:
+    barrier(dist_info)  # skipped.csv exists before any stream worker appends to it
+    if steps == 0:
         raise DataError(f"no readable training images in {cfg.data.path}")
     if len(val_data) == 0:
         raise DataError(
             f"no validation images: add a val/ folder to {cfg.data.path} or raise --val-fraction"
         )
-    return train_data, val_data, skipped
+    return train_data, val_data, skipped, sharding
 
 
-def _task(cfg: TrainConfig, labels: torch.Tensor, device: torch.device) -> tuple[Task, Any]:
+def _skipped_during_training(path: Path, before: list) -> list:
+    """``before`` and the files that stream workers found broken during training (each once;
+    RUN/skipped.csv is rewritten without the repeats)."""
+    import csv
+
+    from ..data import open_csv
+
+    if not path.exists():
+        return before
+    with open_csv(path) as f:
+        rows = [tuple(r) for r in csv.reader(f)][1:]
+    unique = list(dict.fromkeys(rows))
+    if len(unique) != len(rows):
+        write_skipped(path, unique)
+    known = {p for p, _ in before}
+    return before + [r for r in unique if r[0] not in known]
+
+
+def _task(
+    cfg: TrainConfig, all_labels: torch.Tensor, labels: torch.Tensor, device: torch.device
+) -> tuple[Task, Any]:
     """The task with its class weights (``--balance weights``), and the per-image draw weights
-    (``--balance sampler``)."""
+    (``--balance sampler``) of this rank's ``labels``; both from the whole split's
+    ``all_labels``, so that every rank weighs a class the same."""
     if cfg.data.task == "multilabel":
-        return _multilabel_task(cfg, labels, device), None
-    counts = torch.bincount(labels, minlength=len(cfg.classes)).float()
+        return _multilabel_task(cfg, all_labels, device), None
+    counts = torch.bincount(all_labels, minlength=len(cfg.classes)).float()
     class_weight = None
     if cfg.data.balance == "weights":
         # Inverse-frequency weights, normalised so the average image weighs 1.
@@ -395,27 +462,35 @@ def _run(
     extra: Sequence[Callback] = (),
 ) -> TrainResult:
     out, show = Path(cfg.run.out), cfg.run.progress and dist_info.main
-    source = get_source(cfg.data.data_mode)
-    train_data, val_data, skipped = _open_data(cfg, source, splits, show, out, dist_info.main)
+    stream = cfg.data.data_mode == "stream"
+    source = get_source(cfg.data.data_mode, **({"skip_log": out / "skipped.csv"} if stream else {}))
+    train_data, val_data, skipped, sharding = _open_data(cfg, source, splits, show, dist_info,
+                                                         device)  # fmt: skip
     log.info(
         "%s: %d classes, %d train / %d val images, %s px, %s on %s",
-        cfg.model.arch, len(cfg.classes), len(train_data), len(val_data), cfg.model.img_size,
+        cfg.model.arch, len(cfg.classes), len(splits.train), len(val_data), cfg.model.img_size,
         cfg.model.weights or "random init", runtime.describe(device, precision),
     )  # fmt: skip
+    if stream and not cfg.data.workers:
+        log.info("stream mode decodes in this process: --workers N decodes in N processes")
     model = _place(cfg, model, device, dist_info)
     groups = param_groups_for(cfg, model)
     optimizer = make_optimizer(cfg.optim, groups, cfg.optim.lr)
     log_recipe(cfg, optimizer)
     net = _wrap(cfg, model, device, dist_info)
     tr_tf, ev_tf = build_transforms(cfg)
-    task, sample_weight = _task(cfg, train_data.labels, device)
+    all_labels = torch.tensor(
+        [x.label for x in splits.train],
+        dtype=torch.float32 if cfg.data.task == "multilabel" else torch.long,
+    )
+    task, sample_weight = _task(cfg, all_labels, train_data.labels, device)
     data = EpochData(TransformedImages(train_data, tr_tf), TransformedImages(val_data, ev_tf),
                      TransformedImages(train_data, ev_tf), sample_weight)  # fmt: skip
     step = TrainStep(optimizer, task.loss, device, precision, cfg.runtime.channels_last,
                      cfg.optim.grad_clip)  # fmt: skip
     loop = Loop(model, net, step, task, data, source, [], epochs=cfg.optim.epochs,
                 batch_size=cfg.optim.batch_size, seed=cfg.runtime.seed, dist=dist_info,
-                workers=cfg.data.workers)  # fmt: skip
+                workers=cfg.data.workers, sharding=sharding)  # fmt: skip
     multi = cfg.data.task == "multilabel"  # torchvision's MixUp/CutMix take class indices
     mix = multilabel_mix(cfg.augment) if multi else batch_transform(cfg.augment, len(cfg.classes))
     loop.callbacks = sorted(
@@ -427,6 +502,8 @@ def _run(
     best = loop.callback(BestModel)
     result = TrainResult(out, loop.history, best.best_epoch, best.best, config=cfg)
     if dist_info.main:
+        if stream:
+            skipped = _skipped_during_training(out / "skipped.csv", skipped)
         result.test = finish_run(cfg, loop, splits, skipped, duplicates, ev_tf, show)
     return result
 
