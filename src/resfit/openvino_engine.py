@@ -158,10 +158,13 @@ class OpenVinoEngine:
         if self._single is None:
             model = self._model
             model = self.core.read_model(str(model)) if isinstance(model, (str, Path)) else model
-            model = model.clone()
-            shape = list(model.input(0).get_partial_shape())
-            model.reshape([1, *(int(str(d)) for d in shape[1:])])
-            self._single = self.core.compile_model(model, "CPU", self.config)
+            shape = model.input(0).get_partial_shape()
+            if shape.rank.is_dynamic or any(d.is_dynamic for d in list(shape)[1:]):
+                self._single = self.compiled  # only the batch can be fixed here
+            else:
+                model = model.clone()
+                model.reshape([1, *(d.get_length() for d in list(shape)[1:])])
+                self._single = self.core.compile_model(model, "CPU", self.config)
         return self._single
 
     def __call__(self, batch: Tensor) -> Tensor:
