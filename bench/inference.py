@@ -20,6 +20,17 @@
 #   ONNX Runtime fp32                            25.7   2.35   106%    50.7      0.42      100.0%     9.7
 #   ONNX Runtime int8                            80.8   7.37    77%    29.6      0.25      100.0%    10.6
 # (`resfit bench all --compile` the same morning: 9.8 baseline, compiled bf16 4.22x, int8 8.35x.)
+# With the OpenVINO rows, after batch-1 calls moved to a static-shape model, the same Zen 4,
+# python bench/inference.py --quick --no-onnx, 2026-11-29 14:05 UTC (GEMM roof fp32 182, bf16
+# 404, int8 776: the machine a little slower than the run above):
+#                                            images/s x base % roof   b1 ms b1 / base top-1 agree setup s
+#   torchvision fp32 (baseline)                  12.1   1.00    54%    76.7      1.00      100.0%     3.3
+#   resfit fp32 (BN folded, channels-last)       17.6   1.46    79%    69.9      0.91      100.0%     2.1
+#   resfit bf16 autocast                         37.0   3.07    75%    44.8      0.58      100.0%     1.1
+#   OpenVINO fp32                                25.2   2.09   113%    45.4      0.59      100.0%     4.4
+#   OpenVINO bf16                                48.3   4.01    98%    22.0      0.29      100.0%     3.9
+#   OpenVINO int8                                97.8   8.11   103%    12.6      0.16      100.0%     9.3
+# (int8 batch-1 was 0.19x with the dynamic-batch model; the 12x / 0.15x targets were set on AMX.)
 # The project's 2-core Xeon (AVX-512 + VNNI, no AVX512_BF16/AMX), quiet:
 # Last figures (python bench/inference.py --repeats 5, 2026-11-28):
 #   GEMM roof (n=1024 matmul): fp32 312 GFLOP/s, bf16 61 GFLOP/s, int8 1334 GOP/s

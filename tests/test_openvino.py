@@ -20,6 +20,13 @@ from .images import make_colour_folder
 ov = pytest.importorskip("openvino", reason="needs the optional openvino (resfit[openvino])")
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch) -> Path:
+    """Each test its own cache: converted and compiled models never leak between tests."""
+    monkeypatch.setenv("RESFIT_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory) -> Path:
     return make_colour_folder(tmp_path_factory.mktemp("colours"), per_class=12)
@@ -39,7 +46,7 @@ def test_openvino_is_listed_and_agrees_with_pytorch_in_fp32(run: Path) -> None:
     p = Predictor.from_run(run, device="cpu", precision="fp32")
     x = torch.randn(8, 3, 16, 16)
     engine = create_engine("openvino", run, p.model, precision="fp32")
-    assert engine.precision == "fp32" and "converted at load" in engine.describe()
+    assert engine.precision == "fp32" and "converted" in engine.describe()
     torch.testing.assert_close(engine(x), p.model.eval()(x), rtol=1e-3, atol=1e-3)
 
 
@@ -183,3 +190,32 @@ def test_export_format_openvino_through_the_cli(run: Path, colours: Path) -> Non
     assert res.returncode == 0, res.stderr[-2000:]
     rows = res.stdout.strip().splitlines()[1:]
     assert len(rows) == 12 and sum(",red," in r for r in rows) >= 11
+
+
+def test_a_converted_model_is_cached_by_its_weights_and_compiled_once(
+    run: Path, own_cache: Path
+) -> None:
+    """The second engine for the same weights reads the conversion back (same logits), the
+    compiled model lands in OpenVINO's cache, and other weights convert afresh."""
+    model = Predictor.from_run(run, device="cpu", precision="fp32", engine="torch").model
+    x = torch.randn(4, 3, 16, 16)
+    first = create_engine("openvino", None, model, precision="fp32", img_size=16)
+    second = create_engine("openvino", None, model, precision="fp32", img_size=16)
+    assert "converted at load" in first.describe() and "converted earlier" in second.describe()
+    torch.testing.assert_close(second(x), first(x))
+    assert any((own_cache / "openvino" / "compiled").iterdir())
+    with torch.no_grad():
+        model.fc.bias.add_(1.0)
+    third = create_engine("openvino", None, model, precision="fp32", img_size=16)
+    assert "converted at load" in third.describe()
+    torch.testing.assert_close(third(x), first(x) + 1.0, rtol=1e-4, atol=1e-4)
+
+
+def test_a_batch_of_one_runs_the_static_model_and_agrees(run: Path) -> None:
+    model = Predictor.from_run(run, device="cpu", precision="fp32", engine="torch").model
+    engine = create_engine("openvino", None, model, precision="fp32", img_size=16)
+    x = torch.randn(5, 3, 16, 16)
+    batched = engine(x)
+    singles = torch.cat([engine(x[i : i + 1]) for i in range(len(x))])
+    assert engine._single is not None  # the batch-1 copy was compiled and used
+    torch.testing.assert_close(singles, batched, rtol=1e-4, atol=1e-4)
