@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
+import tempfile
 import threading
 import zipfile
 from pathlib import Path
 
 import pytest
+
+# Caches (OpenVINO's compiled and converted models, downloaded weights) go to a folder of this
+# session, never to the user's ~/.cache; fixtures that need their own still set their own.
+os.environ.setdefault("RESFIT_CACHE_DIR", tempfile.mkdtemp(prefix="resfit-test-cache-"))
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"

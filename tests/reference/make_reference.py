@@ -1,6 +1,8 @@
 """Write ``fp32_runs.json``: fingerprints of the weights three small fp32 runs end with.
 
-Generated once from the training code before the redesign of issue 13 (commit c7da56a);
+Generated from the training code before the redesign of issue 13 (commit c7da56a), and
+regenerated once on purpose when stream mode dealt each epoch's images to per-rank batch slots
+(issue 14: a rank holds only its share, and 1 and 2 ranks still train the same weights);
 ``tests/test_reference.py`` trains the same runs with today's code and compares, so a
 refactor of the training core cannot change what training computes without a test failing.
 Regenerate only when a change of the numbers is intended, and say so in the commit:
