@@ -269,15 +269,44 @@ def test_audit_of_a_multilabel_manifest_finds_missing_and_extra_labels(tmp_path:
         w = csv.DictWriter(f, ["path", "labels", "split"])
         w.writeheader()
         w.writerows(rows)
-    res = audit(manifest, tmp_path / "audit", arch="resnet20_cifar", weights=None, folds=4,
+    ckpt = need(CIFAR_CKPTS / "resnet20-12fca82f.th")  # a random backbone's features are too weak
+    res = audit(manifest, tmp_path / "audit", arch="resnet20_cifar", weights=str(ckpt), folds=4,
                 img_size=32, progress=False, device="cpu", precision="fp32")  # fmt: skip
     assert res.probabilities.shape == (160, len(COLOURS))
     top = [Path(r.path).name for r in res.issues[: len(changed)]]
-    # 10 % of the images were changed: the top of the list is mostly those.
-    assert len(set(top) & changed) >= 0.6 * len(changed), (top, changed)
+    # 10 % of the images were changed; measured 10-12 of these 16 in the top 16 over 3 seeds.
+    assert len(set(top) & changed) >= 0.5 * len(changed), (top, changed)
     assert all(r.kind.split("+")[0] in {"missing", "extra", "label"} for r in res.issues)
     summary = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert summary["task"] == "multilabel" and summary["oof_mAP"] > 0.6
     with pytest.raises(Exception, match="full-finetune"):
         audit(manifest, tmp_path / "a2", arch="resnet20_cifar", weights=None, folds=4,
               full_finetune=True, progress=False)  # fmt: skip
+
+
+def test_train_audit_on_a_multilabel_manifest(tmp_path: Path) -> None:
+    from resfit.training import train
+
+    from .test_multilabel import make_squares
+
+    manifest = make_squares(tmp_path / "data", {"train": 60, "val": 20})
+    run = tmp_path / "run"
+    train(data=str(manifest), out=str(run), arch="resnet20_cifar", epochs=1, audit=True,
+          progress=False, device="cpu", precision="fp32", batch_size=16)  # fmt: skip
+    summary = json.loads((run / "audit" / "audit.json").read_text())
+    assert summary["task"] == "multilabel" and summary["images"] == 60
+    assert (run / "audit" / "label_issues.csv").exists()
+    assert 'href="audit/audit.html"' in (run / "report.html").read_text()
+
+
+def test_train_audit_under_sharding_audits_every_image_once(tmp_path: Path) -> None:
+    """Stream mode deals the images of a split smaller than a batch to the slots again; the
+    audit still sees each training image once."""
+    from resfit.training import train
+
+    data = make_colour_folder(tmp_path / "data", per_class=6, size=32)
+    run = tmp_path / "run"
+    train(data=str(data), out=str(run), arch="resnet20_cifar", epochs=1, audit=True,
+          progress=False, device="cpu", precision="fp32", batch_size=32, data_mode="stream")  # fmt: skip
+    summary = json.loads((run / "audit" / "audit.json").read_text())
+    assert summary["images"] == 18

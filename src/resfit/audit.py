@@ -92,6 +92,9 @@ def audit(
         li.check_multilabel_folds(_labels(samples), splits.classes, folds, where)
     else:
         li.check_folds(_labels(samples), splits.classes, folds, where)
+    import torch
+
+    torch.manual_seed(seed)  # a randomly initialised backbone (weights=None) is the seed's
     cfg, model = resolve(_config(data, out, arch, weights, img_size, seed, device, precision,
                                  progress), splits)  # fmt: skip
     _, ev_tf = build_transforms(cfg)

@@ -148,9 +148,13 @@ def check_multilabel_folds(
 
 def check_audit(classes: Sequence[str], labels: Sequence[int], where: str, folds: int = 5) -> None:
     """What ``resfit train --audit`` checks before training: cleanlab is installed, and the
-    split can be cut into ``folds`` stratified folds."""
+    split can be cut into ``folds`` folds (stratified; multi-hot labels: every label in each)."""
     _cleanlab()
-    check_folds(np.asarray(labels, dtype=np.int64), classes, folds, where)
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.ndim == 2:
+        check_multilabel_folds(labels, classes, folds, where)
+    else:
+        check_folds(labels, classes, folds, where)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,13 +205,12 @@ def _sklearn_head(x: np.ndarray, y: np.ndarray, x_out: np.ndarray, c: float) -> 
     return probs
 
 
-def _torch_head(x: np.ndarray, y: np.ndarray, x_out: np.ndarray, c: float) -> np.ndarray:
-    """The same objective as scikit-learn's (mean cross-entropy + ||W||^2 / (2 C n)), by
-    full-batch L-BFGS on a linear layer."""
+def _lbfgs_linear(x: np.ndarray, k: int, c: float, data_loss: Callable[[Tensor], Tensor]) -> tuple:
+    """``(w, b)`` of a linear layer minimising ``data_loss(x @ w + b) + ||W||^2 / (2 C n)``
+    (scikit-learn's objective for ``C``), by full-batch L-BFGS in float64."""
     import torch
 
-    xt, yt = torch.from_numpy(x).double(), torch.from_numpy(y).long()
-    k = int(y.max()) + 1
+    xt = torch.from_numpy(x).double()
     w = torch.zeros(x.shape[1], k, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=500, tolerance_grad=1e-6,
@@ -216,16 +219,40 @@ def _torch_head(x: np.ndarray, y: np.ndarray, x_out: np.ndarray, c: float) -> np
 
     def closure() -> Tensor:
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(xt @ w + b, yt) + decay * (w * w).sum()
+        loss = data_loss(xt @ w + b) + decay * (w * w).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    with torch.no_grad():
-        logits = torch.from_numpy(x_out).double() @ w + b
-        present = torch.bincount(yt, minlength=k) > 0  # a class the fold lacks gets nothing
-        logits[:, ~present] = -torch.inf
-        return torch.softmax(logits, 1).numpy()
+    return w.detach(), b.detach()
+
+
+def _torch_head(x: np.ndarray, y: np.ndarray, x_out: np.ndarray, c: float) -> np.ndarray:
+    """The same objective as scikit-learn's LogisticRegression (mean cross-entropy + L2)."""
+    import torch
+
+    yt, k = torch.from_numpy(y).long(), int(y.max()) + 1
+    w, b = _lbfgs_linear(x, k, c, lambda logits: torch.nn.functional.cross_entropy(logits, yt))
+    logits = torch.from_numpy(x_out).double() @ w + b
+    present = torch.bincount(yt, minlength=k) > 0  # a class the fold lacks gets nothing
+    logits[:, ~present] = -torch.inf
+    return torch.softmax(logits, 1).numpy()
+
+
+def _torch_multilabel_head(
+    x: np.ndarray, hot: np.ndarray, x_out: np.ndarray, c: float
+) -> np.ndarray:
+    """One-vs-rest logistic regression for multi-hot labels: K binary heads, their
+    cross-entropies summed, the same L2."""
+    import torch
+
+    yt = torch.from_numpy(hot).double()
+
+    def bce(logits: Tensor) -> Tensor:
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, yt) * yt.shape[1]
+
+    w, b = _lbfgs_linear(x, yt.shape[1], c, bce)
+    return torch.sigmoid(torch.from_numpy(x_out).double() @ w + b).numpy()
 
 
 def out_of_fold_probabilities(
@@ -259,32 +286,6 @@ def out_of_fold_probabilities(
         p = fit(x_tr, labels[tr], x_te, c)
         probs[te, : p.shape[1]] = p
     return probs
-
-
-def _torch_multilabel_head(
-    x: np.ndarray, hot: np.ndarray, x_out: np.ndarray, c: float
-) -> np.ndarray:
-    """One-vs-rest logistic regression for multi-hot labels: mean binary cross-entropy +
-    ||W||^2 / (2 C n), by full-batch L-BFGS, as :func:`_torch_head` for one label."""
-    import torch
-
-    xt, yt = torch.from_numpy(x).double(), torch.from_numpy(hot).double()
-    w = torch.zeros(x.shape[1], yt.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(yt.shape[1], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=500, tolerance_grad=1e-6,
-                            line_search_fn="strong_wolfe")  # fmt: skip
-    decay = 1.0 / (2 * c * len(x))
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        bce = torch.nn.functional.binary_cross_entropy_with_logits(xt @ w + b, yt)
-        loss = bce * yt.shape[1] + decay * (w * w).sum()  # summed over classes, as K heads
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return torch.sigmoid(torch.from_numpy(x_out).double() @ w + b).numpy()
 
 
 def out_of_fold_multilabel(

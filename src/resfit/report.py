@@ -631,13 +631,18 @@ def _audit_link(audit: Mapping | None) -> str:
     """``--audit``: what the label audit found, and a link to its page (beside this report)."""
     if not audit:
         return ""
+    links = (f'<a href="{_e(audit.get("html", ""))}">the audit, with thumbnails</a>, and '
+             f'<a href="{_e(audit.get("csv", ""))}">label_issues.csv</a>.</p>')  # fmt: skip
+    if audit.get("task") == "multilabel":
+        return (f"<h3>Label audit</h3><p>{int(audit.get('label_issues', 0))} of "
+                f"{int(audit.get('images', 0))} training images have labels that look missing or "
+                f"extra (out-of-fold mAP {float(audit.get('oof_mAP', 0)):.3f}): {links}")  # fmt: skip
     return (
         f"<h3>Label audit</h3><p>{int(audit.get('label_issues', 0))} of "
         f"{int(audit.get('images', 0))} training labels look wrong (confident learning on "
         f"out-of-fold probabilities), {len(audit.get('near_duplicate_conflicts', []))} "
         f"near-duplicate pair(s) carry different labels, {int(audit.get('outliers', 0))} "
-        f'outlier(s): <a href="{_e(audit.get("html", ""))}">the audit, with thumbnails</a>, '
-        f'and <a href="{_e(audit.get("csv", ""))}">label_issues.csv</a>.</p>'
+        f"outlier(s): {links}"
     )
 
 
@@ -756,6 +761,7 @@ class MultiLabelReportData:
     explain: Callable | None = None
     history: Sequence[Mapping] = ()
     notes: Sequence[str] = ()
+    audit: Mapping | None = None  # --audit: the label audit's summary with html/csv links
 
 
 def _ml_summary(r) -> str:
@@ -910,7 +916,7 @@ def write_multilabel_report(path: str | os.PathLike, data: MultiLabelReportData)
     r = data.result
     sections = [_ml_summary(r), _ml_curves(data.history), _ml_per_class(r), _ml_pr_curves(r),
                 _ml_cooccurrence(r), _ml_errors(data, True), _ml_errors(data, False)]  # fmt: skip
-    notes = "".join(f"<p>{_e(n)}</p>" for n in data.notes)
+    notes = "".join(f"<p>{_e(n)}</p>" for n in data.notes) + _audit_link(data.audit)
     nav = "".join(f'<a href="#{sid}">{sid.replace("-", " ")}</a>' for sid in MULTILABEL_SECTION_IDS)
     doc = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">

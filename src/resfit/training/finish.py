@@ -56,7 +56,7 @@ def finish_run(
     else:
         cal = calibrate(out, val_logits, val_labels)
         temperature = cal.temperature
-        audit = _audit_training_labels(cfg, loop, ev_tf, show) if cfg.run.audit else None
+        audit = _audit_training_labels(cfg, loop, splits, ev_tf, show) if cfg.run.audit else None
         if cfg.run.report:
             _write_report(cfg, loop, splits, val_logits, cal, skipped, duplicates, ev_tf, audit)
         test = _evaluate_test(cfg, loop, splits, ev_tf, show, temperature) if splits.test else None
@@ -79,7 +79,7 @@ def calibrate(out: Path, val_logits: Tensor, val_labels: Tensor) -> calibration.
     return c
 
 
-def _audit_training_labels(cfg: TrainConfig, loop: Loop, ev_tf, show: bool) -> dict | None:
+def _audit_training_labels(cfg: TrainConfig, loop: Loop, splits, ev_tf, show: bool) -> dict | None:
     """``--audit``: the training split's labels, audited with a frozen backbone into RUN/audit.
     The starting weights, where there are any, have not seen these labels; a network trained
     from scratch has, and tends to agree with its own training labels (fewer issues found)."""
@@ -94,8 +94,14 @@ def _audit_training_labels(cfg: TrainConfig, loop: Loop, ev_tf, show: bool) -> d
         model = loop.eval_model
     meta = {"model": f"{m.arch} ({m.weights or 'this run, trained from scratch'})",
             "data": f"{cfg.data.path} (train split)"}  # fmt: skip
+    train = loop.data.train.decoded
+    ids = getattr(train, "ids", None)
+    if loop.dist.world > 1 or (ids is not None and len(set(ids)) != len(ids)):
+        # This rank holds its share (or a small set dealt twice): audit every image once.
+        train = loop.source.open(splits.train, eval_decode_size(cfg), progress=show,
+                                 desc="audit: opening the training split")  # fmt: skip
     try:
-        result = audit_images(model, loop.data.train.decoded, ev_tf, cfg.classes,
+        result = audit_images(model, train, ev_tf, cfg.classes,
                               Path(cfg.run.out) / "audit", device=s.device, precision=s.precision,
                               seed=cfg.runtime.seed, channels_last=s.channels_last, progress=show,
                               meta=meta, where=f"the training split of {cfg.data.path}")  # fmt: skip
@@ -177,11 +183,12 @@ def _finish_multilabel(cfg, loop, splits, val_logits, ev_tf, show) -> dict | Non
 
     out, val = Path(cfg.run.out), loop.data.val.decoded
     cal = calibrate_multilabel(out, val_logits, val.labels, cfg.classes)
+    audit = _audit_training_labels(cfg, loop, splits, ev_tf, show) if cfg.run.audit else None
     if cfg.run.report:
         res = compute_multilabel_metrics(val_logits, val.labels, cfg.classes,
                                          [str(p) for p in val.paths], cal.temperature,
                                          cal.thresholds)  # fmt: skip
-        _write_multilabel_report(cfg, loop, res, ev_tf, cal.reason)
+        _write_multilabel_report(cfg, loop, res, ev_tf, cal.reason, audit)
     if not splits.test:
         return None
     test_data = loop.source.open(splits.test, eval_decode_size(cfg), progress=show,
@@ -197,14 +204,15 @@ def _finish_multilabel(cfg, loop, splits, val_logits, ev_tf, show) -> dict | Non
     return {k: v for k, v in res.summary().items() if k != "per_class"}
 
 
-def _write_multilabel_report(cfg, loop, res, ev_tf, note: str) -> None:
+def _write_multilabel_report(cfg, loop, res, ev_tf, note: str, audit: dict | None) -> None:
     from ..inference import make_explainer
     from ..report import MultiLabelReportData, write_multilabel_report
 
     explain = make_explainer(loop.eval_model, cfg.model.img_size, ev_tf, loop.step.device,
                              base_size=eval_decode_size(cfg))  # fmt: skip
     title = f"{cfg.model.arch} on {Path(cfg.data.path).name}: validation"
-    data = MultiLabelReportData(title, res, explain, history=loop.history, notes=[note])
+    data = MultiLabelReportData(title, res, explain, history=loop.history, notes=[note],
+                                audit=audit)  # fmt: skip
     log.info("report: %s", write_multilabel_report(Path(cfg.run.out) / "report.html", data))
 
 

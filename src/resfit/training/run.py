@@ -124,9 +124,6 @@ def _prepare_and_run(
     cfg = _choose_data_mode(cfg, splits, dist_info)  # before anything is decoded
     duplicates = check_leakage(splits, cfg.data.leakage, cfg, model) if main or cfg.data.leakage == "remove" else []  # fmt: skip
     if cfg.run.audit and main:  # a missing extra answers now, not after the training
-        if cfg.data.task == "multilabel":
-            raise ConfigError("train --audit works on single-label data for now: drop --audit "
-                              f"and run `resfit audit {cfg.data.path} --out DIR`")  # fmt: skip
         from ..label_issues import check_audit
 
         check_audit(
