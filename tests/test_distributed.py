@@ -93,11 +93,12 @@ def test_two_ranks_stream_disjoint_files_and_match_one_process_with_augmentation
     assert res.returncode == 0, res.stderr[-3000:]
     # (rank 0 logs; tests/test_stream.py follows both ranks' reads and finds them disjoint)
     assert "rank 0 opens 24 of the 48 training images" in res.stderr
-    from resfit.cli import build_parser, config_from_args
-
-    args = build_parser().parse_args(["train", str(data), "--out", str(tmp_path / "single"),
-                                      "--device", "cpu", *ARGS, *extra])  # fmt: skip
-    train(config_from_args(args))
+    # The one-process run in a process of its own: its stream workers are children of that
+    # process, not of pytest's (which then goes on to start and reap torchrun's).
+    single = subprocess.run([sys.executable, "-m", "resfit", "train", str(data), "--out",
+                             str(tmp_path / "single"), "--device", "cpu", *ARGS, *extra],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
     a = load_file(str(tmp_path / "ddp" / "model.safetensors"))
     b = load_file(str(tmp_path / "single" / "model.safetensors"))
     for k in a:

@@ -943,7 +943,13 @@ def iter_batches(
             num_workers=workers,
             worker_init_fn=worker_init,  # one thread per worker: the cores are the model's
         )
-        yield from loader
+        batches = iter(loader)
+        try:
+            yield from batches
+        finally:  # a consumer that stops early (batch limits) still ends the workers now
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
         return
     for idx in index_batches:
         before = torch.get_num_threads()
