@@ -94,9 +94,10 @@ def audit(
         li.check_folds(_labels(samples), splits.classes, folds, where)
     import torch
 
-    torch.manual_seed(seed)  # a randomly initialised backbone (weights=None) is the seed's
-    cfg, model = resolve(_config(data, out, arch, weights, img_size, seed, device, precision,
-                                 progress), splits)  # fmt: skip
+    with torch.random.fork_rng():  # the caller's random state is left as it was
+        torch.manual_seed(seed)  # a randomly initialised backbone (weights=None) is the seed's
+        cfg, model = resolve(_config(data, out, arch, weights, img_size, seed, device, precision,
+                                     progress), splits)  # fmt: skip
     _, ev_tf = build_transforms(cfg)
     decoded = decode_all(samples, eval_decode_size(cfg), progress=progress, desc="audit: decoding")
     skipped = splits.skipped + decoded.skipped

@@ -205,7 +205,9 @@ def _sklearn_head(x: np.ndarray, y: np.ndarray, x_out: np.ndarray, c: float) -> 
     return probs
 
 
-def _lbfgs_linear(x: np.ndarray, k: int, c: float, data_loss: Callable[[Tensor], Tensor]) -> tuple:
+def _lbfgs_linear(
+    x: np.ndarray, k: int, c: float, data_loss: Callable[[Tensor], Tensor]
+) -> tuple[Tensor, Tensor]:
     """``(w, b)`` of a linear layer minimising ``data_loss(x @ w + b) + ||W||^2 / (2 C n)``
     (scikit-learn's objective for ``C``), by full-batch L-BFGS in float64."""
     import torch
