@@ -4,12 +4,27 @@
 # ../shared is present): batch-32 throughput (images/s, median of --repeats) and batch-1
 # latency (ms, median) for torchvision eager fp32 (the baseline) and resfit's engines: the
 # fp32 fast path (prepare_for_inference: BN folded, channels-last), the same without BN
-# folding, bf16 autocast, torch.compile, ONNX Runtime fp32 and ONNX Runtime static int8.
+# folding, bf16 autocast, torch.compile, ONNX Runtime fp32 and static int8, OpenVINO fp32, bf16
+# and int8 (NNCF).
 # Each row shows its ratio to the baseline and the fraction of this machine's GEMM roof for its
 # precision (measured at the start: n=1024 matmul), at 8.2 GFLOP (4.1 GMACs) per image.
 # Slowness never fails the run; an engine that cannot run here is reported and skipped.
 #
-# Last figures, 2 cores of an AMD EPYC (Zen 4: AVX-512, VNNI, AVX512_BF16), torch 2.14.1, ONNX
+# Last figures, 2 cores of an Intel Xeon with AMX (AMX-BF16/INT8, AVX512_BF16, VNNI), torch 2.14.1,
+# OpenVINO 2026.4.1, quiet, 2026-12-05 (python bench/inference.py --repeats 3):
+#   GEMM roof (n=1024 matmul): fp32 382 GFLOP/s, bf16 1510 GFLOP/s, int8 3600 GOP/s
+#                                            images/s x base % roof   b1 ms b1 / base top-1 agree setup s
+#   torchvision fp32 (baseline)                  12.5   1.00    27%    50.5      1.00      100.0%     3.7
+#   resfit fp32 (BN folded, channels-last)       24.5   1.96    52%    42.4      0.84      100.0%     1.2
+#   resfit bf16 autocast                         64.2   5.15    35%    26.8      0.53      100.0%     0.6
+#   resfit bf16 + torch.compile                 123.7   9.93    67%    21.4      0.42      100.0%    34.6
+#   ONNX Runtime fp32                            41.7   3.34    89%    29.9      0.59      100.0%     6.0
+#   ONNX Runtime int8                           122.2   9.81    28%    26.8      0.53      100.0%     9.1
+#   OpenVINO fp32                                39.5   3.17    85%    47.1      0.93      100.0%     3.1
+#   OpenVINO bf16                               216.0  17.33   117%     7.1      0.14      100.0%     2.3
+#   OpenVINO int8                               415.9  33.38    94%     4.9      0.10      100.0%     8.0
+#   baseline 12.5 img/s; fastest: OpenVINO int8 415.9 img/s = 33.38x; lowest batch-1 latency: OpenVINO int8 4.9 ms = 0.10x the baseline's
+# Earlier, 2 cores of an AMD EPYC (Zen 4: AVX-512, VNNI, AVX512_BF16), torch 2.14.1, ONNX
 # Runtime 1.32, quiet, 2026-11-29 (python bench/inference.py --repeats 5):
 #   GEMM roof (n=1024 matmul): fp32 198 GFLOP/s, bf16 436 GFLOP/s, int8 857 GOP/s
 #                                            images/s x base % roof   b1 ms b1 / base top-1 agree setup s
