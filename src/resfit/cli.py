@@ -183,7 +183,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
 
     res = evaluate(args.run, args.data, out=args.out, batch_size=args.batch_size,
-                   device=args.device, precision=args.precision, progress=not args.json)  # fmt: skip
+                   device=args.device, precision=args.precision, progress=not args.json,
+                   engine=args.engine)  # fmt: skip
     if args.json:
         print(json.dumps(res.summary()))
         return 0
@@ -346,6 +347,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 args.arch, data=args.data, weights=args.weights, batch=args.batch,
                 img_size=args.img_size, repeats=args.repeats, compile=args.compile,
                 onnx=not args.no_onnx, openvino=not args.no_openvino, device=args.device,
+                tensorrt=not args.no_tensorrt,
             )  # fmt: skip
         elif w == "train":
             rep = benchmark.bench_train_step(
@@ -423,6 +425,8 @@ def _add_run_commands(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
+    p.add_argument("--engine", default="auto", metavar="ENGINE",
+                   help="as for predict: auto (the default), torch, openvino, onnx or tensorrt")  # fmt: skip
     _add_threads(p)
     p.set_defaults(func=_cmd_eval)
 
@@ -443,7 +447,8 @@ def _add_run_commands(sub: Any) -> None:
     # missing it says what to install (argparse would only say "invalid choice").
     p.add_argument("--engine", default="auto", metavar="ENGINE",
                    help="auto (the default: the fastest installed engine here, named in the log), "
-                        "torch, openvino, or onnx (RUN/export/model.onnx; int8 with --precision int8)")  # fmt: skip
+                        "torch, openvino, onnx (RUN/export/model.onnx; int8 with --precision int8), "
+                        "or tensorrt (NVIDIA GPUs: fp16, fp32, int8)")  # fmt: skip
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the model (pays off on large folders)"
     )
@@ -522,6 +527,7 @@ def _add_tool_commands(sub: Any) -> None:
     p.add_argument("--compile", action="store_true", help="add torch.compile rows (slow start)")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime engines")
     p.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO engines")
+    p.add_argument("--no-tensorrt", action="store_true", help="skip the TensorRT engines (GPU)")
     p.add_argument("--augment", default=OPTIONS["augment"].default, choices=PRESETS)
     p.add_argument("--limit", type=int, default=512, help="pipeline: images to read")
     p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda")

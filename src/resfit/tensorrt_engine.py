@@ -22,7 +22,7 @@ engine and TensorRT's timing cache are kept under ``<resfit cache>/tensorrt/``
 TensorRT version, so a later process loads the engine instead. Batches run in an optimization
 profile from 1 to ``max_batch`` images (64, predict's batch); larger ones are split.
 
-Imports only torch, the error types and resfit's cache root (:mod:`resfit.weights`).
+Imports only torch, the error types and resfit's cache root (:mod:`resfit.cache`).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ INPUT_NAME = "input"  # resfit's ONNX exports name their input so
 def cache_folder() -> Path | None:
     """``<resfit cache>/tensorrt``: engines, TensorRT's timing cache and ONNX files exported at
     load. None when it cannot be written (then nothing is cached, and nothing fails)."""
-    from .weights import cache_dir  # the one cache root resfit uses
+    from .cache import cache_dir  # the one cache root (not .weights: it imports torchvision)
 
     folder = cache_dir() / FOLDER
     try:
