@@ -77,3 +77,54 @@ def test_the_predict_path_does_not_import_torchvision() -> None:
     done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(SRC)),
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, "importing the predict path imported torchvision"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
+    from resfit.training import train
+
+    from .images import make_colour_folder
+
+    data = make_colour_folder(tmp_path_factory.mktemp("colours"), per_class=6)
+    out = tmp_path_factory.mktemp("runs") / "run"
+    train(data=str(data), out=str(out), arch="resnet20_cifar", img_size=16, epochs=1,
+          batch_size=16, progress=False, report=False, leakage="off")  # fmt: skip
+    return out, data
+
+
+def test_predict_preprocessing_in_the_decode_threads_gives_the_same_answers(
+    tiny_run: tuple[Path, Path],
+) -> None:
+    from resfit.inference import Predictor
+
+    run, data = tiny_run
+    p = Predictor.from_run(run, engine="torch", precision="fp32", device="cpu")
+    paths = sorted(data.rglob("*.png"))
+    preds, _ = p.predict(paths, batch_size=5)  # crop and normalise in the decode threads
+    before = p.probabilities(p.logits(p.decode(paths), batch_size=5))  # on the main thread
+    assert [x.path for x in preds] == [str(x) for x in paths]
+    assert [x.confidence for x in preds] == before.max(1).values.tolist()
+
+
+def test_predict_exits_at_once_with_its_outputs_complete(
+    tiny_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    run, data = tiny_run
+    n = len(list(data.rglob("*.png")))
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    cmd = [sys.executable, "-m", "resfit", "predict", str(run), str(data), "--engine", "torch"]
+    out = tmp_path / "p.csv"
+    done = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {n} predictions" in done.stdout
+    assert len(out.read_text().splitlines()) == n + 1
+    # To a pipe: every row arrives before the process ends without its teardown.
+    done = subprocess.run([*cmd, "--top-k", "2"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == n + 1 and lines[0].startswith("path,label,confidence,label_2")
+    # A user error still ends in its one line, and exit status 2.
+    bad = subprocess.run([*cmd[:4], str(tmp_path / "no-run"), str(data)], env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr.splitlines()[-1].startswith("resfit predict: error:")

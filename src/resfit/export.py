@@ -469,6 +469,36 @@ def _export_openvino(
     return report
 
 
+def _int8_and_engine_checks(
+    predictor: Predictor, fp32_path: Path, out_dir: Path, format: str, int8: bool, calib,
+    calib_images: int, checked: DecodedImages, batches: list[np.ndarray], source: str,
+) -> dict[str, Any]:  # fmt: skip
+    """``export_run``'s int8 file (symmetric for TensorRT) with its accuracy change on the
+    validation images, and for ``--format tensorrt`` the engines' checks."""
+    report: dict[str, Any] = {}
+    int8_path = None
+    if int8:
+        # TensorRT takes int8 activations with zero point 0 only: its own file, symmetric.
+        trt = format == "tensorrt"
+        target = out_dir / "tensorrt" / "model.int8.onnx" if trt else out_dir / "model.int8.onnx"
+        int8_path, n_calib = _quantize_run(predictor, fp32_path, target, calib, calib_images,
+                                           symmetric=trt)  # fmt: skip
+        report.update({"tensorrt_int8" if trt else "int8": str(int8_path), "calib_images": n_calib})
+        if len(checked):
+            y = checked.labels.numpy()
+            # For the TensorRT file: its accuracy in ONNX Runtime on the CPU, the same QDQ graph.
+            report.update(_int8_accuracy(fp32_path, int8_path, batches, y))
+            log.info("int8 accuracy measured on %d images: %s", len(checked), source)
+        else:
+            log.warning("int8 accuracy not measured: no validation images (%s)", source)
+    if format == "tensorrt":
+        pre = predictor.preprocessing
+        labels = checked.labels.numpy() if len(checked) else None
+        report.update(_tensorrt_checks(predictor.model, fp32_path, int8_path, batches, labels,
+                                       (pre.in_chans, pre.img_size, pre.img_size)))  # fmt: skip
+    return report
+
+
 def export_run(
     run: str | os.PathLike,
     *,
@@ -529,26 +559,8 @@ def export_run(
     if batches:
         images = torch.from_numpy(np.concatenate(batches)[:64])
         report["max_abs_logit_diff"] = onnx_parity(predictor.model, fp32_path, images)
-    int8_path = None
-    if int8:
-        # TensorRT takes int8 activations with zero point 0 only: its own file, symmetric.
-        trt = format == "tensorrt"
-        target = out_dir / "tensorrt" / "model.int8.onnx" if trt else out_dir / "model.int8.onnx"
-        int8_path, n_calib = _quantize_run(predictor, fp32_path, target, calib, calib_images,
-                                           symmetric=trt)  # fmt: skip
-        report.update({"tensorrt_int8" if trt else "int8": str(int8_path), "calib_images": n_calib})
-        if len(checked):
-            y = checked.labels.numpy()
-            # For the TensorRT file: its accuracy in ONNX Runtime on the CPU, the same QDQ graph.
-            report.update(_int8_accuracy(fp32_path, int8_path, batches, y))
-            log.info("int8 accuracy measured on %d images: %s", len(checked), source)
-        else:
-            log.warning("int8 accuracy not measured: no validation images (%s)", source)
-    if format == "tensorrt":
-        pre = predictor.preprocessing
-        labels = checked.labels.numpy() if len(checked) else None
-        report.update(_tensorrt_checks(predictor.model, fp32_path, int8_path, batches, labels,
-                                       (pre.in_chans, pre.img_size, pre.img_size)))  # fmt: skip
+    report.update(_int8_and_engine_checks(predictor, fp32_path, out_dir, format, int8, calib,
+                                          calib_images, checked, batches, source))  # fmt: skip
     if format == "triton":
         from .triton import write_triton_repository
 
