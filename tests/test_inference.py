@@ -175,7 +175,8 @@ def test_runs_without_resize_size_keep_their_preprocessing(tmp_path) -> None:
 
     p = Predictor.from_run(make_run(tmp_path, img_size=80), precision="fp32")
     assert p.base_size == base_size_for(80) == 91
-    assert [type(t).__name__ for t in p.transform.transforms][0] == "CenterCrop"
+    # No resize step (the crop comes first): the images are taken as decoded at 91 px.
+    assert type(p.transform).__name__ == "EvalTransform" and p.transform.shorter is None
     pre = EvalPreprocessing.from_config({"img_size": 80, "mean": MEAN, "std": STD})
     assert pre.resize_size is None and pre.interpolation == "bilinear"
 

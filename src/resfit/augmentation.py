@@ -19,9 +19,7 @@ Presets:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -29,6 +27,9 @@ from torchvision.transforms import v2
 
 from .config import PRESETS, AugmentConfig
 from .errors import ConfigError
+
+# The eval preprocessing lives beside, without torchvision; re-exported for existing callers.
+from .preprocessing import EvalPreprocessing, base_size_for, decode_size, for_channels
 
 __all__ = [
     "INTERPOLATIONS",
@@ -46,12 +47,6 @@ __all__ = [
 ]
 
 # The knobs and their preset values live in config.py (no torch import: the CLI stays fast).
-
-
-def base_size_for(img_size: int) -> int:
-    """Shorter side images are stored at: the 256-for-224 ratio of ImageNet evaluation, and
-    the image size itself for small inputs (CIFAR's 32 px are used whole)."""
-    return img_size if img_size <= 64 else round(img_size / 0.875)
 
 
 def _normalize(mean: tuple[float, ...], std: tuple[float, ...]) -> list[Callable]:
@@ -81,19 +76,6 @@ def interpolation_mode(name: str) -> v2.InterpolationMode:
     return mode
 
 
-def decode_size(img_size: int, resize_size: int | None = None) -> int:
-    """Shorter side that evaluation images are decoded (and kept in memory) at: the weights'
-    ``resize_size`` when they state one, else :func:`base_size_for`. Decoding straight to it
-    makes the resize in :func:`eval_transform` a no-op for bilinear weights."""
-    if resize_size is None:
-        return base_size_for(img_size)
-    if resize_size < img_size:
-        raise ConfigError(
-            f"resize_size {resize_size} is smaller than the {img_size} px crop it feeds"
-        )
-    return int(resize_size)
-
-
 def eval_transform(
     img_size: int,
     mean: tuple[float, ...],
@@ -111,56 +93,6 @@ def eval_transform(
         mode = interpolation_mode(interpolation)
         steps.append(v2.Resize(decode_size(img_size, resize_size), mode, antialias=True))
     return v2.Compose([*steps, v2.CenterCrop(img_size), *_normalize(mean, std)])
-
-
-@dataclass(frozen=True)
-class EvalPreprocessing:
-    """How a run's images reach its model at evaluation and inference: decode size, resize
-    filter, crop, normalisation and input channels.
-
-    Read from a run's flat ``config.json`` with :meth:`from_config`; ``resize_size`` and
-    ``interpolation`` are optional there (runs written before they existed decode at
-    :func:`base_size_for` with bilinear, as they were validated). Training's counterpart is
-    the ``pre`` section of :class:`resfit.config.TrainConfig`, which writes these keys.
-    """
-
-    img_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    in_chans: int = 3
-    resize_size: int | None = None
-    interpolation: str = "bilinear"
-
-    def __post_init__(self) -> None:
-        interpolation_mode(self.interpolation)  # refuse an unknown filter now, not per image
-        decode_size(self.img_size, self.resize_size)
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> EvalPreprocessing:
-        resize = cfg.get("resize_size")
-        return cls(
-            img_size=int(cfg["img_size"]),
-            mean=tuple(float(m) for m in cfg["mean"]),
-            std=tuple(float(s) for s in cfg["std"]),
-            in_chans=int(cfg.get("in_chans") or 3),
-            resize_size=int(resize) if resize is not None else None,
-            interpolation=str(cfg.get("interpolation") or "bilinear"),
-        )
-
-    @property
-    def decode_size(self) -> int:
-        return decode_size(self.img_size, self.resize_size)
-
-    def eval_transform(self) -> Callable[[Tensor], Tensor]:
-        """:func:`eval_transform` for this run, adapted to its input channels."""
-        tf = eval_transform(
-            self.img_size,
-            self.mean,
-            self.std,
-            resize_size=self.resize_size,
-            interpolation=self.interpolation,
-        )
-        return for_channels(tf, self.in_chans)
 
 
 def train_transform(
@@ -201,23 +133,6 @@ def train_transform(
     if c.erasing:
         t.append(v2.RandomErasing(c.erasing))
     return v2.Compose(t)
-
-
-def for_channels(
-    transform: Callable[[Tensor], Tensor], in_chans: int
-) -> Callable[[Tensor], Tensor]:
-    """Adapt an RGB transform to a model with ``in_chans`` input channels: images always
-    decode as RGB, and a 1-channel model sees their luminance (ITU-R 601 weights)."""
-    if in_chans == 3:
-        return transform
-    if in_chans != 1:
-        raise ValueError(f"images are RGB; a model with in_chans={in_chans} needs its own loader")
-
-    def luminance(img: Tensor) -> Tensor:
-        grey = 0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2]
-        return transform(grey.round().clamp(0, 255).to(torch.uint8)[None])
-
-    return luminance
 
 
 def batch_transform(cfg: AugmentConfig, num_classes: int) -> Callable | None:

@@ -5,8 +5,8 @@ the same input, and each against this machine's GEMM roof measured in the same r
 
 - :func:`bench_inference`: batch throughput and batch-1 latency of torchvision eager fp32
   (the baseline) and resfit's engines (BN folded + channels-last, bf16 autocast,
-  ``torch.compile``, ONNX Runtime fp32 and static int8), with each engine's top-1 agreement
-  with the baseline on the input.
+  ``torch.compile``, ONNX Runtime fp32 and static int8, OpenVINO; on a GPU TensorRT fp32, fp16
+  and int8), with each engine's top-1 agreement with the baseline on the input.
 - :func:`bench_train_step`: one SGD step of the naive loop (torchvision model, fp32, NCHW)
   against :class:`~resfit.training.step.TrainStep`, the step ``train()`` runs (its optimizer
   groups, channels-last, autocast where it pays, optionally compiled), from the same weights
@@ -279,11 +279,13 @@ def bench_inference(
     bf16: bool = True,
     device: str = "auto",
     openvino: bool = True,
+    tensorrt: bool = True,
 ) -> BenchReport:
     """Inference engines against torchvision eager fp32; see the module docstring.
 
-    On a GPU (``device`` auto or cuda) the PyTorch engines run there, with fp16 added, and
-    the ONNX Runtime engines (CPU ones) are left out. The int8 engine is calibrated on the
+    On a GPU (``device`` auto or cuda) the PyTorch engines run there, with fp16 added, the
+    ONNX Runtime and OpenVINO engines (CPU ones) are left out, and TensorRT fp32, fp16 and int8
+    are added (each row says why where TensorRT cannot run). The int8 engine is calibrated on the
     timed images themselves: fine for speed, optimistic for its agreement column.
 
     ``images`` (N, C, H, W), preprocessed, is the input, or images read from the folder
@@ -313,7 +315,8 @@ def bench_inference(
     )
     work = Path(tempfile.mkdtemp(prefix="resfit-bench-"))
     engines = _inference_engines(arch, base_model, ours, x, dev, work, bf16=bf16,
-                                 compile=compile, onnx=onnx, openvino=openvino)  # fmt: skip
+                                 compile=compile, onnx=onnx, openvino=openvino,
+                                 tensorrt=tensorrt)  # fmt: skip
     built = _build_engines(engines, x, dev, report)
     batch_s = _interleaved(
         {k: _synced(lambda f=v[1]: f(x), dev) for k, v in built.items()}, repeats
@@ -341,7 +344,7 @@ def bench_inference(
 
 def _inference_engines(
     arch: str, base_model: nn.Module, ours: nn.Module, x: Tensor, dev: torch.device, work: Path,
-    *, bf16: bool, compile: bool, onnx: bool, openvino: bool = True,
+    *, bf16: bool, compile: bool, onnx: bool, openvino: bool = True, tensorrt: bool = True,
 ) -> list[tuple[str, str, Callable]]:  # fmt: skip
     """(name, precision, builder) of every engine to time; the baseline first."""
 
@@ -394,7 +397,35 @@ def _inference_engines(
         engines += [
             (f"OpenVINO {p}", p, _openvino_builder(ours, x, p)) for p in ("fp32", "bf16", "int8")
         ]
+    if tensorrt and dev.type == "cuda":
+        engines += [
+            (f"TensorRT {p}", p, _tensorrt_builder(ours, x, work, p))
+            for p in ("fp32", "fp16", "int8")
+        ]
     return engines
+
+
+def _tensorrt_builder(model: nn.Module, x: Tensor, work: Path, precision: str) -> Callable:
+    """TensorRT (ONNX Runtime's provider) at ``precision``, its engine built here (no cache:
+    the setup column is the build); int8 is symmetric QDQ calibrated on the timed images
+    themselves (fine for speed, optimistic for the agreement column)."""
+
+    def build():
+        from .export import export_onnx, quantize_int8
+        from .tensorrt_engine import TensorRtEngine, require_tensorrt
+
+        require_tensorrt()  # the reason in the row, before a minute of exporting
+        path = work / "model.onnx"
+        if not path.exists():
+            export_onnx(model, path, input_size=x.shape[-1], in_chans=x.shape[1])
+        if precision == "int8":
+            calib = x.cpu().numpy()
+            batches = (calib[i : i + 8] for i in range(0, len(calib), 8))
+            path = quantize_int8(path, work / "model_trt_int8.onnx", batches, symmetric=True)
+        return TensorRtEngine(path, precision, input_shape=tuple(x.shape[1:]),
+                              max_batch=len(x), cache=False, source="bench")  # fmt: skip
+
+    return build
 
 
 def _openvino_builder(model: nn.Module, x: Tensor, precision: str) -> Callable:

@@ -37,7 +37,7 @@ TASKS = ("auto", "single", "multilabel")  # data.TASKS: what the labels mean
 MULTILABEL_LOSSES = ("bce", "asl")
 LEAKAGE = ("report", "remove", "off")
 LEAKAGE_SIGNALS = ("phash", "both")  # both: pHash and embeddings (resfit.leakage)
-EXPORT_FORMATS = ("onnx", "triton", "openvino")  # resfit export --format
+EXPORT_FORMATS = ("onnx", "triton", "openvino", "tensorrt")  # resfit export --format
 DATA_MODES = ("auto", "memory", "stream")  # sources.SOURCES (and auto): where images live
 
 

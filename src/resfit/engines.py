@@ -14,6 +14,10 @@ Built in:
 - ``onnx``: ONNX Runtime on the CPU, running ``RUN/export/model.onnx`` (fp32) or
   ``model.int8.onnx`` (``precision="int8"``), both written by ``resfit export``. Needs the
   optional ``onnxruntime`` (``pip install 'resfit[export]'``).
+- ``openvino``: OpenVINO on x86 CPUs (:mod:`resfit.openvino_engine`).
+- ``tensorrt``: TensorRT on NVIDIA GPUs through ONNX Runtime's TensorRT provider, fp16 by
+  default, fp32, or int8 from ``resfit export --format tensorrt --int8``
+  (:mod:`resfit.tensorrt_engine`; ``pip install 'resfit[tensorrt]'``).
 
 Adding an engine (OpenVINO, TensorRT ...) is one call, at the end of this module for a built-in
 one or anywhere for a plug-in::
@@ -44,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from . import runtime
-from .errors import ConfigError, MissingExtraError, RunError
+from .errors import ConfigError, MissingExtraError, ResfitError, RunError
 
 __all__ = [
     "ONNX_METADATA_KEY",
@@ -154,9 +158,13 @@ def choose_engine(
 
     The rule, measured on ResNet-50 at 224 px against torchvision eager fp32 on a 2-core Zen 4
     (README, "OpenVINO"): OpenVINO fp32 2.21x and bf16 4.33x against PyTorch's 1.45x and 3.33x, so
-    OpenVINO wherever it is installed on an x86 CPU; PyTorch on a GPU and elsewhere.
+    OpenVINO wherever it is installed on an x86 CPU; on a CUDA GPU TensorRT (fp16) where it is
+    installed and can run (:func:`resfit.tensorrt_engine.probe`), else PyTorch with autocast;
+    PyTorch elsewhere.
     """
     dev = runtime.pick_device(device)
+    if dev.type == "cuda":
+        return _choose_on_cuda(run_dir, precision, compile)
     if dev.type != "cpu":
         return "torch", f"a {dev.type} device: PyTorch with autocast"
     if compile:
@@ -186,6 +194,30 @@ def choose_engine(
     return "torch", f"a {platform.machine()} CPU"
 
 
+def _choose_on_cuda(
+    run_dir: str | os.PathLike | None, precision: str, compile: bool
+) -> tuple[str, str]:
+    """``--engine auto`` on a CUDA GPU: TensorRT when it can run here, else PyTorch."""
+    if compile:
+        return "torch", "--compile is the PyTorch engine's"
+    from .tensorrt_engine import FOLDER, INT8_FILE, probe
+
+    usable, why = probe()
+    if precision == "int8":
+        int8 = Path(run_dir) / "export" / FOLDER / INT8_FILE if run_dir is not None else None
+        if usable and int8 is not None and int8.is_file():
+            return "tensorrt", f"the run's TensorRT int8 export ({why})"
+        raise RunError(
+            f"--precision int8 on a GPU runs in TensorRT: resfit export {run_dir or 'RUN'} "
+            f"--format tensorrt --int8 --calib DATA" + ("" if usable else f" ({why})")
+        )
+    if usable and precision in ("auto", "fp16", "fp32"):
+        return "tensorrt", f"a CUDA GPU with {why}"
+    if usable:
+        return "torch", f"--precision {precision} is PyTorch's on a GPU"
+    return "torch", f"a CUDA GPU, PyTorch with autocast: TensorRT is not usable ({why})"
+
+
 def create_engine(
     name: str,
     run_dir: str | os.PathLike | None,
@@ -201,9 +233,30 @@ def create_engine(
     Engines that run an exported file read it from ``run_dir``; the PyTorch engine runs
     ``model``. ``options`` go to the engine's factory (the ONNX engine takes ``threads``).
     """
-    if name == "auto":
+    auto = name == "auto"
+    if auto:
         name, why = choose_engine(run_dir, device=device, precision=precision, compile=compile)
         log.info("engine: %s (%s)", name, why)
+    if auto and name == "tensorrt":
+        try:
+            return _make("tensorrt", run_dir, model, device, precision, compile, options)
+        except (ResfitError, RuntimeError, OSError) as e:  # the engine build failed on this GPU
+            if precision == "int8":  # asked for: no silent change of precision
+                raise
+            log.warning("engine: torch (TensorRT failed here: %s)", str(e).splitlines()[0])
+            name = "torch"
+    return _make(name, run_dir, model, device, precision, compile, options)
+
+
+def _make(
+    name: str,
+    run_dir: str | os.PathLike | None,
+    model: nn.Module | None,
+    device: str,
+    precision: str,
+    compile: bool,
+    options: dict[str, Any],
+) -> Engine:
     entry = _ENGINES.get(name)
     if entry is None:
         raise ConfigError(
@@ -397,7 +450,18 @@ def _openvino_engine(run_dir: Path | None, model: nn.Module | None, **kw: Any) -
     return make_openvino(run_dir, model, **kw)
 
 
-# The built-in engines; new ones (TensorRT ...) are registered here the same way.
+def _tensorrt_engine(run_dir: Path | None, model: nn.Module | None, **kw: Any) -> Engine:
+    # Imported when asked for: onnxruntime-gpu and TensorRT are optional, imported on use.
+    from .tensorrt_engine import make_tensorrt
+
+    return make_tensorrt(run_dir, model, **kw)
+
+
+# The built-in engines; a new one is registered here the same way.
 register_engine("torch", _torch_engine)
 register_engine("onnx", _onnx_engine, requires=("onnxruntime",), extra="export")
 register_engine("openvino", _openvino_engine, requires=("openvino",), extra="openvino")
+# onnxruntime-gpu installs the module onnxruntime; tensorrt-cu13 the module tensorrt.
+register_engine(
+    "tensorrt", _tensorrt_engine, requires=("tensorrt", "onnxruntime"), extra="tensorrt"
+)

@@ -276,12 +276,14 @@ def evaluate(
     precision: str = "auto",
     progress: bool = False,
     report: bool = True,
+    engine: str = "auto",
 ) -> EvalResult:
     """Score a run on labelled images it has not seen; writes RUN/eval-<data name>/.
 
-    A multi-label run is scored on a ``path,labels[,split]`` manifest (its test rows, else all
-    rows) or class folders, and returns a :class:`MultiLabelEvalResult`."""
-    predictor = Predictor.from_run(run, device=device, precision=precision)
+    ``engine`` computes the logits, as for :meth:`Predictor.from_run` (``auto``: the fastest
+    installed here). A multi-label run is scored on a ``path,labels[,split]`` manifest (its
+    test rows, else all rows) or class folders, and returns a :class:`MultiLabelEvalResult`."""
+    predictor = Predictor.from_run(run, device=device, precision=precision, engine=engine)
     if predictor.multilabel:
         return _evaluate_multilabel(predictor, run, data, out, batch_size, progress, report)
     samples, skipped = eval_samples(data, predictor.classes)

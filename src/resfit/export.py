@@ -226,6 +226,8 @@ def quantize_int8(
     onnx_path: str | os.PathLike,
     out_path: str | os.PathLike,
     calib: Iterable[np.ndarray],
+    *,
+    symmetric: bool = False,
 ) -> Path:
     """Static int8 quantization of an fp32 ONNX classifier, calibrated on ``calib``.
 
@@ -233,7 +235,8 @@ def quantize_int8(
     hundred images of the user's own data are enough (min/max ranges per tensor). Weights are
     int8 per output channel, activations uint8 (the u8 x s8 form that VNNI runs: int8
     activations ran 2.9x slower on ResNet-50 here), in QDQ format after ONNX Runtime's
-    pre-processing (shape inference and graph optimisation).
+    pre-processing (shape inference and graph optimisation). ``symmetric`` makes the
+    activations int8 with zero point 0, the only form TensorRT takes (``--format tensorrt``).
     """
     onnx = _import_onnx("onnxruntime")
     from onnxruntime.quantization import (
@@ -266,9 +269,10 @@ def quantize_int8(
                 reader,
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
-                activation_type=QuantType.QUInt8,
+                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
+                extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
             )
             qproto = onnx.load(str(tmp))
             cfg = json.loads(meta.get(METADATA_KEY, "{}"))
@@ -370,14 +374,48 @@ def _export_fp32(predictor: Predictor, classes: list[str], out_dir: Path, opset:
 
 
 def _quantize_run(
-    predictor: Predictor, fp32_path: Path, out_dir: Path, calib: str | os.PathLike, limit: int
-) -> tuple[Path, int]:
+    predictor: Predictor, fp32_path: Path, target: Path, calib: str | os.PathLike, limit: int,
+    symmetric: bool = False,
+) -> tuple[Path, int]:  # fmt: skip
     paths = _pick(find_images([str(calib)]), limit)
     decoded = predictor.decode(paths)
     if not len(decoded):
         raise DataError(f"--calib {display_path(calib)}: none of its images could be read")
-    path = quantize_int8(fp32_path, out_dir / "model.int8.onnx", _batches(predictor, decoded))
-    return path, len(decoded)
+    batches = _batches(predictor, decoded)
+    return quantize_int8(fp32_path, target, batches, symmetric=symmetric), len(decoded)
+
+
+def _tensorrt_checks(
+    model: nn.Module, fp32_path: Path, int8_path: Path | None, batches: list[np.ndarray],
+    labels: np.ndarray | None, input_shape: tuple[int, int, int],
+) -> dict[str, Any]:  # fmt: skip
+    """``--format tensorrt``: the engines TensorRT builds from the files just written, against
+    PyTorch fp32 on the check images (max logit difference, top-1 agreement and, with labels,
+    the accuracy change), on this machine's GPU; skipped, with the reason, without one."""
+    from .tensorrt_engine import TensorRtEngine, probe
+
+    usable, why = probe()
+    if not usable or not batches:
+        return {"tensorrt_check": f"skipped: {why if not usable else 'no check images'}"}
+    x = torch.from_numpy(np.concatenate(batches))
+    with torch.inference_mode():
+        reference = model.float().eval().cpu()(x)
+    report: dict[str, Any] = {"tensorrt_check": why}
+    runs = [("fp32", fp32_path), ("fp16", fp32_path)] + ([("int8", int8_path)] if int8_path else [])
+    for precision, path in runs:
+        engine = TensorRtEngine(path, precision, input_shape=input_shape, source="export check")
+        logits = engine(x)
+        report[f"tensorrt_{precision}_max_abs_logit_diff"] = float((logits - reference).abs().max())
+        report[f"tensorrt_{precision}_top1_agreement"] = float(
+            (logits.argmax(1) == reference.argmax(1)).float().mean()
+        )
+        if labels is not None and labels.ndim == 1 and len(labels) == len(x):
+            y = torch.from_numpy(labels)
+            change = (logits.argmax(1) == y).float().mean() - (
+                reference.argmax(1) == y
+            ).float().mean()
+            report[f"tensorrt_{precision}_accuracy_change"] = float(change)
+    return report
 
 
 def _int8_accuracy(
@@ -431,6 +469,36 @@ def _export_openvino(
     return report
 
 
+def _int8_and_engine_checks(
+    predictor: Predictor, fp32_path: Path, out_dir: Path, format: str, int8: bool, calib,
+    calib_images: int, checked: DecodedImages, batches: list[np.ndarray], source: str,
+) -> dict[str, Any]:  # fmt: skip
+    """``export_run``'s int8 file (symmetric for TensorRT) with its accuracy change on the
+    validation images, and for ``--format tensorrt`` the engines' checks."""
+    report: dict[str, Any] = {}
+    int8_path = None
+    if int8:
+        # TensorRT takes int8 activations with zero point 0 only: its own file, symmetric.
+        trt = format == "tensorrt"
+        target = out_dir / "tensorrt" / "model.int8.onnx" if trt else out_dir / "model.int8.onnx"
+        int8_path, n_calib = _quantize_run(predictor, fp32_path, target, calib, calib_images,
+                                           symmetric=trt)  # fmt: skip
+        report.update({"tensorrt_int8" if trt else "int8": str(int8_path), "calib_images": n_calib})
+        if len(checked):
+            y = checked.labels.numpy()
+            # For the TensorRT file: its accuracy in ONNX Runtime on the CPU, the same QDQ graph.
+            report.update(_int8_accuracy(fp32_path, int8_path, batches, y))
+            log.info("int8 accuracy measured on %d images: %s", len(checked), source)
+        else:
+            log.warning("int8 accuracy not measured: no validation images (%s)", source)
+    if format == "tensorrt":
+        pre = predictor.preprocessing
+        labels = checked.labels.numpy() if len(checked) else None
+        report.update(_tensorrt_checks(predictor.model, fp32_path, int8_path, batches, labels,
+                                       (pre.in_chans, pre.img_size, pre.img_size)))  # fmt: skip
+    return report
+
+
 def export_run(
     run: str | os.PathLike,
     *,
@@ -454,6 +522,10 @@ def export_run(
 
     ``format="openvino"`` writes ``OUT/openvino/model.xml`` (and ``model.int8.xml`` with
     ``int8``) instead of ONNX, with the same checks (:mod:`resfit.openvino_engine`).
+    ``format="tensorrt"`` writes the ONNX model and, with ``int8``, ``OUT/tensorrt/
+    model.int8.onnx`` (symmetric int8, what TensorRT takes) instead of ``model.int8.onnx``,
+    and on a GPU with TensorRT checks the engines built from them against PyTorch
+    (``tensorrt_*`` keys; ``tensorrt_check`` says why not where they cannot run).
     ``format="triton"`` also writes a Triton model repository, ``OUT/triton/NAME`` (``name``
     defaults to the run folder's name), with dynamic batching up to ``max_batch`` after at most
     ``max_queue_delay_us``; see :mod:`resfit.triton`."""
@@ -487,15 +559,8 @@ def export_run(
     if batches:
         images = torch.from_numpy(np.concatenate(batches)[:64])
         report["max_abs_logit_diff"] = onnx_parity(predictor.model, fp32_path, images)
-    if int8:
-        int8_path, n_calib = _quantize_run(predictor, fp32_path, out_dir, calib, calib_images)
-        report.update(int8=str(int8_path), calib_images=n_calib)
-        if len(checked):
-            y = checked.labels.numpy()
-            report.update(_int8_accuracy(fp32_path, int8_path, batches, y))
-            log.info("int8 accuracy measured on %d images: %s", len(checked), source)
-        else:
-            log.warning("int8 accuracy not measured: no validation images (%s)", source)
+    report.update(_int8_and_engine_checks(predictor, fp32_path, out_dir, format, int8, calib,
+                                          calib_images, checked, batches, source))  # fmt: skip
     if format == "triton":
         from .triton import write_triton_repository
 

@@ -33,7 +33,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .augmentation import EvalPreprocessing, base_size_for
 from .data import (
     DecodedImages,
     Sample,
@@ -49,6 +48,7 @@ from .data import (
 from .engines import Engine, create_engine
 from .errors import ConfigError, RunError
 from .models import build_model
+from .preprocessing import EvalPreprocessing, base_size_for
 from .tasks import MultiLabel, SingleLabel, Task, task_for
 
 __all__ = [
@@ -218,18 +218,31 @@ class Predictor:
             engine_options=engine_options,
         )
 
-    def decode(self, paths: Sequence[str | os.PathLike], progress: bool = False) -> DecodedImages:
-        return decode_all([Sample(Path(p), -1) for p in paths], self.base_size, progress=progress)
+    def decode(
+        self, paths: Sequence[str | os.PathLike], progress: bool = False, *, ready: bool = False
+    ) -> DecodedImages:
+        """Decode images at the run's decode size; with ``ready`` also crop and normalise them
+        in the decoding threads (model inputs, for :meth:`logits` with ``ready=True``)."""
+        return decode_all([Sample(Path(p), -1) for p in paths], self.base_size, progress=progress,
+                          transform=self.transform if ready else None)  # fmt: skip
 
     @torch.inference_mode()
-    def logits(self, decoded: DecodedImages, batch_size: int = 64) -> Tensor:
-        """fp32 logits (N, classes) on the CPU for decoded images, in their order."""
+    def logits(
+        self, decoded: DecodedImages, batch_size: int = 64, *, ready: bool = False
+    ) -> Tensor:
+        """fp32 logits (N, classes) on the CPU for decoded images, in their order (``ready``:
+        images that :meth:`decode` already preprocessed)."""
         out = []
-        data = TransformedImages(decoded, self.transform)
-        n = len(data)
-        for x, _ in iter_batches(
-            data, [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-        ):
+        n = len(decoded)
+        if ready:
+            batches = ((torch.stack(decoded.images[i : i + batch_size]), None)
+                       for i in range(0, n, batch_size))  # fmt: skip
+        else:
+            data = TransformedImages(decoded, self.transform)
+            batches = iter_batches(
+                data, [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+            )
+        for x, _ in batches:
             views = [x, x.flip(-1)] if self.tta else [x]
             out.append(torch.stack([self.engine(v) for v in views]).mean(0))
         return torch.cat(out) if out else torch.empty(0, len(self.classes))
@@ -249,8 +262,10 @@ class Predictor:
         return {"labels": [c for c, _ in chosen],
                 "probabilities": {c: float(p) for c, p in zip(self.classes, probs, strict=True)}}  # fmt: skip
 
-    def _multilabel(self, decoded: DecodedImages, batch_size: int, k: int) -> list[Prediction]:
-        probs = self.probabilities(self.logits(decoded, batch_size))
+    def _multilabel(
+        self, decoded: DecodedImages, batch_size: int, k: int, ready: bool = False
+    ) -> list[Prediction]:
+        probs = self.probabilities(self.logits(decoded, batch_size, ready=ready))
         out = []
         for path, row in zip(decoded.paths, probs, strict=True):
             a = self.answer(row)
@@ -260,10 +275,13 @@ class Predictor:
                                   labels, a["probabilities"]))  # fmt: skip
         return out
 
-    def _label(self, decoded: DecodedImages, batch_size: int, k: int) -> list[Prediction]:
+    def _label(
+        self, decoded: DecodedImages, batch_size: int, k: int, ready: bool = False
+    ) -> list[Prediction]:
         if self.multilabel:
-            return self._multilabel(decoded, batch_size, k)
-        conf, idx = self.probabilities(self.logits(decoded, batch_size)).topk(k, dim=1)
+            return self._multilabel(decoded, batch_size, k, ready)
+        logits = self.logits(decoded, batch_size, ready=ready)
+        conf, idx = self.probabilities(logits).topk(k, dim=1)
         return [
             Prediction(
                 str(p),
@@ -292,15 +310,16 @@ class Predictor:
         preds: list[Prediction] = []
         skipped: list[tuple[str, str]] = []
         bar = tqdm(total=len(paths), desc="predicting", disable=not progress, leave=False)
-        # Decode the next chunk (in threads) while the model runs on this one: decoding keeps
-        # up with the model, and a folder of any size never sits in memory whole.
+        # Decode, crop and normalise the next chunk (in threads) while the model runs on this
+        # one: decoding keeps up with the model, and a folder of any size never sits in memory
+        # whole.
         with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(self.decode, chunks[0]) if chunks else None
+            pending = pool.submit(self.decode, chunks[0], ready=True) if chunks else None
             for i in range(len(chunks)):
                 decoded = pending.result()
                 if i + 1 < len(chunks):
-                    pending = pool.submit(self.decode, chunks[i + 1])
-                preds += self._label(decoded, batch_size, k)
+                    pending = pool.submit(self.decode, chunks[i + 1], ready=True)
+                preds += self._label(decoded, batch_size, k, ready=True)
                 skipped += decoded.skipped
                 bar.update(len(chunks[i]))
         bar.close()

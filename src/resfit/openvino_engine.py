@@ -98,7 +98,7 @@ def cache_folder() -> Path | None:
     """Where compiled models (OpenVINO's ``CACHE_DIR``) and models converted at load are kept:
     ``<resfit cache>/openvino`` (``RESFIT_CACHE_DIR``, else ``~/.cache/resfit``); None when it
     cannot be written (then nothing is cached, and nothing fails)."""
-    from .weights import cache_dir  # the one cache root resfit uses
+    from .cache import cache_dir  # the one cache root (not .weights: it imports torchvision)
 
     folder = cache_dir() / "openvino"
     try:

@@ -52,7 +52,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     # The same default as resfit predict: the same engine gives the same confidences.
     p.add_argument("--engine", default="auto", metavar="ENGINE",
                    help="auto (the default, as resfit predict: the fastest installed engine "
-                        "here), torch, openvino, or onnx (after resfit export)")  # fmt: skip
+                        "here), torch, openvino, onnx (after resfit export), or tensorrt (GPUs)")  # fmt: skip
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
     p.add_argument("--host", default="127.0.0.1",

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import adapt
+from .cache import cache_dir  # re-exported: resfit.weights.cache_dir is public
 from .errors import WeightsError
 from .models import get_spec
 
@@ -184,14 +185,6 @@ def get_weights(name: str, arch: str | None = None) -> WeightsSpec:
 
 # ---------------------------------------------------------------------------------------------
 # Download
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("RESFIT_CACHE_DIR")
-    if root:
-        return Path(root).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "resfit"
 
 
 def weights_dir() -> Path:
