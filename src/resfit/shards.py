@@ -178,10 +178,10 @@ def prepare(
                       task=task)  # fmt: skip
     plan = _plan(splits, base_size_for(img_size), quality)
     work = out / _WORK
-    _start_or_resume(out, work, plan)
-    workers = workers or max(1, os.cpu_count() or 1)
+    workers = _start_or_resume(out, work, plan, workers or max(1, os.cpu_count() or 1))
     for split in SPLITS:
-        items = [(i, p) for i, (p, _) in enumerate(plan["splits"][split])]
+        # Lists, not tuples: LitData compares them with its checkpoint's JSON copy on resume.
+        items = [[i, p] for i, (p, _) in enumerate(plan["splits"][split])]
         if items and not (out / split / "index.json").is_file():
             log.info("prepare: %s, %d images", split, len(items))
             _write_split(out / split, items, _Encoder(plan["base_size"], quality, work, split),
@@ -195,20 +195,25 @@ def prepare(
     return index
 
 
-def _start_or_resume(out: Path, work: Path, plan: dict[str, Any]) -> None:
+def _start_or_resume(out: Path, work: Path, plan: dict[str, Any], workers: int) -> int:
+    """Start (the plan written first) or continue a prepare; the number of writer processes
+    (a continued run keeps its own: LitData's checkpoints are per worker)."""
     plan_file = work / "plan.json"
     if plan_file.is_file():
-        if json.loads(plan_file.read_text()) != plan:
+        saved = json.loads(plan_file.read_text())
+        if {k: v for k, v in saved.items() if k != "workers"} != plan:
             raise DataError(
                 f"{display_path(out)} holds an unfinished prepare of other data or options: "
                 f"give the same DATA and options to continue it, or another --out"
             )
-        log.info("prepare: continuing the unfinished run in %s", display_path(out))
-        return
+        log.info("prepare: continuing the unfinished run in %s with its %d writer(s)",
+                 display_path(out), saved["workers"])  # fmt: skip
+        return int(saved["workers"])
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{display_path(out)} is not empty: give a new folder as --out")
     work.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(plan_file, json.dumps(plan))
+    atomic_write_text(plan_file, json.dumps({**plan, "workers": workers}))
+    return workers
 
 
 def _write_split(dest: Path, items: list, encoder: _Encoder, workers: int, progress: bool) -> None:

@@ -392,6 +392,8 @@ def _open_val(
     val_data = source.open([samples[i] for i in ids], eval_decode_size(cfg), progress=show,
                            desc="decoding val")  # fmt: skip
     if world > 1:
+        log.info("rank %d validates %d of the %d validation images", dist_info.rank, len(ids),
+                 len(samples))  # fmt: skip
         bad = {p for p, _ in val_data.skipped}
         val_data.ids = [i for i in ids if str(samples[i].path) not in bad]
     return val_data
