@@ -12,7 +12,9 @@ pixels live is the source's business.
   that are not images; a file that fails later is replaced by the next readable one and listed.
   Each image's augmentation is seeded by (run seed, epoch, step, image), so an epoch is the
   same whatever the number of workers or ranks, and a run resumed mid-epoch is the same run.
-- ``auto`` (:func:`choose_mode`): memory when the decoded images fit in the memory available
+- ``shards`` (:class:`Shards`): stream mode on a folder written by ``resfit prepare``
+  (:mod:`resfit.shards`): pre-resized JPEGs read by index from LitData chunks.
+- ``auto`` (:func:`choose_mode`): shards for a prepared folder, else memory when the decoded images fit in the memory available
   to this rank with room to spare, else stream; it decides from a few file headers, before
   anything is decoded.
 
