@@ -194,3 +194,16 @@ def test_training_from_shards_equals_training_from_the_folder(folder, shards, tm
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], msg=k)
     assert [r["val_loss"] for r in a.history] == pytest.approx([r["val_loss"] for r in b.history])
+
+
+def test_the_cli_prepares_and_refuses_a_used_folder(folder, tmp_path, capsys) -> None:
+    from resfit.cli import main
+
+    args = ["prepare", str(folder), "--out", str(tmp_path / "s"), "--img-size", "32",
+            "--workers", "1", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    assert "prepared train 36, val 36 images" in capsys.readouterr().out
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "file.txt").write_text("x")
+    assert main([*args[:3], str(tmp_path / "other"), *args[4:]]) == 2
+    assert "is not empty" in capsys.readouterr().err

@@ -734,7 +734,7 @@ def bench_sources(
     epochs: int = 2,
     workers: tuple[int, ...] = (1, 2),
     consumer_images_per_s: float | None = None,
-    modes: tuple[str, ...] = ("stream", "shards", "memory"),
+    modes: tuple[str, ...] | None = None,
 ) -> BenchReport:
     """Images/s and peak memory of each data mode as ``train()`` runs it, per worker count:
     ``stream`` (decode + augment every image every epoch, in the DataLoader workers),
@@ -744,6 +744,9 @@ def bench_sources(
     of ``data``; memory's includes its decoding, as a run of ``epochs`` epochs pays it."""
     from .sources import Sharding, get_source
 
+    if modes is None:  # shards where LitData is installed (resfit[shards])
+        has_litdata = importlib.util.find_spec("litdata") is not None
+        modes = ("stream", "shards", "memory") if has_litdata else ("stream", "memory")
     splits = discover(str(data))
     samples = splits.train[:: max(1, len(splits.train) // limit)][:limit]
     tf = train_transform(AugmentConfig(augment), img_size, IMAGENET_MEAN, IMAGENET_STD)
