@@ -1,9 +1,10 @@
-"""Benchmark: the data modes of `resfit train` (stream and memory) against the ResNet-50 step.
+"""Benchmark: the data modes of `resfit train` (stream, shards, memory) against the ResNet-50 step.
 
 Measures, on real flowers5 photos (about 320x240 JPEGs) at 224 px with the "standard"
 augmentation and batch 32: images/s of stream mode (every image decoded + augmented every
-epoch in the DataLoader workers) and of memory mode (decoded once in threads, its decoding
-counted, then augmented in the workers) over 2 epochs, at 1 and 2 workers, the peak RSS of
+epoch in the DataLoader workers), of shards (the same from what `resfit prepare` wrote) and
+of memory mode (decoded once in threads, its decoding counted, then augmented in the
+workers) over 2 epochs, at 1 and 2 workers, the peak RSS of
 the process tree during each (a sum over processes: shared pages count once per worker, an
 upper bound), and each rate over what resfit's ResNet-50 train step consumes on this machine
 (measured first, in the same run; bf16 autocast, channels-last). Stream must keep up with the
@@ -19,16 +20,21 @@ the same pixels and batches. Only the augmentation draws differ (stream seeds ea
 memory draws from the process's generator). Without random augmentation the two modes train
 the same weights to fp32 (tests/test_stream.py).
 
-Last figures (python bench/pipeline.py, 2 cores of an AMD EPYC Zen 4 with AVX512_BF16, no
-AMX, torch 2.14.1, 2026-11-29). Baseline: resfit's ResNet-50 step measured in the same run
-(bf16 autocast, channels-last, batch 32) consumes 11.7 images/s. 512 flowers5 photos, 2 epochs:
-  stream, 1 worker    163.5 img/s  14.0x the step   peak PSS 0.83 GB (RSS summed 1.25)
-  stream, 2 workers   236.6 img/s  20.3x the step   peak PSS 0.87 GB (RSS summed 1.74)
-  memory, 1 worker    234.3 img/s  20.1x the step   peak PSS 1.00 GB (RSS summed 1.61)
-  memory, 2 workers   295.5 img/s  25.3x the step   peak PSS 1.20 GB (RSS summed 2.71)
-Stream keeps up with the step with 14x to spare on one worker. Memory's peak grows with the
-data (0.26 MB a photo: 24 GB for 100,000, see stream_100k.py); stream's does not. Worker
-start-up is in the rates, as a run pays it every epoch.
+Last figures (python bench/pipeline.py, 2 cores of an Intel Xeon with AMX + AVX512_BF16,
+torch 2.14.1, litdata 0.2.76, 2026-12-05). Baseline: resfit's ResNet-50 step measured in the
+same run (bf16 autocast, channels-last, batch 32) consumes 18.1 images/s. 512 flowers5
+photos, 2 epochs; resfit prepare wrote them in 0.8 s (670 images/s, once, not in the rates):
+  stream, 1 worker    211.5 img/s  11.7x the step   peak PSS 0.85 GB (RSS summed 1.30)
+  stream, 2 workers   278.9 img/s  15.5x the step   peak PSS 1.09 GB (RSS summed 1.80)
+  shards, 1 worker    203.3 img/s  11.3x the step   peak PSS 0.96 GB (RSS summed 1.31)
+  shards, 2 workers   298.3 img/s  16.5x the step   peak PSS 1.11 GB (RSS summed 1.82)
+  memory, 1 worker    264.1 img/s  14.6x the step   peak PSS 1.03 GB (RSS summed 1.66)
+  memory, 2 workers   363.5 img/s  20.1x the step   peak PSS 1.20 GB (RSS summed 2.75)
+Stream and shards keep up with the step with 11x to spare on one worker. Memory's peak grows
+with the data (0.26 MB a photo: 24 GB for 100,000, see stream_100k.py); stream's and shards'
+do not. Worker start-up is in the rates, as a run pays it every epoch. (Earlier figures on
+2 cores of an AMD EPYC Zen 4: stream 163.5/236.6, memory 234.3/295.5 img/s at 1/2 workers,
+step 11.7 img/s.)
 """
 
 from __future__ import annotations

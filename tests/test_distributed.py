@@ -73,7 +73,16 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
     # rank 0 alone wrote the run folder and logged
     with open(tmp_path / "ddp" / "metrics.csv") as f:
-        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    # Sharded validation: each rank scored half of val, and the gathered metrics are those of
+    # one process scoring all of it.
+    assert "rank 0 validates 24 of the 48 validation images" in res.stderr
+    with open(single / "metrics.csv") as f:
+        one = list(csv.DictReader(f))
+    for r, o in zip(rows, one, strict=True):
+        for k in ("val_loss", "val_acc"):
+            assert float(r[k]) == pytest.approx(float(o[k]), rel=1e-4, abs=1e-6), k
     assert res.stderr.count("epoch 2/2") == 1
 
 

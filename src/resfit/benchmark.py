@@ -765,14 +765,19 @@ def bench_sources(
     epochs: int = 2,
     workers: tuple[int, ...] = (1, 2),
     consumer_images_per_s: float | None = None,
+    modes: tuple[str, ...] | None = None,
 ) -> BenchReport:
     """Images/s and peak memory of each data mode as ``train()`` runs it, per worker count:
-    ``stream`` (decode + augment every image every epoch, in the DataLoader workers) and
-    ``memory`` (decode once, here in threads, then augment in the workers). The rate is over
-    ``epochs`` epochs of the first ``limit`` training images of ``data``; memory's includes
-    its decoding, as a run of ``epochs`` epochs pays it."""
+    ``stream`` (decode + augment every image every epoch, in the DataLoader workers),
+    ``shards`` (the same from the pre-resized JPEGs ``resfit prepare`` wrote: its one-off
+    writing time is reported apart) and ``memory`` (decode once, here in threads, then augment
+    in the workers). The rate is over ``epochs`` epochs of the first ``limit`` training images
+    of ``data``; memory's includes its decoding, as a run of ``epochs`` epochs pays it."""
     from .sources import Sharding, get_source
 
+    if modes is None:  # shards where LitData is installed (resfit[shards])
+        has_litdata = importlib.util.find_spec("litdata") is not None
+        modes = ("stream", "shards", "memory") if has_litdata else ("stream", "memory")
     splits = discover(str(data))
     samples = splits.train[:: max(1, len(splits.train) // limit)][:limit]
     tf = train_transform(AugmentConfig(augment), img_size, IMAGENET_MEAN, IMAGENET_STD)
@@ -783,23 +788,52 @@ def bench_sources(
         {},
     )
     sharding = Sharding.plan(len(samples), batch, 0, 1, seed=0)
-    share = [samples[i] for i in sharding.ids]
-    for mode in ("stream", "memory"):
-        for w in workers:
-            with PeakMemory() as mem:
-                t0 = time.perf_counter()
-                source = get_source(mode)
-                opened = source.open(share, base_size_for(img_size), progress=False, desc="")
-                dataset = TransformedImages(opened, tf)
-                for e in range(epochs):
-                    for _ in source.batches(dataset, sharding.epoch(e), w, seed=e):
-                        pass
-                secs = time.perf_counter() - t0
-            rate = sharding.steps * batch * epochs / secs
-            note = f"peak PSS {mem.pss / 1e9:.2f} GB, RSS {mem.rss / 1e9:.2f} (process + workers)"
-            if consumer_images_per_s:
-                note += f", {rate / consumer_images_per_s:.1f}x the step"
-            report.rows.append(BenchRow(f"{mode}, {w} worker(s)", "", rate, note=note))
+    work = Path(tempfile.mkdtemp(prefix="resfit-bench-shards-"))
+    try:
+        opened_by_mode = {m: [samples[i] for i in sharding.ids] for m in modes}
+        if "shards" in modes:
+            opened_by_mode["shards"] = _prepared(samples, splits.classes, img_size, work, report)
+            opened_by_mode["shards"] = [opened_by_mode["shards"][i] for i in sharding.ids]
+        for mode in modes:
+            for w in workers:
+                with PeakMemory() as mem:
+                    t0 = time.perf_counter()
+                    source = get_source(mode)
+                    opened = source.open(opened_by_mode[mode], base_size_for(img_size),
+                                         progress=False, desc="")  # fmt: skip
+                    dataset = TransformedImages(opened, tf)
+                    for e in range(epochs):
+                        for _ in source.batches(dataset, sharding.epoch(e), w, seed=e):
+                            pass
+                    secs = time.perf_counter() - t0
+                rate = sharding.steps * batch * epochs / secs
+                note = (
+                    f"peak PSS {mem.pss / 1e9:.2f} GB, RSS {mem.rss / 1e9:.2f} (process + workers)"
+                )
+                if consumer_images_per_s:
+                    note += f", {rate / consumer_images_per_s:.1f}x the step"
+                report.rows.append(BenchRow(f"{mode}, {w} worker(s)", "", rate, note=note))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     if consumer_images_per_s:
         report.info["training step consumes"] = f"{consumer_images_per_s:.1f} images/s"
     return report
+
+
+def _prepared(samples: list, classes: list[str], img_size: int, work: Path,
+              report: BenchReport) -> list:  # fmt: skip
+    """``samples`` written by ``resfit prepare`` (as a manifest of train rows) and read back."""
+    import csv
+
+    from .shards import prepare, read_splits
+
+    with open(work / "m.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "split"])
+        w.writerows([str(s.path), classes[s.label], "train"] for s in samples)
+        w.writerow([str(samples[0].path), classes[samples[0].label], "val"])  # val needs one
+    t0 = time.perf_counter()
+    prepare(work / "m.csv", work / "shards", img_size=img_size, progress=False)
+    secs = time.perf_counter() - t0
+    report.info["resfit prepare"] = f"{secs:.1f} s ({len(samples) / secs:.0f} images/s, once)"
+    return read_splits(work / "shards").train

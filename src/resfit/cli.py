@@ -165,6 +165,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    given = given_options(args)
+    TrainConfig.from_options(**given).check()  # bad values answer before torch is imported
+    from .shards import prepare
+
+    index = prepare(args.data, args.out, img_size=given.get("img_size") or 224,
+                    workers=args.writers, quality=args.quality,
+                    val_fraction=given.get("val_fraction", 0.15),
+                    test_fraction=given.get("test_fraction", 0.0), seed=given.get("seed", 0),
+                    task=given.get("task", "auto"), progress=given.get("progress", True))  # fmt: skip
+    counts = ", ".join(f"{s} {p['count']}" for s, p in index["splits"].items() if p["count"])
+    print(f"prepared {counts} images ({len(index['skipped'])} skipped) in {args.out}: "
+          f"resfit train {args.out} --out RUN")  # fmt: skip
+    return 0
+
+
 def _cmd_lr_find(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     _use_cores(args)
@@ -401,6 +417,20 @@ def _add_training_commands(sub: Any) -> None:
         "--early-stopping, --progress ...): any other one is refused",
     )
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "prepare", help="write shards once (pre-resized JPEGs, labels, hashes) for resfit train",
+        description="Write DATA's splits as LitData shards with a resfit index; resfit train "
+        "SHARDS then streams them. Run again on the same --out to continue a killed run.",
+    )  # fmt: skip
+    p.add_argument("data", help="image folder or CSV manifest, as resfit train reads it")
+    p.add_argument("--out", required=True, help="the shard folder to write")
+    for name in ("img_size", "val_fraction", "test_fraction", "seed", "task", "progress"):
+        _add_option(p, OPTIONS[name])
+    p.add_argument("--workers", dest="writers", type=int, default=None,
+                   help="writer processes (default: one per core)")  # fmt: skip
+    p.add_argument("--quality", type=int, default=93, help="JPEG quality (default: %(default)d)")
+    p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser(
         "lr-find", help="sweep the learning rate, plot loss against it and suggest one"

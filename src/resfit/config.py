@@ -38,7 +38,7 @@ MULTILABEL_LOSSES = ("bce", "asl")
 LEAKAGE = ("report", "remove", "off")
 LEAKAGE_SIGNALS = ("phash", "both")  # both: pHash and embeddings (resfit.leakage)
 EXPORT_FORMATS = ("onnx", "triton", "openvino", "tensorrt")  # resfit export --format
-DATA_MODES = ("auto", "memory", "stream")  # sources.SOURCES (and auto): where images live
+DATA_MODES = ("auto", "memory", "stream", "shards")  # sources.SOURCES (and auto): where images live
 
 
 PRESETS = ("none", "light", "standard", "strong")
@@ -147,7 +147,7 @@ class DataConfig:
     balance: str | None = option(None, "for uneven classes: weight the loss, or draw classes evenly (multilabel: weights only, as positive weights per class)", choices=BALANCE)  # fmt: skip
     leakage: str = option("report", "duplicates across splits: report them, remove them from val/test, or skip the check", choices=LEAKAGE)  # fmt: skip
     leakage_signal: str = option("phash", "how the leakage check finds duplicates: perceptual hashes, or both hashes and the --weights' embeddings (also finds crops, rotations, mirror images; a forward pass per image)", choices=LEAKAGE_SIGNALS)  # fmt: skip
-    data_mode: str = option("auto", "where the images live during training: memory decodes each once, stream decodes on the fly in the workers, auto picks memory when it fits with room to spare", choices=DATA_MODES)  # fmt: skip
+    data_mode: str = option("auto", "where the images live during training: memory decodes each once, stream decodes on the fly in the workers, shards streams a folder written by resfit prepare, auto picks memory when it fits with room to spare (and shards for a prepared folder)", choices=DATA_MODES)  # fmt: skip
     workers: int = option(0, "processes for decoding (stream) and augmentation (0 keeps the cores for the model)", minimum=0, resumable=True)  # fmt: skip
     limit_train_batches: int | None = option(None, "train on at most this many batches per epoch (smoke runs)", minimum=1, metavar="N")  # fmt: skip
     limit_val_batches: int | None = option(None, "validate on at most this many batches (a seeded subset of val; smoke runs)", minimum=1, metavar="N")  # fmt: skip

@@ -28,6 +28,7 @@ Knows nothing of models or training.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 import random
@@ -51,6 +52,7 @@ log = logging.getLogger("resfit")
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "SHARD_INDEX",
     "SPLIT_FOLDER_NAMES",
     "DataError",
     "DataSplits",
@@ -91,6 +93,8 @@ SPLIT_FOLDER_NAMES: dict[str, tuple[str, ...]] = {
     "test": ("test", "testing"),
 }
 SPLITS = tuple(SPLIT_FOLDER_NAMES)
+# The index that ``resfit prepare`` writes into a shard folder (see resfit.shards).
+SHARD_INDEX = "resfit-shards.json"
 _SPLIT_OF_NAME = {name: split for split, names in SPLIT_FOLDER_NAMES.items() for name in names}
 
 
@@ -156,6 +160,9 @@ class DataSplits:
     source: str = ""
     origins: dict[str, str] = field(default_factory=dict)
     task: str = "single"  # or "multilabel": each sample's label is a multi-hot tuple
+    # path -> (sha256, perceptual hash or None), where known without reading the files
+    # (prepared shards carry them): the leakage check uses them instead of hashing again.
+    fingerprints: dict[str, tuple[str, int | None]] = field(default_factory=dict)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per class and split (multi-label: the images that carry the class)."""
@@ -277,6 +284,7 @@ def discover(
     root = Path(data).expanduser()
     if not root.exists():
         raise DataError(f"data path {display_path(root)} does not exist")
+    _refuse_shards(root, "this command")
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise DataError(
@@ -306,6 +314,14 @@ def discover(
     for split in SPLITS:
         log.info("data: %s <- %s", split, splits.origins.get(split, "none"))
     return splits
+
+
+def _refuse_shards(root: Path, what: str) -> None:
+    if (root / SHARD_INDEX).is_file():
+        raise DataError(
+            f"{display_path(root)} holds prepared shards (resfit prepare): resfit train reads "
+            f"them; {what} needs the original images (the data given to resfit prepare)"
+        )
 
 
 def _carve_note(fraction: float, seed: int, what: str) -> str:
@@ -698,6 +714,7 @@ def eval_samples(
     root = Path(data).expanduser()
     if not root.exists():
         raise DataError(f"data path {display_path(root)} does not exist")
+    _refuse_shards(root, "evaluation")
     if root.is_file() and _is_multilabel_csv(root, "multilabel" if multilabel else "auto"):
         if not multilabel:
             raise DataError(
@@ -792,19 +809,22 @@ def _pil_to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | os.PathLike, max_side: int | None = None) -> Image.Image:
+def load_image(
+    path: str | os.PathLike, max_side: int | None = None, data: bytes | None = None
+) -> Image.Image:
     """Decode one image to RGB as a person sees it. ``max_side`` lets JPEG decoding downscale
-    in the DCT domain (PIL's draft mode), several times faster for large photos.
+    in the DCT domain (PIL's draft mode), several times faster for large photos. ``data``: the
+    file's bytes, already read (``path`` then only names it).
 
     Raises :class:`DecodeError` with a short reason for anything unreadable.
     """
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
+        if (len(data) if data is not None else path.stat().st_size) == 0:
             raise DecodeError("empty file")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(path if data is None else io.BytesIO(data)) as img:
                 if img.width * img.height > MAX_PIXELS:
                     raise DecodeError(
                         f"{img.width}x{img.height} pixels exceeds the {MAX_PIXELS:,} limit "

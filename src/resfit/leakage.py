@@ -51,6 +51,7 @@ __all__ = [
     "Duplicate",
     "ImageHash",
     "find_duplicates",
+    "fingerprint",
     "hamming",
     "hash_image",
     "hash_images",
@@ -129,19 +130,23 @@ def _open_small(data: bytes) -> Image.Image:
     return ImageOps.exif_transpose(im)
 
 
+def fingerprint(data: bytes) -> int | None:
+    """The perceptual hash of an image file's bytes, or None where they do not decode (as
+    :func:`hash_image` computes it; ``resfit prepare`` keeps it in the shard index)."""
+    try:
+        return phash(_open_small(data))
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
 def hash_image(path: str | os.PathLike) -> ImageHash:
     """Fingerprint one file. Raises OSError when it cannot be read at all."""
     path = Path(path)
     data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    try:
-        ph: int | None = phash(_open_small(data))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        log.warning(
-            "cannot decode %s (%s): only exact copies of it will be found", display_path(path), e
-        )
-        ph = None
-    return ImageHash(path, digest, ph)
+    ph = fingerprint(data)
+    if ph is None:
+        log.warning("cannot decode %s: only exact copies of it will be found", display_path(path))
+    return ImageHash(path, hashlib.sha256(data).hexdigest(), ph)
 
 
 def _safe_hash(path: Path) -> ImageHash | None:
@@ -181,6 +186,7 @@ def find_duplicates(
     *,
     embedder: Embedder | None = None,
     min_similarity: float | None = None,
+    known: dict[str, tuple[str, int | None]] | None = None,
 ) -> list[Duplicate]:
     """Every pair of exact or near-duplicate images that sit in two *different* splits.
 
@@ -192,6 +198,8 @@ def find_duplicates(
     ``embedder``: also report pairs whose embeddings have a cosine of at least
     ``min_similarity`` (default: :func:`similarity_threshold` of the pairs within the splits)
     and that the hashes missed (kind ``"embed"``); costs a forward pass per image.
+    ``known``: path -> (sha256, pHash) of files already fingerprinted (a shard index): those
+    files are not read.
     """
     if not 0 <= max_distance <= 64:
         raise ValueError(f"max_distance must be in [0, 64], got {max_distance}")
@@ -199,7 +207,10 @@ def find_duplicates(
         raise ValueError(f"min_similarity is a cosine, in [-1, 1]; got {min_similarity}")
     names = list(splits)
     all_paths = [Path(p) for name in names for p in splits[name]]
-    hashed = {h.path: h for h in hash_images(all_paths, workers=workers)}
+    known = known or {}
+    hashed = {p: ImageHash(p, *known[str(p)]) for p in all_paths if str(p) in known}
+    todo = [p for p in all_paths if p not in hashed]
+    hashed |= {h.path: h for h in hash_images(todo, workers=workers)}
     per_split = {
         name: [hashed[Path(p)] for p in splits[name] if Path(p) in hashed] for name in names
     }

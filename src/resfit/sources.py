@@ -12,7 +12,9 @@ pixels live is the source's business.
   that are not images; a file that fails later is replaced by the next readable one and listed.
   Each image's augmentation is seeded by (run seed, epoch, step, image), so an epoch is the
   same whatever the number of workers or ranks, and a run resumed mid-epoch is the same run.
-- ``auto`` (:func:`choose_mode`): memory when the decoded images fit in the memory available
+- ``shards`` (:class:`Shards`): stream mode on a folder written by ``resfit prepare``
+  (:mod:`resfit.shards`): pre-resized JPEGs read by index from LitData chunks.
+- ``auto`` (:func:`choose_mode`): shards for a prepared folder, else memory when the decoded images fit in the memory available
   to this rank with room to spare, else stream; it decides from a few file headers, before
   anything is decoded.
 
@@ -237,7 +239,31 @@ class Streaming(DataSource):
         return iter_batches(_Seeded(dataset), keyed, workers)
 
 
-SOURCES: dict[str, type[DataSource]] = {InMemory.mode: InMemory, Streaming.mode: Streaming}
+class Shards(Streaming):
+    """Stream from a folder written by ``resfit prepare`` (:mod:`resfit.shards`): the same
+    per-image seeds and sharding as :class:`Streaming`, pixels read from the LitData chunks
+    by index. The files that could not be read were left out by ``prepare``."""
+
+    mode: ClassVar[str] = "shards"
+
+    def open(self, samples: Sequence[Sample], base_size: int, *, progress: bool,
+             desc: str) -> DecodedImages:  # fmt: skip
+        from .shards import ShardImages
+
+        splits = {getattr(s, "split", None) for s in samples}
+        if not samples:
+            return StreamedImages(samples, base_size, [], self.skip_log)
+        if None in splits or len(splits) != 1:
+            raise ConfigError("--data-mode shards reads a folder written by resfit prepare")
+        root = samples[0].root  # type: ignore[attr-defined]
+        opened = StreamedImages(samples, base_size, [], self.skip_log)
+        opened.images = ShardImages(root, splits.pop(), [s.index for s in samples], base_size)  # type: ignore[attr-defined]
+        return opened
+
+
+SOURCES: dict[str, type[DataSource]] = {
+    InMemory.mode: InMemory, Streaming.mode: Streaming, Shards.mode: Shards,
+}  # fmt: skip
 assert set(SOURCES) | {"auto"} == set(DATA_MODES), "config.DATA_MODES and SOURCES must agree"
 
 
@@ -248,7 +274,7 @@ def get_source(mode: str, **kwargs: object) -> DataSource:
         raise ConfigError(
             f"--data-mode must be one of {', '.join(SOURCES)}, not {mode!r}"
         ) from None
-    return cls(**kwargs) if cls is Streaming else cls()
+    return cls(**kwargs) if issubclass(cls, Streaming) else cls()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,13 +360,27 @@ def choose_mode(
     sizes: tuple[int, int],
     world: int = 1,
     local_world: int = 1,
+    shards: bool = False,
 ) -> ModeChoice:
     """The data mode for a run: ``requested`` unless it is ``auto``; ``memory`` on data that
     would not fit is a :class:`ConfigError` with the estimate and what to do.
 
     ``sizes`` are the train and val decode sizes; ``world`` ranks share the training split
-    (each decodes its share), ``local_world`` of them share this machine's memory.
+    (each decodes its share), ``local_world`` of them share this machine's memory. ``shards``:
+    the data is a folder written by ``resfit prepare``, which streams (``auto``, ``stream``).
     """
+    if shards:
+        if requested == "memory":
+            raise ConfigError(
+                "--data-mode memory: prepared shards stream (--data-mode auto, stream or "
+                "shards); for memory mode train on the original images"
+            )
+        return ModeChoice("shards", f"{requested}: prepared shards stream from their chunks", 0, 0)
+    if requested == "shards":
+        raise ConfigError(
+            "--data-mode shards reads a folder written by resfit prepare DATA --out SHARDS; "
+            "give that folder as DATA, or use --data-mode auto, memory or stream"
+        )
     estimate = decoded_bytes(train, sizes[0]) // max(1, world) + decoded_bytes(val, sizes[1])
     available = available_memory() // max(1, local_world)
     need = f"decoded images ~{_gb(estimate)} per rank, {_gb(available)} available per rank"

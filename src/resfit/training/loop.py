@@ -32,7 +32,7 @@ from ..data import TransformedImages, iter_batches
 from ..sources import DataSource, Sharding
 from ..tasks import Task
 from ..transfer import FeatureCache, set_train_mode
-from .distributed import Dist
+from .distributed import Dist, gathered
 from .step import TrainStep, predict_logits
 
 
@@ -117,6 +117,9 @@ class Loop:
         self.start_step, self.first_step = 0, 0
         self.partial: dict[str, Any] | None = None
         self.history: list[dict[str, float]] = []
+        # Sharded validation under torchrun: this rank's positions in the validation set
+        # (its images are data.val); None when every rank holds all of it.
+        self.val_ids: list[int] | None = None
         self.row: dict[str, float] = {}
         self.stop = self.improved = False
         self.batches: Iterable[tuple[Tensor, Tensor]] = ()
@@ -214,8 +217,20 @@ class Loop:
             net, dataset, max(64, self.local_bs), s.device, s.precision, s.channels_last
         )
 
+    def val_outputs(self, model: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+        """Logits and labels of the whole validation set. Under sharded validation each rank
+        scores its share and the shares are gathered back into validation order, so every
+        rank computes the metrics of the whole set, as one process would."""
+        logits, labels = self.val_logits(model), self.data.val.decoded.labels
+        if self.dist.world <= 1 or self.val_ids is None:
+            return logits, labels
+        parts = gathered([(self.val_ids, logits.cpu(), labels)], self.dist)
+        ids = [i for part in parts for i in part[0]]
+        order = torch.tensor(sorted(range(len(ids)), key=ids.__getitem__), dtype=torch.long)
+        return torch.cat([p[1] for p in parts])[order], torch.cat([p[2] for p in parts])[order]
+
     def validate(self) -> dict[str, float]:
-        metrics = self.task.val_metrics(self.val_logits(), self.data.val.decoded.labels)
+        metrics = self.task.val_metrics(*self.val_outputs())
         seen = max(self.seen, 1)
         return {
             "epoch": self.epoch + 1,

@@ -48,6 +48,7 @@ from ..data import (
 )
 from ..errors import ConfigError, DataError, TrainingError
 from ..models import get_spec
+from ..shards import is_prepared
 from ..sources import DataSource, Sharding, choose_mode, get_source
 from ..tasks import MultiLabel, SingleLabel, Task
 from ..weights import IMAGENET_MEAN, IMAGENET_STD, create_model
@@ -115,9 +116,7 @@ def _prepare_and_run(
     extra: Sequence[Callback] = (),
 ) -> TrainResult:  # fmt: skip
     out, main = Path(cfg.run.out), dist_info.main
-    splits = discover(cfg.data.path, val_fraction=cfg.data.val_fraction,
-                      test_fraction=cfg.data.test_fraction, seed=cfg.runtime.seed,
-                      task=cfg.data.task)  # fmt: skip
+    splits = find_data(cfg)
     if resume and splits.classes != cfg.classes:
         raise TrainingError(f"--resume: the classes in {cfg.data.path} differ from those of {out}")
     cfg, model = resolve(cfg.replace(task=splits.task), splits)  # the run records its task
@@ -139,12 +138,25 @@ def _prepare_and_run(
     return _run(cfg, model, splits, device, precision, dist_info, resume, duplicates, extra)
 
 
+def find_data(cfg: TrainConfig) -> DataSplits:
+    """The splits of the run's data: a folder written by ``resfit prepare`` (its index, no file
+    read), else the folder layout or manifest that :func:`resfit.data.discover` finds."""
+    from ..shards import read_splits
+
+    if is_prepared(cfg.data.path):
+        return read_splits(cfg.data.path, task=cfg.data.task)
+    return discover(cfg.data.path, val_fraction=cfg.data.val_fraction,
+                    test_fraction=cfg.data.test_fraction, seed=cfg.runtime.seed,
+                    task=cfg.data.task)  # fmt: skip
+
+
 def _choose_data_mode(cfg: TrainConfig, splits: DataSplits, dist_info: Dist) -> TrainConfig:
     """The config with ``--data-mode auto`` settled (memory or stream, logged with the
     reason); ``memory`` on data that will not fit stops here, before any decoding."""
     sizes = (base_size_for(cfg.model.img_size), eval_decode_size(cfg))
     choice = choose_mode(cfg.data.data_mode, splits.train, val_samples(cfg, splits.val),
-                         sizes, dist_info.world, local_world())  # fmt: skip
+                         sizes, dist_info.world, local_world(),
+                         shards=is_prepared(cfg.data.path))  # fmt: skip
     log.info("data mode: %s (%s)", choice.mode, choice.reason)
     return cfg.replace(data_mode=choice.mode)
 
@@ -252,7 +264,7 @@ def check_leakage(
     embedder = None
     if cfg is not None and cfg.data.leakage_signal == "both":
         embedder = _leakage_embedder(cfg, model)
-    dups = find_duplicates(groups, embedder=embedder)
+    dups = find_duplicates(groups, embedder=embedder, known=splits.fingerprints)
     if dups:
         log.warning(
             "%d image(s) appear in more than one split (%s): scores on val/test are optimistic%s",
@@ -345,9 +357,7 @@ def _open_data(
                  len(set(sharding.ids)), len(splits.train))  # fmt: skip
     train_data = source.open(share, base_size_for(cfg.model.img_size), progress=show,
                              desc="decoding train")  # fmt: skip
-    # Validation at the weights' own resize (torchvision V2: 232 for a 224 crop), if any.
-    val_data = source.open(val_samples(cfg, splits.val), eval_decode_size(cfg), progress=show,
-                           desc="decoding val")  # fmt: skip
+    val_data = _open_val(cfg, source, splits, show, dist_info)
     if train_data.skipped:
         bad = {p for p, _ in train_data.skipped}
         sharding = sharding.drop({i for i in sharding.ids if str(splits.train[i].path) in bad})
@@ -363,11 +373,30 @@ def _open_data(
     barrier(dist_info)  # skipped.csv exists before any stream worker appends to it
     if steps == 0:
         raise DataError(f"no readable training images in {cfg.data.path}")
-    if len(val_data) == 0:
+    if not min_across_ranks(len(val_data), dist_info, device):
         raise DataError(
             f"no validation images: add a val/ folder to {cfg.data.path} or raise --val-fraction"
         )
     return train_data, val_data, skipped, sharding
+
+
+def _open_val(
+    cfg: TrainConfig, source: DataSource, splits: DataSplits, show: bool, dist_info: Dist
+) -> DecodedImages:
+    """The validation images of this rank: under torchrun every world-th image from the rank's
+    own (sharded validation, its positions in ``ids``), else all of them. Opened at the
+    weights' own resize (torchvision V2: 232 for a 224 crop), if any."""
+    samples = val_samples(cfg, splits.val)
+    world = dist_info.world if len(samples) >= dist_info.world else 1
+    ids = list(range(dist_info.rank % world, len(samples), world))
+    val_data = source.open([samples[i] for i in ids], eval_decode_size(cfg), progress=show,
+                           desc="decoding val")  # fmt: skip
+    if world > 1:
+        log.info("rank %d validates %d of the %d validation images", dist_info.rank, len(ids),
+                 len(samples))  # fmt: skip
+        bad = {p for p, _ in val_data.skipped}
+        val_data.ids = [i for i in ids if str(samples[i].path) not in bad]
+    return val_data
 
 
 def _skipped_during_training(path: Path, before: list) -> list:
@@ -459,7 +488,7 @@ def _run(
     extra: Sequence[Callback] = (),
 ) -> TrainResult:
     out, show = Path(cfg.run.out), cfg.run.progress and dist_info.main
-    stream = cfg.data.data_mode == "stream"
+    stream = cfg.data.data_mode in ("stream", "shards")
     source = get_source(cfg.data.data_mode, **({"skip_log": out / "skipped.csv"} if stream else {}))
     train_data, val_data, skipped, sharding = _open_data(cfg, source, splits, show, dist_info,
                                                          device)  # fmt: skip
@@ -494,9 +523,14 @@ def _run(
         [*callbacks_for(cfg, loop, (tr_tf, ev_tf), mix, out, resume, precision, show), *extra],
         key=lambda c: c.order,
     )
+    loop.val_ids = val_data.ids
     loop.fit()
     barrier(dist_info)
     best = loop.callback(BestModel)
+    if dist_info.main and loop.val_ids is not None:  # rank 0 finishes on the whole val split
+        whole = source.open(val_samples(cfg, splits.val), eval_decode_size(cfg), progress=show,
+                            desc="decoding val")  # fmt: skip
+        loop.data.val, loop.val_ids, loop.features = TransformedImages(whole, ev_tf), None, None
     result = TrainResult(out, loop.history, best.best_epoch, best.best, config=cfg)
     if dist_info.main:
         if stream:
