@@ -75,3 +75,95 @@ def test_the_readme_defaults_table_matches_the_config() -> None:
     assert f"| finetune head epochs | {defaults.transfer.head_epochs} |" in table
     assert f"| finetune stem lr ratio | {defaults.transfer.stem_lr_ratio:g} |" in table
     assert f"| label smoothing | {defaults.optim.label_smoothing:g} |" in table
+
+
+# -- --lr auto -------------------------------------------------------------------------------
+
+FAST = dict(arch="resnet20_cifar", img_size=16, batch_size=8, epochs=1, progress=False,
+            report=False, leakage="off", precise_bn=0)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from .images import make_colour_folder
+
+    return make_colour_folder(tmp_path_factory.mktemp("colours") / "data", per_class=8)
+
+
+def test_lr_auto_sweeps_first_and_trains_at_the_rate_it_chose(colours: Path, tmp_path: Path):
+    import json
+
+    from resfit.training import train
+
+    r = train(data=str(colours), out=str(tmp_path / "auto"), lr="auto", **FAST)
+    run = tmp_path / "auto"
+    assert (run / "lr_find.png").stat().st_size > 1000
+    summary = json.loads((run / "lr_find.json").read_text())
+    assert summary["rule"] == "steepest descent" and summary["steps"] >= 5
+    assert summary["chosen"] == summary["steepest"]
+    assert 1e-7 < summary["chosen"] < 10
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["lr"] == pytest.approx(summary["chosen"]) == r.config.optim.lr
+    assert "--lr auto: lr" in (run / "train.log").read_text()  # the sweep is in the run's log
+
+
+def test_an_explicit_lr_never_sweeps(colours: Path, tmp_path: Path) -> None:
+    import json
+
+    from resfit.cli import main
+
+    out = tmp_path / "fixed"
+    args = [str(colours), "--out", str(out), "--lr", "0.03", "--arch", "resnet20_cifar",
+            "--img-size", "16", "--batch-size", "8", "--epochs", "1", "--no-progress",
+            "--no-report", "--leakage", "off"]  # fmt: skip
+    assert main(["train", *args]) == 0
+    assert not (out / "lr_find.png").exists() and not (out / "lr_find.json").exists()
+    assert json.loads((out / "config.json").read_text())["lr"] == 0.03
+
+
+def test_the_cli_takes_lr_auto_and_names_a_bad_value(capsys: pytest.CaptureFixture) -> None:
+    from resfit.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["train", "D", "--out", "R", "--lr", "auto"]).lr == "auto"
+    assert parser.parse_args(["train", "D", "--out", "R", "--lr", "0.5"]).lr == 0.5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "D", "--out", "R", "--lr", "fast"])
+    assert "invalid a number or auto value: 'fast'" in capsys.readouterr().err
+
+
+# -- bench/defaults.py: the suite's tasks are built as described (not run) --------------------
+
+
+def _bench() -> object:
+    import importlib.util
+    import sys
+
+    path = README.parent / "bench" / "defaults.py"
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location("bench_defaults", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_defaults_suite_builds_its_tasks(tmp_path: Path) -> None:
+    bench = _bench()
+    assert len(bench.TASKS) >= 5
+    data = bench.TASKS["digits"].build(tmp_path, 0.1)  # 10 % of scikit-learn's digits
+    for split, lo in (("train", 10), ("val", 3)):
+        classes = sorted(p.name for p in (data / split).iterdir())
+        assert classes == [str(i) for i in range(10)]
+        assert all(len(list((data / split / c).glob("*.png"))) >= lo for c in classes)
+    for task in bench.TASKS.values():
+        if task.needs_assets and not bench.ASSETS.exists():
+            continue
+        cfg = TrainConfig.from_options(data=str(data), out=str(tmp_path / "r"),
+                                       **bench.fixed_options(task)).check()  # fmt: skip
+        assert cfg.optim.lr is None and cfg.augment.preset == "auto"  # the defaults, untouched
+        assert task.trials >= 5
+    row = dict(task="digits", epochs=10, trials=20, defaults=0.9, best=0.93,
+               counts={"COMPLETE": 12, "PRUNED": 8, "FAIL": 0}, wall_s=61.0)  # fmt: skip
+    line = "| digits | 10 epochs | 90.0 % | 93.0 % | +3.0 | 20 (12/8) | 61 s |"
+    assert line in bench.table([row])
