@@ -27,6 +27,8 @@ def _resolved(img_size: int | None = None, **options) -> TrainConfig:
         ({"weights": "w.pth", "recipe": "finetune"}, 0.2),  # the head's rate
         ({"weights": "w.pth", "recipe": "finetune", "batch_size": 32}, 0.1),  # linear in batch
         ({"weights": "w.pth", "recipe": "finetune", "lr": 0.03}, 0.03),  # given: kept
+        ({"weights": "w.pth", "freeze": "backbone"}, 0.2),  # the head alone: the head's rate
+        ({"weights": "w.pth", "freeze": "layer2"}, 0.01),
         ({"optimizer": "adamw"}, 1e-3),
         ({"optimizer": "adam", "weights": "w.pth", "recipe": "finetune"}, 3e-4),
     ],
@@ -57,7 +59,7 @@ def test_finetune_defaults_and_the_log_line() -> None:
     assert given.transfer.head_epochs == 1 and given.transfer.stem_lr_ratio == 0.5
     resolved = given.resolve(["a", "b"], {**PRE, "input_size": 32}, 224)
     note = defaults_note(given, resolved)
-    assert "lr 0.2 (sgd, batch 64, from weights, recipe finetune)" in note
+    assert "lr 0.2 (sgd, batch 64, from weights, recipe finetune, --freeze none)" in note
     assert "augment light (32 px)" in note and "weight decay 0.0005" in note
     explicit = given.replace(lr=0.1, weight_decay=0.0, augment="light")
     assert defaults_note(explicit, explicit.resolve(["a"], PRE, 224)) == ""

@@ -507,12 +507,13 @@ def _minimum_message(name: str, minimum: float) -> str:
     return f"{flag(name)} must be at least {minimum:g}"
 
 
-# SGD peak rates per 256 images of batch (linear scaling): from scratch; the finetune recipe
-# (the head's rate: the head trains alone first, then the stages at a half-cycle with
-# discriminative rates); any other run from weights. Chosen by bench/defaults.py: on flowers5
-# from the CIFAR ResNet-56 at 32 px, the finetune rate 0.2 at batch 64 reached 83.6 % where the
-# old 0.01 reached 68.9 %.
-SGD_LR_PER_256 = {"scratch": 0.2, "finetune": 0.8, "transfer": 0.04}
+# SGD peak rates per 256 images of batch (linear scaling): from scratch; the head's rate, for
+# the finetune recipe (the head trains alone first, then the stages at a half-cycle with
+# discriminative rates) and for --freeze backbone (the head alone throughout); any other run
+# from weights. Chosen by bench/defaults.py: on flowers5 from the CIFAR ResNet-56 at 32 px,
+# finetune at 0.2 (batch 64) reached 83.6 % where the old 0.01 reached 68.9 %; head-only at
+# 224 px, the study's best rates were 0.13-0.18 (batch 64).
+SGD_LR_PER_256 = {"scratch": 0.2, "head": 0.8, "transfer": 0.04}
 
 
 def default_lr(cfg: TrainConfig) -> float:
@@ -520,7 +521,8 @@ def default_lr(cfg: TrainConfig) -> float:
     (:data:`SGD_LR_PER_256`); Adam and AdamW 1e-3 from scratch, 3e-4 from weights."""
     o, transfer = cfg.optim, cfg.model.weights is not None
     if o.optimizer == "sgd":
-        kind = "scratch" if not transfer else "finetune" if cfg.transfer.recipe == "finetune" else "transfer"  # fmt: skip
+        head = cfg.transfer.recipe == "finetune" or cfg.transfer.freeze == "backbone"
+        kind = "scratch" if not transfer else "head" if head else "transfer"
         return SGD_LR_PER_256[kind] * o.batch_size / 256
     return 3e-4 if transfer else 1e-3
 
@@ -531,7 +533,8 @@ def defaults_note(given: TrainConfig, resolved: TrainConfig) -> str:
     parts = []
     if given.optim.lr is None:
         kind = "from weights" if resolved.model.weights else "from scratch"
-        recipe = f", recipe {resolved.transfer.recipe}" if resolved.model.weights else ""
+        t = resolved.transfer
+        recipe = f", recipe {t.recipe}, --freeze {t.freeze}" if resolved.model.weights else ""
         parts.append(f"lr {resolved.optim.lr:.3g} ({resolved.optim.optimizer}, batch "
                      f"{resolved.optim.batch_size}, {kind}{recipe})")  # fmt: skip
     if given.optim.weight_decay is None:
