@@ -44,9 +44,13 @@ def test_augment_auto_resolves_by_image_size(size: int, preset: str) -> None:
     assert cfg.augment.preset == preset  # concrete after resolving: config.json says which
     assert cfg.to_dict()["augment"]["preset"] == preset
     assert cfg.to_dict()["augment"]["rotation"] == (0.0 if preset == "light" else 15.0)
+    # Small images get milder crops than the light preset's 35-100 %.
+    assert cfg.augment.resolved().crop_scale == ((0.5, 1.0) if preset == "light" else (0.35, 1.0))
 
 
 def test_a_given_preset_or_knob_wins_over_auto() -> None:
+    given = _resolved(img_size=32, augment="light").augment.resolved()
+    assert given.preset == "light" and given.crop_scale == (0.35, 1.0)  # the preset as named
     assert _resolved(img_size=32, augment="standard").augment.preset == "standard"
     aug = AugmentConfig(crop_scale=(0.7, 1.0))  # preset auto, one knob given
     cfg = _resolved(img_size=32, augment=aug)
@@ -60,7 +64,7 @@ def test_finetune_defaults_and_the_log_line() -> None:
     resolved = given.resolve(["a", "b"], {**PRE, "input_size": 32}, 224)
     note = defaults_note(given, resolved)
     assert "lr 0.2 (sgd, batch 64, from weights, recipe finetune, --freeze none)" in note
-    assert "augment light (32 px)" in note and "weight decay 0.0005" in note
+    assert "augment light, crops 50%-100% (32 px)" in note and "weight decay 0.0005" in note
     explicit = given.replace(lr=0.1, weight_decay=0.0, augment="light")
     assert defaults_note(explicit, explicit.resolve(["a"], PRE, 224)) == ""
 
