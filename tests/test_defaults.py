@@ -173,3 +173,14 @@ def test_the_defaults_suite_builds_its_tasks(tmp_path: Path) -> None:
                counts={"COMPLETE": 12, "PRUNED": 8, "FAIL": 0}, wall_s=61.0)  # fmt: skip
     line = "| digits | 10 epochs | 90.0 % | 93.0 % | +3.0 | 20 (12/8) | 61 s |"
     assert line in bench.table([row])
+
+
+def test_the_tune_defaults_trial_gets_the_augmentation_auto_picks() -> None:
+    from resfit.tuning.space import defaults_of, search_space
+    from resfit.tuning.study import _sized
+
+    cfg = TrainConfig.from_options(arch="resnet20_cifar")  # no --img-size: the net's 32 px
+    params = defaults_of(_sized(cfg), search_space(cfg, ["arch"]))
+    assert params["augment"] == "light" and params["crop_min"] == 0.5 and params["lr"] == 0.05
+    big = TrainConfig.from_options(arch="resnet18")
+    assert defaults_of(_sized(big), search_space(big, ["arch"]))["augment"] == "standard"
