@@ -23,7 +23,23 @@
 #   python bench/defaults.py --table             # the table of every task run so far
 #   python bench/defaults.py --lr-auto TASK      # also train once with --lr auto (the LR finder)
 #
-# Last figures: see the table at the end of this docstring and in README.md (Tuning).
+# Last figures (2026-12-05, torch 2.14.1, Optuna 5.0.0; 2 cores of an Intel Xeon with AMX +
+# AVX512_BF16, so training ran under bf16 autocast, the `auto` precision; the machine shared
+# with other jobs behind a lock, each task had it alone). One run per task, after the defaults
+# were set; defaults = the study's trial 0, the baseline of the same run:
+#   task             budget     defaults  tuned best  gap   trials (complete/pruned)  wall
+#   flowers32-ft     15 epochs  76.7 %    76.7 %      +0.0  20 (7/13)                 174 s
+#   flowers64-ft     10 epochs  68.0 %    71.3 %      +3.3  10 (2/8)                   70 s
+#   cifar50          20 epochs  41.5 %    43.0 %      +1.5  20 (8/12)                 184 s
+#   cifar500          6 epochs  52.6 %    59.4 %      +6.8   8 (6/2)                  266 s
+#   digits           10 epochs  95.6 %    97.8 %      +2.2  20 (15/5)                 163 s
+#   flowers224-head  15 epochs  52.0 %    52.7 %      +0.7  20 (6/14)                  50 s
+# Within 2 points on 3 of 6 (the issue asks for all 6). --lr auto (--lr-auto, one run each)
+# lost to the fixed default everywhere: cifar50 31.0 % vs 41.5 % (it chose 0.0054 against 0.05),
+# flowers224-head 50.7 % vs 52.0 % (0.11 against 0.2); with the previous defaults flowers32-ft
+# 67.3 % vs 72.0 %, flowers64-ft 55.3 % vs 66.7 %, digits 24.7 % vs 93.6 %, cifar500 40.4 %
+# vs 50.2 %. The whole of flowers5 (2,934 / 736) with --recipe finetune --epochs 15 and no
+# other flag: 83.6 % (68.9 % with the old defaults), 136 s.
 """The defaults against `resfit tune` on a suite of real tasks: gap, trials, wall time."""
 
 from __future__ import annotations
