@@ -24,7 +24,7 @@
 #     defaults 39.3 %, best 60.0 % (+20.7 points, 1.53x) on the study's 150 val images;
 #     on the 586 val images the study never saw: defaults 36.7 %, best 62.3 % (+25.6, 1.70x);
 #     11 complete, 9 pruned (at epochs 3-8 of 15), 0 failed; wall 236 s (229 s the first time).
-#     best: lr 0.084 (the default is 0.005 at batch 32), weight decay 4.4e-4, label smoothing
+#     best: lr 0.084 (the default was then 0.005 at batch 32; since issue 16, 0.1), weight decay 4.4e-4, label smoothing
 #     0.19, light preset with crops of 48-100 %, MixUp + CutMix, 1 head epoch, nothing frozen
 #     after it, no EMA: the issue's finding (lr ~0.1, mild crops) found by the search.
 #   head only (--head-only --epochs 15 --timeout 120): defaults 38.0 %, best 50.0 % (+12.0);

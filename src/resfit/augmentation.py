@@ -98,7 +98,7 @@ def eval_transform(
 def train_transform(
     cfg: AugmentConfig, img_size: int, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> v2.Compose:
-    c = cfg.resolved()
+    c = cfg.resolved(img_size)
     if c.preset == "none":
         return eval_transform(img_size, mean, std)
     t: list[Callable] = []

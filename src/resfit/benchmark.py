@@ -602,7 +602,7 @@ def _pil_transform(cfg: AugmentConfig, img_size: int) -> Callable:
     """``cfg``'s augmentation as users write it with torchvision's classic PIL transforms."""
     from torchvision import transforms as T
 
-    c = cfg.resolved()
+    c = cfg.resolved(img_size)
     ops: list[Callable] = []
     if c.crop_scale != (1.0, 1.0):
         ops.append(T.RandomResizedCrop(img_size, scale=c.crop_scale))

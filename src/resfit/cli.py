@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from .config import (
+    AUGMENT_CHOICES,
     AUGMENT_FLAGS,
     EXPORT_FORMATS,
     OPTIONS,
-    PRESETS,
+    PARSERS,
     SECTIONS,
     OptionInfo,
     TrainConfig,
@@ -65,7 +66,7 @@ def _add_option(parser: argparse.ArgumentParser | Any, info: OptionInfo, **extra
         parser.add_argument(name, dest=info.name, action=action, default=argparse.SUPPRESS,
                             help=_option_help(info))  # fmt: skip
         return
-    if info.type not in (int, float, str):
+    if info.type not in (int, float, str, *PARSERS.values()):
         raise TypeError(f"option {info.name}: the CLI cannot parse {info.type!r}")
     kwargs: dict[str, Any] = dict(
         type=info.type, default=argparse.SUPPRESS, help=_option_help(info)
@@ -331,7 +332,7 @@ def _cmd_augment_preview(args: argparse.Namespace) -> int:
                         views=args.views, seed=args.seed)  # fmt: skip
     write_png(grid, args.out)
     print(f"wrote {args.out}: {len(samples)} images (first column: eval view) x {args.views} "
-          f"augmented views, preset {aug.preset}")  # fmt: skip
+          f"augmented views, preset {aug.resolved(args.img_size).preset}")  # fmt: skip
     return 0
 
 
@@ -558,7 +559,7 @@ def _add_tool_commands(sub: Any) -> None:
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime engines")
     p.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO engines")
     p.add_argument("--no-tensorrt", action="store_true", help="skip the TensorRT engines (GPU)")
-    p.add_argument("--augment", default=OPTIONS["augment"].default, choices=PRESETS)
+    p.add_argument("--augment", default=OPTIONS["augment"].default, choices=AUGMENT_CHOICES)
     p.add_argument("--limit", type=int, default=512, help="pipeline: images to read")
     p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda")
     p.add_argument("--json", help="also write the figures to this file")

@@ -35,6 +35,7 @@ SCENARIOS: dict[str, dict] = {
         augment="none",
         recipe="finetune",
         head_epochs=1,
+        stem_lr_ratio=0.1,  # the default when the reference was made (issue 16 raised it)
         unfreeze="gradual",
         lr=0.05,
         seed=1,

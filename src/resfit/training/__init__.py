@@ -8,7 +8,8 @@ from ..config import TrainConfig
 from ..errors import TrainingError
 from ..tasks import soft_cross_entropy
 from .loop import Callback, Loop
-from .run import TrainResult, build_transforms, resolve, train
+from .lr_auto import train  # run.train, with --lr auto settled first
+from .run import TrainResult, build_transforms, resolve
 from .step import TrainStep, lr_at, make_optimizer, param_groups, predict_logits
 
 __all__ = [

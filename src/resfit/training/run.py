@@ -37,7 +37,7 @@ from ..augmentation import (
     for_channels,
     train_transform,
 )
-from ..config import OPTIONS, TrainConfig, resume_changes
+from ..config import OPTIONS, TrainConfig, defaults_note, resume_changes
 from ..data import (
     DataSplits,
     DecodedImages,
@@ -219,7 +219,11 @@ def resolve(cfg: TrainConfig, splits: DataSplits) -> tuple[TrainConfig, nn.Modul
                      len(splits.classes), adapt(model).num_classes)  # fmt: skip
             adapt(model).reset_head(len(splits.classes))
     pre["mean"], pre["std"] = pre.get("mean") or IMAGENET_MEAN, pre.get("std") or IMAGENET_STD
-    return cfg.resolve(splits.classes, pre, get_spec(m.arch).default_input_size), model
+    resolved = cfg.resolve(splits.classes, pre, get_spec(m.arch).default_input_size)
+    note = defaults_note(cfg, resolved)
+    if note:
+        log.info(note)
+    return resolved, model
 
 
 def _known_file_preprocessing(weights: Path) -> dict:

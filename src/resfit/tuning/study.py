@@ -155,6 +155,16 @@ def _comparable(fixed: Mapping[str, Any]) -> dict[str, Any]:
             for k, v in fixed.items() if k not in _FREE}  # fmt: skip
 
 
+def _sized(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the architecture's input size when none is given, so that the defaults
+    trial gets the augmentation ``--augment auto`` picks for it (a CIFAR net: 32 px)."""
+    if cfg.model.img_size is not None:
+        return cfg
+    from ..models import get_spec
+
+    return cfg.replace(img_size=get_spec(cfg.model.arch).default_input_size)
+
+
 def load_study(plan: Plan, cfg: TrainConfig) -> Any:
     """The plan's study, created on first use with the fixed options and the defaults trial;
     a study started with other fixed options is refused (its trials would not compare)."""
@@ -168,7 +178,7 @@ def load_study(plan: Plan, cfg: TrainConfig) -> Any:
         if saved is None:
             study.set_user_attr("fixed", fixed)
             space = search_space(cfg, plan.fixed)
-            study.enqueue_trial(defaults_of(cfg, space), user_attrs={"baseline": True})
+            study.enqueue_trial(defaults_of(_sized(cfg), space), user_attrs={"baseline": True})
             for params in plan.enqueue:
                 study.enqueue_trial(dict(params))
     if saved is not None and saved != fixed:
