@@ -35,8 +35,15 @@ def test_fp32_run_matches_the_pre_redesign_reference(
     finally:
         torch.set_num_threads(threads)
     want = reference[name]
-    assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-3, abs=1e-5)
+    # fp32 runs are not bit-reproducible across CPU kinds: the random-augmentation run drifts
+    # (measured on an AMX Xeon against the Zen 4 reference: val loss 0.39 %, first values of a
+    # tensor up to 7 % of themselves, but sums within 0.1 % of the tensor's norm). So each
+    # summary is compared relative to its tensor's norm; a changed lr, schedule or loss moves
+    # the weights by far more.
+    assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-2, abs=1e-5)
     assert set(got["weights"]) == set(want["weights"])
     for k, w in want["weights"].items():
-        # Summaries of each tensor; fp32 kernels may round differently on other CPU kinds.
-        assert got["weights"][k] == pytest.approx(w, rel=2e-3, abs=2e-4), k
+        g = got["weights"][k]
+        norm = w[1] ** 0.5  # w = [sum, sum of squares, first values...]
+        assert g[1] == pytest.approx(w[1], rel=5e-3, abs=1e-6), k
+        assert [g[0], *g[2:]] == pytest.approx([w[0], *w[2:]], abs=5e-3 * norm + 1e-4), k
