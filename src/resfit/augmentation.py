@@ -29,7 +29,13 @@ from .config import PRESETS, AugmentConfig
 from .errors import ConfigError
 
 # The eval preprocessing lives beside, without torchvision; re-exported for existing callers.
-from .preprocessing import EvalPreprocessing, base_size_for, decode_size, for_channels
+from .preprocessing import (
+    EvalPreprocessing,
+    EvalTransform,
+    base_size_for,
+    decode_size,
+    for_channels,
+)
 
 __all__ = [
     "INTERPOLATIONS",
@@ -83,16 +89,14 @@ def eval_transform(
     *,
     resize_size: int | None = None,
     interpolation: str = "bilinear",
-) -> v2.Compose:
+) -> Callable[[Tensor], Tensor]:
     """The deterministic evaluation preprocessing: centre crop and normalise, after resizing
     the shorter side to ``resize_size`` with ``interpolation`` when given (the weights' recipe;
     torchvision's ``ImageClassification`` does the same). Without ``resize_size`` the input is
-    taken as already decoded at :func:`base_size_for` (runs from before resize_size existed)."""
-    steps: list[Callable] = []
-    if resize_size is not None:
-        mode = interpolation_mode(interpolation)
-        steps.append(v2.Resize(decode_size(img_size, resize_size), mode, antialias=True))
-    return v2.Compose([*steps, v2.CenterCrop(img_size), *_normalize(mean, std)])
+    taken as already decoded at :func:`base_size_for` (runs from before resize_size existed).
+    The same steps as :class:`EvalTransform`, which predict runs without torchvision."""
+    same = EvalTransform(img_size, mean, std, resize_size=resize_size, interpolation=interpolation)
+    return same.torchvision_pipeline()
 
 
 def train_transform(

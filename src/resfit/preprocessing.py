@@ -105,8 +105,9 @@ class EvalTransform:
         self._std = torch.as_tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
         self._fallback: Callable[[Tensor], Tensor] | None = None
 
-    def _torchvision(self) -> Callable[[Tensor], Tensor]:
-        """torchvision's own pipeline, for what :meth:`__call__` leaves to it (imported then)."""
+    def torchvision_pipeline(self) -> Callable[[Tensor], Tensor]:
+        """torchvision's own pipeline for the same arguments (imported on first use): what
+        :meth:`__call__` leaves to it, and :func:`resfit.augmentation.eval_transform`."""
         if self._fallback is None:
             from torchvision.transforms import v2
 
@@ -125,7 +126,7 @@ class EvalTransform:
         size = self.img_size
         resize = self.shorter is not None and _resized(h, w, self.shorter) != (h, w)
         if resize or image.dtype != torch.uint8 or size > h or size > w or image.numel() == 0:
-            return self._torchvision()(image)
+            return self.torchvision_pipeline()(image)
         top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
         crop = image[..., top : top + size, left : left + size]
         # ToDtype(float32, scale=True), then Normalize: the same operations, in this order.
