@@ -48,7 +48,7 @@ from ..data import (
 )
 from ..errors import ConfigError, DataError, TrainingError
 from ..models import get_spec
-from ..shards import is_prepared
+from ..shards import is_prepared, read_splits
 from ..sources import DataSource, Sharding, choose_mode, get_source
 from ..tasks import MultiLabel, SingleLabel, Task
 from ..weights import IMAGENET_MEAN, IMAGENET_STD, create_model
@@ -141,8 +141,6 @@ def _prepare_and_run(
 def find_data(cfg: TrainConfig) -> DataSplits:
     """The splits of the run's data: a folder written by ``resfit prepare`` (its index, no file
     read), else the folder layout or manifest that :func:`resfit.data.discover` finds."""
-    from ..shards import read_splits
-
     if is_prepared(cfg.data.path):
         return read_splits(cfg.data.path, task=cfg.data.task)
     return discover(cfg.data.path, val_fraction=cfg.data.val_fraction,
