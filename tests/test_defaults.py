@@ -48,6 +48,28 @@ def test_augment_auto_resolves_by_image_size(size: int, preset: str) -> None:
     assert cfg.augment.resolved().crop_scale == ((0.5, 1.0) if preset == "light" else (0.35, 1.0))
 
 
+@pytest.mark.parametrize(
+    "options, preset",
+    [
+        ({"img_size": 32, "epochs": 10}, "none"),  # short, from scratch, small: no augmentation
+        ({"img_size": 16, "epochs": 3}, "none"),
+        ({"img_size": 32, "epochs": 11}, "light"),  # long enough to memorise: crops pay
+        ({"img_size": 32, "epochs": 6, "weights": "w.pth"}, "light"),  # from weights
+        ({"img_size": 96, "epochs": 6}, "standard"),  # not measured above 64 px: as before
+        ({"img_size": 32, "epochs": 6, "augment": "light"}, "light"),  # given: it wins
+    ],
+)
+def test_augment_auto_in_a_short_run_from_scratch(options: dict, preset: str) -> None:
+    size = options.pop("img_size")
+    cfg = _resolved(img_size=size, **options)
+    assert cfg.augment.preset == preset and cfg.to_dict()["augment"]["preset"] == preset
+    if preset == "none":
+        a = cfg.augment.resolved()
+        assert (a.hflip, a.crop_scale, a.mixup) == (0.0, (1.0, 1.0), 0.0)
+        note = defaults_note(TrainConfig.from_options(data="d", **options), cfg)
+        assert f"augment none ({size} px, from scratch, {options['epochs']} epochs <= 10)" in note
+
+
 def test_a_given_preset_or_knob_wins_over_auto() -> None:
     given = _resolved(img_size=32, augment="light").augment.resolved()
     assert given.preset == "light" and given.crop_scale == (0.35, 1.0)  # the preset as named
@@ -184,3 +206,6 @@ def test_the_tune_defaults_trial_gets_the_augmentation_auto_picks() -> None:
     assert params["augment"] == "light" and params["crop_min"] == 0.5 and params["lr"] == 0.05
     big = TrainConfig.from_options(arch="resnet18")
     assert defaults_of(_sized(big), search_space(big, ["arch"]))["augment"] == "standard"
+    short = cfg.replace(epochs=6)  # trial 0 of a short study from scratch: no augmentation
+    params = defaults_of(_sized(short), search_space(short, ["arch", "epochs"]))
+    assert params["augment"] == "none" and "crop_min" not in params

@@ -63,7 +63,10 @@ def search_space(cfg: TrainConfig, given: Collection[str]) -> dict[str, Spec]:
         else:
             space["freeze"] = ("cat", _FREEZE)
     blocked = set(given)
-    if "augment" in given and cfg.augment.resolved(cfg.model.img_size).preset == "none":
+    if (
+        "augment" in given
+        and cfg.augment.resolved(cfg.model.img_size, cfg.short_scratch).preset == "none"
+    ):
         blocked.add("crop_min")
     if {"mixup", "cutmix"} & blocked:
         blocked.add("mix")
@@ -76,7 +79,7 @@ def defaults_of(cfg: TrainConfig, space: Mapping[str, Spec]) -> dict[str, Any]:
     """The parameters a plain ``resfit train`` with the fixed options would use: the study's
     first trial, so that the best trial is measured against them. A default outside the
     searched range (Adam's weight decay 0 on a log scale) is left to the sampler."""
-    aug = cfg.augment.resolved(cfg.model.img_size)  # auto: the preset for the size, if given
+    aug = cfg.augment.resolved(cfg.model.img_size, cfg.short_scratch)  # auto: what train picks
     mix = next((k for k, v in MIXES.items() if v == (aug.mixup, aug.cutmix)), None)
     values = {
         "lr": cfg.optim.lr if cfg.optim.lr is not None else default_lr(cfg),
@@ -86,7 +89,7 @@ def defaults_of(cfg: TrainConfig, space: Mapping[str, Spec]) -> dict[str, Any]:
         "label_smoothing": cfg.optim.label_smoothing,
         "ema": cfg.run.ema,
         "augment": aug.preset,
-        "crop_min": aug.crop_scale[0],
+        "crop_min": aug.crop_scale[0] if aug.preset != "none" else None,  # as in suggest()
         "mix": mix,
         "head_epochs": cfg.transfer.head_epochs,
         "freeze": cfg.transfer.freeze,
