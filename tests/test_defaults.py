@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from resfit.config import SGD_LR_PER_256, AugmentConfig, TrainConfig, defaults_note
+from resfit.config import (
+    SGD_LR_PER_256,
+    SHORT_SCRATCH_EPOCHS,
+    SMALL_IMAGE,
+    AugmentConfig,
+    TrainConfig,
+    defaults_note,
+)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 PRE = {"mean": [0.5] * 3, "std": [0.2] * 3}
@@ -103,6 +110,9 @@ def test_the_readme_defaults_table_matches_the_config() -> None:
     assert f"| finetune head epochs | {defaults.transfer.head_epochs} |" in table
     assert f"| finetune stem lr ratio | {defaults.transfer.stem_lr_ratio:g} |" in table
     assert f"| label smoothing | {defaults.optim.label_smoothing:g} |" in table
+    augment = next(line for line in table.splitlines() if line.startswith("| `--augment auto`"))
+    assert f"at {SMALL_IMAGE} px and below" in augment, augment
+    assert f"from scratch of {SHORT_SCRATCH_EPOCHS} epochs or fewer" in augment, augment
 
 
 # -- --lr auto -------------------------------------------------------------------------------
