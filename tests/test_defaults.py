@@ -203,8 +203,11 @@ def test_the_defaults_suite_builds_its_tasks(tmp_path: Path) -> None:
         assert task.trials >= 5
     row = dict(task="digits", epochs=10, trials=20, defaults=0.9, best=0.93,
                counts={"COMPLETE": 12, "PRUNED": 8, "FAIL": 0}, wall_s=61.0)  # fmt: skip
-    line = "| digits | 10 epochs | 90.0 % | 93.0 % | +3.0 | 20 (12/8) | 61 s |"
+    line = "| digits | 10 epochs | 90.0 % | 93.0 % | +3.0 | - | 20 (12/8) | 61 s |"
     assert line in bench.table([row])
+    rescored = dict(row, defaults_seeds=[0.9, 0.92], best_seeds=[0.91, 0.95])
+    fresh = "| 91.0 % / 93.0 % (+2.0, 2 seeds) |"  # means over the fresh seeds, and their gap
+    assert fresh in bench.table([rescored])
 
 
 def test_the_tune_defaults_trial_gets_the_augmentation_auto_picks() -> None:
