@@ -1,6 +1,6 @@
 """Shared benchmark helpers: where the shared assets are, and real flowers5 input.
 
-The timer, the GEMM roof and the machine summary live in :mod:`resfit.benchmark` (``resfit
+The timer, the GEMM roof and the machine summary live in :mod:`resfit.apps.benchmark` (``resfit
 bench`` uses them too)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from resfit.benchmark import machine_summary  # noqa: F401  (bench/finetune.py imports it here)
-from resfit.weights import IMAGENET_MEAN, IMAGENET_STD
+from resfit.apps.benchmark.common import machine_summary  # noqa: F401  (bench/finetune.py imports it here)
+from resfit.models.weights import IMAGENET_MEAN, IMAGENET_STD
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"

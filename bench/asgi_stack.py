@@ -2,7 +2,7 @@
 
     python bench/asgi_stack.py RUN IMAGES [--requests 1000] [--clients 16] [--rounds 2]
 
-Every variant serves the same :mod:`resfit.serving` handlers, batcher (32 images, 5 ms) and
+Every variant serves the same :mod:`resfit.apps.serving` handlers, batcher (32 images, 5 ms) and
 engine; only the framework around them changes:
 
 - ``fastapi``: ``create_app(framework="fastapi")`` on uvicorn (asyncio loop, h11): today's;
@@ -86,21 +86,21 @@ class NoOpPredictor:
 def _predictor(model: str):
     if model == "noop":
         return NoOpPredictor()
-    from resfit.inference import Predictor
+    from resfit.inference.predictor import Predictor
 
     return Predictor.from_run(model)
 
 
 def _child(variant: str, model: str, port: int) -> None:
     """Serve ``model`` (a run folder or ``noop``) with ``variant`` on 127.0.0.1:``port``."""
-    from resfit import threads
+    from resfit.core import threads
 
     threads.configure(None)
     if variant == "litserve":
         return _litserve_child(model, port)
     import uvicorn
 
-    from resfit.serving.app import ServeOptions, create_app
+    from resfit.apps.serving.app import ServeOptions, create_app
 
     app = create_app(_predictor(model), ServeOptions(), framework=variant.split("+")[0])
     fast = variant.endswith("+uvloop")
@@ -126,7 +126,7 @@ def _lit_api_class() -> type:
         return LitResfit
     import litserve as ls
 
-    from resfit.serving.batching import Batcher, decode_image_bytes
+    from resfit.apps.serving.batching import Batcher, decode_image_bytes
 
     class LitResfit(ls.LitAPI):
         def __init__(self, model: str, **kw) -> None:
@@ -134,7 +134,7 @@ def _lit_api_class() -> type:
             self.model = model
 
         def setup(self, device: str) -> None:
-            from resfit import threads
+            from resfit.core import threads
 
             threads.configure(None)
             self.batcher = Batcher(_predictor(self.model))  # its probabilities(): the same path
@@ -262,7 +262,7 @@ def _tiny_png() -> bytes:
 
 
 def _offline(run: str, files: list[Path]) -> float:
-    from resfit.inference import Predictor
+    from resfit.inference.predictor import Predictor
 
     p = Predictor.from_run(run)
     p.predict(files[:64])  # warm-up

@@ -122,16 +122,17 @@ def at_k(ranked: list[int], truth: set[int], k: int) -> tuple[float, float]:
 def features_of(paths: list[Path], labels: list[int]):
     import torch
 
-    from resfit import label_issues as li
-    from resfit.augmentation import eval_transform
-    from resfit.data import Sample, decode_all
-    from resfit.weights import IMAGENET_MEAN, IMAGENET_STD, create_model
+    from resfit.data.augmentation import eval_transform
+    from resfit.data.datasets import decode_all
+    from resfit.data.samples import Sample
+    from resfit.models.weights import IMAGENET_MEAN, IMAGENET_STD, create_model
+    from resfit.quality import out_of_fold
 
     model = create_model("resnet56_cifar", weights=str(CKPT), progress=False)
     decoded = decode_all([Sample(p, y) for p, y in zip(paths, labels, strict=True)], 32,
                          progress=False)  # fmt: skip
     tf = eval_transform(32, IMAGENET_MEAN, IMAGENET_STD)
-    return li.extract_features(model, decoded, tf, torch.device("cpu"), "fp32"), decoded
+    return out_of_fold.extract_features(model, decoded, tf, torch.device("cpu"), "fp32"), decoded
 
 
 def head_accuracy(
@@ -139,7 +140,7 @@ def head_accuracy(
 ) -> float:
     from sklearn.linear_model import LogisticRegression
 
-    from resfit.label_issues import _standardise
+    from resfit.quality.out_of_fold import _standardise
 
     a, b = _standardise(x, x_test)
     clf = LogisticRegression(C=c, max_iter=2000).fit(a, y)
@@ -149,8 +150,9 @@ def head_accuracy(
 def one_seed(
     root: Path, photos: str, n: int, noise: float, seed: int, finetune_epochs: int = 0
 ) -> dict:
-    from resfit import label_issues as li
-    from resfit.audit import audit
+    from resfit.quality import label_issues as li
+    from resfit.quality import out_of_fold
+    from resfit.quality.audit import audit
 
     data, flipped, held = noisy_folder(root, photos, n, noise, seed)
     t0 = time.perf_counter()
@@ -166,9 +168,9 @@ def one_seed(
     k = len(truth)
     out: dict = {"seed": seed, "images": len(y), "flipped": k, "audit_wall_s": round(wall, 1),
                  "audit_stage_s": res.summary["seconds"]}  # fmt: skip
-    for head in li.HEADS:
+    for head in out_of_fold.HEADS:
         t = time.perf_counter()
-        c, probs = li.select_c(feats, y, len(classes), folds=5, seed=seed, head=head)
+        c, probs = out_of_fold.select_c(feats, y, len(classes), folds=5, seed=seed, head=head)
         fit_s = time.perf_counter() - t
         row = {"C": c, "select_c_s": round(fit_s, 2),
                "oof_acc_given": float((probs.argmax(1) == y).mean())}  # fmt: skip

@@ -184,8 +184,8 @@ def fixed_options(task: Task, epochs: int | None = None) -> dict:
 
 
 def run_task(task: Task, work: Path, trials: int, lr_auto: bool, seeds: int) -> dict:
+    from resfit.apps.tune import tune
     from resfit.training import train
-    from resfit.tuning import tune
 
     data = task.build(work, 1.0)
     fixed = fixed_options(task)
@@ -213,9 +213,9 @@ def rescore(data: Path, fixed: dict, best_params: dict, out: Path, seeds: int) -
     """The defaults and the study's best parameters trained again at ``seeds`` seeds the study
     never used (1, 2, ...): the best trial was picked partly for a lucky seed, so its study
     score flatters it; the mean over fresh seeds does not (the val set is still the study's)."""
-    from resfit.config import TrainConfig
+    from resfit.apps.tune.space import options_for
+    from resfit.core.config import TrainConfig
     from resfit.training import train
-    from resfit.tuning.space import options_for
 
     base = TrainConfig.from_options(data=str(data), report=False, **fixed)
     configs = {"defaults": base, "best": base.replace(**options_for(base, best_params))}

@@ -61,10 +61,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:  # run from a bare checkout (e.g. a GPU box) too
     sys.path.insert(0, str(ROOT / "src"))
 
-from resfit import runtime  # noqa: E402
-from resfit.config import OptimConfig  # noqa: E402
-from resfit.models import build_model, get_spec  # noqa: E402
-from resfit.tasks import SingleLabel  # noqa: E402
+from resfit.core import runtime  # noqa: E402
+from resfit.core.config import OptimConfig  # noqa: E402
+from resfit.models.resnet import build_model, get_spec  # noqa: E402
+from resfit.tasks.single import SingleLabel  # noqa: E402
 from resfit.training.step import TrainStep, make_optimizer  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "assets" / "datasets" / "cifar10-jpg.zip"

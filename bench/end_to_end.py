@@ -37,7 +37,7 @@ OpenVINO 2026.4.1; under flock, 2026-11-29, python bench/end_to_end.py):
     the same again (conversion cached)             15.8    32.5    3.62  100.0%
   resfit predict --precision int8 (OpenVINO)       10.8    47.5    5.29  100.0%
 (Targets, set on an AMX Xeon: 4x and 8x. Not met on this CPU.) Where the int8 run's 10.8 s go
-(timers in one process): import torch 1.4 s, import resfit.inference 1.3 s (torchvision, which
+(timers in one process): import torch 1.4 s, import resfit.inference.predictor 1.3 s (torchvision, which
 imports torch._dynamo through torchvision.ops), Predictor.from_run 0.6 s (model build and
 weights 0.24 s, OpenVINO compile 0.33 s, 0.07 s from the cache), predicting 7.6 s (OpenVINO
 6.5 s at 79 img/s while the next chunk decodes beside it: alone it runs 97-100 img/s; the
@@ -120,8 +120,8 @@ def make_run(run: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from resfit.models import build_model
-    from resfit.weights import IMAGENET_MEAN, IMAGENET_STD
+    from resfit.models.resnet import build_model
+    from resfit.models.weights import IMAGENET_MEAN, IMAGENET_STD
 
     if (run / "model.safetensors").is_file():
         return run

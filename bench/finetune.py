@@ -71,7 +71,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ASSETS, FLOWERS_ZIP, IMAGENET_MEAN, IMAGENET_STD, machine_summary  # noqa: E402
 
-from resfit.config import AugmentConfig, TrainConfig  # noqa: E402
+from resfit.core.config import AugmentConfig, TrainConfig  # noqa: E402
 from resfit.training import lr_at, train  # noqa: E402
 
 CIFAR56 = ASSETS / "resnet-cifar10" / "resnet56-4bfd9763.th"
@@ -107,9 +107,11 @@ def initial_state(data: Path, work: Path, img_size: int) -> Path:
     """The deterministic starting ResNet-50 (see the header), saved once."""
     from safetensors.torch import save_file
 
-    from resfit.augmentation import base_size_for, eval_transform
-    from resfit.data import TransformedImages, decode_all, discover
-    from resfit.weights import create_model
+    from resfit.data.augmentation import eval_transform
+    from resfit.data.datasets import TransformedImages, decode_all
+    from resfit.data.discovery import discover
+    from resfit.data.preprocessing import base_size_for
+    from resfit.models.weights import create_model
 
     path = work / f"init-{img_size}" / "resnet50-flowers5-init.safetensors"
     if path.exists():

@@ -69,7 +69,7 @@ import warnings
 import torch
 from _common import flowers_batch
 
-from resfit.benchmark import bench_inference
+from resfit.apps.benchmark.inference import bench_inference
 
 
 def main(argv: list[str] | None = None) -> int:

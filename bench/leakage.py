@@ -8,7 +8,7 @@ centre, no black corners), a half-size rescale, a JPEG re-encode at quality 40, 
 image. Negatives are every pair of distinct originals (same class reported apart: the hard
 case); pairs that pHash itself calls duplicates (distance <= 4) are left out of the negatives,
 as the data set's own duplicates. Signals: pHash at distance <= 4 (resfit's default), the
-embeddings of ``--arch``/``--weights`` (mirror-invariant, :class:`resfit.embed.Embedder`) at a
+embeddings of ``--arch``/``--weights`` (mirror-invariant, :class:`resfit.inference.embed.Embedder`) at a
 cosine threshold, and either one. The threshold is the largest that lets no more than
 ``--max-fpr`` of the negative pairs through; resfit's default (``EMBED_SIMILARITY``) follows.
 
@@ -49,7 +49,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ASSETS, FLOWERS_ZIP  # noqa: E402
 
-from resfit.leakage import EMBED_FPR, hash_images, similarity_threshold  # noqa: E402
+from resfit.data.fingerprints import hash_images  # noqa: E402
+from resfit.quality.leakage import EMBED_FPR, similarity_threshold  # noqa: E402
 
 WEIGHTS = ASSETS / "resnet-cifar10" / "resnet56-4bfd9763.th"
 
@@ -105,7 +106,7 @@ def main() -> None:
     ap.add_argument("--max-fpr", type=float, default=EMBED_FPR)
     ap.add_argument("--img-size", type=int, default=None, help="input size (default: weights')")
     a = ap.parse_args()
-    from resfit.embed import Embedder
+    from resfit.inference.embed import Embedder
 
     with tempfile.TemporaryDirectory() as tmp:
         originals, classes, edited = make_photos(Path(tmp), a.photos)

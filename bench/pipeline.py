@@ -50,7 +50,7 @@ from pathlib import Path
 
 from _common import ASSETS, FLOWERS_ZIP
 
-from resfit.benchmark import bench_sources
+from resfit.apps.benchmark.pipeline import bench_sources
 
 CIFAR_ZIP = ASSETS / "datasets" / "cifar10-jpg.zip"
 
@@ -91,7 +91,7 @@ def accuracy(seeds: tuple[int, ...] = (0, 1, 2), per_class: int = 200, epochs: i
 def _step_rate(batch: int) -> float:
     """Images/s of resfit's ResNet-50 step, measured in a child process: the memory it
     allocates would otherwise stay in this one and in the peaks measured after it."""
-    code = ("from resfit.benchmark import bench_train_step as b; r = b('resnet50', batch="
+    code = ("from resfit.apps.benchmark.train import bench_train_step as b; r = b('resnet50', batch="
             f"{batch}, repeats=2); print(max(x.images_per_s for x in r.rows "
             "if x.name.startswith('resfit')))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

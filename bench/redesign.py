@@ -1,7 +1,7 @@
 # The training-core redesign (issue 13) must not slow the hot paths. This times them with the
 # code before it and after it, alternately, on the same machine:
 #   step:     resfit's ResNet-50 training step at 224 px, batch 32, at the precision `auto`
-#             picks (`resfit.benchmark.bench_train_step`, medians of 3 rounds; its naive row
+#             picks (`resfit.apps.benchmark.train.bench_train_step`, medians of 3 rounds; its naive row
 #             is printed too, as the in-run reference for machine noise);
 #   finetune: `resfit.train(freeze="backbone", augment="none")`, the head-only fine-tune of
 #             bench/finetune.py (ResNet-50, 224 px, 10 epochs, 300 train / 150 val flowers5
@@ -37,7 +37,7 @@ from pathlib import Path
 from _common import FLOWERS_ZIP, ROOT
 
 STEP = """
-import json, resfit.benchmark as b
+import json, resfit.apps.benchmark.train as b
 rep = b.bench_train_step("resnet50", batch=32, img_size=224, repeats=3)
 print(json.dumps({r.name: r.images_per_s for r in rep.rows}))
 """

@@ -47,7 +47,7 @@ import httpx
 
 
 def offline(run: str, files: list[Path], engine: str) -> float:
-    from resfit.inference import Predictor
+    from resfit.inference.predictor import Predictor
 
     predictor = Predictor.from_run(run, engine=engine)
     predictor.predict(files[:64])  # warm-up
@@ -79,7 +79,7 @@ async def _load(url: str, bodies: list[bytes], n: int, clients: int) -> list[flo
 
 def served(run: str, files: list[Path], engine: str, n: int, clients: int, batch: int) -> dict:
     port = _free_port()
-    argv = [sys.executable, "-m", "resfit.serve", run, "--port", str(port), "--engine", engine,
+    argv = [sys.executable, "-m", "resfit.apps.serve", run, "--port", str(port), "--engine", engine,
             "--max-batch", str(batch), "--max-queue", str(4 * clients)]  # fmt: skip
     proc = subprocess.Popen(argv)
     url = f"http://127.0.0.1:{port}"

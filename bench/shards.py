@@ -9,7 +9,7 @@ counts, as a run pays it every epoch. Two ways of reading:
 
 - **native**: the library's own shuffled iteration (WebDataset: shard shuffle + a 1,000-sample
   buffer, split by node and worker; Streaming and LitData: their own samplers and shuffles).
-- **by index**: resfit's order (:class:`resfit.sources.Sharding` deals sample indices to the
+- **by index**: resfit's order (:class:`resfit.data.sources.Sharding` deals sample indices to the
   batch slots, which is what makes a 2-rank run equal a 1-rank run), read as ``dataset[i]``
   in a map-style Dataset. WebDataset 1.0 has no random access (its indexed ``wids`` reader is
   gone from 1.x), so it has no such row: resfit cannot use it without giving up its sharding.
@@ -67,12 +67,15 @@ from pathlib import Path
 import torch
 from _common import FLOWERS_ZIP
 
-from resfit.augmentation import AugmentConfig, base_size_for, train_transform
-from resfit.benchmark import machine_summary
-from resfit.data import Sample, load_image, resize_shorter, to_tensor
-from resfit.sources import Sharding
-from resfit.threads import worker_init
-from resfit.weights import IMAGENET_MEAN, IMAGENET_STD
+from resfit.apps.benchmark.common import machine_summary
+from resfit.core.config import AugmentConfig
+from resfit.core.threads import worker_init
+from resfit.data.augmentation import train_transform
+from resfit.data.decode import load_image, resize_shorter, to_tensor
+from resfit.data.preprocessing import base_size_for
+from resfit.data.samples import Sample
+from resfit.data.sources import Sharding
+from resfit.models.weights import IMAGENET_MEAN, IMAGENET_STD
 
 IMG, BATCH = 224, 32
 TF = train_transform(AugmentConfig("standard"), IMG, IMAGENET_MEAN, IMAGENET_STD)

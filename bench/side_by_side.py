@@ -33,10 +33,10 @@ from _common import ROOT
 JOB = """
 import json, sys, time, torch
 from pathlib import Path
-from resfit import threads
-from resfit.models import build_model
-from resfit.runtime import pick_precision
-from resfit.tasks import SingleLabel
+from resfit.core import threads
+from resfit.models.resnet import build_model
+from resfit.core.runtime import pick_precision
+from resfit.tasks.single import SingleLabel
 from resfit.training.step import TrainStep
 n = threads.configure(int(sys.argv[1]) if sys.argv[1] != "auto" else None)
 start, seconds = Path(sys.argv[2]), float(sys.argv[3])

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from _common import FLOWERS_ZIP
 
-from resfit.benchmark import PeakMemory
+from resfit.apps.benchmark.common import PeakMemory
 
 
 def make_folder(root: Path, n: int) -> int:

@@ -6,7 +6,7 @@
 # model and optimizer groups, channels-last, autocast at the precision `auto` picks, plus bf16
 # and, with --compile, torch.compile). Medians of interleaved rounds; the first-step losses
 # must agree. The figures below were printed before the step moved into TrainStep (the same
-# operations, then written out in resfit.benchmark). "% roof":
+# operations, then written out in resfit.apps.benchmark). "% roof":
 # images/s x 24.6 GFLOP (forward + backward) over the GEMM roof measured in the same run.
 # pipeline: decode + augment images/s on 512 flowers5 training photos at 224 px (the
 # "standard" preset): torchvision ImageFolder-style loading with a 0-worker DataLoader (decodes
@@ -45,7 +45,8 @@ from pathlib import Path
 
 from _common import FLOWERS_ZIP
 
-from resfit.benchmark import bench_pipeline, bench_train_step
+from resfit.apps.benchmark.pipeline import bench_pipeline
+from resfit.apps.benchmark.train import bench_train_step
 
 
 def main(argv: list[str] | None = None) -> int:

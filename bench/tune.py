@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_summary  # noqa: E402
 from finetune import CIFAR56, extract_flowers, subset  # noqa: E402
 
-from resfit.tuning import tune  # noqa: E402
+from resfit.apps.tune import tune  # noqa: E402
 
 
 def holdout(root: Path, out: Path, skip_per_class: int) -> Path:
@@ -97,7 +97,7 @@ def main() -> None:
     )
     print(f"  best params: {r.best_params}")
     if args.val_per_class and r.best_dir is not None:
-        from resfit.evaluation import evaluate
+        from resfit.insight.evaluation import evaluate
 
         rest = holdout(root, work / "holdout", args.val_per_class)
         best = evaluate(r.best_dir, rest, progress=False).accuracy

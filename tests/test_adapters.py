@@ -10,12 +10,12 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from resfit import adapters
-from resfit.adapters import ModelAdapter, adapt, has_adapter, register_adapter
-from resfit.errors import ConfigError
-from resfit.explain import grad_cam
-from resfit.models import ResNet, build_model
-from resfit.runtime import fold_conv_bn
+from resfit.core.errors import ConfigError
+from resfit.inference.explain import grad_cam
+from resfit.inference.folding import fold_conv_bn
+from resfit.models import adapters
+from resfit.models.adapters import ModelAdapter, adapt, has_adapter, register_adapter
+from resfit.models.resnet import ResNet, build_model
 
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -145,7 +145,7 @@ def test_subclasses_of_a_registered_type_get_its_adapter() -> None:
     class MyResNet(ResNet):
         pass
 
-    from resfit.models import BasicBlock
+    from resfit.models.resnet import BasicBlock
 
     model = MyResNet(BasicBlock, [1, 1, 1, 1], num_classes=3)
     assert type(adapt(model)) is adapters.ResNetAdapter

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from resfit.analysis import (
+from resfit.apps.analysis import (
     block_convs,
     gradient_flow,
     load_digits_images,
@@ -20,7 +20,7 @@ from resfit.analysis import (
     run_gradient_flow,
     summarise_gradient_flow,
 )
-from resfit.models import BasicBlock, Bottleneck, ZeroPadShortcut, build_model
+from resfit.models.resnet import BasicBlock, Bottleneck, ZeroPadShortcut, build_model
 
 from .conftest import CIFAR_ZIP, ROOT, need
 

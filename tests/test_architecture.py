@@ -97,7 +97,7 @@ def test_no_function_over_100_lines() -> None:
 
 def test_low_level_modules_import_no_torch() -> None:
     """``resfit --help`` answers at once because the CLI's own imports avoid torch."""
-    for name in ("resfit.errors", "resfit.config"):
+    for name in ("resfit.core.errors", "resfit.core.config"):
         path = _modules()[name]
         imported = {
             a.name.split(".")[0]

@@ -15,8 +15,9 @@ from PIL import Image
 
 pytest.importorskip("cleanlab")
 
-from resfit import label_issues as li  # noqa: E402
 from resfit.cli import main  # noqa: E402
+from resfit.quality import label_issues as li  # noqa: E402
+from resfit.quality import out_of_fold
 
 from .conftest import CIFAR_CKPTS, need  # noqa: E402
 from .images import colour_image, make_colour_folder  # noqa: E402
@@ -39,16 +40,16 @@ def blobs(n_per: int = 80, k: int = 4, dim: int = 16, noise: float = 0.1, seed: 
 
 def test_both_heads_fit_the_same_logistic_regression() -> None:
     x, y, _, _ = blobs()
-    a = li.out_of_fold_probabilities(x, y, 4, folds=4, head="sklearn", c=0.1)
-    b = li.out_of_fold_probabilities(x, y, 4, folds=4, head="torch", c=0.1)
+    a = out_of_fold.out_of_fold_probabilities(x, y, 4, folds=4, head="sklearn", c=0.1)
+    b = out_of_fold.out_of_fold_probabilities(x, y, 4, folds=4, head="torch", c=0.1)
     assert a.shape == (len(y), 4) and np.allclose(a.sum(1), 1)
     assert np.abs(a - b).max() < 0.02  # one objective, two solvers
 
 
 def test_flipped_labels_come_first() -> None:
     x, y, _, flipped = blobs(noise=0.1)
-    c, probs = li.select_c(x, y, 4, folds=5, head="torch")
-    assert c in li.C_GRID
+    c, probs = out_of_fold.select_c(x, y, 4, folds=5, head="torch")
+    assert c in out_of_fold.C_GRID
     ranked = li.confident_learning(probs, y).tolist()
     k = len(flipped)
     assert len(set(ranked[:k]) & flipped) / k >= 0.8  # base rate: 10 %
@@ -59,7 +60,7 @@ def test_flipped_labels_come_first() -> None:
 def test_a_column_for_a_class_missing_from_a_training_fold() -> None:
     # Class 3 has no images: its column exists and gets no probability.
     x, y, _, _ = blobs(k=3)
-    probs = li.out_of_fold_probabilities(x, y, 4, folds=3, head="torch")
+    probs = out_of_fold.out_of_fold_probabilities(x, y, 4, folds=3, head="torch")
     assert probs.shape[1] == 4 and probs[:, 3].max() < 1e-9
     assert np.allclose(probs.sum(1), 1)
 
@@ -133,7 +134,7 @@ def test_audit_files_in_order(tmp_path: Path) -> None:
         paths.append(tmp_path / "img" / f"{i}.png")
         paths[-1].parent.mkdir(exist_ok=True)
         colour_image(tuple(int(v) for v in rng.integers(0, 255, 3)), rng, 32).save(paths[-1])
-    c, probs = li.select_c(x, y, 3, folds=3)
+    c, probs = out_of_fold.select_c(x, y, 3, folds=3)
     res = li.audit_probabilities(probs, y, ["a", "b", "c"], paths, tmp_path / "out", features=x,
                                  max_distance=0, meta={"model": "test"})  # fmt: skip
     with open(res.files["csv"], newline="") as f:
@@ -220,7 +221,7 @@ def test_flipped_cifar_labels_found(tmp_path: Path, cifar10_root: Path) -> None:
 def test_full_finetune_audit_trains_one_model_per_fold(tmp_path: Path) -> None:
     data = make_colour_folder(tmp_path / "data", per_class=6, splits=("train",), size=32)
     out = tmp_path / "audit"
-    from resfit.audit import audit
+    from resfit.quality.audit import audit
 
     res = audit(data, out, arch="resnet20_cifar", weights=None, folds=2, full_finetune=True,
                 epochs=1, progress=False, device="cpu", precision="fp32")  # fmt: skip
@@ -248,7 +249,7 @@ def test_train_audit_links_the_audit_from_the_report(tmp_path: Path) -> None:
 def test_audit_of_a_multilabel_manifest_finds_missing_and_extra_labels(tmp_path: Path) -> None:
     """A multi-label manifest (coloured quadrants: each colour a label) with a label dropped
     from some images and a wrong one added to others: the audit lists them first."""
-    from resfit.audit import audit
+    from resfit.quality.audit import audit
 
     from .test_multilabel import COLOURS, make_squares
 

@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from resfit import benchmark, runtime
+from resfit.apps.benchmark import common as benchmark
+from resfit.apps.benchmark import inference, pipeline, train
 from resfit.cli import main
+from resfit.core import runtime
+from resfit.models import weights
 
 from .images import make_colour_folder
 
@@ -27,13 +30,13 @@ def test_median_time_reports_median_of_samples() -> None:
 
 def test_forward_gflop_matches_resnet50_published_figure() -> None:
     # ResNet-50 at 224 px: 4.09 GMACs (torchvision's metadata), i.e. 8.2 GFLOP.
-    gflop = benchmark.forward_gflop(benchmark.create_model("resnet50"), (3, 224, 224))
+    gflop = benchmark.forward_gflop(weights.create_model("resnet50"), (3, 224, 224))
     assert gflop == pytest.approx(8.18, abs=0.05)
 
 
 def test_inference_engines_agree_with_the_baseline(tmp_path: Path) -> None:
     data = make_colour_folder(tmp_path / "data", per_class=4, size=40)
-    report = benchmark.bench_inference(
+    report = inference.bench_inference(
         "resnet20_cifar", data=data, batch=8, repeats=1, compile=False, bf16=False
     )
     assert "32 px" in report.title  # the CIFAR net's own input size
@@ -52,7 +55,7 @@ def test_inference_engines_agree_with_the_baseline(tmp_path: Path) -> None:
 
 
 def test_train_step_starts_from_the_same_weights_and_batch() -> None:
-    report = benchmark.bench_train_step(
+    report = train.bench_train_step(
         "resnet18", batch=4, img_size=64, num_classes=5, repeats=1, bf16=False
     )
     naive, ours = report.rows
@@ -78,7 +81,7 @@ def test_train_step_times_the_step_training_runs(monkeypatch: pytest.MonkeyPatch
         return real(self, net, x, y)
 
     monkeypatch.setattr(TrainStep, "__call__", spy)
-    report = benchmark.bench_train_step(
+    report = train.bench_train_step(
         "resnet20_cifar", batch=4, num_classes=5, repeats=2, bf16=False, device="cpu"
     )
     auto = runtime.pick_precision(runtime.pick_device("cpu"))
@@ -94,7 +97,7 @@ def test_train_step_times_the_step_training_runs(monkeypatch: pytest.MonkeyPatch
 
 def test_pipeline_counts_every_image(tmp_path: Path) -> None:
     data = make_colour_folder(tmp_path / "data", per_class=6, size=40)
-    report = benchmark.bench_pipeline(
+    report = pipeline.bench_pipeline(
         data, img_size=32, limit=100, batch=4, epochs=1, consumer_images_per_s=10.0
     )
     assert "18 training images" in report.title

@@ -8,12 +8,11 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from resfit.calibration import (
-    bootstrap_accuracy_ci,
+from resfit.insight.calibration import bootstrap_accuracy_ci, reliability_diagram
+from resfit.tasks.calibration import (
     calibrate_temperature,
     expected_calibration_error,
     fit_temperature,
-    reliability_diagram,
     softmax,
 )
 

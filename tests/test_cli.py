@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 
 from resfit.cli import build_parser, config_from_args, given_options, main
-from resfit.config import OPTIONS, SECTIONS, TrainConfig, flag
-from resfit.errors import ConfigError
+from resfit.core.config import OPTIONS, SECTIONS, TrainConfig, flag
+from resfit.core.errors import ConfigError
 
 
 def _python(script: str) -> subprocess.CompletedProcess:
@@ -120,7 +120,7 @@ def test_lr_find_takes_the_training_options_and_its_sweep(monkeypatch) -> None:
         return SimpleNamespace(suggestion=0.1, lr_min=0.3, plot=Path("p.png"))
 
     monkeypatch.setattr(lrf, "lr_find", fake_lr_find)
-    monkeypatch.setattr("resfit.threads.configure", lambda threads=None: 1)
+    monkeypatch.setattr("resfit.core.threads.configure", lambda threads=None: 1)
     rc = main(["lr-find", "DATA", "--out", "RUN", "--freeze", "backbone", "--steps", "20",
                "--end-lr", "1"])  # fmt: skip
     assert rc == 0
@@ -142,7 +142,7 @@ def fake_train(monkeypatch) -> list[dict]:
         return SimpleNamespace(history=[], test=None)
 
     monkeypatch.setattr(training, "train", train)
-    monkeypatch.setattr("resfit.threads.configure", lambda threads=None: calls.append({"threads": threads}))  # fmt: skip
+    monkeypatch.setattr("resfit.core.threads.configure", lambda threads=None: calls.append({"threads": threads}))  # fmt: skip
     return calls
 
 
@@ -162,7 +162,7 @@ def test_train_needs_data_unless_resuming(fake_train: list[dict], capsys) -> Non
 
 def test_a_resfit_bug_keeps_its_traceback() -> None:
     script = """
-import resfit.models as models
+import resfit.models.resnet as models
 def broken(include_plain=True):
     raise ValueError("a bug in resfit")
 models.list_models = broken
@@ -182,13 +182,13 @@ def test_a_config_error_is_one_line_and_exit_2(monkeypatch, capsys) -> None:
         raise ConfigError("--lr cannot change mid-run")
 
     monkeypatch.setattr(training, "train", refuse)
-    monkeypatch.setattr("resfit.threads.configure", lambda threads=None: 1)
+    monkeypatch.setattr("resfit.core.threads.configure", lambda threads=None: 1)
     assert main(["train", "--out", "RUN", "--resume", "--lr", "0.5"]) == 2
     assert capsys.readouterr().err == "resfit train: error: --lr cannot change mid-run\n"
 
 
 def test_interrupt_exits_130(monkeypatch, capsys) -> None:
-    import resfit.models as models
+    import resfit.models.resnet as models
 
     def interrupted(include_plain=True):
         raise KeyboardInterrupt
@@ -211,10 +211,10 @@ def test_bench_pipeline_without_data_is_a_user_error(capsys) -> None:
     [["--threads", "2", "eval", "RUN", "DATA"], ["eval", "RUN", "DATA", "--threads", "2"]],
 )
 def test_threads_are_configured_before_the_command_runs(monkeypatch, argv) -> None:
-    import resfit.evaluation as evaluation
+    import resfit.insight.evaluation as evaluation
 
     order: list[str] = []
-    monkeypatch.setattr("resfit.threads.configure", lambda threads=None: order.append(f"threads {threads}"))  # fmt: skip
+    monkeypatch.setattr("resfit.core.threads.configure", lambda threads=None: order.append(f"threads {threads}"))  # fmt: skip
 
     def evaluate(*a, **kw):
         order.append("evaluate")
@@ -227,13 +227,15 @@ def test_threads_are_configured_before_the_command_runs(monkeypatch, argv) -> No
 
 def test_listing_commands_leave_the_threads_alone(monkeypatch, capsys) -> None:
     called = []
-    monkeypatch.setattr("resfit.threads.configure", lambda threads=None: called.append(threads))
+    monkeypatch.setattr(
+        "resfit.core.threads.configure", lambda threads=None: called.append(threads)
+    )
     assert main(["models"]) == 0
     assert "resnet50" in capsys.readouterr().out and called == []
 
 
 def test_predict_help_lists_the_installed_engines(capsys) -> None:
-    from resfit.engines import available_engines
+    from resfit.inference.engines import available_engines
 
     with pytest.raises(SystemExit):
         main(["predict", "--help"])

@@ -15,13 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from resfit import transfer
-from resfit.config import TrainConfig
-from resfit.errors import ConfigError
-from resfit.models import build_model
-from resfit.tasks import SingleLabel
+from resfit.core.config import TrainConfig
+from resfit.core.errors import ConfigError
+from resfit.models import transfer
+from resfit.models.resnet import build_model
+from resfit.models.weights import CIFAR10_CLASSES
+from resfit.tasks.single import SingleLabel
 from resfit.training import TrainStep, train
-from resfit.weights import CIFAR10_CLASSES
 
 from .images import make_colour_folder
 
@@ -93,7 +93,7 @@ def test_fp16_gradients_underflow_without_loss_scaling_and_survive_with_it() -> 
 
 
 def test_training_in_fp16_uses_a_grad_scaler(colours: Path, tmp_path: Path, monkeypatch) -> None:
-    from resfit import runtime
+    from resfit.core import runtime
 
     # fp16 autocast is what `auto` picks on pre-Ampere GPUs; CPUs run it too, slowly.
     monkeypatch.setattr(runtime, "pick_precision", lambda device, precision="auto": "fp16")
@@ -185,7 +185,7 @@ def test_ema_resumes_and_works_with_the_feature_cache(
     colours: Path, tmp_path: Path, monkeypatch
 ) -> None:
     torch.manual_seed(0)
-    from resfit.weights import create_model
+    from resfit.models.weights import create_model
 
     torch.save(create_model("resnet20_cifar", num_classes=3).state_dict(), tmp_path / "init.pth")
     opts = dict(data=str(colours), epochs=3, ema=True, freeze="layer2", augment="none",
@@ -233,7 +233,7 @@ def test_cifar_weights_keep_their_head_on_cifar_classes(
           lr=1e-12, batch_size=8, arch="resnet20_cifar", progress=False, report=False,
           leakage="off", precision="fp32", precise_bn=0)  # fmt: skip
     assert "keeping the weights' 10-class head" in (run / "train.log").read_text()
-    from resfit.weights import create_model
+    from resfit.models.weights import create_model
 
     pretrained = create_model("resnet20_cifar", weights="resnet20_cifar.cifar10", progress=False)
     trained = load_file(str(run / "model.safetensors"))

@@ -13,21 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resfit.data import (
-    DataError,
-    DecodeError,
-    decode_all,
-    discover,
-    display_path,
-    display_text,
-    eval_samples,
-    find_images,
-    load_image,
-    open_csv,
-    read_splits,
-    write_skipped,
-    write_splits,
-)
+from resfit.core.errors import DataError
+from resfit.data.datasets import decode_all
+from resfit.data.decode import DecodeError, load_image
+from resfit.data.discovery import discover, eval_samples, read_splits, write_splits
+from resfit.data.paths import display_path, display_text, find_images, open_csv, write_skipped
 
 from .images import COLOURS, colour_image, make_colour_folder, write_broken_files
 
@@ -151,7 +141,7 @@ def test_broken_files_are_skipped_with_a_reason(tmp_path: Path) -> None:
     for p in broken:
         with pytest.raises(DecodeError):
             load_image(p)
-    from resfit.data import Sample
+    from resfit.data.samples import Sample
 
     good = tmp_path / "good.png"
     colour_image((1, 2, 3), np.random.default_rng(0)).save(good)

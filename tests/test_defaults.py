@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from resfit.config import (
+from resfit.core.config import (
     SGD_LR_PER_256,
     SHORT_SCRATCH_EPOCHS,
     SMALL_IMAGE,
@@ -211,8 +211,8 @@ def test_the_defaults_suite_builds_its_tasks(tmp_path: Path) -> None:
 
 
 def test_the_tune_defaults_trial_gets_the_augmentation_auto_picks() -> None:
-    from resfit.tuning.space import defaults_of, search_space
-    from resfit.tuning.study import _sized
+    from resfit.apps.tune.space import defaults_of, search_space
+    from resfit.apps.tune.study import _sized
 
     cfg = TrainConfig.from_options(arch="resnet20_cifar")  # no --img-size: the net's 32 px
     params = defaults_of(_sized(cfg), search_space(cfg, ["arch"]))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from resfit.demo import run_demo
-from resfit.errors import ConfigError
+from resfit.apps.demo import run_demo
+from resfit.core.errors import ConfigError
 
 
 def test_quick_demo_prints_what_it_measured(tmp_path: Path, capsys) -> None:

@@ -50,7 +50,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(
     # A frozen backbone keeps BatchNorm in inference mode, so the only difference between one
     # process and two is how the global batch is split and the gradients averaged (gloo).
     extra = ["--freeze", "backbone", "--weights", str(tmp_path / "init.pth")]
-    from resfit.weights import create_model
+    from resfit.models.weights import create_model
 
     torch.manual_seed(0)
     torch.save(create_model("resnet20_cifar", num_classes=3).state_dict(), tmp_path / "init.pth")
@@ -94,7 +94,7 @@ def test_two_ranks_stream_disjoint_files_and_match_one_process_with_augmentation
     # augmentation two processes train the same weights as one.
     extra = ["--freeze", "backbone", "--weights", str(tmp_path / "init.pth"), "--data-mode",
              "stream", "--augment", "light", "--workers", "1"]  # fmt: skip
-    from resfit.weights import create_model
+    from resfit.models.weights import create_model
 
     torch.manual_seed(0)
     torch.save(create_model("resnet20_cifar", num_classes=3).state_dict(), tmp_path / "init.pth")

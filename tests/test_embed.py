@@ -1,4 +1,4 @@
-"""Image embeddings and similar-image search (resfit.embed), on real flower photos with the
+"""Image embeddings and similar-image search (resfit.inference.embed), on real flower photos with the
 CIFAR ResNet-56 checkpoint (served from a local mirror as a registered weight)."""
 
 from __future__ import annotations
@@ -10,14 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resfit.embed import (
-    Embedder,
-    embed_batch,
-    load_embeddings,
-    save_embeddings,
-    search,
-)
-from resfit.errors import ConfigError, DataError
+from resfit.core.errors import ConfigError, DataError
+from resfit.inference.embed import Embedder, embed_batch, load_embeddings, save_embeddings, search
 
 from .conftest import FLOWERS_ZIP, need
 
@@ -56,8 +50,8 @@ def embedder(cifar_mirror: Path) -> Embedder:
 def test_embed_batch_is_unit_fp32_features() -> None:
     import torch
 
-    from resfit.adapters import adapt
-    from resfit.models import build_model
+    from resfit.models.adapters import adapt
+    from resfit.models.resnet import build_model
 
     torch.manual_seed(0)
     model = build_model("resnet20_cifar", num_classes=10).eval()

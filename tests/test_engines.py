@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import resfit
-from resfit.inference import Predictor
+from resfit.inference.predictor import Predictor
 
 from .test_inference import CLASSES, make_run
 
@@ -38,8 +38,8 @@ def test_export_builds_on_inference_and_never_the_reverse() -> None:
 
 
 def test_registry_lists_engines_and_refuses_an_unknown_one(tmp_path) -> None:
-    from resfit.engines import available_engines, create_engine
-    from resfit.errors import ConfigError
+    from resfit.core.errors import ConfigError
+    from resfit.inference.engines import available_engines, create_engine
 
     names = available_engines()
     assert names[0] == "torch"
@@ -70,7 +70,7 @@ class _Fixed:
 
 @pytest.fixture()
 def fixed_engine():
-    from resfit import engines
+    from resfit.inference import engines
 
     made: list[_Fixed] = []
 
@@ -86,7 +86,7 @@ def fixed_engine():
 
 
 def test_a_registered_engine_serves_predictor(tmp_path, fixed_engine) -> None:
-    from resfit.engines import Engine, available_engines
+    from resfit.inference.engines import Engine, available_engines
 
     from .images import make_colour_folder
 
@@ -101,9 +101,9 @@ def test_a_registered_engine_serves_predictor(tmp_path, fixed_engine) -> None:
 
 
 def test_torch_engine_gives_fp32_cpu_logits_of_the_model(tmp_path) -> None:
-    from resfit.engines import create_engine
-    from resfit.errors import ConfigError
-    from resfit.inference import load_run_model
+    from resfit.core.errors import ConfigError
+    from resfit.inference.engines import create_engine
+    from resfit.inference.predictor import load_run_model
 
     model, _, _ = load_run_model(make_run(tmp_path))
     engine = create_engine("torch", None, model, device="cpu", precision="fp32")
@@ -120,8 +120,8 @@ def test_torch_engine_gives_fp32_cpu_logits_of_the_model(tmp_path) -> None:
 
 def test_onnx_engine_runs_the_exported_run_like_torch(tmp_path) -> None:
     pytest.importorskip("onnxruntime", reason="the optional export extra is not installed")
-    from resfit.errors import ConfigError, RunError
-    from resfit.export import export_run
+    from resfit.core.errors import ConfigError, RunError
+    from resfit.export.run import export_run
 
     run = make_run(tmp_path)
     with pytest.raises(RunError, match="resfit export"):
@@ -140,8 +140,8 @@ def test_onnx_engine_runs_the_exported_run_like_torch(tmp_path) -> None:
 
 
 def test_missing_onnxruntime_names_the_extra(monkeypatch, tmp_path) -> None:
-    from resfit.engines import available_engines, create_engine
-    from resfit.errors import MissingExtraError
+    from resfit.core.errors import MissingExtraError
+    from resfit.inference.engines import available_engines, create_engine
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     assert "onnx" not in available_engines()

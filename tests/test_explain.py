@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from resfit.explain import grad_cam, overlay_cam
-from resfit.models import CifarResNet
+from resfit.inference.explain import grad_cam, overlay_cam
+from resfit.models.resnet import CifarResNet
 
 SIZE = 32
 HALF = SIZE // 2

@@ -16,8 +16,10 @@ import pytest
 import torch
 from torchvision.io import decode_jpeg
 
-from resfit.export import OnnxClassifier, export_onnx, export_run, onnx_parity, quantize_int8
-from resfit.weights import CIFAR10_CLASSES, IMAGENET_MEAN, IMAGENET_STD, create_model
+from resfit.export.onnx import export_onnx, onnx_parity, quantize_int8
+from resfit.export.run import export_run
+from resfit.inference.engines import OnnxClassifier
+from resfit.models.weights import CIFAR10_CLASSES, IMAGENET_MEAN, IMAGENET_STD, create_model
 
 from .conftest import CIFAR_CKPTS, CIFAR_ZIP, need
 from .images import make_colour_folder
@@ -171,7 +173,7 @@ def test_quantize_checks_its_calibration_data(onnx_file, tmp_path) -> None:
 
 
 def test_missing_onnxruntime_says_how_to_install(monkeypatch, onnx_file) -> None:
-    from resfit.errors import MissingExtraError
+    from resfit.core.errors import MissingExtraError
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(MissingExtraError, match=r"pip install 'resfit\[export\]'"):
@@ -204,7 +206,7 @@ def test_int8_check_pairs_labels_with_the_images_that_decoded(tmp_path) -> None:
 def test_int8_check_defaults_to_the_runs_validation_split(tmp_path) -> None:
     """A plain class-folder layout (no val/ folder): the check uses the images that training
     held out with the run's seed, never the training images, and says so."""
-    from resfit.data import discover
+    from resfit.data.discovery import discover
 
     from .test_inference import make_run
 

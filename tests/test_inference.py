@@ -20,9 +20,10 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from resfit.augmentation import base_size_for, eval_transform
-from resfit.evaluation import evaluate
-from resfit.inference import Predictor, write_predictions_csv
+from resfit.data.augmentation import eval_transform
+from resfit.data.preprocessing import base_size_for
+from resfit.inference.predictor import Predictor, write_predictions_csv
+from resfit.insight.evaluation import evaluate
 
 from .images import colour_image, make_colour_folder
 
@@ -35,7 +36,7 @@ def make_run(root: Path, *, img_size: int = 16, seed: int = 0, **extra: object) 
     """A finished run folder with a randomly initialised resnet20_cifar and a flat config."""
     from safetensors.torch import save_file
 
-    from resfit.models import build_model
+    from resfit.models.resnet import build_model
 
     run = root / "run"
     run.mkdir(parents=True)
@@ -131,7 +132,7 @@ def test_eval_transform_resizes_with_the_weights_filter() -> None:
     assert got.shape == (3, 56, 56)
     torch.testing.assert_close(got, bicubic, rtol=0, atol=0)
     assert (got - bilinear).abs().max() > 0.05  # the filter is used, not only the size
-    from resfit.errors import ConfigError
+    from resfit.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="interpolation"):
         eval_transform(56, MEAN, STD, resize_size=64, interpolation="cubic-ish")
@@ -171,7 +172,7 @@ def test_predictions_follow_the_torchvision_recipe_end_to_end(tmp_path) -> None:
 
 
 def test_runs_without_resize_size_keep_their_preprocessing(tmp_path) -> None:
-    from resfit.augmentation import EvalPreprocessing
+    from resfit.data.preprocessing import EvalPreprocessing
 
     p = Predictor.from_run(make_run(tmp_path, img_size=80), precision="fp32")
     assert p.base_size == base_size_for(80) == 91
@@ -182,7 +183,7 @@ def test_runs_without_resize_size_keep_their_preprocessing(tmp_path) -> None:
 
 
 def test_a_bad_interpolation_in_config_json_names_the_file(tmp_path) -> None:
-    from resfit.errors import RunError
+    from resfit.core.errors import RunError
 
     run = make_run(tmp_path, img_size=32, resize_size=36, interpolation="sharpest")
     with pytest.raises(RunError, match=r"config\.json: interpolation must be one of"):

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageEnhance
 
-from resfit.leakage import Duplicate, find_duplicates, hamming, hash_image, phash, remove_leaks
+from resfit.data.fingerprints import hamming, hash_image, phash
+from resfit.quality.leakage import Duplicate, find_duplicates, remove_leaks
 
 pytestmark = pytest.mark.shared
 
@@ -140,8 +141,8 @@ def test_odd_file_names_are_logged_readably(tmp_path: Path, capsys) -> None:
 def test_embedding_signal_finds_a_crop_that_phash_misses(
     flowers_root: Path, tmp_path: Path
 ) -> None:
-    from resfit.embed import Embedder
-    from resfit.leakage import similarity_threshold
+    from resfit.inference.embed import Embedder
+    from resfit.quality.leakage import similarity_threshold
     from tests.conftest import CIFAR_CKPTS, need
 
     weights = need(CIFAR_CKPTS / "resnet56-4bfd9763.th")
@@ -172,9 +173,9 @@ def test_embedding_signal_finds_a_crop_that_phash_misses(
 def test_training_removes_a_crop_with_leakage_signal_both(
     flowers_root: Path, tmp_path: Path
 ) -> None:
-    from resfit.config import TrainConfig
-    from resfit.data import discover
-    from resfit.training.run import check_leakage, resolve
+    from resfit.core.config import TrainConfig
+    from resfit.data.discovery import discover
+    from resfit.training.setup import check_leakage, resolve
     from tests.conftest import CIFAR_CKPTS, need
 
     weights = need(CIFAR_CKPTS / "resnet56-4bfd9763.th")
@@ -198,9 +199,9 @@ def test_training_removes_a_crop_with_leakage_signal_both(
 
 
 def test_embedding_signal_needs_pretrained_weights() -> None:
-    from resfit.config import TrainConfig
-    from resfit.errors import ConfigError
-    from resfit.training.run import _leakage_embedder
+    from resfit.core.config import TrainConfig
+    from resfit.core.errors import ConfigError
+    from resfit.training.setup import _leakage_embedder
 
     with pytest.raises(ConfigError, match="--weights"):
         _leakage_embedder(TrainConfig().replace(leakage_signal="both"), None)

@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 import resfit
-from resfit.models import BasicBlock, Bottleneck, ZeroPadShortcut, build_model
+from resfit.models.resnet import BasicBlock, Bottleneck, ZeroPadShortcut, build_model
 
 IMAGENET_DEPTHS = [18, 34, 50, 101, 152]
 TV_PARAMS = {18: 11_689_512, 34: 21_797_672, 50: 25_557_032, 101: 44_549_160, 152: 60_192_808}

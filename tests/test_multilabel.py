@@ -22,10 +22,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from resfit import calibration
-from resfit.config import AugmentConfig
-from resfit.data import DataError, decode_all, discover, eval_samples, read_splits, write_splits
-from resfit.tasks import MultiLabel, asymmetric_loss, average_precisions, mean_average_precision
+from resfit.core.config import AugmentConfig
+from resfit.core.errors import DataError
+from resfit.data.datasets import decode_all
+from resfit.data.discovery import discover, eval_samples, read_splits, write_splits
+from resfit.tasks import calibration
+from resfit.tasks.multi import (
+    MultiLabel,
+    asymmetric_loss,
+    average_precisions,
+    mean_average_precision,
+)
 from resfit.training.callbacks import multilabel_mix
 
 from .conftest import CIFAR_CKPTS, CIFAR_ZIP, need
@@ -303,7 +310,7 @@ def test_thresholds_maximise_f1_against_a_grid() -> None:
 def test_metrics_against_scikit_learn_definitions() -> None:
     from sklearn.metrics import f1_score, hamming_loss
 
-    from resfit.evaluation import compute_multilabel_metrics
+    from resfit.insight.evaluation import compute_multilabel_metrics
 
     rng = np.random.default_rng(2)
     y = (rng.random((100, 3)) < 0.4).astype(np.float32)
@@ -356,7 +363,7 @@ def test_training_writes_a_multilabel_run(squares_run: tuple[Path, Path]) -> Non
 
 
 def test_predict_eval_and_predictor_agree(squares_run: tuple[Path, Path], tmp_path: Path) -> None:
-    from resfit.inference import Predictor
+    from resfit.inference.predictor import Predictor
 
     run, manifest = squares_run
     out = tmp_path / "pred.csv"
@@ -384,7 +391,7 @@ def test_predict_eval_and_predictor_agree(squares_run: tuple[Path, Path], tmp_pa
 
 
 def test_explain_draws_each_predicted_label(squares_run: tuple[Path, Path], tmp_path: Path) -> None:
-    from resfit.inference import Predictor
+    from resfit.inference.predictor import Predictor
 
     run, manifest = squares_run
     images = sorted(manifest.parent.glob("test_00*.png"))[:4]
@@ -403,8 +410,8 @@ def test_serve_answers_labels_and_probabilities(squares_run: tuple[Path, Path]) 
     pytest.importorskip("httpx")
     from starlette.testclient import TestClient
 
-    from resfit.inference import Predictor
-    from resfit.serving.app import ServeOptions, create_app
+    from resfit.apps.serving.app import ServeOptions, create_app
+    from resfit.inference.predictor import Predictor
 
     run, manifest = squares_run
     p = Predictor.from_run(run, device="cpu", engine="torch")
@@ -419,7 +426,7 @@ def test_serve_answers_labels_and_probabilities(squares_run: tuple[Path, Path]) 
 def test_export_int8_is_checked_in_map(squares_run: tuple[Path, Path]) -> None:
     pytest.importorskip("onnxruntime")
     run, manifest = squares_run
-    from resfit.export import export_run
+    from resfit.export.run import export_run
 
     report = export_run(run, int8=True, calib=manifest.parent, out=run / "export-test")
     assert report["val_images"] == 40

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from resfit.engines import available_engines, create_engine
-from resfit.errors import MissingExtraError, RunError
-from resfit.inference import Predictor
+from resfit.core.errors import MissingExtraError, RunError
+from resfit.inference.engines import available_engines, create_engine
+from resfit.inference.predictor import Predictor
 from resfit.training import train
 
 from .images import make_colour_folder
@@ -62,7 +62,7 @@ def test_openvino_is_listed_and_agrees_with_pytorch_in_fp32(run: Path) -> None:
 
 
 def test_int8_through_nncf_keeps_the_trained_models_answers(run: Path, colours: Path) -> None:
-    from resfit import openvino_engine as ove
+    from resfit.inference import openvino as ove
 
     p = Predictor.from_run(run, device="cpu", precision="fp32")
     images = sorted(colours.glob("val/*/*.png"))
@@ -97,7 +97,7 @@ def test_a_missing_openvino_is_one_line_with_the_install_command(monkeypatch, ru
 def test_auto_picks_openvino_on_an_x86_cpu_and_says_why(run: Path, caplog, monkeypatch) -> None:
     import platform
 
-    from resfit.engines import choose_engine
+    from resfit.inference.engines import choose_engine
 
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     assert choose_engine(run, device="cpu")[0] == "openvino"
@@ -112,7 +112,7 @@ def test_auto_picks_openvino_on_an_x86_cpu_and_says_why(run: Path, caplog, monke
 def test_auto_without_openvino_falls_back_with_the_install_command(run, monkeypatch) -> None:
     import platform
 
-    from resfit.engines import choose_engine
+    from resfit.inference.engines import choose_engine
 
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     monkeypatch.setitem(sys.modules, "openvino", None)
@@ -121,7 +121,7 @@ def test_auto_without_openvino_falls_back_with_the_install_command(run, monkeypa
 
 
 def test_auto_int8_takes_an_int8_export_and_never_picks_int8_by_itself(tmp_path: Path) -> None:
-    from resfit.engines import choose_engine
+    from resfit.inference.engines import choose_engine
 
     assert choose_engine(tmp_path, device="cpu")[0] in ("openvino", "torch")  # fp32/bf16 only
     with pytest.raises(RunError, match="needs an int8 export"):
@@ -134,7 +134,7 @@ def test_auto_int8_takes_an_int8_export_and_never_picks_int8_by_itself(tmp_path:
 def test_export_writes_the_models_and_what_it_measured(
     run: Path, colours: Path, tmp_path: Path
 ) -> None:
-    from resfit.openvino_engine import export_openvino
+    from resfit.inference.openvino import export_openvino
 
     p = Predictor.from_run(run, device="cpu", precision="fp32", engine="torch")
     images = sorted(colours.glob("val/*/*.png"))
@@ -156,9 +156,10 @@ def test_cifar_resnet56_int8_loses_at_most_half_a_point_on_the_10000_test_photos
     OpenVINO int8 (NNCF) and ONNX Runtime int8 each within 0.5 points of fp32. Measured on a
     Zen 4: fp32 83.20 %, OpenVINO int8 83.32 %, ONNX Runtime int8 83.13 %."""
     pytest.importorskip("onnxruntime", reason="the optional export extra is not installed")
-    from resfit.export import OnnxClassifier, export_onnx, quantize_int8
-    from resfit.openvino_engine import OpenVinoEngine, convert, quantize
-    from resfit.weights import create_model
+    from resfit.export.onnx import export_onnx, quantize_int8
+    from resfit.inference.engines import OnnxClassifier
+    from resfit.inference.openvino import OpenVinoEngine, convert, quantize
+    from resfit.models.weights import create_model
 
     from .conftest import CIFAR_CKPTS, need
     from .test_export import cifar_batch

@@ -18,11 +18,12 @@ from safetensors.torch import load_file
 
 pytest.importorskip("litdata")
 
-from resfit.data import SHARD_INDEX, discover  # noqa: E402
-from resfit.errors import ConfigError, DataError, ResfitError  # noqa: E402
-from resfit.leakage import hash_image  # noqa: E402
-from resfit.shards import ShardImages, prepare, read_splits  # noqa: E402
-from resfit.sources import Sharding, choose_mode, get_source  # noqa: E402
+from resfit.core.errors import ConfigError, DataError, ResfitError  # noqa: E402
+from resfit.data.discovery import discover  # noqa: E402
+from resfit.data.fingerprints import hash_image  # noqa: E402
+from resfit.data.samples import SHARD_INDEX  # noqa: E402
+from resfit.data.shards import ShardImages, prepare, read_splits  # noqa: E402
+from resfit.data.sources import Sharding, choose_mode, get_source  # noqa: E402
 
 from .images import make_colour_folder, write_broken_files  # noqa: E402
 
@@ -83,7 +84,7 @@ def test_the_index_holds_labels_counts_hashes_and_the_skipped_files(folder, tmp_
 
 
 def test_shard_pixels_are_the_folder_pixels(folder, shards) -> None:
-    from resfit.data import load_image, resize_shorter, to_tensor
+    from resfit.data.decode import load_image, resize_shorter, to_tensor
 
     val = read_splits(shards).val
     images = ShardImages(shards, "val", [s.index for s in val], 32)
@@ -110,7 +111,7 @@ def test_multilabel_manifest_keeps_its_labels(folder, tmp_path) -> None:
 
 _SLOW = """
 import sys, time
-import resfit.shards as shards
+import resfit.data.shards as shards
 shards.CHUNK_BYTES = 3000  # a chunk (and a checkpoint) every few images
 if sys.argv[3] == "slow":
     encode = shards._Encoder.encode

@@ -12,9 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from resfit.augmentation import INTERPOLATIONS, eval_transform, for_channels
-from resfit.data import load_image, resize_shorter, to_tensor
-from resfit.preprocessing import INTERPOLATION_NAMES, EvalPreprocessing, EvalTransform
+from resfit.data.augmentation import INTERPOLATIONS, eval_transform
+from resfit.data.decode import load_image, resize_shorter, to_tensor
+from resfit.data.preprocessing import (
+    INTERPOLATION_NAMES,
+    EvalPreprocessing,
+    EvalTransform,
+    for_channels,
+)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -71,8 +76,8 @@ def test_filter_names_are_torchvisions() -> None:
 
 
 def test_the_predict_path_does_not_import_torchvision() -> None:
-    code = ("import sys, resfit.inference, resfit.engines, resfit.cli, resfit.openvino_engine, "
-            "resfit.tensorrt_engine; "
+    code = ("import sys, resfit.inference.predictor, resfit.inference.engines, resfit.cli, resfit.inference.openvino, "
+            "resfit.inference.tensorrt; "
             "sys.exit(int('torchvision' in sys.modules))")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(SRC)),
                           capture_output=True, text=True)  # fmt: skip
@@ -95,7 +100,7 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
 def test_predict_preprocessing_in_the_decode_threads_gives_the_same_answers(
     tiny_run: tuple[Path, Path],
 ) -> None:
-    from resfit.inference import Predictor
+    from resfit.inference.predictor import Predictor
 
     run, data = tiny_run
     p = Predictor.from_run(run, engine="torch", precision="fp32", device="cpu")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from resfit.augmentation import AugmentConfig
+from resfit.core.config import AugmentConfig
 from resfit.training import TrainConfig, train
 
 from .reference.make_reference import REFERENCE, SCENARIOS, run_scenario

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from resfit.calibration import fit_temperature
-from resfit.explain import grad_cam, overlay_cam
-from resfit.leakage import Duplicate, find_duplicates
-from resfit.report import SECTION_IDS, TOP_WRONG, ReportData, write_report
+from resfit.inference.explain import grad_cam, overlay_cam
+from resfit.insight.report import SECTION_IDS, TOP_WRONG, ReportData, write_report
+from resfit.quality.leakage import Duplicate, find_duplicates
+from resfit.tasks.calibration import fit_temperature
 
 from .conftest import ASSETS, need
 
@@ -233,7 +233,7 @@ def _files(
 
 
 def _real_report(flowers_root: Path, out_dir: Path) -> Path:
-    from resfit.weights import create_model
+    from resfit.models.weights import create_model
 
     ckpt = need(ASSETS / "resnet-cifar10" / "resnet20-12fca82f.th")
     classes = sorted(p.name for p in (flowers_root / "train").iterdir() if p.is_dir())

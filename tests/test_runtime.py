@@ -6,15 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from resfit import runtime
-from resfit.models import build_model
-from resfit.runtime import (
-    autocast,
-    fold_conv_bn,
-    pick_device,
-    pick_precision,
-    prepare_for_inference,
-)
+from resfit.core import runtime
+from resfit.core.runtime import autocast, pick_device, pick_precision
+from resfit.inference.folding import fold_conv_bn, prepare_for_inference
+from resfit.models.resnet import build_model
 
 from .test_export import cifar_batch, pretrained_resnet20
 

@@ -67,7 +67,7 @@ class Server:
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         env = {**os.environ, "RESFIT_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), **(env or {})}
         env.pop("RESFIT_SERVE_TOKEN", None)
-        argv = [sys.executable, "-m", "resfit.serve", str(run), "--port", str(self.port)]
+        argv = [sys.executable, "-m", "resfit.apps.serve", str(run), "--port", str(self.port)]
         if token:
             argv += ["--token", token]
         self.proc = subprocess.Popen(
@@ -115,7 +115,7 @@ def server(run_dir: Path) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def offline(run_dir: Path, images: list[Path]) -> dict[str, tuple[str, float]]:
-    from resfit.inference import Predictor
+    from resfit.inference.predictor import Predictor
 
     preds, skipped = Predictor.from_run(run_dir).predict(images, top_k=3)
     assert not skipped
@@ -153,8 +153,8 @@ def test_batch_make_up_leaves_each_images_probabilities_alone(
     where installed), in the auto precision (bf16 on a CPU with bf16). Served and offline
     confidences differed by up to 2e-3 under bf16 only while serve defaulted to torch and
     predict to auto: two engines round bf16 differently."""
-    from resfit.inference import Predictor
-    from resfit.serving.batching import Batcher, decode_image_bytes
+    from resfit.apps.serving.batching import Batcher, decode_image_bytes
+    from resfit.inference.predictor import Predictor
 
     for engine in ("torch", "auto"):
         batcher = Batcher(Predictor.from_run(run_dir, engine=engine))
@@ -262,7 +262,7 @@ def test_non_loopback_bind_without_token_is_refused(run_dir: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     env.pop("RESFIT_SERVE_TOKEN", None)
     r = subprocess.run(
-        [sys.executable, "-m", "resfit.serve", str(run_dir), "--host", "0.0.0.0"],
+        [sys.executable, "-m", "resfit.apps.serve", str(run_dir), "--host", "0.0.0.0"],
         env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert r.returncode == 2
@@ -271,8 +271,8 @@ def test_non_loopback_bind_without_token_is_refused(run_dir: Path) -> None:
 
 
 def test_check_bind_accepts_loopback_and_tokens() -> None:
-    from resfit.errors import ConfigError
-    from resfit.serve import check_bind
+    from resfit.apps.serve import check_bind
+    from resfit.core.errors import ConfigError
 
     for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
         check_bind(host, None)
@@ -284,7 +284,7 @@ def test_check_bind_accepts_loopback_and_tokens() -> None:
 
 def test_parser_builds_without_torch() -> None:
     code = (
-        "import argparse, sys; from resfit.serve import add_serve_parser; "
+        "import argparse, sys; from resfit.apps.serve import add_serve_parser; "
         "p = argparse.ArgumentParser(); add_serve_parser(p.add_subparsers()); "
         "a = p.parse_args(['serve', 'RUN', '--max-batch', '8']); "
         "print(a.max_batch, a.host, a.func.__name__, 'torch' in sys.modules)"
@@ -333,7 +333,7 @@ def test_workers_share_the_port_metrics_sum_and_stop_on_sigterm(
 
 
 def test_embed_answers_unit_vectors(server: Server, images: list[Path]) -> None:
-    pytest.importorskip("resfit.embed")
+    pytest.importorskip("resfit.inference.embed")
     r = server.client.post("/v1/embed", content=images[0].read_bytes())
     assert r.status_code == 200, r.text
     v = r.json()["embedding"]

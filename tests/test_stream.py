@@ -11,13 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import resfit.sources as sources
+import resfit.data.sources as sources
+import resfit.training.recipes as recipes
 import resfit.training.run as run_module
-from resfit.augmentation import train_transform
-from resfit.config import AugmentConfig, TrainConfig
-from resfit.data import TransformedImages, decode_all, discover
-from resfit.errors import ConfigError
-from resfit.sources import Sharding, Streaming, choose_mode, decoded_bytes
+from resfit.core.config import AugmentConfig, TrainConfig
+from resfit.core.errors import ConfigError
+from resfit.data.augmentation import train_transform
+from resfit.data.datasets import TransformedImages, decode_all
+from resfit.data.discovery import discover
+from resfit.data.sources import Sharding, Streaming, choose_mode, decoded_bytes
 from resfit.training import train
 from resfit.training.loop import Callback
 
@@ -110,7 +112,7 @@ def test_decoded_size_estimate_matches_decoding(colours: Path, tmp_path: Path) -
         (folder / "a").mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (60 + 30 * (i % 2), 40 + 20 * (i % 2))).save(folder / "a" / f"{i}.jpg")
     samples = discover(colours, val_fraction=0.0).train[:10]
-    from resfit.data import Sample
+    from resfit.data.samples import Sample
 
     wide = [Sample(p, 0) for p in sorted((folder / "a").iterdir())]
     for group in (samples, wide):
@@ -210,7 +212,7 @@ class _Count(Callback):
 
 def test_limits_cap_the_batches_of_an_epoch_and_of_validation(tmp_path: Path, monkeypatch) -> None:
     data = make_colour_folder(tmp_path / "data", per_class=40)  # 120 train, 120 val
-    count, real = _Count(), run_module.callbacks_for
+    count, real = _Count(), recipes.callbacks_for
     monkeypatch.setattr(run_module, "callbacks_for", lambda *a: real(*a) + [count])
     opts = {**FAST, "batch_size": 4}
     train(data=str(data), out=str(tmp_path / "run"), epochs=2, limit_train_batches=3,
@@ -243,7 +245,7 @@ def test_killed_stream_run_resumes_mid_epoch_with_the_same_weights(
                 checkpoint_every=1, seed=5, **FAST)  # fmt: skip
     train(out=str(tmp_path / "whole"), **opts)
     steps = len(discover(colours, seed=5).train) // 8  # batches per epoch
-    real = run_module.callbacks_for
+    real = recipes.callbacks_for
     monkeypatch.setattr(run_module, "callbacks_for", lambda *a: real(*a) + [_Kill(steps + 2)])
     with pytest.raises(KeyboardInterrupt):
         train(out=str(tmp_path / "killed"), **opts)
@@ -257,7 +259,7 @@ def test_killed_stream_run_resumes_mid_epoch_with_the_same_weights(
 
 
 def test_bench_sources_times_each_mode_and_worker_count(colours: Path) -> None:
-    from resfit.benchmark import bench_sources
+    from resfit.apps.benchmark.pipeline import bench_sources
 
     report = bench_sources(colours, img_size=16, limit=24, batch=8, epochs=1, workers=(1,),
                            consumer_images_per_s=10.0)  # fmt: skip

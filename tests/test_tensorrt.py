@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from resfit import engines
-from resfit import tensorrt_engine as trt
 from resfit.cli import main
-from resfit.engines import choose_engine, create_engine
-from resfit.errors import ConfigError, MissingExtraError, RunError
+from resfit.core.errors import ConfigError, MissingExtraError, RunError
+from resfit.inference import engines
+from resfit.inference import tensorrt as trt
+from resfit.inference.engines import choose_engine, create_engine
 from resfit.training import train
 
 from .images import make_colour_folder
@@ -281,7 +281,7 @@ def test_export_format_tensorrt_writes_symmetric_int8_and_says_why_checks_skippe
     onnx = pytest.importorskip("onnx", reason="needs resfit[export]")
     from onnx import numpy_helper
 
-    from resfit.export import export_run
+    from resfit.export.run import export_run
 
     out = tmp_path / "export"
     info = export_run(run, int8=True, calib=colours / "train", val=colours / "val", out=out,
@@ -307,7 +307,7 @@ def test_export_format_tensorrt_writes_symmetric_int8_and_says_why_checks_skippe
 
 @pytest.mark.skipif(not GPU_READY, reason=f"TensorRT cannot run here: {WHY_NOT}")
 def test_real_engine_agrees_with_pytorch(run: Path, colours: Path, own_cache: Path) -> None:
-    from resfit.inference import Predictor
+    from resfit.inference.predictor import Predictor
 
     torch_p = Predictor.from_run(run, device="cpu", precision="fp32", engine="torch")
     decoded = torch_p.decode(sorted(colours.rglob("*.png")))
@@ -330,7 +330,7 @@ def test_real_engine_agrees_with_pytorch(run: Path, colours: Path, own_cache: Pa
 @pytest.mark.skipif(not GPU_READY, reason=f"TensorRT cannot run here: {WHY_NOT}")
 def test_real_int8_engine_keeps_the_answers(run: Path, colours: Path, tmp_path: Path) -> None:
     pytest.importorskip("onnx", reason="needs the exporter (resfit[tensorrt])")
-    from resfit.export import export_run
+    from resfit.export.run import export_run
 
     info = export_run(run, int8=True, calib=colours / "train", val=colours / "val",
                       format="tensorrt")  # fmt: skip

@@ -1,4 +1,4 @@
-"""resfit.threads: each resfit process takes its share of the cores (issue 13, defect 13).
+"""resfit.core.threads: each resfit process takes its share of the cores (issue 13, defect 13).
 
 Two processes that each took every core ran 64 and 3.8 img/s where one alone ran 304. The
 side-by-side tests start real processes that share a registry folder in tmp_path; the CPU count
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from resfit import threads
-from resfit.errors import ConfigError
+from resfit.core import threads
+from resfit.core.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the registry is POSIX-only")
 
@@ -203,7 +203,7 @@ def test_child_share_and_environment(monkeypatch: pytest.MonkeyPatch, clean_env:
 JOB = """
 import sys
 import torch
-from resfit import threads
+from resfit.core import threads
 n = threads.configure(int(sys.argv[1]) if len(sys.argv) > 1 else None)
 print(n, torch.get_num_threads(), flush=True)
 for _ in sys.stdin:
@@ -287,7 +287,7 @@ def test_configure_logs_its_choice_warns_and_may_be_called_again(tmp_path: Path)
     script = (
         "import logging, os, torch\n"
         "logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s %(message)s')\n"
-        "from resfit import threads\n"
+        "from resfit.core import threads\n"
         "threads.configure(4)\n"
         "threads.configure(1)\n"  # a second call must not trip torch's once-only interop setter
         "print(torch.get_num_threads(), torch.get_num_interop_threads(),"
@@ -306,7 +306,7 @@ def test_configure_logs_its_choice_warns_and_may_be_called_again(tmp_path: Path)
 def test_worker_init_gives_one_thread(tmp_path: Path) -> None:
     script = (
         "import os, torch\n"
-        "from resfit import threads\n"
+        "from resfit.core import threads\n"
         "threads.worker_init(0)\n"
         "print(torch.get_num_threads(), os.environ['OMP_NUM_THREADS'], os.environ['RESFIT_THREADS'])\n"
     )

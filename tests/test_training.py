@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import resfit.training as training
-from resfit.inference import Predictor
+from resfit.inference.predictor import Predictor
 from resfit.training import TrainConfig, TrainingError, train
 
 from .images import make_colour_folder, write_broken_files
@@ -195,9 +195,10 @@ def test_existing_run_is_not_overwritten(trained_run: Path, colours: Path) -> No
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     colours: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    import resfit.tasks as tasks
+    import resfit.tasks.base as base
+    import resfit.tasks.registry as tasks
 
-    real = tasks.soft_cross_entropy
+    real = base.soft_cross_entropy
     calls = {"n": 0}
 
     def poisoned(logits, target, *args):
@@ -250,7 +251,7 @@ def test_early_stopping(colours: Path, tmp_path: Path) -> None:
 def test_frozen_part_keeps_its_weights_and_bn_statistics(colours: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from resfit.weights import create_model
+    from resfit.models.weights import create_model
 
     init = create_model("resnet20_cifar", num_classes=3)
     torch.save(init.state_dict(), tmp_path / "init.pth")

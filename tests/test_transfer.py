@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from resfit import transfer
-from resfit.config import TransferConfig
-from resfit.errors import ConfigError
+from resfit.core.config import TransferConfig
+from resfit.core.errors import ConfigError
+from resfit.models import feature_cache, transfer
+from resfit.models.weights import create_model
 from resfit.training import TrainConfig, train
 from resfit.training.lr_find import lr_find, suggest_lr
-from resfit.weights import create_model
 
 from .conftest import CIFAR_CKPTS
 from .images import make_colour_folder
@@ -74,30 +74,31 @@ def test_cache_key_changes_with_weights_preprocessing_and_files(tmp_path: Path) 
     paths = sorted(data.rglob("*.png"))
     model = create_model("resnet20_cifar", num_classes=3)
     meta = {"img_size": 16, "mean": [0.5] * 3}
-    key = transfer.cache_key(model, "layer2", paths, meta)
-    assert transfer.cache_key(model, "layer2", paths, meta) == key
+    key = feature_cache.cache_key(model, "layer2", paths, meta)
+    assert feature_cache.cache_key(model, "layer2", paths, meta) == key
     # The head and the unfrozen layer3 are not part of the prefix: no new key.
     with torch.no_grad():
         model.layer3[0].conv1.weight.add_(1)
-    assert transfer.cache_key(model, "layer2", paths, meta) == key
+    assert feature_cache.cache_key(model, "layer2", paths, meta) == key
     with torch.no_grad():
         model.layer2[0].conv1.weight.add_(1)
-    assert transfer.cache_key(model, "layer2", paths, meta) != key
-    key = transfer.cache_key(model, "layer2", paths, meta)
+    assert feature_cache.cache_key(model, "layer2", paths, meta) != key
+    key = feature_cache.cache_key(model, "layer2", paths, meta)
     model.layer1[0].bn1.running_mean.add_(0.1)  # BN statistics are part of the prefix too
-    assert transfer.cache_key(model, "layer2", paths, meta) != key
-    key = transfer.cache_key(model, "layer2", paths, meta)
-    assert transfer.cache_key(model, "layer2", paths, {**meta, "img_size": 32}) != key
-    assert transfer.cache_key(model, "layer2", paths[1:], meta) != key
+    assert feature_cache.cache_key(model, "layer2", paths, meta) != key
+    key = feature_cache.cache_key(model, "layer2", paths, meta)
+    assert feature_cache.cache_key(model, "layer2", paths, {**meta, "img_size": 32}) != key
+    assert feature_cache.cache_key(model, "layer2", paths[1:], meta) != key
     os.utime(paths[0], ns=(1, 1))  # the file was replaced (other mtime)
-    assert transfer.cache_key(model, "layer2", paths, meta) != key
+    assert feature_cache.cache_key(model, "layer2", paths, meta) != key
 
 
 def test_disk_cache_is_reused_and_a_stale_one_replaced(
     colours: Path, init_weights: Path, tmp_path: Path, caplog
 ) -> None:
-    from resfit.augmentation import base_size_for
-    from resfit.data import decode_all, discover
+    from resfit.data.datasets import decode_all
+    from resfit.data.discovery import discover
+    from resfit.data.preprocessing import base_size_for
     from resfit.training import build_transforms, resolve
 
     cfg = TrainConfig.from_options(data=str(colours), out=str(tmp_path), weights=str(init_weights),
@@ -108,7 +109,7 @@ def test_disk_cache_is_reused_and_a_stale_one_replaced(
     tr_tf, ev_tf = build_transforms(cfg)
 
     def prepare():
-        return transfer.prepare_cache(cfg, model, "layer1", 3, tr, va, tr_tf, ev_tf, False, 1,
+        return feature_cache.prepare_cache(cfg, model, "layer1", 3, tr, va, tr_tf, ev_tf, False, 1,
                                       torch.device("cpu"), "fp32", tmp_path)  # fmt: skip
 
     with caplog.at_level("INFO", logger="resfit"):
@@ -140,8 +141,9 @@ def test_random_augmentation_caches_k_views_and_says_what_it_trades(
     )
 
     # The bank holds different views of each image (the random crops differ).
-    from resfit.augmentation import base_size_for
-    from resfit.data import decode_all, discover
+    from resfit.data.datasets import decode_all
+    from resfit.data.discovery import discover
+    from resfit.data.preprocessing import base_size_for
 
     cfg = TrainConfig.from_options(data=str(colours), out=str(tmp_path / "x"), augment="light",
                       cache_views=3, **FAST)  # fmt: skip
@@ -151,18 +153,18 @@ def test_random_augmentation_caches_k_views_and_says_what_it_trades(
     cfg, model = resolve(cfg, splits)
     tr = decode_all(splits.train[:6], base_size_for(16), progress=False)
     tr_tf, ev_tf = build_transforms(cfg)
-    feats = transfer.prepare_cache(cfg, model, "layer1", 5, tr, tr, tr_tf, ev_tf, False, 1,
+    feats = feature_cache.prepare_cache(cfg, model, "layer1", 5, tr, tr, tr_tf, ev_tf, False, 1,
                                    torch.device("cpu"), "fp32", tmp_path)  # fmt: skip
     assert feats.train.shape[:2] == (6, 3)
     assert not torch.allclose(feats.train[:, 0], feats.train[:, 1])
     # Auto mode skips the cache where K views cost as much as the epochs left, and with MixUp.
-    assert transfer.prepare_cache(cfg, model, "layer1", 3, tr, tr, tr_tf, ev_tf, False, 1,
+    assert feature_cache.prepare_cache(cfg, model, "layer1", 3, tr, tr, tr_tf, ev_tf, False, 1,
                                   torch.device("cpu"), "fp32", tmp_path) is None  # fmt: skip
-    assert transfer.prepare_cache(cfg, model, "layer1", 9, tr, tr, tr_tf, ev_tf, True, 1,
+    assert feature_cache.prepare_cache(cfg, model, "layer1", 9, tr, tr, tr_tf, ev_tf, True, 1,
                                   torch.device("cpu"), "fp32", tmp_path) is None  # fmt: skip
     cfg = cfg.replace(cache="memory")
     with pytest.raises(ConfigError, match="MixUp"):
-        transfer.prepare_cache(cfg, model, "layer1", 9, tr, tr, tr_tf, ev_tf, True, 1,
+        feature_cache.prepare_cache(cfg, model, "layer1", 9, tr, tr, tr_tf, ev_tf, True, 1,
                                torch.device("cpu"), "fp32", tmp_path)  # fmt: skip
 
 
@@ -276,7 +278,7 @@ def test_resume_with_a_disk_cache_reuses_it_and_matches_an_uninterrupted_run(
                   cache="disk", cache_dtype="fp32", epochs=3, **FAST)  # fmt: skip
     train(TrainConfig.from_options(out=str(tmp_path / "whole"), **common))
     run = tmp_path / "stopped"
-    real, calls = transfer.FeatureCache.train_set, []
+    real, calls = feature_cache.FeatureCache.train_set, []
 
     def stop_in_epoch_3(self, generator):
         calls.append(1)
@@ -284,7 +286,7 @@ def test_resume_with_a_disk_cache_reuses_it_and_matches_an_uninterrupted_run(
             raise KeyboardInterrupt  # the user pressed Ctrl-C during epoch 3
         return real(self, generator)
 
-    monkeypatch.setattr(transfer.FeatureCache, "train_set", stop_in_epoch_3)
+    monkeypatch.setattr(feature_cache.FeatureCache, "train_set", stop_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig.from_options(out=str(run), **common))
     monkeypatch.undo()

@@ -1,4 +1,4 @@
-"""The Triton model repository (resfit.triton, `resfit export RUN --format triton`): its
+"""The Triton model repository (resfit.export.triton, `resfit export RUN --format triton`): its
 layout and config values. The server itself is not available here."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from resfit.errors import ConfigError, ExportError
-from resfit.triton import triton_config, write_triton_repository
+from resfit.core.errors import ConfigError, ExportError
+from resfit.export.triton import triton_config, write_triton_repository
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
@@ -19,8 +19,8 @@ pytest.importorskip("onnxscript")
 def onnx_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
-    from resfit.export import export_onnx
-    from resfit.models import build_model
+    from resfit.export.onnx import export_onnx
+    from resfit.models.resnet import build_model
 
     torch.manual_seed(0)
     model = build_model("resnet20_cifar", num_classes=3)
@@ -85,7 +85,7 @@ def test_config_gpu_instances() -> None:
 
 
 def test_export_run_writes_the_repository(tmp_path: Path) -> None:
-    from resfit.export import export_run
+    from resfit.export.run import export_run
 
     from .test_export import make_colour_folder
     from .test_inference import make_run

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from resfit.inference import Predictor
-from resfit.report import SECTION_IDS
+from resfit.inference.predictor import Predictor
+from resfit.insight.report import SECTION_IDS
 from resfit.training import TrainConfig, train
 
 from .images import make_colour_folder

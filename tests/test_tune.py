@@ -15,11 +15,11 @@ import torch
 
 optuna = pytest.importorskip("optuna")
 
-from resfit.config import TrainConfig  # noqa: E402
-from resfit.errors import ConfigError, MissingExtraError  # noqa: E402
-from resfit.tuning import search_space, tune  # noqa: E402
-from resfit.tuning.study import HOST, JOURNAL, STUDY_NAME, open_storage  # noqa: E402
-from resfit.weights import create_model  # noqa: E402
+from resfit.apps.tune import search_space, tune  # noqa: E402
+from resfit.apps.tune.study import HOST, JOURNAL, STUDY_NAME, open_storage  # noqa: E402
+from resfit.core.config import TrainConfig  # noqa: E402
+from resfit.core.errors import ConfigError, MissingExtraError  # noqa: E402
+from resfit.models.weights import create_model  # noqa: E402
 
 from .images import make_colour_folder  # noqa: E402
 

@@ -17,7 +17,8 @@ import torchvision
 from torchvision.io import decode_jpeg
 
 import resfit
-from resfit.weights import WeightsError, download_weights, get_weights, load_state_dict_file
+from resfit.core.errors import WeightsError
+from resfit.models.weights import download_weights, get_weights, load_state_dict_file
 
 from .conftest import CIFAR_CKPTS, CIFAR_ZIP, need
 from .images import make_colour_folder

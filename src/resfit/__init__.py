@@ -18,15 +18,15 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Predictor": "inference",
-    "TrainConfig": "config",
-    "evaluate": "evaluation",
+    "Predictor": "inference.predictor",
+    "TrainConfig": "core.config",
+    "evaluate": "insight.evaluation",
     "train": "training",
-    "tune": "tuning",
-    "create_model": "weights",
-    "get_weights": "weights",
-    "list_weights": "weights",
-    "list_models": "models",
+    "tune": "apps.tune",
+    "create_model": "models.weights",
+    "get_weights": "models.weights",
+    "list_weights": "models.weights",
+    "list_models": "models.resnet",
 }
 
 __all__ = ["__version__", *sorted(_LAZY)]

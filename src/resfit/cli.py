@@ -1,6 +1,6 @@
 """The `resfit` command: a thin layer over the Python API. Every command maps to one call.
 
-The options of ``train`` and ``lr-find`` are generated from :data:`resfit.config.OPTIONS`, one
+The options of ``train`` and ``lr-find`` are generated from :data:`resfit.core.config.OPTIONS`, one
 argument group per config section, so an option's help, type, choices and default are written
 once, in config.py. Their parsed namespace holds only the options the user gave; ``train``
 passes exactly those to :func:`resfit.train`, which is what lets ``--resume`` apply the ones a
@@ -9,7 +9,7 @@ resumed run may change and refuse the others.
 Nothing heavy is imported at module level: ``resfit --help``, ``resfit train --help`` and an
 argument error answer without importing torch. Each command imports what it runs.
 
-A user's mistake (a :class:`resfit.errors.ResfitError`) ends in one line and exit status 2;
+A user's mistake (a :class:`resfit.core.errors.ResfitError`) ends in one line and exit status 2;
 anything else is a bug in resfit and keeps its traceback.
 """
 
@@ -24,7 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import (
+from .apps.serve import add_serve_parser
+from .apps.tune.cli import add_tune_parser
+from .core.config import (
     AUGMENT_CHOICES,
     AUGMENT_FLAGS,
     EXPORT_FORMATS,
@@ -35,9 +37,7 @@ from .config import (
     TrainConfig,
     flag,
 )
-from .errors import ConfigError, ResfitError
-from .serve import add_serve_parser
-from .tuning.cli import add_tune_parser
+from .core.errors import ConfigError, ResfitError
 
 # What `resfit bench` can time; `all` is every part. Lives only here: it is the CLI's own.
 BENCH_PARTS = ("all", "inference", "train", "pipeline")
@@ -84,7 +84,7 @@ def _section_description(section: str) -> str:
 
 
 def add_config_options(parser: argparse.ArgumentParser, *, data_optional: bool = False) -> None:
-    """Every option of :data:`resfit.config.OPTIONS`, in one argument group per section.
+    """Every option of :data:`resfit.core.config.OPTIONS`, in one argument group per section.
 
     ``data`` is positional (optional with ``data_optional``, for ``--resume``) and ``--out``
     is required; the rest are flags.
@@ -110,7 +110,7 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The config of a parsed ``train``/``lr-find`` command line: the defaults with the given
-    options, checked (a :class:`~resfit.errors.ConfigError` names a bad option)."""
+    options, checked (a :class:`~resfit.core.errors.ConfigError` names a bad option)."""
     return TrainConfig.from_options(**given_options(args)).check()
 
 
@@ -120,13 +120,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def _use_cores(args: argparse.Namespace) -> None:
     """Take this process's share of the CPU threads (``--threads``, else the fair share).
     Called once logging is set up, since it logs its choice; imports torch."""
-    from . import threads
+    from .core import threads
 
     threads.configure(getattr(args, "threads", None))
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from . import models
+    from .models import resnet as models
 
     for name in models.list_models(include_plain=args.plain):
         spec = models.get_spec(name)
@@ -135,7 +135,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_weights(args: argparse.Namespace) -> int:
-    from . import weights
+    from .models import weights
 
     for name in weights.list_weights(args.arch):
         w = weights.get_weights(name)
@@ -169,7 +169,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     given = given_options(args)
     TrainConfig.from_options(**given).check()  # bad values answer before torch is imported
-    from .shards import prepare
+    from .data.shards import prepare
 
     index = prepare(args.data, args.out, img_size=given.get("img_size") or 224,
                     workers=args.writers, quality=args.quality,
@@ -197,7 +197,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     _use_cores(args)
-    from .evaluation import evaluate
+    from .insight.evaluation import evaluate
 
     res = evaluate(args.run, args.data, out=args.out, batch_size=args.batch_size,
                    device=args.device, precision=args.precision, progress=not args.json,
@@ -226,7 +226,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     _use_cores(args)
-    from .inference import Predictor, write_predictions_csv
+    from .inference.predictor import Predictor, write_predictions_csv
 
     predictor = Predictor.from_run(
         args.run, device=args.device, precision=args.precision, engine=args.engine,
@@ -250,7 +250,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     import json
 
     _use_cores(args)
-    from .export import export_run
+    from .export.run import export_run
 
     info = export_run(
         args.run, int8=args.int8, calib=args.calib, val=args.val, out=args.out,
@@ -273,8 +273,8 @@ def _classes_to_explain(p: Any, class_name: str | None) -> list[str]:
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     _use_cores(args)
-    from .data import find_images
-    from .inference import Predictor
+    from .data.paths import find_images
+    from .inference.predictor import Predictor
 
     predictor = Predictor.from_run(args.run, device="cpu", precision="fp32")
     if args.class_name and args.class_name not in predictor.classes:
@@ -297,7 +297,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 def _cmd_gradient_flow(args: argparse.Namespace) -> int:
     _use_cores(args)
-    from .analysis import run_gradient_flow
+    from .apps.analysis import run_gradient_flow
 
     s = run_gradient_flow(
         args.archs, args.data, args.out, steps=args.steps, n_images=args.images, seed=args.seed
@@ -318,9 +318,11 @@ def _cmd_augment_preview(args: argparse.Namespace) -> int:
     _use_cores(args)
     from torchvision.io import write_png
 
-    from .augmentation import base_size_for, preview_grid
-    from .data import decode_all, discover
-    from .weights import IMAGENET_MEAN, IMAGENET_STD
+    from .data.augmentation import preview_grid
+    from .data.datasets import decode_all
+    from .data.discovery import discover
+    from .data.preprocessing import base_size_for
+    from .models.weights import IMAGENET_MEAN, IMAGENET_STD
 
     splits = discover(args.data, seed=args.seed)
     first: dict[int, Any] = {}  # one image per class
@@ -338,7 +340,7 @@ def _cmd_augment_preview(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     _use_cores(args)
-    from .demo import run_demo
+    from .apps.demo import run_demo
 
     run_demo(out=args.out, quick=args.quick)
     return 0
@@ -354,27 +356,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         what.remove("pipeline")
         print("(the data pipeline needs --data DIR: skipped)\n")
     _use_cores(args)
-    from . import benchmark
+    from .apps.benchmark import inference, pipeline, train
 
     reports = []
     step_rate = None
     for w in what:
         if w == "inference":
-            rep = benchmark.bench_inference(
+            rep = inference.bench_inference(
                 args.arch, data=args.data, weights=args.weights, batch=args.batch,
                 img_size=args.img_size, repeats=args.repeats, compile=args.compile,
                 onnx=not args.no_onnx, openvino=not args.no_openvino, device=args.device,
                 tensorrt=not args.no_tensorrt,
             )  # fmt: skip
         elif w == "train":
-            rep = benchmark.bench_train_step(
+            rep = train.bench_train_step(
                 args.arch, batch=args.batch, img_size=args.img_size, repeats=args.repeats,
                 compile=args.compile, device=args.device,
             )  # fmt: skip
             fast = [r.images_per_s for r in rep.rows if r.name.startswith("resfit")]
             step_rate = max(fast) if fast else None
         else:
-            rep = benchmark.bench_pipeline(
+            rep = pipeline.bench_pipeline(
                 args.data, img_size=args.img_size or 224, augment=args.augment,
                 limit=args.limit, batch=args.batch, consumer_images_per_s=step_rate,
             )  # fmt: skip
@@ -395,7 +397,7 @@ class _PredictHelp(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help
         if action.dest == "engine" and text:
-            from .engines import available_engines
+            from .inference.engines import available_engines
 
             text += f" (installed here: {', '.join(available_engines())})"
         return text
@@ -577,7 +579,7 @@ def _add_tool_commands(sub: Any) -> None:
     add_serve_parser(sub)
     _add_embed_parsers(sub)
     add_tune_parser(sub, add_config_options)
-    from .audit import add_audit_parser  # its command imports torch only when it runs
+    from .quality.audit import add_audit_parser
 
     add_audit_parser(sub)
 
@@ -592,7 +594,7 @@ def _lazy(module: str, function: str) -> Callable[[argparse.Namespace], int]:
 
 
 def _add_embed_parsers(subparsers: Any) -> None:
-    """``embed`` and ``similar`` (resfit.embed, and its numpy, load when they run)."""
+    """``embed`` and ``similar`` (resfit.inference.embed, and its numpy, load when they run)."""
     p = subparsers.add_parser(
         "embed", help="write image embeddings (L2-normalised pooled features) to an npz"
     )

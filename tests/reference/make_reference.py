@@ -69,7 +69,7 @@ def run_scenario(name: str, root: Path, train_fn, config_cls, augment_cls) -> di
     """Train scenario ``name`` in ``root`` and return its fingerprint and val losses."""
     from safetensors.torch import load_file
 
-    from resfit.weights import create_model
+    from resfit.models.weights import create_model
 
     kw = dict(SCENARIOS[name])
     data = make_colour_folder(root / "data", per_class=12, seed=5)
@@ -86,7 +86,7 @@ def run_scenario(name: str, root: Path, train_fn, config_cls, augment_cls) -> di
 
 
 def main() -> None:
-    from resfit.augmentation import AugmentConfig
+    from resfit.core.config import AugmentConfig
     from resfit.training import TrainConfig, train
 
     torch.set_num_threads(1)  # the same reductions on every machine

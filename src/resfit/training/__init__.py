@@ -4,12 +4,13 @@ the run from data to run folder (:mod:`.run`)."""
 
 import torch  # noqa: F401  (tests patch training.torch.save)
 
-from ..config import TrainConfig
-from ..errors import TrainingError
-from ..tasks import soft_cross_entropy
+from ..core.config import TrainConfig
+from ..core.errors import TrainingError
+from ..tasks.base import soft_cross_entropy
 from .loop import Callback, Loop
-from .lr_auto import train  # run.train, with --lr auto settled first
-from .run import TrainResult, build_transforms, resolve
+from .lr_auto import train
+from .run import TrainResult
+from .setup import build_transforms, resolve
 from .step import TrainStep, lr_at, make_optimizer, param_groups, predict_logits
 
 __all__ = [

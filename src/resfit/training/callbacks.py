@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import transfer
-from ..atomic import atomic_save, atomic_save_safetensors
-from ..config import AugmentConfig, TrainConfig
-from ..errors import TrainingError
+from ..core.atomic import atomic_save, atomic_save_safetensors
+from ..core.config import AugmentConfig, TrainConfig
+from ..core.errors import TrainingError
+from ..models import feature_cache, transfer
 from .distributed import from_rank0
 from .loop import Callback, Loop
 from .step import lr_at, recompute_bn_stats
@@ -109,7 +109,7 @@ class FeatureCaching(Callback):
         if not freeze.changed:
             return
         tr_tf, ev_tf = self.transforms
-        loop.features = transfer.prepare_cache(
+        loop.features = feature_cache.prepare_cache(
             self.cfg, loop.model, freeze.policy, freeze.epochs_left(loop.epoch),
             loop.data.train.decoded, loop.data.val.decoded, tr_tf, ev_tf, self.mixing,
             loop.dist.world, loop.step.device, loop.step.precision, self.out, self.show,
@@ -328,7 +328,7 @@ class EpochLog(Callback):
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                from ..errors import MissingExtraError
+                from ..core.errors import MissingExtraError
 
                 raise MissingExtraError("tensorboard", "tensorboard") from None
             self.writer = SummaryWriter(str(out / "tensorboard"))
@@ -435,7 +435,7 @@ class ShareCores(Callback):
     order = 1
 
     def before_epoch(self, loop: Loop) -> None:
-        from .. import threads
+        from ..core import threads
 
         threads.rebalance()
 

@@ -9,12 +9,13 @@ from pathlib import Path
 
 from torch import Tensor
 
-from .. import calibration
-from ..atomic import atomic_save_safetensors, atomic_write_text
-from ..augmentation import decode_size
-from ..config import TrainConfig
-from ..data import DataSplits, TransformedImages
-from ..errors import DataError
+from ..core.atomic import atomic_save_safetensors, atomic_write_text
+from ..core.config import TrainConfig
+from ..core.errors import DataError
+from ..data.datasets import TransformedImages
+from ..data.preprocessing import decode_size
+from ..data.samples import DataSplits
+from ..tasks import calibration
 from .callbacks import BestModel
 from .loop import Loop
 from .step import predict_logits
@@ -83,8 +84,8 @@ def _audit_training_labels(cfg: TrainConfig, loop: Loop, splits, ev_tf, show: bo
     """``--audit``: the training split's labels, audited with a frozen backbone into RUN/audit.
     The starting weights, where there are any, have not seen these labels; a network trained
     from scratch has, and tends to agree with its own training labels (fewer issues found)."""
-    from ..label_issues import audit_images
-    from ..weights import create_model
+    from ..models.weights import create_model
+    from ..quality.label_issues import audit_images
 
     m, s = cfg.model, loop.step
     if m.weights:
@@ -114,8 +115,8 @@ def _audit_training_labels(cfg: TrainConfig, loop: Loop, splits, ev_tf, show: bo
 def _write_report(
     cfg, loop, splits, val_logits, cal, skipped, duplicates, ev_tf, audit=None
 ) -> None:
-    from ..inference import make_explainer
-    from ..report import ReportData, write_report
+    from ..inference.predictor import make_explainer
+    from ..insight.report import ReportData, write_report
 
     val = loop.data.val.decoded
     data = ReportData(
@@ -149,7 +150,7 @@ def _write_report(
 
 
 def _evaluate_test(cfg, loop, splits, ev_tf, show, temperature) -> dict:
-    from ..evaluation import compute_metrics, write_eval
+    from ..insight.evaluation import compute_metrics, write_eval
 
     test_data = loop.source.open(splits.test, eval_decode_size(cfg), progress=show,
                                  desc="decoding test")  # fmt: skip
@@ -179,7 +180,7 @@ def calibrate_multilabel(
 
 def _finish_multilabel(cfg, loop, splits, val_logits, ev_tf, show) -> dict | None:
     """Multi-label: calibrate and tune thresholds on validation, report, score the test split."""
-    from ..evaluation import compute_multilabel_metrics, write_multilabel_eval
+    from ..insight.evaluation import compute_multilabel_metrics, write_multilabel_eval
 
     out, val = Path(cfg.run.out), loop.data.val.decoded
     cal = calibrate_multilabel(out, val_logits, val.labels, cfg.classes)
@@ -205,8 +206,8 @@ def _finish_multilabel(cfg, loop, splits, val_logits, ev_tf, show) -> dict | Non
 
 
 def _write_multilabel_report(cfg, loop, res, ev_tf, note: str, audit: dict | None) -> None:
-    from ..inference import make_explainer
-    from ..report import MultiLabelReportData, write_multilabel_report
+    from ..inference.predictor import make_explainer
+    from ..insight.report_multilabel import MultiLabelReportData, write_multilabel_report
 
     explain = make_explainer(loop.eval_model, cfg.model.img_size, ev_tf, loop.step.device,
                              base_size=eval_decode_size(cfg))  # fmt: skip

@@ -28,10 +28,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..data import TransformedImages, iter_batches
-from ..sources import DataSource, Sharding
-from ..tasks import Task
-from ..transfer import FeatureCache, set_train_mode
+from ..data.datasets import TransformedImages, iter_batches
+from ..data.sources import DataSource, Sharding
+from ..models.feature_cache import FeatureCache
+from ..models.transfer import set_train_mode
+from ..tasks.base import Task
 from .distributed import Dist, gathered
 from .step import TrainStep, predict_logits
 

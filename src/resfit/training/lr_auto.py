@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config import TrainConfig
+from ..core.config import TrainConfig
 from .loop import Callback
 from .lr_find import lr_find
 from .run import TrainResult, _FileLog

@@ -15,15 +15,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import runtime, threads
-from ..augmentation import base_size_for, batch_transform
-from ..config import TrainConfig
-from ..data import TransformedImages, decode_all, discover, iter_batches
-from ..errors import ConfigError, DataError
-from ..tasks import MultiLabel, SingleLabel
-from ..transfer import apply_freeze, set_train_mode
+from ..core import runtime, threads
+from ..core.config import TrainConfig
+from ..core.errors import ConfigError, DataError
+from ..data.augmentation import batch_transform
+from ..data.datasets import TransformedImages, decode_all, iter_batches
+from ..data.discovery import discover
+from ..data.preprocessing import base_size_for
+from ..models.transfer import apply_freeze, set_train_mode
+from ..tasks.multi import MultiLabel
+from ..tasks.single import SingleLabel
 from .callbacks import multilabel_mix
-from .run import build_transforms, resolve
+from .setup import build_transforms, resolve
 from .step import TrainStep, make_optimizer, param_groups
 
 log = logging.getLogger("resfit")

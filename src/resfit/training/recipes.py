@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import transfer
-from ..adapters import adapt
-from ..config import TrainConfig
-from ..errors import ConfigError
+from ..core.config import TrainConfig
+from ..core.errors import ConfigError
+from ..models import transfer
+from ..models.adapters import adapt
 from .callbacks import (
     BestModel,
     Checkpoint,

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .. import runtime
-from ..config import OptimConfig
-from ..data import iter_batches
+from ..core import runtime
+from ..core.config import OptimConfig
+from ..data.datasets import iter_batches
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

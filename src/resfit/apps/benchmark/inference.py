@@ -1,0 +1,239 @@
+"""inference: part of the former resfit.benchmark."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ...core import runtime
+from ...inference import folding
+from ...models.weights import IMAGENET_MEAN, IMAGENET_STD
+from .common import (
+    _TORCHVISION,
+    BenchReport,
+    BenchRow,
+    _input_size,
+    _interleaved,
+    _models,
+    _synced,
+    forward_gflop,
+    gemm_roof,
+    load_images,
+    machine_summary,
+)
+
+log = logging.getLogger("resfit")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference
+
+
+def bench_inference(
+    arch: str = "resnet50",
+    *,
+    images: Tensor | None = None,
+    data: str | Path | None = None,
+    weights: str | None = None,
+    batch: int = 32,
+    img_size: int | None = None,
+    repeats: int = 5,
+    compile: bool = True,
+    onnx: bool = True,
+    bf16: bool = True,
+    device: str = "auto",
+    openvino: bool = True,
+    tensorrt: bool = True,
+) -> BenchReport:
+    """Inference engines against torchvision eager fp32; see the module docstring.
+
+    On a GPU (``device`` auto or cuda) the PyTorch engines run there, with fp16 added, the
+    ONNX Runtime and OpenVINO engines (CPU ones) are left out, and TensorRT fp32, fp16 and int8
+    are added (each row says why where TensorRT cannot run). The int8 engine is calibrated on the
+    timed images themselves: fine for speed, optimistic for its agreement column.
+
+    ``images`` (N, C, H, W), preprocessed, is the input, or images read from the folder
+    ``data`` with the weights' preprocessing (real photos make the agreement column
+    meaningful); random when neither is given. ``batch`` images are timed per call.
+    """
+    dev = runtime.pick_device(device)
+    base_model, ours = _models(arch, weights, None)
+    base_model.eval().to(dev)
+    size = _input_size(arch, ours, img_size)
+    if data is not None and images is None:
+        cfg = ours.pretrained_cfg
+        images = load_images(
+            data, batch, size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+        )
+    if images is None:
+        images = torch.randn(batch, 3, size, size)
+    x = images[:batch].contiguous()
+    x = x.repeat(math.ceil(batch / len(x)), 1, 1, 1)[:batch].to(dev)
+    gflop = forward_gflop(ours, tuple(x.shape[1:]))
+    roof = gemm_roof(device=dev)
+    report = BenchReport(
+        f"{arch} inference on {dev.type}, batch {len(x)} and batch 1, {x.shape[-1]} px",
+        machine_summary(),
+        roof,
+        info={"GFLOP per image": round(gflop, 2), "input": f"{len(x)} images"},
+    )
+    work = Path(tempfile.mkdtemp(prefix="resfit-bench-"))
+    engines = _inference_engines(arch, base_model, ours, x, dev, work, bf16=bf16,
+                                 compile=compile, onnx=onnx, openvino=openvino,
+                                 tensorrt=tensorrt)  # fmt: skip
+    built = _build_engines(engines, x, dev, report)
+    batch_s = _interleaved(
+        {k: _synced(lambda f=v[1]: f(x), dev) for k, v in built.items()}, repeats
+    )
+    one_s = _interleaved(
+        {k: _synced(lambda f=v[1]: f(x[:1]), dev) for k, v in built.items()}, 3 * repeats
+    )
+    shutil.rmtree(work, ignore_errors=True)  # the sessions hold the models in memory
+    after = gemm_roof(device=dev)
+    report.roof = {k: max(v, after[k]) for k, v in roof.items()}  # others only lower it
+    base_name = engines[0][0]
+    base_pred = built[base_name][3] if base_name in built else None
+    for name, (precision, _, setup, pred) in built.items():
+        ips = len(x) / batch_s[name]
+        agreement = (pred == base_pred).float().mean().item() if base_pred is not None else math.nan
+        report.rows.append(
+            BenchRow(name, precision, ips, ratio=ips * batch_s.get(base_name, math.nan) / len(x),
+                     roof_fraction=ips * gflop / report.roof.get(precision, math.nan),
+                     latency_ms=1e3 * one_s[name],
+                     latency_ratio=one_s[name] / one_s.get(base_name, math.nan),
+                     setup_s=setup, agreement=agreement)
+        )  # fmt: skip
+    return report
+
+
+def _inference_engines(
+    arch: str, base_model: nn.Module, ours: nn.Module, x: Tensor, dev: torch.device, work: Path,
+    *, bf16: bool, compile: bool, onnx: bool, openvino: bool = True, tensorrt: bool = True,
+) -> list[tuple[str, str, Callable]]:  # fmt: skip
+    """(name, precision, builder) of every engine to time; the baseline first."""
+
+    def baseline():
+        def fn(t: Tensor) -> Tensor:
+            with torch.inference_mode():
+                return base_model(t)
+
+        return fn
+
+    def fast(precision: str, compiled: bool = False):
+        return lambda: folding.prepare_for_inference(ours, dev, precision, compiled)
+
+    def onnx_engine(int8: bool):
+        def build():
+            import numpy as np
+
+            from ...export.onnx import export_onnx, quantize_int8
+            from ...inference.engines import OnnxClassifier
+
+            src = work / "model.onnx"
+            if not src.exists():
+                export_onnx(ours, src, input_size=x.shape[-1])
+            path = src
+            if int8:
+                calib = x.numpy()
+                batches = (calib[i : i + 8] for i in range(0, len(calib), 8))
+                path = quantize_int8(src, work / "model_int8.onnx", batches)
+            session = OnnxClassifier(path, threads=torch.get_num_threads())
+            return lambda t: torch.from_numpy(np.asarray(session(t.cpu().numpy())))
+
+        return build
+
+    engines: list[tuple[str, str, Callable]] = [
+        (f"{'torchvision' if arch in _TORCHVISION else 'eager'} fp32 (baseline)", "fp32", baseline),
+        ("resfit fp32 (BN folded, channels-last)", "fp32", fast("fp32")),
+    ]
+    if bf16:
+        engines.append(("resfit bf16 autocast", "bf16", fast("bf16")))
+    if dev.type == "cuda":
+        engines.append(("resfit fp16 autocast", "fp16", fast("fp16")))
+    if compile:
+        best = runtime.pick_precision(dev, "auto")
+        engines.append((f"resfit {best} + torch.compile", best, fast(best, True)))
+    if onnx and dev.type == "cpu":
+        engines += [
+            ("ONNX Runtime fp32", "fp32", onnx_engine(False)),
+            ("ONNX Runtime int8", "int8", onnx_engine(True)),
+        ]
+    if openvino and dev.type == "cpu" and importlib.util.find_spec("openvino") is not None:
+        engines += [
+            (f"OpenVINO {p}", p, _openvino_builder(ours, x, p)) for p in ("fp32", "bf16", "int8")
+        ]
+    if tensorrt and dev.type == "cuda":
+        engines += [
+            (f"TensorRT {p}", p, _tensorrt_builder(ours, x, work, p))
+            for p in ("fp32", "fp16", "int8")
+        ]
+    return engines
+
+
+def _tensorrt_builder(model: nn.Module, x: Tensor, work: Path, precision: str) -> Callable:
+    """TensorRT (ONNX Runtime's provider) at ``precision``, its engine built here (no cache:
+    the setup column is the build); int8 is symmetric QDQ calibrated on the timed images
+    themselves (fine for speed, optimistic for the agreement column)."""
+
+    def build():
+        from ...export.onnx import export_onnx, quantize_int8
+        from ...inference.tensorrt import TensorRtEngine, require_tensorrt
+
+        require_tensorrt()  # the reason in the row, before a minute of exporting
+        path = work / "model.onnx"
+        if not path.exists():
+            export_onnx(model, path, input_size=x.shape[-1], in_chans=x.shape[1])
+        if precision == "int8":
+            calib = x.cpu().numpy()
+            batches = (calib[i : i + 8] for i in range(0, len(calib), 8))
+            path = quantize_int8(path, work / "model_trt_int8.onnx", batches, symmetric=True)
+        return TensorRtEngine(path, precision, input_shape=tuple(x.shape[1:]),
+                              max_batch=len(x), cache=False, source="bench")  # fmt: skip
+
+    return build
+
+
+def _openvino_builder(model: nn.Module, x: Tensor, precision: str) -> Callable:
+    """OpenVINO at ``precision``; int8 is NNCF post-training quantization calibrated on the
+    timed images themselves (fine for speed, optimistic for the agreement column)."""
+
+    def build():
+        from ...inference import openvino as ove
+
+        ov_model = ove.convert(model, x.shape[-1], x.shape[1])
+        if precision == "int8":
+            ov_model = ove.quantize(ov_model, [x.numpy()])
+        return ove.OpenVinoEngine(ov_model, precision)
+
+    return build
+
+
+def _build_engines(
+    engines: list[tuple[str, str, Callable]], x: Tensor, dev: torch.device, report: BenchReport
+) -> dict[str, tuple[str, Callable, float, Tensor]]:
+    """Build and warm up each engine: name -> (precision, callable, setup s, predictions). One
+    that cannot run here is a row saying why, not a crash."""
+    built: dict[str, tuple[str, Callable, float, Tensor]] = {}
+    for name, precision, build in engines:
+        t0 = time.perf_counter()
+        try:
+            fn = build()
+            pred = fn(x).argmax(1).cpu()  # first calls: allocation, compilation
+            fn(x[:1])
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+        except Exception as e:  # an engine that cannot run here is a finding, not a crash
+            report.rows.append(BenchRow(name, precision, math.nan, note=f"skipped: {e}"[:140]))
+            continue
+        built[name] = (precision, fn, time.perf_counter() - t0, pred)
+        log.info("  %s ready (%.1f s)", name, time.perf_counter() - t0)
+    return built

@@ -1,0 +1,190 @@
+"""Dynamic batching for the HTTP service: requests that arrive together share one forward pass.
+
+A request's image is decoded (in a thread pool, off the event loop) to the run's decode size,
+then handed to :class:`Batcher`, which groups what is waiting, up to ``max_batch`` images or
+``max_wait_ms`` after the first one, and runs the group through the :class:`Predictor` on its
+single model thread. While one batch runs the next one gathers, so under load the batches fill
+up and the per-image cost of the forward pass falls.
+
+The bound on waiting work (``max_queue``) counts every image that has been handed over and has
+not started its forward pass; past it, :meth:`Batcher.submit` raises :class:`QueueFull` and the
+server answers 503 with Retry-After instead of letting latency grow without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+from ...data.datasets import DecodedImages
+from ...data.decode import MAX_PIXELS, _pil_to_rgb, resize_shorter, to_tensor
+from ...inference.predictor import Predictor
+
+__all__ = ["BadImage", "Batcher", "QueueFull", "decode_image_bytes"]
+
+
+class BadImage(Exception):
+    """A request body that is not a usable image; ``status`` is the HTTP code to answer."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+class QueueFull(Exception):
+    """More images are waiting for the model than the server's ``max_queue``."""
+
+
+def decode_image_bytes(data: bytes, base_size: int) -> Tensor:
+    """An image body as a uint8 (3, H, W) tensor, decoded exactly as ``resfit predict`` decodes
+    a file (:func:`resfit.data.decode.load_image` then the shorter side resized to ``base_size``), so
+    the server and offline prediction give the same labels.
+
+    Raises :class:`BadImage`: 400 empty, 415 not an image, 413 decompression bomb, 422 broken.
+    """
+    if not data:
+        raise BadImage(400, "empty body: send the image's bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise BadImage(
+                        413,
+                        f"{img.width}x{img.height} pixels exceeds the {MAX_PIXELS:,} limit "
+                        f"(decompression bomb guard)",
+                    )
+                if img.format == "JPEG":  # decode at reduced size in the DCT domain, as predict
+                    img.draft("RGB", (base_size * 2, base_size * 2))
+                img.seek(0)  # first frame of an animation
+                img = ImageOps.exif_transpose(img)
+                img.load()
+                rgb = _pil_to_rgb(img)
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage(415, "not an image (no known image format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(413, f"decompression bomb guard: {e}") from None
+    except Exception as e:  # PIL raises many types for truncated or corrupt data
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BadImage(422, f"broken image: {reason}") from None
+    return to_tensor(resize_shorter(rgb, base_size))
+
+
+@dataclass
+class _Item:
+    image: Tensor
+    future: asyncio.Future
+
+
+class Batcher:
+    """Groups decoded images into batches for ``predictor`` and answers each with its
+    probabilities (calibrated: the run's temperature is applied).
+
+    ``on_batch(size, seconds)`` is called after every forward pass (for metrics).
+    """
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        *,
+        max_batch: int = 32,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 256,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self.predictor = predictor
+        self.max_batch = max(1, max_batch)
+        self.max_wait = max(0.0, max_wait_ms) / 1000
+        self.max_queue = max(1, max_queue)
+        self.on_batch = on_batch
+        self.pending = 0  # images handed over that have not started their forward pass
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._task: asyncio.Task | None = None
+        # One model thread: the engine uses all of this process's cores for each batch.
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="resfit-model")
+
+    def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        """Finish: called after the server has answered its in-flight requests."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._model_thread.shutdown(wait=True)
+
+    async def submit(self, image: Tensor) -> Tensor:
+        """The probabilities (classes,) for one decoded image, once its batch has run."""
+        if self._queue is None:
+            raise RuntimeError("Batcher.start() was not called")
+        if self.pending >= self.max_queue:
+            raise QueueFull(f"{self.pending} images are waiting for the model")
+        self.pending += 1
+        item = _Item(image, asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(item)
+        return await item.future
+
+    def probabilities(self, images: list[Tensor]) -> Tensor:
+        """Probabilities (N, classes) of decoded images in one pass: Predictor's own path."""
+        n = len(images)
+        decoded = DecodedImages(
+            images, torch.full((n,), -1), [Path("")] * n, [], self.predictor.base_size
+        )
+        return self.predictor.probabilities(self.predictor.logits(decoded, batch_size=n))
+
+    async def _gather(self) -> list[_Item]:
+        assert self._queue is not None
+        batch = [await self._queue.get()]
+        deadline = time.monotonic() + self.max_wait
+        while len(batch) < self.max_batch:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                # Take what is already waiting (it arrived while the last batch ran).
+                while len(batch) < self.max_batch and not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), left))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._gather()
+            self.pending -= len(batch)
+            live = [it for it in batch if not it.future.done()]  # a client may have gone
+            if not live:
+                continue
+            start = time.perf_counter()
+            try:
+                probs = await loop.run_in_executor(
+                    self._model_thread, self.probabilities, [it.image for it in live]
+                )
+            except Exception as e:  # a bug or a runtime failure: every waiter gets it
+                for it in live:
+                    if not it.future.done():
+                        it.future.set_exception(e)
+                continue
+            if self.on_batch is not None:
+                self.on_batch(len(live), time.perf_counter() - start)
+            for it, p in zip(live, probs, strict=True):
+                if not it.future.done():
+                    it.future.set_result(p)

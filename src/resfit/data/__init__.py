@@ -1,0 +1,3 @@
+"""Data: paths, discovery and manifests, decoding, fingerprints, sources, shards, augmentation
+and preprocessing.
+"""

@@ -1,0 +1,330 @@
+"""Ship a classifier as ONNX: export, parity check, int8 quantization, and exporting a run.
+
+ONNX Runtime is the CPU engine (``resfit predict --engine onnx``, :mod:`resfit.inference.engines`): on the
+project's AVX-512 VNNI Xeon (no AVX512_BF16/AMX), static int8 is the one precision faster than
+fp32 (``resfit bench`` prints the figures). ``onnx``/``onnxruntime`` are optional (``pip install
+'resfit[export]'``) and imported only inside the functions that need them.
+
+Every file is written to a temporary name beside the target and renamed into place, so an
+interrupted export never leaves a truncated model where a good one was expected.
+
+This module builds on :mod:`resfit.inference.predictor` and :mod:`resfit.inference.engines` (which runs the files
+written here); neither imports it. ``OnnxClassifier`` lives in :mod:`resfit.inference.engines` and is
+re-exported here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.config import EXPORT_FORMATS
+from ..core.errors import ConfigError, DataError
+from ..data.datasets import DecodedImages, decode_all
+from ..data.discovery import discover, eval_samples, read_splits
+from ..data.paths import display_path, find_images
+from ..data.samples import DataSplits, Sample
+from ..inference.engines import OnnxClassifier
+from ..inference.predictor import Predictor, load_run
+from .onnx import DEFAULT_OPSET, export_onnx, onnx_parity, quantize_int8
+
+log = logging.getLogger("resfit")
+
+__all__ = ["export_run"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Exporting a run folder (what `resfit export RUN` does)
+
+
+def _batches(predictor: Predictor, decoded: DecodedImages, size: int = 32) -> Iterator[np.ndarray]:
+    """Decoded images preprocessed as the run's model takes them, as float32 NCHW batches."""
+    for i in range(0, len(decoded), size):
+        x = torch.stack([predictor.transform(img) for img in decoded.images[i : i + size]])
+        yield x.numpy().astype(np.float32)
+
+
+def _pick(items: Sequence, limit: int, seed: int = 0) -> list:
+    """Up to ``limit`` of ``items``, drawn evenly at random (in their order)."""
+    if len(items) <= limit:
+        return list(items)
+    rng = np.random.default_rng(seed)
+    return [items[i] for i in sorted(rng.choice(len(items), limit, replace=False))]
+
+
+def _as_run_classes(splits: DataSplits, classes: Sequence[str], where: str) -> list[Sample]:
+    """The val samples of ``splits`` labelled by the run's class indices (multi-label: as
+    multi-hot tuples over the run's classes)."""
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(splits.classes) - set(index))
+    if unknown:
+        raise DataError(f"{where} has classes the run does not know: {', '.join(unknown)}")
+    if splits.task == "multilabel":
+        names = [{splits.classes[j] for j, on in enumerate(s.label) if on} for s in splits.val]
+        return [Sample(s.path, tuple(int(c in n) for c in classes))
+                for s, n in zip(splits.val, names, strict=True)]  # fmt: skip
+    return [Sample(s.path, index[splits.classes[s.label]]) for s in splits.val]
+
+
+def _rederived_val(cfg: dict, classes: Sequence[str]) -> list[Sample]:
+    """The run's validation split, found again from its data with its seed and fractions."""
+    splits = discover(
+        cfg["data"],
+        val_fraction=cfg.get("val_fraction", 0.15),
+        test_fraction=cfg.get("test_fraction", 0.0),
+        seed=cfg.get("seed", 0),
+        task=cfg.get("task") or "auto",
+    )
+    return _as_run_classes(splits, classes, display_path(cfg["data"]))
+
+
+def validation_samples(
+    run: str | os.PathLike, cfg: dict, classes: Sequence[str], val: str | os.PathLike | None
+) -> tuple[list[Sample], str]:
+    """Labelled images to measure an export on, and a sentence saying which ones they are.
+
+    In order: ``val`` (a folder of class folders, a data root's test/ or val/, or a manifest);
+    the ``val`` rows of ``RUN/splits.csv``; the validation split of the run's data found again
+    with its seed. Never the training images: with none of these there is no measurement.
+    """
+    if val:
+        multi = cfg.get("task") == "multilabel"
+        return eval_samples(val, classes, multilabel=multi)[0], f"--val {display_path(val)}"
+    splits_csv = Path(run) / "splits.csv"
+    shown = display_path(splits_csv)
+    if splits_csv.is_file():
+        val_rows = _as_run_classes(read_splits(splits_csv), classes, shown)
+        return val_rows, f"the val rows of {shown}"
+    data = cfg.get("data")
+    if data and Path(data).exists():
+        where = (
+            f"the val split of {display_path(data)} (found again with the run's seed; no {shown})"
+        )
+        return _rederived_val(cfg, classes), where
+    return [], f"none: {shown} and the run's data are missing (pass --val DATA)"
+
+
+def _export_fp32(predictor: Predictor, classes: list[str], out_dir: Path, opset: int) -> Path:
+    pre = predictor.preprocessing
+    model = predictor.model
+    # What a runner of the file needs, in the file: labels and the run's preprocessing.
+    model.pretrained_cfg = {
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+        "input_size": pre.img_size,
+        "resize_size": pre.decode_size,
+        "interpolation": pre.interpolation,
+        "categories": classes,
+    }
+    return export_onnx(
+        model, out_dir / "model.onnx", input_size=pre.img_size, in_chans=pre.in_chans, opset=opset
+    )
+
+
+def _quantize_run(
+    predictor: Predictor, fp32_path: Path, target: Path, calib: str | os.PathLike, limit: int,
+    symmetric: bool = False,
+) -> tuple[Path, int]:  # fmt: skip
+    paths = _pick(find_images([str(calib)]), limit)
+    decoded = predictor.decode(paths)
+    if not len(decoded):
+        raise DataError(f"--calib {display_path(calib)}: none of its images could be read")
+    batches = _batches(predictor, decoded)
+    return quantize_int8(fp32_path, target, batches, symmetric=symmetric), len(decoded)
+
+
+def _tensorrt_checks(
+    model: nn.Module, fp32_path: Path, int8_path: Path | None, batches: list[np.ndarray],
+    labels: np.ndarray | None, input_shape: tuple[int, int, int],
+) -> dict[str, Any]:  # fmt: skip
+    """``--format tensorrt``: the engines TensorRT builds from the files just written, against
+    PyTorch fp32 on the check images (max logit difference, top-1 agreement and, with labels,
+    the accuracy change), on this machine's GPU; skipped, with the reason, without one."""
+    from ..inference.tensorrt import TensorRtEngine, probe
+
+    usable, why = probe()
+    if not usable or not batches:
+        return {"tensorrt_check": f"skipped: {why if not usable else 'no check images'}"}
+    x = torch.from_numpy(np.concatenate(batches))
+    with torch.inference_mode():
+        reference = model.float().eval().cpu()(x)
+    report: dict[str, Any] = {"tensorrt_check": why}
+    runs = [("fp32", fp32_path), ("fp16", fp32_path)] + ([("int8", int8_path)] if int8_path else [])
+    for precision, path in runs:
+        engine = TensorRtEngine(path, precision, input_shape=input_shape, source="export check")
+        logits = engine(x)
+        report[f"tensorrt_{precision}_max_abs_logit_diff"] = float((logits - reference).abs().max())
+        report[f"tensorrt_{precision}_top1_agreement"] = float(
+            (logits.argmax(1) == reference.argmax(1)).float().mean()
+        )
+        if labels is not None and labels.ndim == 1 and len(labels) == len(x):
+            y = torch.from_numpy(labels)
+            change = (logits.argmax(1) == y).float().mean() - (
+                reference.argmax(1) == y
+            ).float().mean()
+            report[f"tensorrt_{precision}_accuracy_change"] = float(change)
+    return report
+
+
+def _int8_accuracy(
+    fp32_path: Path, int8_path: Path, batches: list[np.ndarray], y: np.ndarray
+) -> dict[str, float]:
+    fp32 = np.concatenate([OnnxClassifier(fp32_path)(b) for b in batches])
+    q = np.concatenate([OnnxClassifier(int8_path)(b) for b in batches])
+    if y.ndim == 2:  # multi-label: the check is in mAP, the agreement in per-class decisions
+        from ..tasks.multi import mean_average_precision
+
+        map32, map8 = mean_average_precision(fp32, y), mean_average_precision(q, y)
+        return {"fp32_mAP": map32, "int8_mAP": map8, "int8_mAP_change": map8 - map32,
+                "label_agreement": float(((fp32 > 0) == (q > 0)).mean())}  # fmt: skip
+    fp32, q = fp32.argmax(1), q.argmax(1)
+    acc32, acc8 = float((fp32 == y).mean()), float((q == y).mean())
+    return {
+        "fp32_accuracy": acc32,
+        "int8_accuracy": acc8,
+        "int8_accuracy_change": acc8 - acc32,
+        "top1_agreement": float((q == fp32).mean()),
+    }
+
+
+def _export_openvino(
+    predictor: Predictor, run, cfg: dict, classes: list[str], out_dir: Path, int8: bool, calib,
+    val, calib_images: int, val_images: int,
+) -> dict[str, Any]:  # fmt: skip
+    """``--format openvino``: OpenVINO IR converted from the run's model (no ONNX step), the
+    parity check, and with ``int8`` NNCF quantization and its accuracy change on validation
+    images (as the ONNX path measures its own)."""
+    from ..inference.openvino import export_openvino
+
+    samples, source = validation_samples(run, cfg, classes, val)
+    checked = decode_all(_pick(samples, val_images if int8 else 64), predictor.base_size,
+                         progress=False)  # fmt: skip
+    batches = list(_batches(predictor, checked))
+    calib_batches = None
+    if int8:
+        decoded = predictor.decode(_pick(find_images([str(calib)]), calib_images))
+        if not len(decoded):
+            raise DataError(f"--calib {display_path(calib)}: none of its images could be read")
+        calib_batches = list(_batches(predictor, decoded))
+    pre = predictor.preprocessing
+    report = export_openvino(
+        predictor.model, pre.img_size, pre.in_chans, out_dir, check=batches,
+        labels=checked.labels.numpy() if len(checked) else None, calib=calib_batches,
+    )  # fmt: skip
+    report.update(val_source=source, val_images=len(checked), val_skipped=len(checked.skipped))
+    if calib_batches:
+        report["calib_images"] = sum(len(b) for b in calib_batches)
+    return report
+
+
+def _int8_and_engine_checks(
+    predictor: Predictor, fp32_path: Path, out_dir: Path, format: str, int8: bool, calib,
+    calib_images: int, checked: DecodedImages, batches: list[np.ndarray], source: str,
+) -> dict[str, Any]:  # fmt: skip
+    """``export_run``'s int8 file (symmetric for TensorRT) with its accuracy change on the
+    validation images, and for ``--format tensorrt`` the engines' checks."""
+    report: dict[str, Any] = {}
+    int8_path = None
+    if int8:
+        # TensorRT takes int8 activations with zero point 0 only: its own file, symmetric.
+        trt = format == "tensorrt"
+        target = out_dir / "tensorrt" / "model.int8.onnx" if trt else out_dir / "model.int8.onnx"
+        int8_path, n_calib = _quantize_run(predictor, fp32_path, target, calib, calib_images,
+                                           symmetric=trt)  # fmt: skip
+        report.update({"tensorrt_int8" if trt else "int8": str(int8_path), "calib_images": n_calib})
+        if len(checked):
+            y = checked.labels.numpy()
+            # For the TensorRT file: its accuracy in ONNX Runtime on the CPU, the same QDQ graph.
+            report.update(_int8_accuracy(fp32_path, int8_path, batches, y))
+            log.info("int8 accuracy measured on %d images: %s", len(checked), source)
+        else:
+            log.warning("int8 accuracy not measured: no validation images (%s)", source)
+    if format == "tensorrt":
+        pre = predictor.preprocessing
+        labels = checked.labels.numpy() if len(checked) else None
+        report.update(_tensorrt_checks(predictor.model, fp32_path, int8_path, batches, labels,
+                                       (pre.in_chans, pre.img_size, pre.img_size)))  # fmt: skip
+    return report
+
+
+def export_run(
+    run: str | os.PathLike,
+    *,
+    int8: bool = False,
+    calib: str | os.PathLike | None = None,
+    val: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    calib_images: int = 256,
+    val_images: int = 1000,
+    opset: int = DEFAULT_OPSET,
+    format: str = "onnx",
+    name: str | None = None,
+    max_batch: int = 32,
+    max_queue_delay_us: int = 5000,
+) -> dict:
+    """Export a run to ONNX (``RUN/export/model.onnx``), check it against PyTorch on real images,
+    and with ``int8`` quantize it on the user's calibration images and measure the accuracy
+    change on validation images (see :func:`validation_samples` for which; ``val_source`` in
+    the result says, ``val_images`` and ``val_skipped`` count the images used and unreadable).
+    Returns (and writes to export.json) what was measured.
+
+    ``format="openvino"`` writes ``OUT/openvino/model.xml`` (and ``model.int8.xml`` with
+    ``int8``) instead of ONNX, with the same checks (:mod:`resfit.inference.openvino`).
+    ``format="tensorrt"`` writes the ONNX model and, with ``int8``, ``OUT/tensorrt/
+    model.int8.onnx`` (symmetric int8, what TensorRT takes) instead of ``model.int8.onnx``,
+    and on a GPU with TensorRT checks the engines built from them against PyTorch
+    (``tensorrt_*`` keys; ``tensorrt_check`` says why not where they cannot run).
+    ``format="triton"`` also writes a Triton model repository, ``OUT/triton/NAME`` (``name``
+    defaults to the run folder's name), with dynamic batching up to ``max_batch`` after at most
+    ``max_queue_delay_us``; see :mod:`resfit.export.triton`."""
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {format!r}")
+    if int8 and not calib:
+        raise ConfigError(
+            "--int8 needs --calib DATA: a few hundred of your own images to calibrate on"
+        )
+    cfg, classes = load_run(run)
+    out_dir = Path(out or Path(run) / "export")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predictor = Predictor.from_run(run, device="cpu", precision="fp32", engine="torch")
+    if format == "openvino":
+        report = _export_openvino(predictor, run, cfg, classes, out_dir, int8, calib, val,
+                                  calib_images, val_images)  # fmt: skip
+        (out_dir / "export.json").write_text(json.dumps(report, indent=2))
+        return report
+    fp32_path = _export_fp32(predictor, classes, out_dir, opset)
+    report: dict[str, Any] = {"onnx": str(fp32_path), "opset": opset}
+
+    samples, source = validation_samples(run, cfg, classes, val)
+    # Decoded with their labels: a file that cannot be read drops out with its label. Without
+    # int8 only the parity check needs images, and 64 are enough for it.
+    limit = val_images if int8 else 64
+    checked = decode_all(_pick(samples, limit), predictor.base_size, progress=False)
+    report.update(val_source=source, val_images=len(checked), val_skipped=len(checked.skipped))
+    batches = list(_batches(predictor, checked))
+    if not batches and calib:
+        batches = list(_batches(predictor, predictor.decode(_pick(find_images([str(calib)]), 64))))
+    if batches:
+        images = torch.from_numpy(np.concatenate(batches)[:64])
+        report["max_abs_logit_diff"] = onnx_parity(predictor.model, fp32_path, images)
+    report.update(_int8_and_engine_checks(predictor, fp32_path, out_dir, format, int8, calib,
+                                          calib_images, checked, batches, source))  # fmt: skip
+    if format == "triton":
+        from .triton import write_triton_repository
+
+        model_name = name or Path(run).resolve().name
+        triton_dir = write_triton_repository(
+            fp32_path, out_dir / "triton", model_name, classes=classes,
+            max_batch=max_batch, max_queue_delay_us=max_queue_delay_us,
+        )  # fmt: skip
+        report["triton"] = str(triton_dir)
+    (out_dir / "export.json").write_text(json.dumps(report, indent=2))
+    return report

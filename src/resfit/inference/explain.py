@@ -1,0 +1,116 @@
+"""Where did the model look? Grad-CAM (Selvaraju et al. 2017) on resfit's staged models.
+
+No hooks: the model is split at a stage by its adapter (``forward_to`` / ``forward_from``, see
+:mod:`resfit.models.adapters`), so the stage's output is an ordinary tensor we can take the gradient
+against. Any model with a registered adapter works (torchvision's ResNets included), and so
+does one that has ``stage_names``, ``forward_to`` and ``forward_from`` of its own. Only the part after the stage
+is differentiated and no parameter gradient is ever computed.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from ..core.errors import ConfigError
+from ..models.adapters import ModelAdapter, adapt, has_adapter
+
+_STAGED = ("stage_names", "forward_to", "forward_from")
+
+
+def _split(model: nn.Module) -> ModelAdapter | nn.Module:
+    """What splits ``model`` at a stage: its adapter, or the model itself where it has the
+    staged interface of its own (``stage_names``, ``forward_to``, ``forward_from``)."""
+    if not has_adapter(model) and all(hasattr(model, a) for a in _STAGED):
+        return model
+    return adapt(model)  # a ConfigError that says how to register an adapter, if none fits
+
+
+__all__ = ["grad_cam", "overlay_cam"]
+
+
+def grad_cam(
+    model: nn.Module,
+    x: Tensor,
+    class_idx: int | None = None,
+    stage: str | None = None,
+) -> np.ndarray:
+    """Grad-CAM heat map of ``class_idx`` (default: the predicted class) for one image.
+
+    ``x``: the preprocessed image, shape (1, C, H, W) (or (C, H, W)), on any device; it is
+    moved to the model's device. ``stage``: which stage's output to explain; default the last
+    one (coarsest, most class-specific). Returns a float32 (H, W) map in [0, 1], upsampled to
+    the input size; all zeros when nothing supports the class.
+
+    The model is run in eval mode (BatchNorm statistics, no dropout); its train/eval mode and
+    every parameter's ``requires_grad`` are restored afterwards, even on error.
+    """
+    split = _split(model)
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    if x.ndim != 4 or x.shape[0] != 1:
+        raise ValueError(
+            f"grad_cam explains one image: expected (1, C, H, W), got {tuple(x.shape)}"
+        )
+    stage = stage or split.stage_names[-1]
+    if stage not in split.stage_names:
+        raise ConfigError(f"unknown stage {stage!r}; this model has {list(split.stage_names)}")
+
+    param = next(model.parameters(), None)
+    if param is not None:
+        x = x.to(param.device, param.dtype)
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)  # only d(logit)/d(activation) is needed
+        with torch.no_grad():
+            acts = split.forward_to(x, stage)
+        acts = acts.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            logits = split.forward_from(acts, stage)
+            if class_idx is None:
+                class_idx = int(logits[0].argmax())
+            if not 0 <= class_idx < logits.shape[1]:
+                raise ConfigError(f"class_idx {class_idx} outside [0, {logits.shape[1] - 1}]")
+            (grads,) = torch.autograd.grad(logits[0, class_idx], acts)
+    finally:
+        model.train(was_training)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+    # Channel weights: the spatially averaged gradient; the map: ReLU of the weighted sum, so
+    # only evidence *for* the class shows.
+    weights = grads.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * acts.detach()).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+    cam = cam.float().cpu().numpy()
+    top = float(cam.max())
+    if not np.isfinite(top) or top <= 0:
+        return np.zeros(cam.shape, dtype=np.float32)
+    return np.clip(cam / top, 0.0, 1.0).astype(np.float32)
+
+
+def overlay_cam(image: Image.Image, cam: np.ndarray, alpha: float = 0.45) -> Image.Image:
+    """Blend a [0, 1] heat map over ``image`` with the jet colormap (red = most evidence).
+
+    The map is resized to the image (bilinear), so a 32x32 or 224x224 map fits any photo;
+    pass the image as the model saw it (same crop) for the colours to land in the right place.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
+    cam = np.asarray(cam, dtype=np.float32)
+    if cam.ndim != 2:
+        raise ValueError(f"cam must be a 2-D (H, W) map, got shape {cam.shape}")
+    rgb = image.convert("RGB")
+    cam_img = Image.fromarray(np.nan_to_num(np.clip(cam, 0.0, 1.0)).astype(np.float32))
+    cam_img = cam_img.resize(rgb.size, Image.Resampling.BILINEAR)
+    heat = matplotlib.colormaps["jet"](np.clip(np.asarray(cam_img), 0.0, 1.0))[..., :3]
+    base = np.asarray(rgb, dtype=np.float32) / 255.0
+    out = (1.0 - alpha) * base + alpha * heat
+    return Image.fromarray(np.round(out * 255.0).astype(np.uint8))

@@ -1,0 +1,411 @@
+"""Inference: load a run folder and predict on new images with the run's own preprocessing.
+
+    predictor = Predictor.from_run("RUN")  # or engine="onnx", precision="int8"
+    preds, skipped = predictor.predict(["a.jpg", "folder/"], top_k=3)
+    for p in preds:
+        print(p.path, p.label, p.confidence)
+
+Needs only the run folder (config.json, classes.json, model.safetensors; ``export/`` for the
+ONNX engine), not the training data. The runtime that computes the logits is an engine from
+:mod:`resfit.inference.engines`, picked by name; this module decodes, batches and labels.
+
+File names need not be valid UTF-8 (Linux allows any bytes but ``/``). Python keeps such a
+name as a ``str`` with surrogate escapes (PEP 383); resfit passes it through unchanged and
+writes its CSVs with :func:`resfit.data.paths.open_csv` (UTF-8, ``errors="surrogateescape"``), so
+the path column holds the name's bytes exactly as on disk, what ``ls`` writes to a pipe. Every
+other row stays plain UTF-8, and a reader that opens the CSV with ``errors="surrogateescape"``
+(pandas: ``encoding_errors="surrogateescape"``) gets a path that opens the file again. Logs and
+messages show such a name with ``\\xNN`` escapes (:func:`resfit.data.paths.display_path`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..core.errors import ConfigError, RunError
+from ..data.datasets import DecodedImages, TransformedImages, decode_all, iter_batches
+from ..data.decode import load_image, resize_shorter, to_tensor
+from ..data.paths import find_images, open_csv
+from ..data.preprocessing import EvalPreprocessing, base_size_for
+from ..data.samples import Sample
+from ..models.resnet import build_model
+from ..tasks.base import Task
+from ..tasks.multi import MultiLabel
+from ..tasks.registry import task_for
+from ..tasks.single import SingleLabel
+from .engines import Engine, create_engine
+
+__all__ = [
+    "Prediction",
+    "Predictor",
+    "RunError",
+    "load_run",
+    "load_run_model",
+    "make_explainer",
+    "read_thresholds",
+    "write_predictions_csv",
+]
+
+
+# What a run's outputs mean when its config names no task (runs from before multi-label).
+_TASK = SingleLabel()
+
+
+@dataclass
+class Prediction:
+    """One image's answer. Single-label: ``label`` is the top class, ``confidence`` its
+    probability, ``top_k`` the best classes. Multi-label: ``labels`` are the classes at or
+    above their thresholds with their probabilities (most probable first), ``label`` those
+    names joined by ``;`` ("" for none), ``confidence`` the top class's probability, and
+    ``probabilities`` every class's."""
+
+    path: str
+    label: str
+    confidence: float
+    top_k: list[tuple[str, float]]
+    labels: list[tuple[str, float]] | None = None
+    probabilities: dict[str, float] | None = None
+
+
+def load_run(run: str | os.PathLike) -> tuple[dict, list[str]]:
+    """The resolved config and class names of a run folder."""
+    run = Path(run)
+    for name in ("config.json", "classes.json", "model.safetensors"):
+        if not (run / name).is_file():
+            raise RunError(
+                f"{run} is not a finished resfit run: {name} is missing "
+                f"(train one with `resfit train DATA --out {run}`)"
+            )
+    return json.loads((run / "config.json").read_text()), json.loads(
+        (run / "classes.json").read_text()
+    )
+
+
+def load_run_model(run: str | os.PathLike) -> tuple[nn.Module, dict, list[str]]:
+    """The trained model of a run (eval mode, CPU), its config and class names."""
+    from safetensors.torch import load_file  # safetensors imports numpy-heavy code; only here
+
+    cfg, classes = load_run(run)
+    model = build_model(cfg["arch"], num_classes=len(classes), in_chans=cfg.get("in_chans", 3))
+    state = load_file(str(Path(run) / "model.safetensors"))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise RunError(
+            f"{run}/model.safetensors does not fit {cfg['arch']}: {str(e).splitlines()[0]}"
+        ) from None
+    return model.eval(), cfg, classes
+
+
+def run_preprocessing(run: str | os.PathLike, cfg: Mapping[str, Any]) -> EvalPreprocessing:
+    """The preprocessing a run's ``config.json`` records; a bad value names the file."""
+    try:
+        return EvalPreprocessing.from_config(cfg)
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
+        raise RunError(f"{Path(run) / 'config.json'}: {e}") from None
+
+
+class Predictor:
+    """A trained classifier with its preprocessing, ready for new images.
+
+    ``model`` is the PyTorch model (kept for Grad-CAM and export); the logits come from
+    ``engine``: a registered engine name (see :func:`resfit.inference.engines.available_engines`),
+    created for ``run_dir`` and ``model``, or a ready :class:`~resfit.inference.engines.Engine`.
+    ``resize_size`` and ``interpolation`` are the weights' evaluation resize (see
+    :class:`~resfit.data.augmentation.EvalPreprocessing`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        classes: Sequence[str],
+        *,
+        img_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        in_chans: int = 3,
+        resize_size: int | None = None,
+        interpolation: str = "bilinear",
+        device: str = "auto",
+        precision: str = "auto",
+        temperature: float | Sequence[float] | None = None,
+        thresholds: Sequence[float] | None = None,
+        task: Task | None = None,
+        tta: bool = False,
+        compile: bool = False,
+        engine: str | Engine = "torch",
+        run_dir: str | os.PathLike | None = None,
+        engine_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.preprocessing = EvalPreprocessing(
+            img_size, tuple(mean), tuple(std), in_chans, resize_size, interpolation
+        )
+        if isinstance(engine, str):
+            engine = create_engine(
+                engine,
+                run_dir,
+                model,
+                device=device,
+                precision=precision,
+                compile=compile,
+                **dict(engine_options or {}),
+            )
+        self.engine: Engine = engine
+        self.device: torch.device = engine.device
+        self.precision: str = engine.precision
+        self.model = model.eval().to(self.device)
+        self.classes = list(classes)
+        self.img_size = img_size
+        self.base_size = self.preprocessing.decode_size  # shorter side images are decoded at
+        self.transform = self.preprocessing.eval_transform()
+        self.temperature = temperature
+        self.task: Task = task or _TASK
+        self.multilabel = isinstance(self.task, MultiLabel)
+        # Multi-label decisions: p >= threshold, per class (tuned on validation by training).
+        self.thresholds = list(thresholds) if thresholds is not None else [0.5] * len(classes)
+        self.tta = tta  # test-time augmentation: average the logits of the image and its mirror
+
+    @classmethod
+    def from_run(
+        cls,
+        run: str | os.PathLike,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        engine: str = "auto",
+        tta: bool = False,
+        compile: bool = False,
+        **engine_options: Any,
+    ) -> Predictor:
+        """Load a run. ``engine="auto"`` picks the fastest installed engine here
+        (:func:`resfit.inference.engines.choose_engine`); ``engine="onnx"`` runs ``RUN/export/model.onnx`` (or ``model.int8.onnx``
+        with ``precision="int8"``) in ONNX Runtime; ``resfit export`` writes them. ``compile``
+        adds ``torch.compile`` to the PyTorch engine (its first batch compiles: pays off on
+        large folders only). ``engine_options`` go to the engine (onnx: ``threads``)."""
+        model, cfg, classes = load_run_model(run)
+        pre = run_preprocessing(run, cfg)
+        calib = Path(run) / "calibration.json"
+        temperature = json.loads(calib.read_text())["temperature"] if calib.exists() else None
+        return cls(
+            model,
+            classes,
+            **asdict(pre),
+            device=device,
+            precision=precision,
+            temperature=temperature,
+            thresholds=read_thresholds(run, classes),
+            task=task_for(cfg),
+            tta=tta,
+            compile=compile,
+            engine=engine,
+            run_dir=run,
+            engine_options=engine_options,
+        )
+
+    def decode(
+        self, paths: Sequence[str | os.PathLike], progress: bool = False, *, ready: bool = False
+    ) -> DecodedImages:
+        """Decode images at the run's decode size; with ``ready`` also crop and normalise them
+        in the decoding threads (model inputs, for :meth:`logits` with ``ready=True``)."""
+        return decode_all([Sample(Path(p), -1) for p in paths], self.base_size, progress=progress,
+                          transform=self.transform if ready else None)  # fmt: skip
+
+    @torch.inference_mode()
+    def logits(
+        self, decoded: DecodedImages, batch_size: int = 64, *, ready: bool = False
+    ) -> Tensor:
+        """fp32 logits (N, classes) on the CPU for decoded images, in their order (``ready``:
+        images that :meth:`decode` already preprocessed)."""
+        out = []
+        n = len(decoded)
+        if ready:
+            batches = ((torch.stack(decoded.images[i : i + batch_size]), None)
+                       for i in range(0, n, batch_size))  # fmt: skip
+        else:
+            data = TransformedImages(decoded, self.transform)
+            batches = iter_batches(
+                data, [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+            )
+        for x, _ in batches:
+            views = [x, x.flip(-1)] if self.tta else [x]
+            out.append(torch.stack([self.engine(v) for v in views]).mean(0))
+        return torch.cat(out) if out else torch.empty(0, len(self.classes))
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """Calibrated probabilities: the task's post-processing at the run's temperature(s)."""
+        t = self.temperature if self.temperature is not None else 1.0
+        return self.task.probabilities(logits, t)
+
+    def answer(self, probs: Tensor) -> dict[str, Any]:
+        """A multi-label answer for one image's probabilities: ``{"labels": [...],
+        "probabilities": {class: p}}``, the labels at or above their thresholds, most
+        probable first (what ``resfit serve`` returns)."""
+        chosen = [(c, float(p)) for c, p, t in zip(self.classes, probs, self.thresholds,
+                                                    strict=True) if float(p) >= t]  # fmt: skip
+        chosen.sort(key=lambda cp: -cp[1])
+        return {"labels": [c for c, _ in chosen],
+                "probabilities": {c: float(p) for c, p in zip(self.classes, probs, strict=True)}}  # fmt: skip
+
+    def _multilabel(
+        self, decoded: DecodedImages, batch_size: int, k: int, ready: bool = False
+    ) -> list[Prediction]:
+        probs = self.probabilities(self.logits(decoded, batch_size, ready=ready))
+        out = []
+        for path, row in zip(decoded.paths, probs, strict=True):
+            a = self.answer(row)
+            ranked = sorted(a["probabilities"].items(), key=lambda cp: -cp[1])
+            labels = [(c, a["probabilities"][c]) for c in a["labels"]]
+            out.append(Prediction(str(path), ";".join(a["labels"]), ranked[0][1], ranked[:k],
+                                  labels, a["probabilities"]))  # fmt: skip
+        return out
+
+    def _label(
+        self, decoded: DecodedImages, batch_size: int, k: int, ready: bool = False
+    ) -> list[Prediction]:
+        if self.multilabel:
+            return self._multilabel(decoded, batch_size, k, ready)
+        logits = self.logits(decoded, batch_size, ready=ready)
+        conf, idx = self.probabilities(logits).topk(k, dim=1)
+        return [
+            Prediction(
+                str(p),
+                self.classes[int(j[0])],
+                float(c[0]),
+                [(self.classes[int(a)], float(v)) for a, v in zip(j, c, strict=True)],
+            )
+            for p, c, j in zip(decoded.paths, conf, idx, strict=True)
+        ]
+
+    def predict(
+        self,
+        inputs: Sequence[str | os.PathLike],
+        top_k: int = 1,
+        batch_size: int = 64,
+        progress: bool = False,
+    ) -> tuple[list[Prediction], list[tuple[str, str]]]:
+        """Predict files, folders (recursively) and globs. Returns the predictions and the
+        files that could not be read (path, reason)."""
+        from tqdm.auto import tqdm
+
+        paths = find_images([str(p) for p in inputs])
+        k = max(1, min(top_k, len(self.classes)))
+        size = 4 * batch_size
+        chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
+        preds: list[Prediction] = []
+        skipped: list[tuple[str, str]] = []
+        bar = tqdm(total=len(paths), desc="predicting", disable=not progress, leave=False)
+        # Decode, crop and normalise the next chunk (in threads) while the model runs on this
+        # one: decoding keeps up with the model, and a folder of any size never sits in memory
+        # whole.
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(self.decode, chunks[0], ready=True) if chunks else None
+            for i in range(len(chunks)):
+                decoded = pending.result()
+                if i + 1 < len(chunks):
+                    pending = pool.submit(self.decode, chunks[i + 1], ready=True)
+                preds += self._label(decoded, batch_size, k, ready=True)
+                skipped += decoded.skipped
+                bar.update(len(chunks[i]))
+        bar.close()
+        return preds, skipped
+
+    def explainer(self) -> Callable:
+        """A Grad-CAM overlay maker (path, class index -> PIL image) with this preprocessing."""
+        return make_explainer(
+            self.model, self.img_size, self.transform, self.device, base_size=self.base_size
+        )
+
+
+def read_thresholds(run: str | os.PathLike, classes: Sequence[str]) -> list[float] | None:
+    """A multi-label run's decision thresholds, in class order, from ``RUN/thresholds.json``
+    (``{class: threshold}``, written by training; a class it lacks gets 0.5). None if absent."""
+    path = Path(run) / "thresholds.json"
+    if not path.is_file():
+        return None
+    try:
+        by_class = json.loads(path.read_text())
+        return [float(by_class.get(c, 0.5)) for c in classes]
+    except (ValueError, AttributeError, TypeError) as e:
+        raise RunError(f"{path}: expected {{class: threshold}}, {e}") from None
+
+
+def write_predictions_csv(
+    path: str | os.PathLike | None, preds: Sequence[Prediction], top_k: int
+) -> str:
+    """CSV with path,label,confidence and, for top_k > 1, label_2,confidence_2,...; returns the
+    text (and writes it when ``path`` is given). Multi-label predictions: path,labels (those
+    at or above their thresholds, joined by ``;``) and a probability column per class.
+
+    A file name that is not valid UTF-8 is written as its bytes on disk (surrogateescape, see
+    the module doc), so one odd name never costs the other rows. Whoever prints the returned
+    text should encode it the same way: ``text.encode("utf-8", "surrogateescape")``.
+    """
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    if preds and preds[0].probabilities is not None:
+        classes = list(preds[0].probabilities)
+        w.writerow(["path", "labels", *classes])
+        for p in preds:
+            probs = p.probabilities or {}
+            w.writerow([p.path, p.label, *(f"{probs[c]:.6f}" for c in classes)])
+        return _write_text(path, buf.getvalue())
+    header = ["path", "label", "confidence"]
+    for r in range(2, top_k + 1):
+        header += [f"label_{r}", f"confidence_{r}"]
+    w.writerow(header)
+    for p in preds:
+        row = [p.path, p.label, f"{p.confidence:.6f}"]
+        for lab, c in p.top_k[1:top_k]:
+            row += [lab, f"{c:.6f}"]
+        w.writerow(row)
+    return _write_text(path, buf.getvalue())
+
+
+def _write_text(path: str | os.PathLike | None, text: str) -> str:
+    if path:
+        with open_csv(path, "w") as f:
+            f.write(text)
+    return text
+
+
+def make_explainer(
+    model: nn.Module,
+    img_size: int,
+    transform: Callable[[Tensor], Tensor],
+    device: torch.device,
+    *,
+    base_size: int | None = None,
+) -> Callable:
+    """A Grad-CAM overlay maker for the report: path, class -> PIL image of what the model saw.
+
+    ``base_size`` is the shorter side images are decoded at (a run's ``decode_size``; default
+    :func:`~resfit.data.augmentation.base_size_for` ``(img_size)``), so the overlay shows the crop
+    the model was given.
+    """
+    from torchvision.transforms.v2.functional import center_crop, to_pil_image
+
+    from .explain import grad_cam, overlay_cam
+
+    size = base_size or base_size_for(img_size)
+
+    def explain(path: str, class_idx: int):
+        img = to_tensor(resize_shorter(load_image(path), size))
+        x = transform(img)[None].to(device)
+        cam = grad_cam(model, x, class_idx)
+        shown = to_pil_image(center_crop(img, [img_size, img_size]))
+        if img_size < 128:  # thumbnails of tiny inputs are unreadable
+            shown = shown.resize((128, 128))
+        return overlay_cam(shown, cam)
+
+    return explain

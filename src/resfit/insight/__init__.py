@@ -1,0 +1,1 @@
+"""Insight: evaluation, the HTML reports and calibration plots."""

@@ -1,0 +1,1 @@
+"""Models: the ResNet family, weights, adapters and transfer learning (freezing, feature cache)."""

@@ -1,0 +1,1 @@
+"""Data quality: leakage between splits, label issues, the k-fold audit."""

@@ -1,0 +1,152 @@
+"""audit_report: part of the former resfit.label_issues."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..core.atomic import atomic_write_text
+from ..data.paths import open_csv
+
+if TYPE_CHECKING:  # torch only where features are computed
+    pass
+
+__all__ = ["Issue", "write_audit"]
+HTML_LIMIT = 300  # thumbnails in audit.html; the CSV has every row
+_KIND_ORDER = {"label": 0, "near-duplicate": 1, "outlier": 2, "missing": 0, "extra": 0}
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One image whose label looks wrong, or that deserves a look.
+
+    ``score``: how likely the given label is wrong (1 - its out-of-fold probability);
+    ``kind``: ``label`` (confident learning), ``near-duplicate``, ``outlier`` (joined by
+    ``+`` when several apply) or, multi-label, ``missing``/``extra``; ``detail`` says why.
+    """
+
+    index: int
+    path: str
+    given: str
+    suggested: str
+    score: float
+    kind: str
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _summary(
+    probs: np.ndarray, labels: np.ndarray, classes: Sequence[str], issues: list[Issue],
+    flagged: np.ndarray, dups: list, outlying: np.ndarray, meta: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    pairs = Counter((r.given, r.suggested) for r in issues if "label" in r.kind.split("+"))
+    per_class = Counter(classes[labels[i]] for i in flagged.tolist())
+    return {
+        **meta,
+        "images": int(len(labels)),
+        "classes": list(classes),
+        "oof_accuracy": float((probs.argmax(1) == labels).mean()) if len(labels) else 0.0,
+        "label_issues": int(len(flagged)),
+        "label_issue_share": float(len(flagged) / max(len(labels), 1)),
+        "near_duplicate_conflicts": [[int(i), int(j), int(d)] for i, j, d in dups],
+        "outliers": int(len(outlying)),
+        "issues_per_class": {c: int(per_class.get(c, 0)) for c in classes},
+        "top_confusions": [
+            {"given": g, "suggested": s, "images": n} for (g, s), n in pairs.most_common(10)
+        ],
+    }
+
+
+def write_audit(
+    out: str | os.PathLike, issues: Sequence[Issue], summary: dict[str, Any]
+) -> dict[str, Path]:
+    """``label_issues.csv``, ``audit.html`` and ``audit.json`` in ``out`` (created)."""
+    import csv
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "label_issues.csv"
+    tmp = csv_path.with_name(csv_path.name + ".tmp")
+    with open_csv(tmp, "w") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "given", "suggested", "score", "kind", "detail"])
+        for r in issues:
+            w.writerow([r.path, r.given, r.suggested, f"{r.score:.4f}", r.kind, r.detail])
+    os.replace(tmp, csv_path)
+    json_path = out / "audit.json"
+    atomic_write_text(json_path, json.dumps(summary, indent=2, default=str))
+    html_path = write_audit_html(out / "audit.html", issues, summary)
+    return {"csv": csv_path, "html": html_path, "json": json_path}
+
+
+def _issue_card(r: Issue) -> str:
+    from ..insight.html import _e, _img, _jpeg_uri, _thumbnail
+
+    thumb = _thumbnail(r.path) if not r.path.startswith("#") else None
+    pic = (_img(_jpeg_uri(thumb), "image", "thumb") if thumb
+           else '<div class="missing">image not readable</div>')  # fmt: skip
+    fix = f'<br>suggested: <span class="bad">{_e(r.suggested)}</span>' if r.suggested else ""
+    detail = f"<br><small>{_e(r.detail)}</small>" if r.detail else ""
+    return (
+        f'<figure class="wrong">{pic}<figcaption><b title="{_e(r.path)}">{_e(Path(r.path).name)}'
+        f"</b><br>given: {_e(r.given or '(none)')}{fix}<br>{_e(r.kind)}, score {r.score:.3f}"
+        f"{detail}</figcaption></figure>"
+    )
+
+
+def write_audit_html(path: Path, issues: Sequence[Issue], summary: dict[str, Any]) -> Path:
+    """A self-contained page (the run report's style and Content-Security-Policy: inline CSS,
+    base64 thumbnails, nothing fetched) with the first :data:`HTML_LIMIT` issues in order."""
+    from ..insight.html import _CSP, _CSS, _e, _section, _table
+
+    n = summary.get("images", 0)
+    rows = [[_e(k), _e(v)] for k, v in (
+        ("images", n), ("out-of-fold accuracy", f"{summary.get('oof_accuracy', 0):.3f}"),
+        ("label issues (confident learning)", summary.get("label_issues", 0)),
+        ("near-duplicates with different labels", len(summary.get("near_duplicate_conflicts", []))),
+        ("outliers", summary.get("outliers", 0)),
+        ("model", summary.get("model", "")), ("folds", summary.get("folds", "")),
+    )]  # fmt: skip
+    conf = [[_e(c["given"]), _e(c["suggested"]), str(c["images"])]
+            for c in summary.get("top_confusions", [])]  # fmt: skip
+    intro = (
+        "<p>Each image's class probabilities come from a model that did not see its label "
+        "(out-of-fold). <b>label</b>: confident learning (cleanlab) says the given label is "
+        "unlikely; <b>near-duplicate</b>: the same picture carries another label; "
+        "<b>outlier</b>: far from every other image. Score: 1 - the out-of-fold probability "
+        "of the given label. Check these first; fix or drop the wrong ones.</p>"
+    )
+    body = _table(["", ""], rows) + (
+        "<h3>Most frequent suspected confusions</h3>"
+        + _table(["given", "suggested", "images"], conf, "num")
+        if conf
+        else ""
+    )
+    shown = list(issues)[:HTML_LIMIT]
+    more = (f"<p>{len(issues) - len(shown)} more in label_issues.csv.</p>"
+            if len(issues) > len(shown) else "")  # fmt: skip
+    gallery = f'<div class="gallery">{"".join(_issue_card(r) for r in shown)}</div>{more}'
+    doc = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{_CSP}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>resfit audit: {len(issues)} image(s) to check</title><style>{_CSS}</style></head>
+<body><main><header><h1>Which labels look wrong</h1><p>{len(issues)} of {n} images to check,
+most likely wrong first</p></header>
+{_section("summary", "Summary", intro + body)}
+{_section("issues", "Images to check", gallery or "<p>No issues found.</p>")}
+</main></body></html>
+"""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(doc, encoding="utf-8", errors="backslashreplace")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,3 @@
+"""Tasks: what the network's outputs mean (single-label, multi-label): loss, metrics,
+probabilities, calibration.
+"""

@@ -1,0 +1,106 @@
+"""multi: part of the former resfit.tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import Task
+
+
+def asymmetric_loss(
+    logits: Tensor,
+    target: Tensor,
+    gamma_neg: float = 4.0,
+    gamma_pos: float = 0.0,
+    clip: float = 0.05,
+    pos_weight: Tensor | None = None,
+) -> Tensor:
+    """The asymmetric loss (Ridnik et al., ICCV 2021) for multi-label targets in [0, 1].
+
+    With many classes most outputs are easy negatives whose summed gradient drowns the few
+    positives. ASL focuses the negative term (``p ** gamma_neg``) and discards negatives below
+    ``clip`` (probability shifting). With ``gamma_neg = gamma_pos = clip = 0`` it is binary
+    cross-entropy. Averaged over every output, as ``binary_cross_entropy_with_logits`` is, so
+    the learning rates of one suit the other.
+    """
+    logits = logits.float()
+    p = torch.sigmoid(logits)
+    p_neg = (p - clip).clamp(min=0) if clip > 0 else p
+    pos = target * F.logsigmoid(logits)
+    if gamma_pos:
+        pos = pos * (1 - p).pow(gamma_pos)
+    if pos_weight is not None:
+        pos = pos * pos_weight
+    neg = (1 - target) * torch.log((1 - p_neg).clamp(min=1e-8))
+    if gamma_neg:
+        neg = neg * p_neg.pow(gamma_neg)
+    return -(pos + neg).mean()
+
+
+def average_precisions(scores: Any, target: Any) -> list[float | None]:
+    """Average precision per class (scikit-learn), None for a class without positives (its AP
+    is undefined: it is left out of means)."""
+    import numpy as np
+    from sklearn.metrics import average_precision_score
+
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(target) > 0.5
+    return [
+        float(average_precision_score(y[:, j], s[:, j])) if y[:, j].any() else None
+        for j in range(y.shape[1])
+    ]
+
+
+def mean_average_precision(scores: Any, target: Any) -> float:
+    """Macro mAP: the mean of the per-class APs over the classes that have positives."""
+    aps = [a for a in average_precisions(scores, target) if a is not None]
+    return sum(aps) / len(aps) if aps else 0.0
+
+
+@dataclass
+class MultiLabel(Task):
+    """Any number of classes per image: an independent sigmoid per class, binary
+    cross-entropy (``pos_weight``: ``--balance weights``) or the asymmetric loss, and macro
+    mAP on validation. Targets are multi-hot float vectors, or MixUp/CutMix mixes of them.
+
+    Label smoothing pulls every target towards 1/2 by ``label_smoothing / 2``. What is
+    predicted is decided by a threshold per class (tuned on validation, see
+    :func:`resfit.tasks.calibration.calibrate_multilabel`), not by an argmax.
+    """
+
+    name: ClassVar[str] = "multilabel"
+    monitor: ClassVar[str] = "val_mAP"
+    label_smoothing: float = 0.0
+    pos_weight: Tensor | None = None
+    loss_kind: str = "bce"  # or "asl"
+
+    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        logits, t = logits.float(), target.float()  # bf16 would round smoothed targets
+        if self.label_smoothing:
+            t = t * (1 - self.label_smoothing) + self.label_smoothing / 2
+        if self.loss_kind == "asl":
+            return asymmetric_loss(logits, t, pos_weight=self.pos_weight)
+        return F.binary_cross_entropy_with_logits(logits, t, pos_weight=self.pos_weight)
+
+    def count_correct(self, logits: Tensor, target: Tensor) -> float:
+        """Per image, the share of its classes that the logits decide right (at p = 0.5)."""
+        right = (logits.detach().cpu() > 0) == (target.cpu() > 0.5)
+        return float(right.float().mean(1).sum().item())
+
+    def val_metrics(self, logits: Tensor, target: Tensor) -> dict[str, float]:
+        logits, target = logits.float(), target.float()
+        return {
+            "val_loss": F.binary_cross_entropy_with_logits(logits, target).item(),
+            "val_mAP": mean_average_precision(logits.numpy(), target.numpy()),
+            "val_label_acc": ((logits > 0) == (target > 0.5)).float().mean().item(),
+        }
+
+    def probabilities(self, logits: Tensor, temperature: float | Sequence[float] = 1.0) -> Tensor:
+        """A probability per class: ``sigmoid(logits / T)`` with T per class (or one T)."""
+        t = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device)
+        return torch.sigmoid(logits.float() / t)
