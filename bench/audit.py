@@ -150,9 +150,9 @@ def head_accuracy(
 def one_seed(
     root: Path, photos: str, n: int, noise: float, seed: int, finetune_epochs: int = 0
 ) -> dict:
+    from resfit.apps.audit import audit
     from resfit.quality import label_issues as li
     from resfit.quality import out_of_fold
-    from resfit.quality.audit import audit
 
     data, flipped, held = noisy_folder(root, photos, n, noise, seed)
     t0 = time.perf_counter()

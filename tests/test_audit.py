@@ -221,7 +221,7 @@ def test_flipped_cifar_labels_found(tmp_path: Path, cifar10_root: Path) -> None:
 def test_full_finetune_audit_trains_one_model_per_fold(tmp_path: Path) -> None:
     data = make_colour_folder(tmp_path / "data", per_class=6, splits=("train",), size=32)
     out = tmp_path / "audit"
-    from resfit.quality.audit import audit
+    from resfit.apps.audit import audit
 
     res = audit(data, out, arch="resnet20_cifar", weights=None, folds=2, full_finetune=True,
                 epochs=1, progress=False, device="cpu", precision="fp32")  # fmt: skip
@@ -249,7 +249,7 @@ def test_train_audit_links_the_audit_from_the_report(tmp_path: Path) -> None:
 def test_audit_of_a_multilabel_manifest_finds_missing_and_extra_labels(tmp_path: Path) -> None:
     """A multi-label manifest (coloured quadrants: each colour a label) with a label dropped
     from some images and a wrong one added to others: the audit lists them first."""
-    from resfit.quality.audit import audit
+    from resfit.apps.audit import audit
 
     from .test_multilabel import COLOURS, make_squares
 

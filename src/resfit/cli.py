@@ -579,7 +579,7 @@ def _add_tool_commands(sub: Any) -> None:
     add_serve_parser(sub)
     _add_embed_parsers(sub)
     add_tune_parser(sub, add_config_options)
-    from .quality.audit import add_audit_parser
+    from .apps.audit import add_audit_parser
 
     add_audit_parser(sub)
 

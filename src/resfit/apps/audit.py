@@ -1,6 +1,6 @@
 """``resfit audit DATA --out DIR``: which labels look wrong.
 
-    from resfit.quality.audit import audit
+    from resfit.apps.audit import audit
     result = audit("photos/", out="audit", arch="resnet56_cifar", weights="resnet56_cifar.cifar10")
     result.issues[0]          # Issue(path=..., given='cat', suggested='dog', score=0.97, kind='label')
 
@@ -70,8 +70,8 @@ def audit(
     :class:`resfit.quality.label_issues.AuditResult`.
     """
     from ..models.resnet import get_spec
-    from . import label_issues as li
-    from . import out_of_fold
+    from ..quality import label_issues as li
+    from ..quality import out_of_fold
 
     if folds < 2:
         raise ConfigError(f"--folds must be at least 2, not {folds}")
