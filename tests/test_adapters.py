@@ -194,7 +194,7 @@ class TinyAdapter(ModelAdapter):
 
 
 def test_a_registered_architecture_plugs_into_explain_and_folding(monkeypatch) -> None:
-    monkeypatch.setattr(adapters, "_ADAPTERS", dict(adapters._ADAPTERS))
+    monkeypatch.setattr(adapters, "ADAPTERS", adapters.ADAPTERS.copy())
     model = _randomise_bn(TinyNet())
     with pytest.raises(ConfigError, match="TinyNet"):
         adapt(model)

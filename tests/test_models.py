@@ -9,6 +9,7 @@ import torch
 import torchvision
 
 import resfit
+from resfit.core.errors import WeightsError
 from resfit.models.resnet import BasicBlock, Bottleneck, ZeroPadShortcut, build_model
 
 IMAGENET_DEPTHS = [18, 34, 50, 101, 152]
@@ -180,5 +181,5 @@ def test_in_chans_1_sums_the_rgb_filters(tmp_path) -> None:
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path) -> None:
     _, path = _save_tv_checkpoint(tmp_path, depth=18)
-    with pytest.raises(resfit.weights.WeightsError, match="does not fit architecture 'resnet34'"):
+    with pytest.raises(WeightsError, match="does not fit architecture 'resnet34'"):
         resfit.create_model("resnet34", weights=path)

@@ -607,7 +607,7 @@ def _add_embed_parsers(subparsers: Any) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--no-flip", action="store_true",
                    help="do not sum each image's features with its mirror's (2x faster, not mirror-invariant)")  # fmt: skip
-    p.set_defaults(func=_lazy("embed", "_cmd_embed"))
+    p.set_defaults(func=_lazy("inference.embed", "_cmd_embed"))
 
     p = subparsers.add_parser(
         "similar", help="nearest neighbours in an embeddings npz (CSV to stdout)"
@@ -617,7 +617,7 @@ def _add_embed_parsers(subparsers: Any) -> None:
                    help="image files, folders or globs (embedded with the npz's model), or row numbers in the npz")  # fmt: skip
     p.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.set_defaults(func=_lazy("embed", "_cmd_similar"))
+    p.set_defaults(func=_lazy("inference.embed", "_cmd_similar"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from ..core.config import DATA_MODES
 from ..core.errors import ConfigError
+from ..core.registry import Registry
 from .datasets import DecodedImages, decode_all, iter_batches
 from .decode import MAX_PIXELS, DecodeError, load_image, resize_shorter, to_tensor
 from .paths import display_path
@@ -253,19 +254,16 @@ class Shards(Streaming):
         return opened
 
 
-SOURCES: dict[str, type[DataSource]] = {
-    InMemory.mode: InMemory, Streaming.mode: Streaming, Shards.mode: Shards,
-}  # fmt: skip
+SOURCES: Registry[str, type[DataSource]] = Registry("data source")
+for _source in (InMemory, Streaming, Shards):
+    SOURCES.register(_source.mode, _source)
 assert set(SOURCES) | {"auto"} == set(DATA_MODES), "config.DATA_MODES and SOURCES must agree"
 
 
 def get_source(mode: str, **kwargs: object) -> DataSource:
-    try:
-        cls = SOURCES[mode]
-    except KeyError:
-        raise ConfigError(
-            f"--data-mode must be one of {', '.join(SOURCES)}, not {mode!r}"
-        ) from None
+    if mode not in SOURCES:
+        raise ConfigError(f"--data-mode must be one of {', '.join(SOURCES)}, not {mode!r}")
+    cls = SOURCES.get(mode)
     return cls(**kwargs) if issubclass(cls, Streaming) else cls()
 
 

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from ..core import runtime
 from ..core.errors import ConfigError, MissingExtraError, ResfitError, RunError
+from ..core.registry import Registry
 from . import folding
 
 __all__ = [
@@ -110,7 +111,7 @@ class _Registered:
     extra: str | None  # the pip extra that installs them
 
 
-_ENGINES: dict[str, _Registered] = {}
+ENGINES: Registry[str, _Registered] = Registry("inference engine")
 
 
 def register_engine(
@@ -127,9 +128,7 @@ def register_engine(
     :func:`available_engines`, and asking for it raises :class:`MissingExtraError` with the
     install command for ``extra`` (or a :class:`ConfigError` when there is no extra).
     """
-    if name in _ENGINES and not replace:
-        raise ValueError(f"an inference engine named {name!r} is already registered")
-    _ENGINES[name] = _Registered(factory, tuple(requires), extra)
+    ENGINES.register(name, _Registered(factory, tuple(requires), extra), replace=replace)
 
 
 def _missing_module(requires: Sequence[str]) -> str | None:
@@ -144,7 +143,7 @@ def _missing_module(requires: Sequence[str]) -> str | None:
 
 def available_engines() -> list[str]:
     """Names of the registered engines whose dependencies are installed, in registry order."""
-    return [n for n, r in _ENGINES.items() if _missing_module(r.requires) is None]
+    return [n for n, r in ENGINES.items() if _missing_module(r.requires) is None]
 
 
 def choose_engine(
@@ -260,7 +259,7 @@ def _make(
     compile: bool,
     options: dict[str, Any],
 ) -> Engine:
-    entry = _ENGINES.get(name)
+    entry = ENGINES.get(name) if name in ENGINES else None
     if entry is None:
         raise ConfigError(
             f"--engine {name!r} is not an inference engine here; "

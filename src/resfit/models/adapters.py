@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.errors import ConfigError
+from ..core.registry import Registry
 from .resnet import BasicBlock, Bottleneck, CifarResNet, ResNet
 
 __all__ = [
@@ -255,7 +256,7 @@ class TorchvisionResNetAdapter(_ResNetLayout):
 
 AdapterFactory = Callable[[nn.Module], ModelAdapter]
 
-_ADAPTERS: dict[type, AdapterFactory] = {}
+ADAPTERS: Registry[type, AdapterFactory] = Registry("model adapter")
 # Registered by qualified class name, so that torchvision is imported only when one of its
 # models is adapted (and then it is imported already).
 _BY_NAME: dict[str, AdapterFactory] = {
@@ -270,7 +271,7 @@ def register_adapter(cls: type[nn.Module], factory: AdapterFactory) -> None:
         raise TypeError(f"register_adapter needs an nn.Module subclass, got {cls!r}")
     if not callable(factory):
         raise TypeError(f"register_adapter needs a callable factory, got {factory!r}")
-    _ADAPTERS[cls] = factory
+    ADAPTERS.register(cls, factory, replace=True)
 
 
 register_adapter(ResNet, ResNetAdapter)
@@ -280,8 +281,8 @@ register_adapter(CifarResNet, ResNetAdapter)
 def _factory(model: nn.Module) -> AdapterFactory | None:
     # The most specific registered type wins: walk the MRO from the model's own class.
     for klass in type(model).__mro__:
-        if klass in _ADAPTERS:
-            return _ADAPTERS[klass]
+        if klass in ADAPTERS:
+            return ADAPTERS.get(klass)
         found = _BY_NAME.get(f"{klass.__module__}.{klass.__qualname__}")
         if found is not None:
             return found

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.errors import ConfigError
+from ..core.registry import Registry
 
 __all__ = [
     "BasicBlock",
@@ -392,14 +393,17 @@ class ModelSpec:
         return self.builder(**{**dict(self.kwargs), "residual": self.residual, **kwargs})
 
 
-_MODELS: dict[str, ModelSpec] = {}
+MODELS: Registry[str, ModelSpec] = Registry("model", listing="`resfit models` lists them all")
 
 
 def _register(name: str, builder: Callable[..., _StagedNet], family: str, **kw: object) -> None:
+    """An architecture and its plain twin (the same network without shortcuts)."""
     size, classes = (224, 1000) if family == "imagenet" else (32, 10)
-    _MODELS[name] = ModelSpec(name, builder, family, True, size, classes, tuple(kw.items()))
+    MODELS.register(name, ModelSpec(name, builder, family, True, size, classes, tuple(kw.items())))
     plain = "plain" + name.removeprefix("resnet")
-    _MODELS[plain] = ModelSpec(plain, builder, family, False, size, classes, tuple(kw.items()))
+    MODELS.register(
+        plain, ModelSpec(plain, builder, family, False, size, classes, tuple(kw.items()))
+    )
 
 
 for _depth, _fn in [
@@ -419,20 +423,11 @@ for _depth, _fn in [(20, resnet20_cifar), (32, resnet32_cifar), (44, resnet44_ci
 
 def list_models(include_plain: bool = True) -> list[str]:
     """Every architecture name ``build_model`` and ``resfit.create_model`` accept."""
-    return sorted(n for n, s in _MODELS.items() if include_plain or s.residual)
+    return sorted(n for n, s in MODELS.items() if include_plain or s.residual)
 
 
 def get_spec(name: str) -> ModelSpec:
-    if name not in _MODELS:
-        import difflib
-
-        close = difflib.get_close_matches(name, _MODELS, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(
-            f"unknown model {name!r}.{hint} `resfit models` lists them all: "
-            f"{', '.join(list_models(include_plain=False))} (and their plain twins)."
-        )
-    return _MODELS[name]
+    return MODELS.get(name)
 
 
 def build_model(name: str, **kwargs) -> _StagedNet:

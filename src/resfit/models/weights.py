@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..core.cache import cache_dir
 from ..core.errors import WeightsError
+from ..core.registry import Registry
 from .adapters import adapt
 from .resnet import get_spec
 
@@ -87,7 +88,7 @@ class WeightsSpec:
         }
 
 
-_WEIGHTS: dict[str, WeightsSpec] = {}
+WEIGHTS: Registry[str, WeightsSpec] = Registry("weights", listing="`resfit weights` lists them")
 _DEFAULT_FOR_ARCH: dict[str, str] = {}
 
 
@@ -118,7 +119,7 @@ def _register_torchvision() -> None:
                 },
                 source=f"torchvision {enum.__name__}.{w.name}",
             )
-            _WEIGHTS[spec.name] = spec
+            WEIGHTS.register(spec.name, spec)
         _DEFAULT_FOR_ARCH[arch] = f"{arch}.{enum.DEFAULT.name.lower()}"
 
 
@@ -149,7 +150,7 @@ def _register_cifar() -> None:
             metrics={"top1": round(100 - err, 2)},
             source="Yerlan Idelbayev, pytorch_resnet_cifar10 (BSD-2-Clause)",
         )
-        _WEIGHTS[spec.name] = spec
+        WEIGHTS.register(spec.name, spec)
         _DEFAULT_FOR_ARCH[arch] = spec.name
 
 
@@ -159,7 +160,7 @@ _register_cifar()
 
 def list_weights(arch: str | None = None) -> list[str]:
     """Registered weight names, optionally only those for one architecture."""
-    return sorted(n for n, s in _WEIGHTS.items() if arch is None or s.arch == arch)
+    return sorted(n for n, s in WEIGHTS.items() if arch is None or s.arch == arch)
 
 
 def get_weights(name: str, arch: str | None = None) -> WeightsSpec:
@@ -171,16 +172,16 @@ def get_weights(name: str, arch: str | None = None) -> WeightsSpec:
             )
         name = _DEFAULT_FOR_ARCH[arch]
     # Accept torchvision's spelling too: ResNet50_Weights.IMAGENET1K_V2
-    if name not in _WEIGHTS and "_Weights." in name:
+    if name not in WEIGHTS and "_Weights." in name:
         head, tag = name.split("_Weights.", 1)
         name = f"{head.lower()}.{tag.lower()}"
-    if name not in _WEIGHTS:
+    if name not in WEIGHTS:
         raise WeightsError(
             f"unknown weights {name!r}: give a registered name (`resfit weights` lists them, "
-            f"e.g. {', '.join(list(_WEIGHTS)[:2])}) or the path of a "
+            f"e.g. {', '.join(WEIGHTS.names()[:2])}) or the path of a "
             f"{'/'.join(WEIGHT_SUFFIXES)} file"
         )
-    return _WEIGHTS[name]
+    return WEIGHTS.get(name)
 
 
 # ---------------------------------------------------------------------------------------------

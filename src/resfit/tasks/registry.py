@@ -10,8 +10,8 @@ and :class:`MultiLabel` (any number of classes per image: a sigmoid per class, b
 cross-entropy or the asymmetric loss, mean average precision). :func:`task_for` gives the task
 a run's ``config.json`` names.
 
-Add a task: subclass :class:`Task` and implement its methods; training builds it in
-``training.run._task`` and inference in ``inference._TASK``.
+Add a task: subclass :class:`Task`, implement its methods and register the class in
+:data:`TASKS` under the name ``--task`` and a run's ``config.json`` use for it.
 """
 
 from __future__ import annotations
@@ -19,11 +19,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..core.registry import Registry
 from .base import Task
 from .multi import MultiLabel
 from .single import SingleLabel
 
+TASKS: Registry[str, type[Task]] = Registry("task")
+TASKS.register("single", SingleLabel)
+TASKS.register("multilabel", MultiLabel)
+
 
 def task_for(cfg: Mapping[str, Any]) -> Task:
     """The task of a run from its ``config.json`` (runs before multi-label: single-label)."""
-    return MultiLabel() if cfg.get("task") == "multilabel" else SingleLabel()
+    return TASKS.get(cfg.get("task") or "single")()
