@@ -325,15 +325,12 @@ def _run(
     if stream and not cfg.data.workers:
         log.info("stream mode decodes in this process: --workers N decodes in N processes")
     model = _place(cfg, model, device, dist_info)
-    groups = param_groups_for(cfg, model)
-    optimizer = make_optimizer(cfg.optim, groups, cfg.optim.lr)
+    optimizer = make_optimizer(cfg.optim, param_groups_for(cfg, model), cfg.optim.lr)
     log_recipe(cfg, optimizer)
     net = _wrap(cfg, model, device, dist_info)
     tr_tf, ev_tf = build_transforms(cfg)
-    all_labels = torch.tensor(
-        [x.label for x in splits.train],
-        dtype=torch.float32 if cfg.data.task == "multilabel" else torch.long,
-    )
+    dtype = torch.float32 if cfg.data.task == "multilabel" else torch.long
+    all_labels = torch.tensor([x.label for x in splits.train], dtype=dtype)
     task, sample_weight = _task(cfg, all_labels, train_data.labels, device)
     data = EpochData(TransformedImages(train_data, tr_tf), TransformedImages(val_data, ev_tf),
                      TransformedImages(train_data, ev_tf), sample_weight)  # fmt: skip
