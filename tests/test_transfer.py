@@ -233,6 +233,22 @@ def test_lr_find_sweeps_plots_and_suggests(colours: Path, tmp_path: Path) -> Non
     assert suggest_lr(lrs, losses) == (1e-3, 1e-1)
 
 
+def test_the_lr_finder_is_a_loop_callback_that_puts_the_weights_back(colours: Path) -> None:
+    from resfit.training import lr_find as lrf
+
+    cfg = TrainConfig.from_options(data=str(colours), optimizer="sgd", **FAST).check()
+    torch.manual_seed(0)
+    cfg, model, data, g = lrf._model_and_data(cfg, 12)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    finder = lrf.LRFinder(1e-5, 1e-3, steps=12)  # too low to diverge: the sweep runs out
+    loop = lrf._sweep_loop(cfg, model, "none", data, g, 1e-5, finder)
+    loop.fit()
+    # CancelFit ended the fit at the sweep's last batch: no epoch was validated.
+    assert len(finder.lrs) == 12 and loop.history == [] and loop.step_in_epoch == 11
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert loop.step.optimizer.param_groups[0]["lr"] == 1e-5  # the optimizer's state is back
+
+
 def test_lr_find_cli(colours: Path, tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "resfit", "lr-find", str(colours), "--out",
                           str(tmp_path), "--arch", "resnet20_cifar", "--img-size", "16",

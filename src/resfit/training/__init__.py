@@ -8,8 +8,7 @@ from ..core.config import TrainConfig
 from ..core.errors import TrainingError
 from ..tasks.base import soft_cross_entropy
 from .loop import Callback, Loop
-from .lr_auto import train
-from .run import TrainResult
+from .run import TrainResult, train
 from .setup import build_transforms, resolve
 from .step import TrainStep, lr_at, make_optimizer, param_groups, predict_logits
 

@@ -16,6 +16,10 @@ Events, in the order they fire::
 A callback overrides the events it needs and, if it has state that a resumed run must get
 back (patience left, EMA weights, loss scale), ``state_dict``/``load_state_dict``: the
 checkpoint stores every callback's state under its ``name``.
+
+A callback stops the fit in one of two ways: ``loop.stop = True`` ends it after the epoch
+(validated, logged and checkpointed: early stopping), ``raise CancelFit`` ends it at once,
+mid-epoch included, with no validation (the LR finder's sweep). ``after_fit`` runs after both.
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ from ..models.transfer import set_train_mode
 from ..tasks.base import Task
 from .distributed import Dist, gathered
 from .step import TrainStep, predict_logits
+
+
+class CancelFit(Exception):
+    """Raised by a callback to end the fit now: the rest of the epoch, its validation and any
+    later epochs are skipped; ``after_fit`` still runs (it restores what ``before_fit`` saved)."""
 
 
 class Callback:
@@ -142,6 +151,13 @@ class Loop:
 
     def fit(self) -> None:
         self.event("before_fit")
+        try:
+            self.fit_epochs()
+        except CancelFit:
+            pass  # a callback ended the fit mid-epoch (see CancelFit)
+        self.event("after_fit")
+
+    def fit_epochs(self) -> None:
         for epoch in range(self.start_epoch, self.epochs):
             self.epoch, self.epoch_start = epoch, time.perf_counter()
             self.first_step = self.start_step if epoch == self.start_epoch else 0
@@ -155,7 +171,6 @@ class Loop:
             self.event("after_epoch")
             if self.stop:
                 break
-        self.event("after_fit")
 
     def train_epoch(self) -> None:
         self.loss_sum = self.correct = self.seen = 0.0

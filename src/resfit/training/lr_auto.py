@@ -1,4 +1,5 @@
-"""``--lr auto``: a short LR-finder sweep settles the learning rate, then the run trains with it.
+"""``--lr auto``: a short LR-finder sweep settles the learning rate, then the run trains with it
+(:func:`~resfit.training.run.train` calls :func:`settle_lr` before anything else).
 
 The sweep (:func:`~resfit.training.lr_find.lr_find`, 50 batches from 1e-7 to 10, under the
 finetune recipe the head phase alone) writes ``RUN/lr_find.png``, ``.csv`` and ``.json``; the
@@ -11,15 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from ..core.config import TrainConfig
-from .loop import Callback
 from .lr_find import lr_find
-from .run import TrainResult, _FileLog
-from .run import train as train_with_rate
+from .run_log import FileLog
 
 log = logging.getLogger("resfit")
 
@@ -35,7 +32,7 @@ def settle_lr(cfg: TrainConfig) -> TrainConfig:
     if (out / "checkpoints" / "last.pt").exists() or (out / "model.safetensors").exists():
         return cfg  # a run is there: train() refuses it before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    with _FileLog(out / "train.log", True):
+    with FileLog(out / "train.log", True):
         res = lr_find(cfg, steps=AUTO_STEPS, out=out)
         chosen = res.suggestion
         summary = json.loads((out / "lr_find.json").read_text())
@@ -46,24 +43,4 @@ def settle_lr(cfg: TrainConfig) -> TrainConfig:
     return cfg.replace(lr=chosen)
 
 
-def train(
-    cfg: TrainConfig | None = None,
-    *,
-    resume: bool = False,
-    callbacks: Sequence[Callback] = (),
-    **options: Any,
-) -> TrainResult:
-    """:func:`resfit.training.run.train`, with ``lr="auto"`` settled first by a sweep."""
-    if resume:
-        if options.get("lr") == "auto":  # the run already chose its rate
-            options.pop("lr")
-        if cfg is not None and cfg.optim.lr == "auto":
-            cfg = cfg.replace(lr=None)
-        return train_with_rate(cfg, resume=True, callbacks=callbacks, **options)
-    cfg = (cfg or TrainConfig()).replace(**options)
-    if cfg.optim.lr == "auto" and not cfg.data.path:
-        return train_with_rate(cfg, callbacks=callbacks)  # its own error names what is missing
-    return train_with_rate(settle_lr(cfg), callbacks=callbacks)
-
-
-__all__ = ["AUTO_STEPS", "settle_lr", "train"]
+__all__ = ["AUTO_STEPS", "settle_lr"]

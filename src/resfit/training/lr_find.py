@@ -1,11 +1,15 @@
 """The learning-rate finder: the exponential sweep of Smith (2015), plotted and suggested.
 
-It trains a throwaway copy through the same :class:`~resfit.training.step.TrainStep` as a
-run, with the rate rising from ``start_lr`` to ``end_lr``, and stops when the loss explodes.
+:class:`LRFinder` is a callback on the training :class:`~resfit.training.loop.Loop` (as
+fastai's): it saves the weights, raises the rate from ``start_lr`` to ``end_lr`` batch by
+batch, records the smoothed loss, ends the fit when the loss explodes or the sweep is done,
+and puts the weights back. :func:`lr_find` runs it on a throwaway model, so the sweep steps
+through the same :class:`~resfit.training.step.TrainStep` and loop as a run.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -14,18 +18,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..core import runtime, threads
 from ..core.config import TrainConfig
 from ..core.errors import ConfigError, DataError
 from ..data.augmentation import batch_transform
-from ..data.datasets import TransformedImages, decode_all, iter_batches
+from ..data.datasets import DecodedImages, TransformedImages, decode_all
 from ..data.discovery import discover
 from ..data.preprocessing import base_size_for
-from ..models.transfer import apply_freeze, set_train_mode
+from ..data.sources import InMemory, Sharding
+from ..models.transfer import apply_freeze
+from ..tasks.base import Task
 from ..tasks.multi import MultiLabel
 from ..tasks.single import SingleLabel
-from .callbacks import multilabel_mix
+from .callbacks import Mixing, multilabel_mix
+from .distributed import Dist
+from .loop import Callback, CancelFit, EpochData, Loop
 from .setup import build_transforms, resolve
 from .step import TrainStep, make_optimizer, param_groups
 
@@ -70,6 +79,70 @@ class _Smoother:
         return self.avg / (1 - 0.9**self.n)
 
 
+class LRFinder(Callback):
+    """Sweep the learning rate exponentially from ``start_lr`` to ``end_lr`` over ``steps``
+    batches of a fit, recording the smoothed loss in :attr:`lrs` and :attr:`losses`; the fit
+    ends (:class:`CancelFit`) when the sweep is done or the loss explodes (past 4x its lowest
+    after the first 10 batches, or not finite), and the model and optimizer get back the state
+    they had before the fit."""
+
+    order = 30  # the learning rate's slot: before Mixing (40), as LRSchedule
+
+    def __init__(self, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 100) -> None:
+        self.start_lr, self.end_lr, self.steps = start_lr, end_lr, steps
+        self.lrs: list[float] = []
+        self.losses: list[float] = []  # smoothed
+
+    def before_fit(self, loop: Loop) -> None:
+        # The sweep drives the weights to divergence: keep them to put back after.
+        self.saved = copy.deepcopy(loop.model.state_dict())
+        self.saved_opt = copy.deepcopy(loop.step.optimizer.state_dict())
+        self.lrs, self.losses, self.best, self.smoother = [], [], math.inf, _Smoother()
+
+    def before_step(self, loop: Loop) -> None:
+        i = self.smoother.n  # batches swept so far
+        self.lr = self.start_lr * (self.end_lr / self.start_lr) ** (i / (self.steps - 1))
+        for group in loop.step.optimizer.param_groups:
+            group["lr"] = self.lr
+
+    def after_loss(self, loop: Loop) -> None:
+        s = self.smoother.add(loop.loss.item())
+        if not math.isfinite(s) or (self.smoother.n > 10 and s > 4 * self.best):
+            raise CancelFit  # the loss exploded: the rest of the sweep says nothing
+        self.lrs.append(self.lr)
+        self.losses.append(s)
+        self.best = min(self.best, s)
+        if self.smoother.n >= self.steps:
+            raise CancelFit  # the sweep is done (its last step needs no update)
+
+    def after_fit(self, loop: Loop) -> None:
+        loop.model.load_state_dict(self.saved)
+        loop.step.optimizer.load_state_dict(self.saved_opt)
+
+
+class _ContinueSeededStream(Callback):
+    """The sweep's augmentation and mixing draws go on from the stream seeded before the model
+    was built, as they did when the finder had a loop of its own, rather than from the seed the
+    Loop gives each epoch (for resumed runs; a sweep is never resumed): so a seed picks the
+    same sweep, and ``--lr auto`` the same rate, as before."""
+
+    def before_epoch(self, loop: Loop) -> None:
+        self.state = torch.get_rng_state()
+
+    def before_train(self, loop: Loop) -> None:
+        torch.set_rng_state(self.state)
+
+
+@dataclass
+class _SweepBatches(Sharding):
+    """The sweep's batches, as the loop's one epoch."""
+
+    batches: list[list[int]] | None = None
+
+    def epoch(self, epoch: int, weights: torch.Tensor | None = None) -> list[list[int]]:
+        return self.batches or []
+
+
 def lr_find(
     cfg: TrainConfig,
     *,
@@ -91,28 +164,11 @@ def lr_find(
     if cfg.runtime.threads is not None or not threads.is_configured():
         threads.configure(cfg.runtime.threads)
     torch.manual_seed(cfg.runtime.seed)
-    device = runtime.pick_device(cfg.runtime.device)
-    precision = runtime.pick_precision(device, cfg.runtime.precision)
-    splits = discover(cfg.data.path, val_fraction=cfg.data.val_fraction, seed=cfg.runtime.seed,
-                      task=cfg.data.task)  # fmt: skip
-    cfg, model = resolve(cfg.replace(task=splits.task), splits)
-    # Only as many images as the sweep can use: decoding 3,000 photos for 50 steps wastes time.
-    g = torch.Generator().manual_seed(cfg.runtime.seed)
-    order = torch.randperm(len(splits.train), generator=g)[: steps * cfg.optim.batch_size].tolist()
-    data = decode_all([splits.train[i] for i in order], base_size_for(cfg.model.img_size),
-                      progress=cfg.run.progress)  # fmt: skip
-    if len(data) < 2:
-        raise DataError(f"lr-find: fewer than 2 readable training images in {cfg.data.path}")
+    cfg, model, data, g = _model_and_data(cfg, steps)
     policy = "backbone" if cfg.transfer.recipe == "finetune" else cfg.transfer.freeze
-    frozen = apply_freeze(model, policy, cfg.transfer.train_bn)
-    model.to(device)
-    optimizer = make_optimizer(cfg.optim, param_groups(model, cfg.optim.weight_decay), start_lr)
-    multi = splits.task == "multilabel"
-    loss_fn = (MultiLabel(cfg.optim.label_smoothing, loss_kind=cfg.optim.multilabel_loss) if multi
-               else SingleLabel(cfg.optim.label_smoothing)).loss  # fmt: skip
-    step = TrainStep(optimizer, loss_fn, device, precision, channels_last=False)
-    set_train_mode(model, frozen)
-    lrs, smoothed = _sweep(cfg, model, step, data, g, start_lr, end_lr, steps)
+    finder = LRFinder(start_lr, end_lr, steps)
+    _sweep_loop(cfg, model, policy, data, g, start_lr, finder).fit()
+    lrs, smoothed = finder.lrs, finder.losses
     suggestion, lr_min = suggest_lr(lrs, smoothed)
     plot = None
     if out is not None:
@@ -130,35 +186,66 @@ def lr_find(
     return LRFindResult(lrs, smoothed, suggestion, lr_min, plot)
 
 
-def _sweep(cfg, model, step: TrainStep, data, g, start_lr, end_lr, steps):
-    tr_tf, _ = build_transforms(cfg)
+def _model_and_data(
+    cfg: TrainConfig, steps: int
+) -> tuple[TrainConfig, nn.Module, DecodedImages, torch.Generator]:
+    """The resolved config, a fresh model, and as many decoded training images as the sweep
+    can use; ``g`` goes on to shuffle them."""
+    splits = discover(cfg.data.path, val_fraction=cfg.data.val_fraction, seed=cfg.runtime.seed,
+                      task=cfg.data.task)  # fmt: skip
+    cfg, model = resolve(cfg.replace(task=splits.task), splits)
+    # Only as many images as the sweep can use: decoding 3,000 photos for 50 steps wastes time.
+    g = torch.Generator().manual_seed(cfg.runtime.seed)
+    order = torch.randperm(len(splits.train), generator=g)[: steps * cfg.optim.batch_size].tolist()
+    data = decode_all([splits.train[i] for i in order], base_size_for(cfg.model.img_size),
+                      progress=cfg.run.progress)  # fmt: skip
+    if len(data) < 2:
+        raise DataError(f"lr-find: fewer than 2 readable training images in {cfg.data.path}")
+    return cfg, model, data, g
+
+
+def _sweep_loop(
+    cfg: TrainConfig,
+    model: nn.Module,
+    policy: str,
+    data: DecodedImages,
+    g: torch.Generator,
+    start_lr: float,
+    finder: LRFinder,
+) -> Loop:
+    """A loop of one epoch over the sweep's batches, with ``finder`` and the run's mixing."""
+    frozen = apply_freeze(model, policy, cfg.transfer.train_bn)
+    device = runtime.pick_device(cfg.runtime.device)
+    precision = runtime.pick_precision(device, cfg.runtime.precision)
+    model.to(device)
+    optimizer = make_optimizer(cfg.optim, param_groups(model, cfg.optim.weight_decay), start_lr)
     multi = cfg.data.task == "multilabel"
+    task: Task = (MultiLabel(cfg.optim.label_smoothing, loss_kind=cfg.optim.multilabel_loss)
+                  if multi else SingleLabel(cfg.optim.label_smoothing))  # fmt: skip
+    step = TrainStep(optimizer, task.loss, device, precision, channels_last=False)
     mix = multilabel_mix(cfg.augment) if multi else batch_transform(cfg.augment, len(cfg.classes))
-    train_set = TransformedImages(data, tr_tf)
+    callbacks: list[Callback] = [finder, _ContinueSeededStream()]
+    if mix is not None:
+        callbacks.append(Mixing(mix))
     bs = min(cfg.optim.batch_size, len(data))
-    lrs: list[float] = []
-    smoothed: list[float] = []
-    smoother, best, i = _Smoother(), math.inf, 0
-    while i < steps:
-        perm = torch.randperm(len(data), generator=g)
-        batches = [perm[j : j + bs] for j in range(0, len(perm) - bs + 1, bs)]
-        for x, y in iter_batches(train_set, batches):
-            lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
-            for grp in step.optimizer.param_groups:
-                grp["lr"] = lr
-            if mix is not None:
-                x, y = mix(x, y)
-            _, loss = step(model, x, y)
-            s = smoother.add(loss.item())
-            i += 1
-            if not math.isfinite(s) or (i > 10 and s > 4 * best):
-                return lrs, smoothed  # the loss exploded: the rest of the sweep says nothing
-            lrs.append(lr)
-            smoothed.append(s)
-            best = min(best, s)
-            if i >= steps:
-                break
-    return lrs, smoothed
+    plan = _SweepBatches([], [], bs, finder.steps, cfg.runtime.seed,
+                         batches=_shuffled_batches(len(data), bs, finder.steps, g))  # fmt: skip
+    train = TransformedImages(data, build_transforms(cfg)[0])
+    # Never validated: the finder ends the fit mid-epoch, at its last batch.
+    loop = Loop(model, model, step, task, EpochData(train, train, train), InMemory(), callbacks,
+                epochs=1, batch_size=bs, seed=cfg.runtime.seed, dist=Dist(), sharding=plan)  # fmt: skip
+    loop.frozen = frozen
+    return loop
+
+
+def _shuffled_batches(n: int, bs: int, steps: int, g: torch.Generator) -> list[list[int]]:
+    """``steps`` batches of ``bs`` of ``n`` images: a pass over them in a fresh order of ``g``
+    after another, each without its last partial batch."""
+    batches: list[list[int]] = []
+    while len(batches) < steps:
+        perm = torch.randperm(n, generator=g).tolist()
+        batches += [perm[j : j + bs] for j in range(0, n - bs + 1, bs)]
+    return batches[:steps]
 
 
 def _plot(
@@ -180,4 +267,4 @@ def _plot(
     fig.savefig(path, dpi=100)
 
 
-__all__ = ["LRFindResult", "lr_find", "suggest_lr"]
+__all__ = ["LRFindResult", "LRFinder", "lr_find", "suggest_lr"]

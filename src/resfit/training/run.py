@@ -46,7 +46,9 @@ from .callbacks import BestModel, multilabel_mix
 from .distributed import Dist, barrier, gathered, init_distributed, min_across_ranks
 from .finish import eval_decode_size, finish_run
 from .loop import Callback, EpochData, Loop
+from .lr_auto import settle_lr
 from .recipes import callbacks_for, log_recipe, param_groups_for
+from .run_log import FileLog
 from .setup import (
     _choose_data_mode,
     _config_for,
@@ -87,8 +89,28 @@ def train(
     arch="resnet20_cifar", epochs=5)``) applied on top of ``cfg``. ``resume=True`` continues
     the run in ``out``: options that may change mid-run (``epochs``, ``early_stopping``,
     ``progress`` ...) are applied, any other option given with a different value is refused.
-    ``callbacks`` join the recipe's (a tuner's pruning report, for one).
+    ``callbacks`` join the recipe's (a tuner's pruning report, for one). ``lr="auto"`` settles
+    the rate by a short LR-finder sweep first (:func:`~resfit.training.lr_auto.settle_lr`).
     """
+    if resume:
+        if options.get("lr") == "auto":  # the run already chose its rate
+            options.pop("lr")
+        if cfg is not None and cfg.optim.lr == "auto":
+            cfg = cfg.replace(lr=None)
+        return _train(cfg, True, callbacks, options)
+    cfg = (cfg or TrainConfig()).replace(**options)
+    if cfg.optim.lr == "auto" and cfg.data.path:  # no data: _train's error says what is missing
+        cfg = settle_lr(cfg)
+    return _train(cfg, False, callbacks, {})
+
+
+def _train(
+    cfg: TrainConfig | None,
+    resume: bool,
+    callbacks: Sequence[Callback],
+    options: dict[str, Any],
+) -> TrainResult:
+    """The run at a settled learning rate: the config, the process, then the run folder."""
     cfg = _config_for(cfg, resume, options)
     if cfg.runtime.threads is not None or not threads.is_configured():
         threads.configure(cfg.runtime.threads)  # the CLI has done it already
@@ -109,7 +131,7 @@ def train(
 
     if dist_info.main:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    with _FileLog(out / "train.log", dist_info.main):  # from here on, the log is in the run
+    with FileLog(out / "train.log", dist_info.main):  # from here on, the log is in the run
         return _prepare_and_run(cfg, device, precision, dist_info, resume, callbacks)
 
 
@@ -138,31 +160,6 @@ def _prepare_and_run(
         atomic_write_text(out / "classes.json", json.dumps(cfg.classes, indent=2))
         write_splits(out / "splits.csv", splits)
     return _run(cfg, model, splits, device, precision, dist_info, resume, duplicates, extra)
-
-
-class _FileLog:
-    """Send the resfit log to RUN/train.log for the duration of a run."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.handler = (
-            logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
-            if enabled
-            else None
-        )
-        if self.handler:
-            self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-
-    def __enter__(self) -> _FileLog:
-        if self.handler:
-            log.addHandler(self.handler)
-            if log.level == logging.NOTSET or log.level > logging.INFO:
-                log.setLevel(logging.INFO)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.handler:
-            log.removeHandler(self.handler)
-            self.handler.close()
 
 
 def _open_data(
@@ -328,15 +325,12 @@ def _run(
     if stream and not cfg.data.workers:
         log.info("stream mode decodes in this process: --workers N decodes in N processes")
     model = _place(cfg, model, device, dist_info)
-    groups = param_groups_for(cfg, model)
-    optimizer = make_optimizer(cfg.optim, groups, cfg.optim.lr)
+    optimizer = make_optimizer(cfg.optim, param_groups_for(cfg, model), cfg.optim.lr)
     log_recipe(cfg, optimizer)
     net = _wrap(cfg, model, device, dist_info)
     tr_tf, ev_tf = build_transforms(cfg)
-    all_labels = torch.tensor(
-        [x.label for x in splits.train],
-        dtype=torch.float32 if cfg.data.task == "multilabel" else torch.long,
-    )
+    dtype = torch.float32 if cfg.data.task == "multilabel" else torch.long
+    all_labels = torch.tensor([x.label for x in splits.train], dtype=dtype)
     task, sample_weight = _task(cfg, all_labels, train_data.labels, device)
     data = EpochData(TransformedImages(train_data, tr_tf), TransformedImages(val_data, ev_tf),
                      TransformedImages(train_data, ev_tf), sample_weight)  # fmt: skip
