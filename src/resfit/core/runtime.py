@@ -6,7 +6,7 @@ a bf16 GEMM runs at 59 GFLOP/s against 261 for fp32, and ResNet-50 with bf16 aut
 (AVX512_BF16 or AMX), and fp32 elsewhere; on CUDA it picks bf16 (Ampere and newer) or fp16.
 int8 is not a PyTorch path here: it is the ONNX Runtime engine of :mod:`resfit.export`.
 
-``prepare_for_inference`` turns a model into the fastest correct callable for a device: a
+:mod:`resfit.inference.folding`'s ``prepare_for_inference`` turns a model into the fastest correct callable for a device: a
 copy in eval mode with every BatchNorm folded into the convolution before it, channels-last
 memory (oneDNN's native layout for convolutions on CPU, tensor cores' on GPU), autocast for
 bf16/fp16 and, on request, ``torch.compile``. ``bench/inference.py`` measures each step: on

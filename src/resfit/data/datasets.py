@@ -1,4 +1,7 @@
-"""datasets: part of the former resfit.data."""
+"""Decoded images held ready for training: decode every sample once, in threads
+(:func:`decode_all`), keep them as uint8 tensors (:class:`DecodedImages`), and serve augmented
+batches from them (:class:`TransformedImages`, :func:`iter_batches`).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""decode: part of the former resfit.data."""
+"""Decoding an image file the way a person sees it: EXIF orientation applied, grey/palette/CMYK
+converted, 16-bit scaled (not clipped), transparency composited on white, the first frame of a
+GIF; a file that cannot be decoded raises :class:`DecodeError`, which callers turn into a skip
+with its reason, never a crash.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Data: find labelled images, split them, decode them robustly, and hold them ready for training.
+"""Discovery: find labelled images and split them.
 
 Layouts understood by :func:`discover`:
 - ``DATA/train/<class>/*`` with optional ``DATA/val/<class>/*`` and ``DATA/test/<class>/*``
@@ -13,14 +13,7 @@ Layouts understood by :func:`discover`:
   empty field: none of the classes). Its samples carry a multi-hot tuple instead of a class
   index, and :attr:`DataSplits.task` is ``"multilabel"``.
 
-Decoding converts every image to 8-bit RGB the way a person sees it: EXIF orientation applied,
-grey/palette/CMYK converted, 16-bit scaled (not clipped), transparency composited on white,
-the first frame of a GIF. Files that cannot be decoded are skipped and listed, never a crash.
-
-File names are bytes on Linux; one that is not UTF-8 (``caf\\xe9.png`` from an old camera or a
-Windows zip) reaches Python as a string with lone surrogates (PEP 383), which a strict UTF-8
-writer refuses. :func:`open_csv` writes such names back as the same bytes (so a CSV of paths
-can be read back and opened), :func:`display_path` shows them as ``\\xe9`` in logs and pages.
+Decoding is :mod:`resfit.data.decode`, the decoded images :mod:`resfit.data.datasets`.
 
 Knows nothing of models or training.
 """

@@ -1,4 +1,7 @@
-"""fingerprints: part of the former resfit.leakage."""
+"""Image fingerprints: the sha256 of a file and a 64-bit perceptual hash (pHash: the signs of
+the 8x8 lowest 2-D DCT frequencies of a 32x32 grey thumbnail) that survives re-encoding,
+resizing and small changes of brightness. Leakage checks and shard indexes compare them.
+"""
 
 from __future__ import annotations
 

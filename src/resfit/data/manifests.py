@@ -1,4 +1,7 @@
-"""manifests: part of the former resfit.data."""
+"""CSV manifests: ``path,label[,split]`` rows, and the multi-label ``path,labels[,split]``
+(an image's labels joined by ``;``; an empty field: none of the classes), read with the row
+number of every problem, carved into splits, and read back from a run's ``splits.csv``.
+"""
 
 from __future__ import annotations
 

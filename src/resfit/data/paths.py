@@ -1,4 +1,10 @@
-"""paths: part of the former resfit.data."""
+"""Paths as text, and finding images.
+
+File names are bytes on Linux; one that is not UTF-8 (``caf\\xe9.png`` from an old camera or a
+Windows zip) reaches Python as a string with lone surrogates (PEP 383), which a strict UTF-8
+writer refuses. :func:`open_csv` writes such names back as the same bytes (so a CSV of paths
+can be read back and opened), :func:`display_path` shows them as ``\\xe9`` in logs and pages.
+"""
 
 from __future__ import annotations
 

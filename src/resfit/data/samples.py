@@ -1,4 +1,6 @@
-"""samples: part of the former resfit.data."""
+"""What discovery produces: a :class:`Sample` (path, label, split) and :class:`DataSplits` (the
+samples of each split, the classes, what was skipped and why), and the split folder names.
+"""
 
 from __future__ import annotations
 

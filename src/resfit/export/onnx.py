@@ -1,4 +1,7 @@
-"""onnx: part of the former resfit.export."""
+"""ONNX export of a model: the fp32 graph with its metadata, the parity check against PyTorch,
+and static int8 quantization (QDQ) calibrated on real images. ``onnx``/``onnxruntime`` are the
+``export`` extra, imported only inside the functions that need them.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Ship a classifier as ONNX: export, parity check, int8 quantization, and exporting a run.
+"""Exporting a run: the formats (ONNX fp32 and int8, OpenVINO, TensorRT, Triton), the
+validation images that check an int8 model, and ``export.json``.
 
 ONNX Runtime is the CPU engine (``resfit predict --engine onnx``, :mod:`resfit.inference.engines`): on the
 project's AVX-512 VNNI Xeon (no AVX512_BF16/AMX), static int8 is the one precision faster than

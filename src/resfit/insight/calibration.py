@@ -1,4 +1,7 @@
-"""calibration: part of the former resfit.calibration."""
+"""Calibration and accuracy in pictures and intervals: the reliability diagram of a
+calibration (confidence against accuracy, per bin) and a percentile-bootstrap interval for the
+accuracy on a finite test set.
+"""
 
 from __future__ import annotations
 

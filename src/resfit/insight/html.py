@@ -1,4 +1,6 @@
-"""html: part of the former resfit.report."""
+"""The kit the self-contained HTML pages share (the run report, the audit page): escaping,
+tables, sections, inline PNG/JPEG images and thumbnails, the CSS and the content security policy.
+"""
 
 from __future__ import annotations
 

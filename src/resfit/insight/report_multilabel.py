@@ -1,4 +1,6 @@
-"""report_multilabel: part of the former resfit.report."""
+"""The HTML report of a multi-label run: mAP and per-class AP, precision-recall curves, label
+co-occurrence, and the images with the most missing or extra labels.
+"""
 
 from __future__ import annotations
 

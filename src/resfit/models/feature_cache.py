@@ -1,4 +1,9 @@
-"""feature_cache: part of the former resfit.transfer."""
+"""The frozen-prefix feature cache: a frozen prefix (eval mode, no gradient) computes the same
+function in every epoch, so its output is computed once per image and the rest of the network
+trains from the stored tensors. With random augmentation it stores a bank of ``cache_views``
+augmented views per image and draws one per image per epoch. The plan (which stage, what
+dtype, whether it fits the memory budget) is logged with its reason.
+"""
 
 from __future__ import annotations
 

@@ -1,16 +1,10 @@
-"""Transfer learning that costs what it should: staged fine-tuning, a frozen-prefix feature
-cache, and a learning-rate finder.
+"""Transfer learning that costs what it should: staged fine-tuning and freezing (the feature
+cache of a frozen prefix is :mod:`resfit.models.feature_cache`).
 
 - ``recipe="finetune"`` (``--recipe finetune``): the first ``head_epochs`` train the new head
   with the whole backbone frozen, then the network down to ``--freeze`` trains with
   discriminative learning rates (the stem at ``stem_lr_ratio`` of the head's rate, the stages
   in between geometrically), all at once or one stage per epoch (``unfreeze="gradual"``).
-- The feature cache: a frozen prefix (eval mode, no gradient) computes the same function in
-  every epoch, so its output is computed once per image and the rest of the network trains
-  from the stored tensors. Without random augmentation this is exact. With random
-  augmentation it stores a bank of ``cache_views`` augmented views per image and draws one per
-  image per epoch: the prefix runs K times per image instead of once per epoch, but the
-  trainable part sees only K distinct augmentations of each image.
 - Freezing: which modules a ``--freeze`` policy covers, with BatchNorm kept in eval mode there.
 
 Below the training loop, which uses it; knows nothing of it.

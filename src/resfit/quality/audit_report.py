@@ -1,4 +1,6 @@
-"""audit_report: part of the former resfit.label_issues."""
+"""The audit's files: ``label_issues.csv`` (most likely wrong first), ``audit.json`` (the
+summary) and ``audit.html`` (thumbnails in that order, self-contained like the run report).
+"""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ training data (``resfit train --audit``) without the training package importing 
   get for it) estimates how many images of class i really belong to j, and that many of the
   least likely ones are flagged. Ranked by how little probability the given label gets.
 - **Near-duplicates with different labels**: the same picture twice (pHash of
-  :mod:`resfit.leakage`, Hamming distance <= ``max_distance``) carrying two labels; at least
+  :mod:`resfit.data.fingerprints`, Hamming distance <= ``max_distance``) carrying two labels; at least
   one of them is wrong.
 - **Outliers**: images far from all others in feature space (cleanlab's ``OutOfDistribution``:
   mean cosine distance to the k nearest neighbours), flagged beyond Tukey's far-out fence of

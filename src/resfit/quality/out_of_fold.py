@@ -1,4 +1,8 @@
-"""out_of_fold: part of the former resfit.label_issues."""
+"""Out-of-fold probabilities: every image's class probabilities from a head that did not see
+its label (k stratified folds over one feature pass), the features themselves, and the
+regularisation that picks the head's strength. The audit's first step: a model that saw a wrong
+label learns to repeat it; one that did not disagrees with it.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""base: part of the former resfit.tasks."""
+"""The :class:`Task` interface: what the loop, evaluation and inference ask of a kind of label
+(the loss, the metrics, the post-processing of logits into probabilities).
+"""
 
 from __future__ import annotations
 

@@ -6,13 +6,11 @@
   fitted on (the NLL optimum can raise it), with the figures and the reason as a
   :class:`Calibration`.
 - ``expected_calibration_error``: the gap between confidence and accuracy, binned by confidence.
-- ``reliability_diagram``: the picture of that gap.
-- ``bootstrap_accuracy_ci``: a percentile-bootstrap interval for accuracy on a finite test set.
 - ``calibrate_multilabel``: for multi-label runs, a temperature per class (each sigmoid fitted
   on its own, as Platt scaling without the bias) and the threshold per class that maximises
   F1 on validation, as a :class:`MultiLabelCalibration`.
 
-Only torch, numpy and matplotlib (without pyplot, so no global backend is touched).
+The reliability diagram and the bootstrap interval are :mod:`resfit.insight.calibration`.
 """
 
 from __future__ import annotations

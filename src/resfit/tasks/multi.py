@@ -1,4 +1,6 @@
-"""multi: part of the former resfit.tasks."""
+"""Any number of classes per image: a sigmoid per class, binary cross-entropy or the asymmetric
+loss (ASL), mean average precision.
+"""
 
 from __future__ import annotations
 

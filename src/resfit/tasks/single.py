@@ -1,4 +1,6 @@
-"""single: part of the former resfit.tasks."""
+"""One class per image: softmax outputs, (smoothed, optionally class-weighted) cross-entropy,
+top-1 accuracy.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""setup: part of the former resfit.training.run."""
+"""Before the loop: find the data, resolve the configuration against it (sizes, defaults,
+preprocessing of the weights), check the splits for leakage, warn on imbalance and build the
+transforms. Everything a run decides before its first batch.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""pipeline: part of the former resfit.benchmark."""
+"""``resfit bench pipeline`` and the sources row: decode + augment images/s of torchvision's
+ImageFolder/DataLoader against resfit's decode-once images and per-epoch augmentation, and the
+memory each data source (memory, stream, shards) holds.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""train: part of the former resfit.benchmark."""
+"""``resfit bench train``: one SGD step of the naive loop (torchvision model, fp32, NCHW)
+against :class:`~resfit.training.step.TrainStep`, the step ``train()`` runs, from the same
+weights on the same batch.
+"""
 
 from __future__ import annotations
 
