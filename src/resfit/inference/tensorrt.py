@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.errors import ConfigError, MissingExtraError, RunError
+from ..core.hashing import weights_digest
 
 log = logging.getLogger("resfit")
 
@@ -293,12 +294,8 @@ class TensorRtEngine:
 
 
 def _weights_fingerprint(model: nn.Module, img_size: int, in_chans: int) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{type(model).__name__}|{img_size}|{in_chans}|{torch.__version__}".encode())
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return weights_digest(model, type(model).__name__, str(img_size), str(in_chans),
+                          torch.__version__)  # fmt: skip
 
 
 def _export(model: nn.Module, path: Path, img_size: int, in_chans: int) -> None:

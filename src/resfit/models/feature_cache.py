@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..core import runtime
 from ..core.config import TrainConfig
 from ..core.errors import ConfigError
+from ..core.hashing import update_with_weights
 from ..data.datasets import DecodedImages, TransformedImages, iter_batches
 from .adapters import adapt
 from .transfer import _CACHE_VERSION, _NP_DTYPES, _TORCH_DTYPES, frozen_modules
@@ -108,9 +109,7 @@ def cache_key(
     h = hashlib.sha256()
     h.update(json.dumps({"version": _CACHE_VERSION, **meta}, sort_keys=True).encode())
     for m in frozen_modules(model, policy):
-        for k, v in m.state_dict().items():
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        update_with_weights(h, m.state_dict())
     for p in paths:
         st = os.stat(p)
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())

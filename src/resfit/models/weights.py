@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..core.cache import cache_dir
 from ..core.errors import WeightsError
+from ..core.hashing import file_sha256
 from .adapters import adapt
 from .resnet import get_spec
 
@@ -189,15 +190,6 @@ def get_weights(name: str, arch: str | None = None) -> WeightsSpec:
 
 def weights_dir() -> Path:
     return cache_dir() / "weights"
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _source_url(spec: WeightsSpec) -> str:
