@@ -6,7 +6,6 @@ run, with the rate rising from ``start_lr`` to ``end_lr``, and stops when the lo
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from ..core import runtime, threads
+from ..core.atomic import atomic_open, atomic_path, atomic_write_json
 from ..core.config import TrainConfig
 from ..core.errors import ConfigError, DataError
 from ..data.augmentation import batch_transform
@@ -23,6 +23,7 @@ from ..data.datasets import TransformedImages, decode_all, iter_batches
 from ..data.discovery import discover
 from ..data.preprocessing import base_size_for
 from ..models.transfer import apply_freeze, set_train_mode
+from ..runs import RunPaths
 from ..tasks.multi import MultiLabel
 from ..tasks.single import SingleLabel
 from .callbacks import multilabel_mix
@@ -118,13 +119,13 @@ def lr_find(
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "lr_find.csv", "w") as f:
+        with atomic_open(RunPaths(out).lr_find_csv, "w") as f:
             f.write("lr,smoothed_loss\n")
             f.writelines(f"{a:.6g},{b:.6g}\n" for a, b in zip(lrs, smoothed, strict=True))
         summary = dict(steepest=suggestion, lowest_loss=lr_min, steps=len(lrs), policy=policy,
                        batch_size=cfg.optim.batch_size, lrs=lrs, smoothed_loss=smoothed)  # fmt: skip
-        (out / "lr_find.json").write_text(json.dumps(summary, indent=1))
-        plot = out / "lr_find.png"
+        atomic_write_json(RunPaths(out).lr_find_json, summary, indent=1)
+        plot = RunPaths(out).lr_find_plot
         _plot(lrs, smoothed, suggestion, lr_min, plot, f"{cfg.model.arch}, --freeze {policy}")
     log.info("lr-find: steepest descent at lr %.2g, lowest loss at %.2g", suggestion, lr_min)
     return LRFindResult(lrs, smoothed, suggestion, lr_min, plot)
@@ -177,7 +178,8 @@ def _plot(
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format=path.suffix[1:] or "png")
 
 
 __all__ = ["LRFindResult", "lr_find", "suggest_lr"]
