@@ -128,3 +128,9 @@ def atomic_save_safetensors(
 
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata)
+
+
+def atomic_csv(path: str | os.PathLike) -> contextlib.AbstractContextManager[IO[str]]:
+    """A CSV opened for ``csv.writer`` as :func:`resfit.data.paths.open_csv` opens it (UTF-8,
+    ``surrogateescape`` so odd file names keep their bytes, ``newline=""``), atomically."""
+    return atomic_open(path, "w", newline="", encoding="utf-8", errors="surrogateescape")

@@ -29,7 +29,6 @@ Imports only :mod:`resfit.runtime` and the error types.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import shutil
@@ -46,6 +45,7 @@ from torch import Tensor, nn
 from ..core import runtime
 from ..core.errors import ConfigError, MissingExtraError, RunError
 from ..core.hashing import weights_digest
+from ..runs import RunPaths, read_saved_config
 
 log = logging.getLogger("resfit")
 
@@ -205,7 +205,7 @@ def make_openvino(
     if compile:
         raise ConfigError("--compile is for the torch engine: OpenVINO compiles the model itself")
     prec = _precision(precision)
-    folder = Path(run_dir) / "export" / FOLDER if run_dir is not None else None
+    folder = RunPaths(run_dir).export / FOLDER if run_dir is not None else None
     file = INT8_FILE if prec == "int8" else FP32_FILE
     if folder is not None and (folder / file).is_file():
         return OpenVinoEngine(
@@ -216,8 +216,8 @@ def make_openvino(
             f"{folder / file if folder else INT8_FILE} is missing: write it with "
             f"`resfit export {run_dir or 'RUN'} --format openvino --int8 --calib DATA`"
         )
-    if img_size is None and run_dir is not None and (Path(run_dir) / "config.json").is_file():
-        saved = json.loads((Path(run_dir) / "config.json").read_text())
+    saved = read_saved_config(run_dir) if img_size is None and run_dir is not None else None
+    if saved is not None:
         img_size, in_chans = saved.get("img_size"), saved.get("in_chans", in_chans)
     if model is None or img_size is None:
         raise RunError("--engine openvino needs a run folder or a model with its input size")

@@ -32,7 +32,6 @@ import ctypes
 import hashlib
 import importlib.util
 import io
-import json
 import logging
 import os
 import shutil
@@ -47,6 +46,7 @@ from torch import Tensor, nn
 
 from ..core.errors import ConfigError, MissingExtraError, RunError
 from ..core.hashing import weights_digest
+from ..runs import RunPaths, read_saved_config
 
 log = logging.getLogger("resfit")
 
@@ -377,9 +377,9 @@ def make_tensorrt(
         raise ConfigError("--compile is for the torch engine: TensorRT compiles the model itself")
     device_id, prec = _device_id(device), _precision(precision)
     require_tensorrt()
-    export = Path(run_dir) / "export" if run_dir is not None else None
-    if img_size is None and run_dir is not None and (Path(run_dir) / "config.json").is_file():
-        saved = json.loads((Path(run_dir) / "config.json").read_text())
+    export = RunPaths(run_dir).export if run_dir is not None else None
+    saved = read_saved_config(run_dir) if img_size is None and run_dir is not None else None
+    if saved is not None:
         img_size, in_chans = saved.get("img_size"), saved.get("in_chans", in_chans)
     if img_size is None:
         raise RunError("--engine tensorrt needs a run folder or a model with its input size")
