@@ -134,3 +134,35 @@ def atomic_csv(path: str | os.PathLike) -> contextlib.AbstractContextManager[IO[
     """A CSV opened for ``csv.writer`` as :func:`resfit.data.paths.open_csv` opens it (UTF-8,
     ``surrogateescape`` so odd file names keep their bytes, ``newline=""``), atomically."""
     return atomic_open(path, "w", newline="", encoding="utf-8", errors="surrogateescape")
+
+
+def _fsync_tree(folder: Path) -> None:
+    for root, _, files in os.walk(folder):
+        for name in files:
+            _fsync_file(Path(root, name))
+        fsync_dir(root)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path`` to fill; on success its files are
+    fsynced and it takes the place of ``path`` (an existing folder there is replaced, or with
+    ``replace=False`` an ``OSError`` says another writer got there first); on an exception it
+    is removed. A reader (Triton polling a repository, a cache lookup) never sees half a folder.
+    """
+    import shutil
+
+    path = Path(path)
+    tmp, old = temp_path(path), path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if replace and path.exists():
+            os.replace(path, old)
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
