@@ -59,6 +59,13 @@ def _commit(tmp: Path, path: Path) -> None:
     fsync_dir(path.parent)
 
 
+def atomic_commit(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Put a finished temporary file (written beside ``path`` by a writer that needs its own
+    file: a memory map, a checked download) in place: fsync it, rename it, fsync the folder."""
+    _fsync_file(Path(tmp))
+    _commit(Path(tmp), Path(path))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` for a library to write to; on success it is

@@ -39,6 +39,7 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
+from ..core.atomic import atomic_write_text
 from ..data.paths import display_text
 from ..tasks.calibration import (
     Calibration,
@@ -647,8 +648,6 @@ def write_report(path: str | os.PathLike, data: ReportData) -> Path:
 </body>
 </html>
 """
-    tmp = out.with_name(out.name + ".tmp")
     # Every user string went through _e; the error handler is the last guard for the report.
-    tmp.write_text(doc, encoding="utf-8", errors="backslashreplace")
-    os.replace(tmp, out)  # never leave a half-written report behind
+    atomic_write_text(out, doc, errors="backslashreplace")  # never half a report
     return out

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..core.atomic import atomic_write_text
 from ..data.paths import display_text
 from .html import (
     _CSP,
@@ -216,7 +217,5 @@ def write_multilabel_report(path: str | os.PathLike, data: MultiLabelReportData)
 {chr(10).join(sections)}
 </main></body></html>
 """
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(doc, encoding="utf-8", errors="backslashreplace")
-    os.replace(tmp, out)
+    atomic_write_text(out, doc, errors="backslashreplace")
     return out

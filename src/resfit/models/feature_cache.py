@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import runtime
+from ..core.atomic import atomic_commit
 from ..core.config import TrainConfig
 from ..core.errors import ConfigError
 from ..core.hashing import update_with_weights
@@ -202,7 +203,7 @@ def compute_features(
     assert store is not None
     if path is not None and tmp is not None and mapped is not None:
         mapped.flush()  # complete on disk before the rename makes it visible to later runs
-        os.replace(tmp, path)
+        atomic_commit(tmp, path)
         store = _open(path, dtype)
     return store
 

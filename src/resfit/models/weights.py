@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..core.atomic import atomic_commit
 from ..core.cache import cache_dir
 from ..core.errors import WeightsError
 from ..core.hashing import file_sha256
@@ -239,7 +240,7 @@ def download_weights(spec: WeightsSpec, progress: bool = True) -> Path:
                 f"does not match the expected {spec.sha256[:16]}...: the file is corrupt or not "
                 f"the published one; nothing was kept in {folder}"
             )
-        os.replace(tmp, target)
+        atomic_commit(tmp, target)
         return target
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         reason = getattr(e, "reason", e)
