@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Iterable
@@ -43,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import runtime
+from ..core.atomic import atomic_dir
 from ..core.errors import ConfigError, MissingExtraError, RunError
 from ..core.hashing import weights_digest
 from ..runs import RunPaths, read_saved_config
@@ -244,12 +244,11 @@ def converted(model: nn.Module, img_size: int, in_chans: int = 3) -> tuple[Any, 
     log.info("OpenVINO: converted the run's model in %.1f s", time.perf_counter() - t0)
     if cached is not None:
         # Written beside and renamed into place: a reader never sees half a model.
-        tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
         try:
-            save(ov_model, tmp / FP32_FILE)
-            tmp.rename(cached)
+            with atomic_dir(cached, replace=False) as tmp:
+                save(ov_model, tmp / FP32_FILE)
         except OSError:  # another process got there first, or the disk is full: no cache
-            shutil.rmtree(tmp, ignore_errors=True)
+            pass
     return ov_model, "converted at load"
 
 

@@ -34,7 +34,6 @@ import importlib.util
 import io
 import logging
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..core.atomic import atomic_dir
 from ..core.errors import ConfigError, MissingExtraError, RunError
 from ..core.hashing import weights_digest
 from ..runs import RunPaths, read_saved_config
@@ -325,15 +325,11 @@ def onnx_for(model: nn.Module, img_size: int, in_chans: int = 3) -> tuple[Path, 
     if target.is_file():
         return target, f"exported earlier, {target.parent}"
     t0 = time.perf_counter()
-    tmp = target.parent.with_name(f"{target.parent.name}.{os.getpid()}.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
     try:
-        _export(model, tmp / "model.onnx", img_size, in_chans)
-        tmp.rename(target.parent)  # a reader never sees half a file
+        with atomic_dir(target.parent, replace=False) as tmp:  # a reader never sees half a file
+            _export(model, tmp / "model.onnx", img_size, in_chans)
     except OSError:  # another process got there first
         pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if not target.is_file():
         raise RunError(f"could not write {target}: is the disk full?")
     log.info("TensorRT: exported the run's model to ONNX in %.1f s", time.perf_counter() - t0)

@@ -41,6 +41,7 @@ from sklearn.metrics import (
 
 from ..core.atomic import atomic_write_text
 from ..data.paths import display_text
+from ..runs import REPORT
 from ..tasks.calibration import (
     Calibration,
     calibrate_temperature,
@@ -601,7 +602,7 @@ def write_report(path: str | os.PathLike, data: ReportData) -> Path:
     """
     out = Path(path)
     if out.suffix.lower() not in (".html", ".htm"):
-        out = out / "report.html"
+        out = out / REPORT
     out.parent.mkdir(parents=True, exist_ok=True)
 
     m = _compute(data)

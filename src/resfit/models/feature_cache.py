@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import runtime
-from ..core.atomic import atomic_commit
+from ..core.atomic import atomic_commit, temp_path
 from ..core.config import TrainConfig
 from ..core.errors import ConfigError
 from ..core.hashing import update_with_weights
@@ -175,7 +175,7 @@ def compute_features(
     batches = [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
     store: Tensor | None = None
     mapped: np.memmap | None = None
-    tmp = path.with_name(path.name + ".part") if path is not None else None
+    tmp = temp_path(path) if path is not None else None
     bar = tqdm(total=n * views, desc=desc, disable=not progress, leave=False)
     try:
         for v in range(views):
