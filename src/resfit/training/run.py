@@ -290,9 +290,7 @@ def _run(
 ) -> TrainResult:
     out, show = Path(cfg.run.out), cfg.run.progress and dist_info.main
     stream = cfg.data.data_mode in ("stream", "shards")
-    source = get_source(
-        cfg.data.data_mode, **({"skip_log": RunPaths(out).skipped} if stream else {})
-    )
+    source = get_source(cfg.data.data_mode, **({"skip_log": RunPaths(out).skipped} if stream else {}))  # fmt: skip
     train_data, val_data, skipped, sharding = _open_data(cfg, source, splits, show, dist_info,
                                                          device)  # fmt: skip
     log.info(
