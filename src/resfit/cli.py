@@ -26,6 +26,7 @@ from typing import Any
 
 from .apps.serve import add_serve_parser
 from .apps.tune.cli import add_tune_parser
+from .core.atomic import atomic_write_json
 from .core.config import (
     AUGMENT_CHOICES,
     AUGMENT_FLAGS,
@@ -347,8 +348,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    import json
-
     what = list(BENCH_PARTS[1:]) if args.what == "all" else [args.what]
     if "pipeline" in what and not args.data:
         if args.what == "pipeline":
@@ -383,7 +382,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(rep.format() + "\n", flush=True)
         reports.append(rep.to_dict())
     if args.json:
-        Path(args.json).write_text(json.dumps(reports, indent=1, default=str))
+        atomic_write_json(args.json, reports, indent=1, default=str)
     return 0
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.atomic import atomic_open, atomic_path, atomic_write_text
 from ..core.errors import ConfigError, DataError
 from ..models.adapters import adapt
 from ..models.resnet import build_model, get_spec
@@ -186,7 +187,7 @@ def write_gradient_flow(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out_dir / "gradient_flow.csv", out_dir / "gradient_flow.png"
-    with csv_path.open("w", newline="") as f:
+    with atomic_open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
@@ -236,7 +237,8 @@ def write_gradient_flow(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
         ax.legend(fontsize=7)
     fig.suptitle("Gradient norm per residual block (plain twins dashed)")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return csv_path, png_path
 
@@ -349,6 +351,6 @@ def run_gradient_flow(
         "png": str(png_path),
     }
     json_path = Path(out) / "gradient_flow.json"
-    json_path.write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    atomic_write_text(json_path, json.dumps(summary, indent=2, allow_nan=True) + "\n")
     summary["json"] = str(json_path)
     return summary

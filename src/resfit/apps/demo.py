@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..core.config import AugmentConfig
 from ..core.errors import ConfigError
+from ..runs import RunPaths
 from ..training import train
 
 log = logging.getLogger("resfit")
@@ -85,7 +86,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, shots: int = 5)
     few_epochs = 10 if quick else 30
     results = {}
     for name, weights in [
-        ("transfer", str(out / "pretrain" / "model.safetensors")),
+        ("transfer", str(RunPaths(out / "pretrain").model)),
         ("scratch", None),
     ]:
         step = "2/3 transferring the 0-4 network" if weights else "3/3 training from scratch"

@@ -1,49 +1,175 @@
-"""Atomic writes: a temporary file, then a rename. A crash or a full disk never leaves a
-half-written checkpoint, model or config in place of the previous one."""
+"""Atomic, durable writes: the one way resfit writes a file that must never be half there.
+
+Every writer goes the same way: the bytes go to a temporary file in the target's folder
+(``.NAME.tmp-<pid>``, see :func:`temp_path`), which is flushed and fsynced, renamed over the
+target (``os.replace``), and then the folder itself is fsynced so the rename survives a power
+cut. A crash, a full disk or an exception in the middle leaves the previous file in place and
+no temporary file behind (a killed process may leave a ``.NAME.tmp-<pid>``, recognisable by
+its name).
+
+- :func:`atomic_open`: a file object (``with atomic_open(path, "w", newline="") as f``)
+- :func:`atomic_path`: a temporary path for libraries that write to a path themselves
+  (``torch.save``, safetensors ``save_file``, ``onnx.save``, ``savefig`` with ``format=``)
+- :func:`atomic_write_text`, :func:`atomic_write_bytes`, :func:`atomic_write_json`
+- :func:`atomic_save` (``torch.save``), :func:`atomic_save_safetensors`
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
+
+TMP_MARK = ".tmp-"  # a temporary file is ".NAME.tmp-<pid>"
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def temp_path(path: str | os.PathLike) -> Path:
+    """The temporary file a write of ``path`` goes through, in the same folder."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
 
 
-def atomic_save(obj: object, path: Path) -> None:
-    """``torch.save`` atomically."""
-    tmp = _tmp(path)
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened: Windows)."""
+    if os.name == "nt":
+        return
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_commit(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Put a finished temporary file (written beside ``path`` by a writer that needs its own
+    file: a memory map, a checked download) in place: fsync it, rename it, fsync the folder."""
+    _fsync_file(Path(tmp))
+    _commit(Path(tmp), Path(path))
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` for a library to write to; on success it is
+    fsynced and renamed onto ``path``; on an exception it is removed and ``path`` untouched.
+    The temporary name does not end in the target's suffix: give a writer that guesses the
+    format from the name (``savefig``) the format explicitly."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        _commit(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
+    """``open(path, mode, **kwargs)`` that writes to a temporary file and puts it in place
+    (flushed, fsynced, renamed, folder fsynced) only when the block ends without an exception."""
+    if not any(m in mode for m in "wx"):
+        raise ValueError(f"atomic_open writes a new file: mode {mode!r}")
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, mode.replace("x", "w"), **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        _commit(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """``data`` as the whole content of ``path``, atomically."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, errors: str = "surrogateescape") -> None:
+    """Text as UTF-8; by default characters that cannot be encoded (the undecodable bytes of
+    an odd file name) are written back as the bytes they came from."""
+    with atomic_open(path, "w", encoding="utf-8", errors=errors) as f:
+        f.write(text)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, **dumps: Any) -> None:
+    """``json.dumps(obj, **dumps)`` (``indent=2`` unless given), atomically."""
+    dumps.setdefault("indent", 2)
+    atomic_write_text(path, json.dumps(obj, **dumps))
+
+
+def atomic_save(obj: object, path: str | os.PathLike) -> None:
+    """``torch.save`` atomically."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
 def atomic_save_safetensors(
-    state: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None
+    state: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:
     """A state dict as safetensors (loadable without unpickling), atomically."""
     from safetensors.torch import save_file
 
-    tmp = _tmp(path)
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Text as UTF-8; characters that cannot be encoded (the undecodable bytes of an odd file
-    name) are written back as the bytes they came from."""
-    tmp = _tmp(path)
+def atomic_csv(path: str | os.PathLike) -> contextlib.AbstractContextManager[IO[str]]:
+    """A CSV opened for ``csv.writer`` as :func:`resfit.data.paths.open_csv` opens it (UTF-8,
+    ``surrogateescape`` so odd file names keep their bytes, ``newline=""``), atomically."""
+    return atomic_open(path, "w", newline="", encoding="utf-8", errors="surrogateescape")
+
+
+def _fsync_tree(folder: Path) -> None:
+    for root, _, files in os.walk(folder):
+        for name in files:
+            _fsync_file(Path(root, name))
+        fsync_dir(root)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path`` to fill; on success its files are
+    fsynced and it takes the place of ``path`` (an existing folder there is replaced, or with
+    ``replace=False`` an ``OSError`` says another writer got there first); on an exception it
+    is removed. A reader (Triton polling a repository, a cache lookup) never sees half a folder.
+    """
+    import shutil
+
+    path = Path(path)
+    tmp, old = temp_path(path), path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     try:
-        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
-        os.replace(tmp, path)
+        yield tmp
+        _fsync_tree(tmp)
+        if replace and path.exists():
+            os.replace(path, old)
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

@@ -27,6 +27,7 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..core.atomic import atomic_csv
 from ..core.errors import DataError
 from .manifests import (
     _discover_multilabel_csv,
@@ -36,7 +37,7 @@ from .manifests import (
     _read_multilabel_splits,
     as_task,
 )
-from .paths import IMAGE_SUFFIXES, _list_images, display_path, display_text, open_csv
+from .paths import IMAGE_SUFFIXES, _list_images, display_path, display_text
 from .samples import SHARD_INDEX, SPLIT_FOLDER_NAMES, SPLITS, TASKS, DataSplits, Sample, split_of
 
 log = logging.getLogger("resfit")
@@ -314,9 +315,8 @@ def write_splits(path: str | os.PathLike[str], splits: DataSplits) -> None:
     order of the splits, so a user can check what went where and :func:`read_splits` (or
     ``resfit train splits.csv``) can reproduce it. Odd file names keep their bytes."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     multi = splits.task == "multilabel"
-    with open_csv(tmp, "w") as f:
+    with atomic_csv(path) as f:
         w = csv.writer(f)
         w.writerow(["path", "labels" if multi else "label", "split"])
         for split in SPLITS:
@@ -324,7 +324,6 @@ def write_splits(path: str | os.PathLike[str], splits: DataSplits) -> None:
                 label = (";".join(c for c, on in zip(splits.classes, s.label, strict=True) if on)
                          if multi else splits.classes[s.label])  # fmt: skip
                 w.writerow([str(Path(s.path).absolute()), label, split])
-    os.replace(tmp, path)  # never a half-written record
 
 
 def read_splits(path: str | os.PathLike[str]) -> DataSplits:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from ..core.atomic import atomic_csv
 from ..core.errors import DataError
 
 __all__ = [
@@ -97,7 +98,7 @@ def find_images(inputs: Sequence[str]) -> list[Path]:
 
 def write_skipped(path: str | os.PathLike[str], skipped: Sequence[tuple[str, str]]) -> None:
     """Write ``path,reason`` for the files that were left out (odd names keep their bytes)."""
-    with open_csv(path, "w") as f:
+    with atomic_csv(path) as f:
         w = csv.writer(f)
         w.writerow(["path", "reason"])
         w.writerows(skipped)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..core.atomic import atomic_path
 from ..core.errors import ExportError, MissingExtraError
 from ..inference.engines import ONNX_METADATA_KEY, OnnxClassifier
 
@@ -53,14 +54,8 @@ def _import_onnx(*also: str) -> Any:
 def _atomic_target(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(path) as tmp:
         yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _size_hw(input_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:

@@ -16,7 +16,6 @@ re-exported here.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.atomic import atomic_write_json
 from ..core.config import EXPORT_FORMATS
 from ..core.errors import ConfigError, DataError
 from ..data.datasets import DecodedImages, decode_all
@@ -34,7 +34,8 @@ from ..data.discovery import discover, eval_samples, read_splits
 from ..data.paths import display_path, find_images
 from ..data.samples import DataSplits, Sample
 from ..inference.engines import OnnxClassifier
-from ..inference.predictor import Predictor, load_run
+from ..inference.predictor import Predictor
+from ..runs import EXPORT_REPORT, RunPaths, load_run
 from .onnx import DEFAULT_OPSET, export_onnx, onnx_parity, quantize_int8
 
 log = logging.getLogger("resfit")
@@ -99,7 +100,7 @@ def validation_samples(
     if val:
         multi = cfg.get("task") == "multilabel"
         return eval_samples(val, classes, multilabel=multi)[0], f"--val {display_path(val)}"
-    splits_csv = Path(run) / "splits.csv"
+    splits_csv = RunPaths(run).splits
     shown = display_path(splits_csv)
     if splits_csv.is_file():
         val_rows = _as_run_classes(read_splits(splits_csv), classes, shown)
@@ -293,13 +294,13 @@ def export_run(
             "--int8 needs --calib DATA: a few hundred of your own images to calibrate on"
         )
     cfg, classes = load_run(run)
-    out_dir = Path(out or Path(run) / "export")
+    out_dir = Path(out or RunPaths(run).export)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictor = Predictor.from_run(run, device="cpu", precision="fp32", engine="torch")
     if format == "openvino":
         report = _export_openvino(predictor, run, cfg, classes, out_dir, int8, calib, val,
                                   calib_images, val_images)  # fmt: skip
-        (out_dir / "export.json").write_text(json.dumps(report, indent=2))
+        atomic_write_json(out_dir / EXPORT_REPORT, report)
         return report
     fp32_path = _export_fp32(predictor, classes, out_dir, opset)
     report: dict[str, Any] = {"onnx": str(fp32_path), "opset": opset}
@@ -327,5 +328,5 @@ def export_run(
             max_batch=max_batch, max_queue_delay_us=max_queue_delay_us,
         )  # fmt: skip
         report["triton"] = str(triton_dir)
-    (out_dir / "export.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(out_dir / EXPORT_REPORT, report)
     return report

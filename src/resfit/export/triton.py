@@ -24,6 +24,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..core.atomic import atomic_dir
 from ..core.errors import ConfigError, ExportError, MissingExtraError
 
 __all__ = ["triton_config", "write_triton_repository"]
@@ -142,12 +143,9 @@ def write_triton_repository(
     model_dir = Path(repository) / name
     # Built beside the target and renamed into place: Triton polling the repository never
     # sees a half-written model.
-    tmp = model_dir.with_name(f".{name}.part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "1").mkdir(parents=True)
-    shutil.copyfile(onnx_path, tmp / "1" / "model.onnx")
-    (tmp / "labels.txt").write_text("".join(f"{c}\n" for c in classes), encoding="utf-8")
-    (tmp / "config.pbtxt").write_text(config, encoding="utf-8")
-    shutil.rmtree(model_dir, ignore_errors=True)
-    os.replace(tmp, model_dir)
+    with atomic_dir(model_dir) as tmp:
+        (tmp / "1").mkdir()
+        shutil.copyfile(onnx_path, tmp / "1" / "model.onnx")
+        (tmp / "labels.txt").write_text("".join(f"{c}\n" for c in classes), encoding="utf-8")
+        (tmp / "config.pbtxt").write_text(config, encoding="utf-8")
     return model_dir

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..core.atomic import atomic_open
 from ..core.errors import ConfigError, DataError, MissingExtraError, RunError
 
 if TYPE_CHECKING:  # torch is imported when embedding, not when the CLI builds its parser
@@ -115,14 +116,14 @@ class Embedder:
     @classmethod
     def from_run(cls, run: str | os.PathLike, **kw: Any) -> Embedder:
         """The trained model of a run folder, with the run's preprocessing."""
-        from ..models.weights import file_sha256
+        from ..runs import model_sha256
         from .predictor import load_run_model, run_preprocessing
 
         model, cfg, _ = load_run_model(run)
         pre = run_preprocessing(run, cfg)
         ident = {
             "run": str(Path(run).resolve()),
-            "sha256": file_sha256(Path(run) / "model.safetensors"),
+            "sha256": model_sha256(run),
         }
         return cls(model, pre, ident, **kw)
 
@@ -133,9 +134,10 @@ class Embedder:
         A weights file carries no preprocessing: ImageNet statistics at the architecture's
         default input size are assumed, as for training.
         """
+        from ..core.hashing import file_sha256
         from ..data.preprocessing import EvalPreprocessing
         from ..models.resnet import get_spec
-        from ..models.weights import IMAGENET_MEAN, IMAGENET_STD, create_model, file_sha256
+        from ..models.weights import IMAGENET_MEAN, IMAGENET_STD, create_model
 
         model = create_model(arch, weights=weights, progress=False)
         cfg = model.pretrained_cfg
@@ -232,15 +234,13 @@ def save_embeddings(
     if emb.ndim != 2 or len(emb) != len(paths):
         raise ValueError(f"{len(paths)} paths but embeddings of shape {emb.shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the name
+    with atomic_open(path, "wb") as f:  # a file object: np.savez would append .npz to the name
         np.savez(
             f,
             paths=np.array(list(paths), dtype=str).reshape(-1),
             embeddings=emb,
             model=np.array(json.dumps(model)),
         )
-    os.replace(tmp, path)
     return path
 
 

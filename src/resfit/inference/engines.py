@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from ..core import runtime
 from ..core.errors import ConfigError, MissingExtraError, ResfitError, RunError
 from ..core.registry import Registry
+from ..runs import RunPaths
 from . import folding
 
 __all__ = [
@@ -169,7 +170,7 @@ def choose_engine(
         return "torch", f"a {dev.type} device: PyTorch with autocast"
     if compile:
         return "torch", "--compile is the PyTorch engine's"
-    export = Path(run_dir) / "export" if run_dir is not None else None
+    export = RunPaths(run_dir).export if run_dir is not None else None
     have = set(available_engines())
     x86 = platform.machine().lower() in ("x86_64", "amd64", "x64")
     if precision == "int8":
@@ -206,7 +207,7 @@ def _choose_on_cuda(
 
     usable, why = probe()
     if precision == "int8":
-        int8 = Path(run_dir) / "export" / FOLDER / INT8_FILE if run_dir is not None else None
+        int8 = RunPaths(run_dir).export / FOLDER / INT8_FILE if run_dir is not None else None
         if usable and int8 is not None and int8.is_file():
             return "tensorrt", f"the run's TensorRT int8 export ({why})"
         raise RunError(
@@ -438,7 +439,7 @@ def _onnx_engine(
     if run_dir is None:
         raise TypeError("the onnx engine runs RUN/export/model.onnx: pass run_dir=")
     int8 = precision == "int8"
-    path = run_dir / "export" / ("model.int8.onnx" if int8 else "model.onnx")
+    path = RunPaths(run_dir).export / ("model.int8.onnx" if int8 else "model.onnx")
     if not path.is_file():
         flag = " --int8 --calib DATA" if int8 else ""
         raise RunError(f"{path} is missing: run `resfit export {run_dir}{flag}` first")

@@ -29,11 +29,8 @@ Imports only :mod:`resfit.runtime` and the error types.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Iterable
@@ -45,7 +42,10 @@ import torch
 from torch import Tensor, nn
 
 from ..core import runtime
+from ..core.atomic import atomic_dir
 from ..core.errors import ConfigError, MissingExtraError, RunError
+from ..core.hashing import weights_digest
+from ..runs import RunPaths, read_saved_config
 
 log = logging.getLogger("resfit")
 
@@ -205,7 +205,7 @@ def make_openvino(
     if compile:
         raise ConfigError("--compile is for the torch engine: OpenVINO compiles the model itself")
     prec = _precision(precision)
-    folder = Path(run_dir) / "export" / FOLDER if run_dir is not None else None
+    folder = RunPaths(run_dir).export / FOLDER if run_dir is not None else None
     file = INT8_FILE if prec == "int8" else FP32_FILE
     if folder is not None and (folder / file).is_file():
         return OpenVinoEngine(
@@ -216,8 +216,8 @@ def make_openvino(
             f"{folder / file if folder else INT8_FILE} is missing: write it with "
             f"`resfit export {run_dir or 'RUN'} --format openvino --int8 --calib DATA`"
         )
-    if img_size is None and run_dir is not None and (Path(run_dir) / "config.json").is_file():
-        saved = json.loads((Path(run_dir) / "config.json").read_text())
+    saved = read_saved_config(run_dir) if img_size is None and run_dir is not None else None
+    if saved is not None:
         img_size, in_chans = saved.get("img_size"), saved.get("in_chans", in_chans)
     if model is None or img_size is None:
         raise RunError("--engine openvino needs a run folder or a model with its input size")
@@ -228,12 +228,8 @@ def make_openvino(
 def _fingerprint(model: nn.Module, img_size: int, in_chans: int) -> str:
     """What a conversion depends on: the weights' bytes, the input and the OpenVINO version
     (blake2b over 100 MB of ResNet-50 weights: 0.1 s, against 2 s for a conversion)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{type(model).__name__}|{img_size}|{in_chans}|{_openvino().__version__}".encode())
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return weights_digest(model, type(model).__name__, str(img_size), str(in_chans),
+                          _openvino().__version__)  # fmt: skip
 
 
 def converted(model: nn.Module, img_size: int, in_chans: int = 3) -> tuple[Any, str]:
@@ -248,12 +244,11 @@ def converted(model: nn.Module, img_size: int, in_chans: int = 3) -> tuple[Any, 
     log.info("OpenVINO: converted the run's model in %.1f s", time.perf_counter() - t0)
     if cached is not None:
         # Written beside and renamed into place: a reader never sees half a model.
-        tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
         try:
-            save(ov_model, tmp / FP32_FILE)
-            tmp.rename(cached)
+            with atomic_dir(cached, replace=False) as tmp:
+                save(ov_model, tmp / FP32_FILE)
         except OSError:  # another process got there first, or the disk is full: no cache
-            shutil.rmtree(tmp, ignore_errors=True)
+            pass
     return ov_model, "converted at load"
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,13 +32,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.atomic import atomic_csv
 from ..core.errors import ConfigError, RunError
 from ..data.datasets import DecodedImages, TransformedImages, decode_all, iter_batches
 from ..data.decode import load_image, resize_shorter, to_tensor
-from ..data.paths import find_images, open_csv
+from ..data.paths import find_images
 from ..data.preprocessing import EvalPreprocessing, base_size_for
 from ..data.samples import Sample
 from ..models.resnet import build_model
+from ..runs import RunPaths, load_run, load_weights, read_temperature, read_thresholds
 from ..tasks.base import Task
 from ..tasks.multi import MultiLabel
 from ..tasks.registry import task_for
@@ -78,32 +79,16 @@ class Prediction:
     probabilities: dict[str, float] | None = None
 
 
-def load_run(run: str | os.PathLike) -> tuple[dict, list[str]]:
-    """The resolved config and class names of a run folder."""
-    run = Path(run)
-    for name in ("config.json", "classes.json", "model.safetensors"):
-        if not (run / name).is_file():
-            raise RunError(
-                f"{run} is not a finished resfit run: {name} is missing "
-                f"(train one with `resfit train DATA --out {run}`)"
-            )
-    return json.loads((run / "config.json").read_text()), json.loads(
-        (run / "classes.json").read_text()
-    )
-
-
 def load_run_model(run: str | os.PathLike) -> tuple[nn.Module, dict, list[str]]:
     """The trained model of a run (eval mode, CPU), its config and class names."""
-    from safetensors.torch import load_file  # safetensors imports numpy-heavy code; only here
-
     cfg, classes = load_run(run)
     model = build_model(cfg["arch"], num_classes=len(classes), in_chans=cfg.get("in_chans", 3))
-    state = load_file(str(Path(run) / "model.safetensors"))
+    state = load_weights(run)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise RunError(
-            f"{run}/model.safetensors does not fit {cfg['arch']}: {str(e).splitlines()[0]}"
+            f"{RunPaths(run).model} does not fit {cfg['arch']}: {str(e).splitlines()[0]}"
         ) from None
     return model.eval(), cfg, classes
 
@@ -113,7 +98,7 @@ def run_preprocessing(run: str | os.PathLike, cfg: Mapping[str, Any]) -> EvalPre
     try:
         return EvalPreprocessing.from_config(cfg)
     except (ConfigError, KeyError, TypeError, ValueError) as e:
-        raise RunError(f"{Path(run) / 'config.json'}: {e}") from None
+        raise RunError(f"{RunPaths(run).config}: {e}") from None
 
 
 class Predictor:
@@ -195,8 +180,7 @@ class Predictor:
         large folders only). ``engine_options`` go to the engine (onnx: ``threads``)."""
         model, cfg, classes = load_run_model(run)
         pre = run_preprocessing(run, cfg)
-        calib = Path(run) / "calibration.json"
-        temperature = json.loads(calib.read_text())["temperature"] if calib.exists() else None
+        temperature = read_temperature(run)
         return cls(
             model,
             classes,
@@ -327,19 +311,6 @@ class Predictor:
         )
 
 
-def read_thresholds(run: str | os.PathLike, classes: Sequence[str]) -> list[float] | None:
-    """A multi-label run's decision thresholds, in class order, from ``RUN/thresholds.json``
-    (``{class: threshold}``, written by training; a class it lacks gets 0.5). None if absent."""
-    path = Path(run) / "thresholds.json"
-    if not path.is_file():
-        return None
-    try:
-        by_class = json.loads(path.read_text())
-        return [float(by_class.get(c, 0.5)) for c in classes]
-    except (ValueError, AttributeError, TypeError) as e:
-        raise RunError(f"{path}: expected {{class: threshold}}, {e}") from None
-
-
 def write_predictions_csv(
     path: str | os.PathLike | None, preds: Sequence[Prediction], top_k: int
 ) -> str:
@@ -374,7 +345,7 @@ def write_predictions_csv(
 
 def _write_text(path: str | os.PathLike | None, text: str) -> str:
     if path:
-        with open_csv(path, "w") as f:
+        with atomic_csv(path) as f:
             f.write(text)
     return text
 

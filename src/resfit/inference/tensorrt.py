@@ -32,10 +32,8 @@ import ctypes
 import hashlib
 import importlib.util
 import io
-import json
 import logging
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -45,7 +43,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..core.atomic import atomic_dir
 from ..core.errors import ConfigError, MissingExtraError, RunError
+from ..core.hashing import weights_digest
+from ..runs import RunPaths, read_saved_config
 
 log = logging.getLogger("resfit")
 
@@ -293,12 +294,8 @@ class TensorRtEngine:
 
 
 def _weights_fingerprint(model: nn.Module, img_size: int, in_chans: int) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{type(model).__name__}|{img_size}|{in_chans}|{torch.__version__}".encode())
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return weights_digest(model, type(model).__name__, str(img_size), str(in_chans),
+                          torch.__version__)  # fmt: skip
 
 
 def _export(model: nn.Module, path: Path, img_size: int, in_chans: int) -> None:
@@ -328,15 +325,11 @@ def onnx_for(model: nn.Module, img_size: int, in_chans: int = 3) -> tuple[Path, 
     if target.is_file():
         return target, f"exported earlier, {target.parent}"
     t0 = time.perf_counter()
-    tmp = target.parent.with_name(f"{target.parent.name}.{os.getpid()}.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
     try:
-        _export(model, tmp / "model.onnx", img_size, in_chans)
-        tmp.rename(target.parent)  # a reader never sees half a file
+        with atomic_dir(target.parent, replace=False) as tmp:  # a reader never sees half a file
+            _export(model, tmp / "model.onnx", img_size, in_chans)
     except OSError:  # another process got there first
         pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if not target.is_file():
         raise RunError(f"could not write {target}: is the disk full?")
     log.info("TensorRT: exported the run's model to ONNX in %.1f s", time.perf_counter() - t0)
@@ -380,9 +373,9 @@ def make_tensorrt(
         raise ConfigError("--compile is for the torch engine: TensorRT compiles the model itself")
     device_id, prec = _device_id(device), _precision(precision)
     require_tensorrt()
-    export = Path(run_dir) / "export" if run_dir is not None else None
-    if img_size is None and run_dir is not None and (Path(run_dir) / "config.json").is_file():
-        saved = json.loads((Path(run_dir) / "config.json").read_text())
+    export = RunPaths(run_dir).export if run_dir is not None else None
+    saved = read_saved_config(run_dir) if img_size is None and run_dir is not None else None
+    if saved is not None:
         img_size, in_chans = saved.get("img_size"), saved.get("in_chans", in_chans)
     if img_size is None:
         raise RunError("--engine tensorrt needs a run folder or a model with its input size")

@@ -11,6 +11,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from ..core.atomic import atomic_path
 from ..tasks.calibration import calibration_bins, expected_calibration_error
 
 __all__ = ["bootstrap_accuracy_ci", "reliability_diagram"]
@@ -68,7 +69,8 @@ def reliability_diagram(
     if own_figure:
         path = Path(ax_or_path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png", bbox_inches="tight")
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", bbox_inches="tight")
         return path
     return ax
 

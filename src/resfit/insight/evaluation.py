@@ -13,7 +13,6 @@ other rows.
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,9 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import runs
+from ..core.atomic import atomic_csv, atomic_path, atomic_write_json
 from ..data.datasets import decode_all
 from ..data.discovery import eval_samples
-from ..data.paths import open_csv, write_skipped
+from ..data.paths import write_skipped
 from ..inference.predictor import Predictor
 
 
@@ -188,8 +189,8 @@ def write_multilabel_eval(res: MultiLabelEvalResult, out_dir: str | os.PathLike)
     labels joined by ``;``, then each class's calibrated probability)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(res.summary(), indent=2))
-    with open_csv(out / "per_class.csv", "w") as f:
+    atomic_write_json(out / runs.EVAL_METRICS, res.summary())
+    with atomic_csv(out / "per_class.csv") as f:
         cols = ["class", "ap", "precision", "recall", "f1", "support", "threshold"]
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
@@ -198,13 +199,13 @@ def write_multilabel_eval(res: MultiLabelEvalResult, out_dir: str | os.PathLike)
     def names(row: np.ndarray) -> str:
         return ";".join(c for c, on in zip(res.classes, row, strict=True) if on)
 
-    with open_csv(out / "predictions.csv", "w") as f:
+    with atomic_csv(out / "predictions.csv") as f:
         w = csv.writer(f)
         w.writerow(["path", "true", "predicted", *res.classes])
         for path, t, pr, pb in zip(res.paths, res.y_true, res.y_pred, res.probs, strict=True):
             w.writerow([path, names(t), names(pr), *(f"{v:.6f}" for v in pb)])
     if res.skipped:
-        write_skipped(out / "skipped.csv", res.skipped)
+        write_skipped(out / runs.SKIPPED, res.skipped)
     return out
 
 
@@ -236,7 +237,8 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path) -> None:
                     fontsize=8,
                 )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format=path.suffix[1:] or "png")
     plt.close(fig)
 
 
@@ -245,26 +247,26 @@ def write_eval(
 ) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(res.summary(), indent=2))
-    with open_csv(out / "per_class.csv", "w") as f:
+    atomic_write_json(out / runs.EVAL_METRICS, res.summary())
+    with atomic_csv(out / "per_class.csv") as f:
         w = csv.DictWriter(f, fieldnames=["class", "precision", "recall", "f1", "support"])
         w.writeheader()
         w.writerows(res.per_class)
-    with open_csv(out / "confusion.csv", "w") as f:
+    with atomic_csv(out / "confusion.csv") as f:
         w = csv.writer(f)
         w.writerow(["true\\predicted", *res.classes])
         for c, row in zip(res.classes, res.confusion, strict=True):
             w.writerow([c, *row.tolist()])
     plot_confusion(res.confusion, res.classes, out / "confusion.png")
     probs = torch.softmax(torch.from_numpy(res.logits) / (temperature or 1.0), dim=1).numpy()
-    with open_csv(out / "predictions.csv", "w") as f:
+    with atomic_csv(out / "predictions.csv") as f:
         w = csv.writer(f)
         w.writerow(["path", "true", "predicted", "confidence", "correct"])
         for path, t, pr in zip(res.paths, res.y_true, probs, strict=True):
             j = int(pr.argmax())
             w.writerow([path, res.classes[int(t)], res.classes[j], f"{pr[j]:.6f}", int(j == t)])
     if res.skipped:
-        write_skipped(out / "skipped.csv", res.skipped)
+        write_skipped(out / runs.SKIPPED, res.skipped)
     return out
 
 
@@ -297,17 +299,17 @@ def evaluate(
     )
     res.skipped = skipped + decoded.skipped
     name = Path(data).name or "data"
-    out_dir = write_eval(res, out or Path(run) / f"eval-{name}", predictor.temperature)
+    out_dir = write_eval(res, out or runs.RunPaths(run).eval(name), predictor.temperature)
     if report:
         from .report import ReportData, write_report
 
-        cfg = json.loads((Path(run) / "config.json").read_text())
+        cfg = runs.read_config(run)
         history = []
-        if (Path(run) / "metrics.csv").exists():
-            with open(Path(run) / "metrics.csv") as f:
+        if runs.RunPaths(run).metrics.exists():
+            with open(runs.RunPaths(run).metrics) as f:
                 history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
         write_report(
-            out_dir / "report.html",
+            out_dir / runs.REPORT,
             ReportData(
                 title=f"{cfg['arch']} evaluated on {name}",
                 class_names=res.classes,
@@ -337,13 +339,13 @@ def _evaluate_multilabel(
     )  # fmt: skip
     res.skipped = skipped + decoded.skipped
     name = Path(data).stem if Path(data).is_file() else Path(data).name or "data"
-    out_dir = write_multilabel_eval(res, out or Path(run) / f"eval-{name}")
+    out_dir = write_multilabel_eval(res, out or runs.RunPaths(run).eval(name))
     if report:
         from .report_multilabel import MultiLabelReportData, write_multilabel_report
 
-        cfg = json.loads((Path(run) / "config.json").read_text())
+        cfg = runs.read_config(run)
         write_multilabel_report(
-            out_dir / "report.html",
+            out_dir / runs.REPORT,
             MultiLabelReportData(f"{cfg['arch']} evaluated on {name}", res, predictor.explainer()),
         )
     return res

@@ -39,7 +39,9 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
+from ..core.atomic import atomic_write_text
 from ..data.paths import display_text
+from ..runs import REPORT
 from ..tasks.calibration import (
     Calibration,
     calibrate_temperature,
@@ -600,7 +602,7 @@ def write_report(path: str | os.PathLike, data: ReportData) -> Path:
     """
     out = Path(path)
     if out.suffix.lower() not in (".html", ".htm"):
-        out = out / "report.html"
+        out = out / REPORT
     out.parent.mkdir(parents=True, exist_ok=True)
 
     m = _compute(data)
@@ -647,8 +649,6 @@ def write_report(path: str | os.PathLike, data: ReportData) -> Path:
 </body>
 </html>
 """
-    tmp = out.with_name(out.name + ".tmp")
     # Every user string went through _e; the error handler is the last guard for the report.
-    tmp.write_text(doc, encoding="utf-8", errors="backslashreplace")
-    os.replace(tmp, out)  # never leave a half-written report behind
+    atomic_write_text(out, doc, errors="backslashreplace")  # never half a report
     return out

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..core.atomic import atomic_write_text
 from ..data.paths import display_text
+from ..runs import REPORT
 from .html import (
     _CSP,
     _CSS,
@@ -201,7 +203,7 @@ def write_multilabel_report(path: str | os.PathLike, data: MultiLabelReportData)
     """Write a multi-label run's report (one self-contained HTML file); returns its path."""
     out = Path(path)
     if out.suffix.lower() not in (".html", ".htm"):
-        out = out / "report.html"
+        out = out / REPORT
     out.parent.mkdir(parents=True, exist_ok=True)
     r = data.result
     sections = [_ml_summary(r), _ml_curves(data.history), _ml_per_class(r), _ml_pr_curves(r),
@@ -218,7 +220,5 @@ def write_multilabel_report(path: str | os.PathLike, data: MultiLabelReportData)
 {chr(10).join(sections)}
 </main></body></html>
 """
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(doc, encoding="utf-8", errors="backslashreplace")
-    os.replace(tmp, out)
+    atomic_write_text(out, doc, errors="backslashreplace")
     return out

@@ -20,8 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from ..core import runtime
+from ..core.atomic import atomic_commit, temp_path
 from ..core.config import TrainConfig
 from ..core.errors import ConfigError
+from ..core.hashing import update_with_weights
 from ..data.datasets import DecodedImages, TransformedImages, iter_batches
 from .adapters import adapt
 from .transfer import _CACHE_VERSION, _NP_DTYPES, _TORCH_DTYPES, frozen_modules
@@ -113,9 +115,7 @@ def cache_key(
     h = hashlib.sha256()
     h.update(json.dumps({"version": _CACHE_VERSION, **meta}, sort_keys=True).encode())
     for m in frozen_modules(model, policy):
-        for k, v in m.state_dict().items():
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        update_with_weights(h, m.state_dict())
     for p in paths:
         st = os.stat(p)
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -180,7 +180,7 @@ def compute_features(
     batches = [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
     store: Tensor | None = None
     mapped: np.memmap | None = None
-    tmp = path.with_name(path.name + ".part") if path is not None else None
+    tmp = temp_path(path) if path is not None else None
     bar = tqdm(total=n * views, desc=desc, disable=not progress, leave=False)
     try:
         for v in range(views):
@@ -208,7 +208,7 @@ def compute_features(
     assert store is not None
     if path is not None and tmp is not None and mapped is not None:
         mapped.flush()  # complete on disk before the rename makes it visible to later runs
-        os.replace(tmp, path)
+        atomic_commit(tmp, path)
         store = _open(path, dtype)
     return store
 

@@ -29,8 +29,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..core.atomic import atomic_commit
 from ..core.cache import cache_dir
 from ..core.errors import WeightsError
+from ..core.hashing import file_sha256
 from ..core.registry import Registry
 from .adapters import adapt
 from .resnet import get_spec
@@ -192,15 +194,6 @@ def weights_dir() -> Path:
     return cache_dir() / "weights"
 
 
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _source_url(spec: WeightsSpec) -> str:
     mirror = os.environ.get("RESFIT_WEIGHTS_MIRROR")
     if not mirror:
@@ -248,7 +241,7 @@ def download_weights(spec: WeightsSpec, progress: bool = True) -> Path:
                 f"does not match the expected {spec.sha256[:16]}...: the file is corrupt or not "
                 f"the published one; nothing was kept in {folder}"
             )
-        os.replace(tmp, target)
+        atomic_commit(tmp, target)
         return target
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         reason = getattr(e, "reason", e)

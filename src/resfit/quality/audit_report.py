@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..core.atomic import atomic_write_text
-from ..data.paths import open_csv
+from ..core.atomic import atomic_csv, atomic_write_text
 
 if TYPE_CHECKING:  # torch only where features are computed
     pass
@@ -77,13 +76,11 @@ def write_audit(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "label_issues.csv"
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
-    with open_csv(tmp, "w") as f:
+    with atomic_csv(csv_path) as f:
         w = csv.writer(f)
         w.writerow(["path", "given", "suggested", "score", "kind", "detail"])
         for r in issues:
             w.writerow([r.path, r.given, r.suggested, f"{r.score:.4f}", r.kind, r.detail])
-    os.replace(tmp, csv_path)
     json_path = out / "audit.json"
     atomic_write_text(json_path, json.dumps(summary, indent=2, default=str))
     html_path = write_audit_html(out / "audit.html", issues, summary)
@@ -148,7 +145,5 @@ most likely wrong first</p></header>
 {_section("issues", "Images to check", gallery or "<p>No issues found.</p>")}
 </main></body></html>
 """
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(doc, encoding="utf-8", errors="backslashreplace")
-    os.replace(tmp, path)
+    atomic_write_text(path, doc, errors="backslashreplace")
     return path

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.atomic import atomic_save, atomic_save_safetensors
+from .. import runs
+from ..core.atomic import atomic_open, atomic_save, atomic_save_safetensors
 from ..core.config import AugmentConfig, TrainConfig
 from ..core.errors import TrainingError
 from ..models import feature_cache, transfer
@@ -341,7 +342,7 @@ class EpochLog(Callback):
             monitor.removeprefix("val_"), r[monitor], r["epoch_time_s"],
             r["train_images_per_s"], "  *best*" if loop.improved else "",
         )  # fmt: skip
-        write_metrics(self.out / "metrics.csv", loop.history)
+        write_metrics(runs.RunPaths(self.out).metrics, loop.history)
         if self.writer:
             for k, v in r.items():
                 if k != "epoch":
@@ -364,7 +365,7 @@ class Checkpoint(Callback):
     order = 95
 
     def __init__(self, folder: Path, resume: bool, main: bool, every: int | None = None) -> None:
-        self.last, self.best = folder / "last.pt", folder / "best.safetensors"
+        self.last, self.best = folder / runs.LAST, folder / runs.BEST
         self.resume, self.main, self.every = resume, main, every
 
     def before_fit(self, loop: Loop) -> None:
@@ -441,12 +442,10 @@ class ShareCores(Callback):
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(history[0]))
         w.writeheader()
         w.writerows(history)
-    os.replace(tmp, path)
 
 
 class ReportScore(Callback):

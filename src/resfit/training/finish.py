@@ -3,18 +3,23 @@ the test split and summarise the run."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from torch import Tensor
 
-from ..core.atomic import atomic_save_safetensors, atomic_write_text
 from ..core.config import TrainConfig
 from ..core.errors import DataError
 from ..data.datasets import TransformedImages
 from ..data.preprocessing import decode_size
 from ..data.samples import DataSplits
+from ..runs import (
+    RunPaths,
+    write_calibration,
+    write_model,
+    write_summary,
+    write_thresholds,
+)
 from ..tasks import calibration
 from .callbacks import BestModel
 from .loop import Loop
@@ -44,11 +49,10 @@ def finish_run(
 
     out, model = Path(cfg.run.out), loop.eval_model
     best = loop.callback(BestModel)
-    best_path = out / "checkpoints" / "best.safetensors"
+    best_path = RunPaths(out).best
     if best_path.exists():
         model.load_state_dict(load_file(str(best_path)))
-    atomic_save_safetensors(model.state_dict(), out / "model.safetensors",
-                            {"arch": cfg.model.arch, "epoch": str(best.best_epoch)})  # fmt: skip
+    write_model(out, model.state_dict(), {"arch": cfg.model.arch, "epoch": str(best.best_epoch)})
     # The frozen prefix is the same in the best weights: cached val features still hold.
     val_logits = loop.val_logits(model)
     val_labels = loop.data.val.decoded.labels
@@ -63,7 +67,7 @@ def finish_run(
         test = _evaluate_test(cfg, loop, splits, ev_tf, show, temperature) if splits.test else None
     summary = {"best_epoch": best.best_epoch, "best_val_accuracy": best.best,
                "monitor": best.monitor, "epochs_run": len(loop.history), "test": test}  # fmt: skip
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    write_summary(out, summary)
     log.info("best validation %s %.4f at epoch %d; run saved in %s",
              best.monitor.removeprefix("val_").replace("acc", "accuracy"), best.best,
              best.best_epoch, out)  # fmt: skip
@@ -75,7 +79,7 @@ def calibrate(out: Path, val_logits: Tensor, val_labels: Tensor) -> calibration.
     calibration error there (else T = 1, and the log says why); ``predict`` applies it."""
     c = calibration.calibrate_temperature(val_logits, val_labels)
     record = {**c.to_dict(), "fitted_on": "validation"}
-    atomic_write_text(out / "calibration.json", json.dumps(record, indent=2))
+    write_calibration(out, record)
     log.info("calibration: %s", c.reason)
     return c
 
@@ -145,7 +149,7 @@ def _write_report(
         ),  # fmt: skip
         split="validation",
     )
-    path = write_report(Path(cfg.run.out) / "report.html", data)
+    path = write_report(RunPaths(cfg.run.out).report, data)
     log.info("report: %s", path)
 
 
@@ -158,7 +162,7 @@ def _evaluate_test(cfg, loop, splits, ev_tf, show, temperature) -> dict:
     logits = predict_logits(loop.eval_model, TransformedImages(test_data, ev_tf), 64, s.device,
                             s.precision, s.channels_last)  # fmt: skip
     res = compute_metrics(logits, test_data.labels, cfg.classes, [str(p) for p in test_data.paths])
-    write_eval(res, Path(cfg.run.out) / "eval-test", temperature)
+    write_eval(res, RunPaths(cfg.run.out).eval("test"), temperature)
     log.info("test accuracy %.4f on %d images", res.accuracy, res.n)
     return {"accuracy": res.accuracy, "n": res.n, "top5": res.top5}
 
@@ -170,10 +174,9 @@ def calibrate_multilabel(
     ``calibration.json`` holds both (temperatures in class order), ``thresholds.json`` the
     thresholds by class name, for users to read and edit; ``predict`` applies them."""
     c = calibration.calibrate_multilabel(val_logits, val_targets)
-    atomic_write_text(out / "calibration.json",
-                      json.dumps({**c.to_dict(), "fitted_on": "validation"}, indent=2))  # fmt: skip
+    write_calibration(out, {**c.to_dict(), "fitted_on": "validation"})
     thresholds = dict(zip(classes, c.thresholds, strict=True))
-    atomic_write_text(out / "thresholds.json", json.dumps(thresholds, indent=2))
+    write_thresholds(out, thresholds)
     log.info("calibration: %s", c.reason)
     return c
 
@@ -200,7 +203,7 @@ def _finish_multilabel(cfg, loop, splits, val_logits, ev_tf, show) -> dict | Non
     res = compute_multilabel_metrics(logits, test_data.labels, cfg.classes,
                                      [str(p) for p in test_data.paths], cal.temperature,
                                      cal.thresholds)  # fmt: skip
-    write_multilabel_eval(res, out / "eval-test")
+    write_multilabel_eval(res, RunPaths(out).eval("test"))
     log.info("test mAP %.4f, micro-F1 %.4f on %d images", res.mAP, res.micro_f1, res.n)
     return {k: v for k, v in res.summary().items() if k != "per_class"}
 
@@ -214,7 +217,7 @@ def _write_multilabel_report(cfg, loop, res, ev_tf, note: str, audit: dict | Non
     title = f"{cfg.model.arch} on {Path(cfg.data.path).name}: validation"
     data = MultiLabelReportData(title, res, explain, history=loop.history, notes=[note],
                                 audit=audit)  # fmt: skip
-    log.info("report: %s", write_multilabel_report(Path(cfg.run.out) / "report.html", data))
+    log.info("report: %s", write_multilabel_report(RunPaths(cfg.run.out).report, data))
 
 
 __all__ = ["calibrate", "calibrate_multilabel", "finish_run"]

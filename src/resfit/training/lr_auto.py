@@ -14,9 +14,10 @@ import json
 import logging
 from pathlib import Path
 
+from ..core.atomic import atomic_write_json
 from ..core.config import TrainConfig
+from ..runs import FileLog, RunPaths
 from .lr_find import lr_find
-from .run_log import FileLog
 
 log = logging.getLogger("resfit")
 
@@ -29,15 +30,15 @@ def settle_lr(cfg: TrainConfig) -> TrainConfig:
     if cfg.optim.lr != "auto":
         return cfg
     out = Path(cfg.run.out)
-    if (out / "checkpoints" / "last.pt").exists() or (out / "model.safetensors").exists():
+    if RunPaths(out).started():
         return cfg  # a run is there: train() refuses it before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    with FileLog(out / "train.log", True):
+    with FileLog(out, True):
         res = lr_find(cfg, steps=AUTO_STEPS, out=out)
         chosen = res.suggestion
-        summary = json.loads((out / "lr_find.json").read_text())
+        summary = json.loads(RunPaths(out).lr_find_json.read_text())
         summary.update(rule="steepest descent", chosen=chosen)
-        (out / "lr_find.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_json(RunPaths(out).lr_find_json, summary, indent=1)
         log.info("--lr auto: lr %.3g (steepest descent of a %d-batch sweep; lowest loss at "
                  "%.3g): %s", chosen, len(res.lrs), res.lr_min, res.plot)  # fmt: skip
     return cfg.replace(lr=chosen)

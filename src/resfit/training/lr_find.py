@@ -10,7 +10,6 @@ through the same :class:`~resfit.training.step.TrainStep` and loop as a run.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from ..core import runtime, threads
+from ..core.atomic import atomic_open, atomic_path, atomic_write_json
 from ..core.config import TrainConfig
 from ..core.errors import ConfigError, DataError
 from ..data.augmentation import batch_transform
@@ -29,6 +29,7 @@ from ..data.discovery import discover
 from ..data.preprocessing import base_size_for
 from ..data.sources import InMemory, Sharding
 from ..models.transfer import apply_freeze
+from ..runs import RunPaths
 from ..tasks.base import Task
 from ..tasks.multi import MultiLabel
 from ..tasks.single import SingleLabel
@@ -174,13 +175,13 @@ def lr_find(
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "lr_find.csv", "w") as f:
+        with atomic_open(RunPaths(out).lr_find_csv, "w") as f:
             f.write("lr,smoothed_loss\n")
             f.writelines(f"{a:.6g},{b:.6g}\n" for a, b in zip(lrs, smoothed, strict=True))
         summary = dict(steepest=suggestion, lowest_loss=lr_min, steps=len(lrs), policy=policy,
                        batch_size=cfg.optim.batch_size, lrs=lrs, smoothed_loss=smoothed)  # fmt: skip
-        (out / "lr_find.json").write_text(json.dumps(summary, indent=1))
-        plot = out / "lr_find.png"
+        atomic_write_json(RunPaths(out).lr_find_json, summary, indent=1)
+        plot = RunPaths(out).lr_find_plot
         _plot(lrs, smoothed, suggestion, lr_min, plot, f"{cfg.model.arch}, --freeze {policy}")
     log.info("lr-find: steepest descent at lr %.2g, lowest loss at %.2g", suggestion, lr_min)
     return LRFindResult(lrs, smoothed, suggestion, lr_min, plot)
@@ -264,7 +265,8 @@ def _plot(
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format=path.suffix[1:] or "png")
 
 
 __all__ = ["LRFindResult", "LRFinder", "lr_find", "suggest_lr"]

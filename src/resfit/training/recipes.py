@@ -21,6 +21,7 @@ from ..core.config import TrainConfig
 from ..core.errors import ConfigError
 from ..models import transfer
 from ..models.adapters import adapt
+from ..runs import RunPaths
 from .callbacks import (
     BestModel,
     Checkpoint,
@@ -83,12 +84,12 @@ def callbacks_for(
     """The callbacks of a run, from its config."""
     r, main = cfg.run, loop.dist.main
     cbs: list[Callback] = [
-        StopOnNonFinite(cfg.optim.lr, out / "checkpoints" / "last.pt"),
+        StopOnNonFinite(cfg.optim.lr, RunPaths(out).last),
         FreezeSchedule(cfg, adapt(loop.model).stage_names),
         FeatureCaching(cfg, transforms, mix is not None, out, show),
         LRSchedule(cfg, loop.steps_per_epoch),
         BestModel(loop.task.monitor),
-        Checkpoint(out / "checkpoints", resume, main, r.checkpoint_every),
+        Checkpoint(RunPaths(out).checkpoints, resume, main, r.checkpoint_every),
         ShareCores(),
     ]
     if precision == "fp16":

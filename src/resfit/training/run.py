@@ -17,7 +17,6 @@ report and test score.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,6 @@ import torch
 from torch import nn
 
 from ..core import runtime, threads
-from ..core.atomic import atomic_write_text
 from ..core.config import TrainConfig
 from ..core.errors import ConfigError, DataError, TrainingError
 from ..data.augmentation import batch_transform
@@ -39,6 +37,7 @@ from ..data.preprocessing import base_size_for
 from ..data.samples import DataSplits
 from ..data.sources import DataSource, Sharding, get_source
 from ..models import transfer
+from ..runs import FileLog, RunPaths, write_config
 from ..tasks.base import Task
 from ..tasks.multi import MultiLabel
 from ..tasks.single import SingleLabel
@@ -48,7 +47,6 @@ from .finish import eval_decode_size, finish_run
 from .loop import Callback, EpochData, Loop
 from .lr_auto import settle_lr
 from .recipes import callbacks_for, log_recipe, param_groups_for
-from .run_log import FileLog
 from .setup import (
     _choose_data_mode,
     _config_for,
@@ -130,8 +128,8 @@ def _train(
         torch.backends.cudnn.benchmark = False
 
     if dist_info.main:
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    with FileLog(out / "train.log", dist_info.main):  # from here on, the log is in the run
+        RunPaths(out).checkpoints.mkdir(parents=True, exist_ok=True)
+    with FileLog(out, dist_info.main):  # from here on, the log is in the run
         return _prepare_and_run(cfg, device, precision, dist_info, resume, callbacks)
 
 
@@ -156,9 +154,8 @@ def _prepare_and_run(
         )
     warn_imbalance(splits)
     if main:
-        atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
-        atomic_write_text(out / "classes.json", json.dumps(cfg.classes, indent=2))
-        write_splits(out / "splits.csv", splits)
+        write_config(out, cfg.to_dict(), cfg.classes)
+        write_splits(RunPaths(out).splits, splits)
     return _run(cfg, model, splits, device, precision, dist_info, resume, duplicates, extra)
 
 
@@ -191,10 +188,10 @@ def _open_data(
     sharding.steps = min(sharding.steps, steps, cfg.data.limit_train_batches or steps)
     skipped = splits.skipped + gathered(train_data.skipped, dist_info) + val_data.skipped
     if main:
-        write_skipped(out / "skipped.csv", skipped)
+        write_skipped(RunPaths(out).skipped, skipped)
         if skipped:
             log.warning("%d file(s) could not be read and were skipped: see %s", len(skipped),
-                        out / "skipped.csv")  # fmt: skip
+                        RunPaths(out).skipped)  # fmt: skip
     barrier(dist_info)  # skipped.csv exists before any stream worker appends to it
     if steps == 0:
         raise DataError(f"no readable training images in {cfg.data.path}")
@@ -314,7 +311,7 @@ def _run(
 ) -> TrainResult:
     out, show = Path(cfg.run.out), cfg.run.progress and dist_info.main
     stream = cfg.data.data_mode in ("stream", "shards")
-    source = get_source(cfg.data.data_mode, **({"skip_log": out / "skipped.csv"} if stream else {}))
+    source = get_source(cfg.data.data_mode, **({"skip_log": RunPaths(out).skipped} if stream else {}))  # fmt: skip
     train_data, val_data, skipped, sharding = _open_data(cfg, source, splits, show, dist_info,
                                                          device)  # fmt: skip
     log.info(
@@ -356,6 +353,6 @@ def _run(
     result = TrainResult(out, loop.history, best.best_epoch, best.best, config=cfg)
     if dist_info.main:
         if stream:
-            skipped = _skipped_during_training(out / "skipped.csv", skipped)
+            skipped = _skipped_during_training(RunPaths(out).skipped, skipped)
         result.test = finish_run(cfg, loop, splits, skipped, duplicates, ev_tf, show)
     return result

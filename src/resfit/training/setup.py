@@ -15,6 +15,7 @@ from torch import nn
 
 from ..core.config import OPTIONS, TrainConfig, defaults_note, resume_changes
 from ..core.errors import ConfigError, TrainingError
+from ..core.hashing import file_sha256
 from ..data.augmentation import eval_transform, train_transform
 from ..data.discovery import discover
 from ..data.preprocessing import base_size_for, for_channels
@@ -24,6 +25,7 @@ from ..data.sources import choose_mode
 from ..models.adapters import adapt
 from ..models.resnet import get_spec
 from ..models.weights import IMAGENET_MEAN, IMAGENET_STD, create_model
+from ..runs import RunPaths, read_saved_config
 from .distributed import Dist, local_world
 from .finish import eval_decode_size
 
@@ -70,7 +72,7 @@ def _config_for(cfg: TrainConfig | None, resume: bool, options: dict[str, Any]) 
     if not resume:
         cfg = (cfg or TrainConfig()).replace(**options)
         out = Path(cfg.run.out)
-        if (out / "checkpoints" / "last.pt").exists() or (out / "model.safetensors").exists():
+        if RunPaths(out).started():
             raise TrainingError(
                 f"{out} already holds a run: pass --resume to continue it, or choose another --out"
             )
@@ -82,7 +84,7 @@ def _config_for(cfg: TrainConfig | None, resume: bool, options: dict[str, Any]) 
         defaults = TrainConfig()
         given = {n: cfg.get(n) for n in OPTIONS if cfg.get(n) != defaults.get(n)} | given
     out = Path(given.pop("out", None) or TrainConfig().run.out)
-    config_path = out / "config.json"
+    config_path = RunPaths(out).config
     if not config_path.exists():
         raise TrainingError(f"--resume: {out} has no config.json; start the run without --resume")
     saved = TrainConfig.from_dict(json.loads(config_path.read_text()))
@@ -121,7 +123,7 @@ def resolve(cfg: TrainConfig, splits: DataSplits) -> tuple[TrainConfig, nn.Modul
 def _known_file_preprocessing(weights: Path) -> dict:
     """A local copy of registered weights (found by its sha256) carries the registry's
     categories and preprocessing, as the registered name would."""
-    from ..models.weights import file_sha256, get_weights, list_weights
+    from ..models.weights import get_weights, list_weights
 
     if not weights.is_file() or weights.stat().st_size > 1 << 30:
         return {}
@@ -135,10 +137,9 @@ def _known_file_preprocessing(weights: Path) -> dict:
 
 def _run_preprocessing(weights: Path) -> dict:
     """Weights saved by a resfit run carry their preprocessing and classes beside them."""
-    folder = weights.parent
-    if not weights.is_file() or not (folder / "config.json").is_file():
+    saved = read_saved_config(weights.parent) if weights.is_file() else None
+    if saved is None:
         return {}
-    saved = json.loads((folder / "config.json").read_text())
     keys = ("mean", "std", "resize_size", "interpolation")
     return {"input_size": saved.get("img_size"), "categories": saved.get("classes"),
             **{k: saved[k] for k in keys if saved.get(k) is not None}}  # fmt: skip

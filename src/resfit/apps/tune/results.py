@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...core.atomic import atomic_dir
+from ...runs import CHECKPOINTS, RunPaths
+
 log = logging.getLogger("resfit")
 
 
@@ -105,20 +108,16 @@ def save_best(trial: Any, out: Path) -> Path | None:
     at all; ``best/trial.json`` says which trial it is. None if the trial ran elsewhere (a
     study shared across machines): the log says where."""
     src = Path(trial.user_attrs.get("run_dir") or out / "trials" / f"{trial.number:04d}")
-    if not (src / "model.safetensors").exists():
+    if not RunPaths(src).model.exists():
         log.warning("resfit tune: the best trial (%d) ran on %s in %s, not here: copy it from "
                     "there", trial.number, trial.user_attrs.get("host", "?"), src)  # fmt: skip
         return None
-    dest, tmp, old = out / "best", out / ".best.tmp", out / ".best.old"
-    for p in (tmp, old):
-        shutil.rmtree(p, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("cache", "checkpoints"))
-    info = {"trial": trial.number, "value": trial.value, "params": trial.params}
-    (tmp / "trial.json").write_text(json.dumps(info, indent=2))
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
+    dest = out / "best"
+    with atomic_dir(dest) as tmp:
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("cache", CHECKPOINTS),
+                        dirs_exist_ok=True)  # fmt: skip
+        info = {"trial": trial.number, "value": trial.value, "params": trial.params}
+        (tmp / "trial.json").write_text(json.dumps(info, indent=2))
     return dest
 
 

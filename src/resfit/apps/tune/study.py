@@ -44,6 +44,7 @@ from typing import Any
 
 from ...core.config import OPTIONS, AugmentConfig, TrainConfig, flag
 from ...core.errors import ConfigError, DataError, MissingExtraError
+from ...runs import RunPaths
 from .results import TuneResult, counted, finish, write_trials_csv
 from .space import defaults_of, head_only, options_for, search_space, suggest
 
@@ -325,7 +326,7 @@ def run_trial(study: Any, trial: Any, params: dict, plan: Plan, cfg: TrainConfig
         raise
     finally:
         lock.release()
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # model.safetensors stays
+        shutil.rmtree(RunPaths(run_dir).checkpoints, ignore_errors=True)  # model.safetensors stays
     trial.set_user_attr("duration_s", round(time.time() - start, 2))
     trial.set_user_attr("run_dir", str(run_dir.resolve()))  # where best/ is copied from
     if reason:

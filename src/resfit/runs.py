@@ -1,0 +1,223 @@
+"""The run folder: what ``resfit train`` writes and every other command reads, named once.
+
+    RUN/config.json        resolved configuration (enough to reproduce the run)
+    RUN/classes.json       class names, in label order
+    RUN/splits.csv         every file with its label and split (train / val / test)
+    RUN/model.safetensors  the best weights (by the task's validation score)
+    RUN/calibration.json   temperature(s) fitted on validation; multi-label adds
+    RUN/thresholds.json    a decision threshold per class ({class: threshold}, editable)
+    RUN/summary.json       best epoch, best validation score, test score
+    RUN/metrics.csv        one row per epoch
+    RUN/train.log          the log
+    RUN/skipped.csv        files that could not be decoded, with the reason
+    RUN/report.html        the training report
+    RUN/eval-NAME/         an evaluation: metrics.json, per_class.csv, predictions.csv, ...
+    RUN/export/            ``resfit export``'s files and export.json
+    RUN/checkpoints/last.pt, best.safetensors   ``--resume`` continues from last.pt
+
+Every file is written atomically and durably (:mod:`resfit.core.atomic`). This module sits
+above :mod:`resfit.core` and below training, inference, export, insight, quality and apps:
+it imports only ``resfit.core`` at module level (torch and safetensors inside functions).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .core.atomic import atomic_save_safetensors, atomic_write_json
+from .core.errors import RunError
+from .core.hashing import file_sha256
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+log = logging.getLogger("resfit")
+
+CONFIG = "config.json"
+CLASSES = "classes.json"
+SPLITS = "splits.csv"
+MODEL = "model.safetensors"
+CALIBRATION = "calibration.json"
+THRESHOLDS = "thresholds.json"
+SUMMARY = "summary.json"
+METRICS = "metrics.csv"
+LOG = "train.log"
+SKIPPED = "skipped.csv"
+REPORT = "report.html"
+CHECKPOINTS = "checkpoints"
+LAST = "last.pt"
+BEST = "best.safetensors"
+EXPORT = "export"
+EXPORT_REPORT = "export.json"
+EVAL_METRICS = "metrics.json"  # in RUN/eval-NAME/
+LR_FIND_JSON = "lr_find.json"
+LR_FIND_CSV = "lr_find.csv"
+LR_FIND_PLOT = "lr_find.png"
+
+FINISHED = (CONFIG, CLASSES, MODEL)  # what a finished run has, for predict/export/serve
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The paths of one run folder: ``RunPaths("RUN").model`` is ``RUN/model.safetensors``."""
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    config = property(lambda self: self.root / CONFIG)
+    classes = property(lambda self: self.root / CLASSES)
+    splits = property(lambda self: self.root / SPLITS)
+    model = property(lambda self: self.root / MODEL)
+    calibration = property(lambda self: self.root / CALIBRATION)
+    thresholds = property(lambda self: self.root / THRESHOLDS)
+    summary = property(lambda self: self.root / SUMMARY)
+    metrics = property(lambda self: self.root / METRICS)
+    log = property(lambda self: self.root / LOG)
+    skipped = property(lambda self: self.root / SKIPPED)
+    report = property(lambda self: self.root / REPORT)
+    checkpoints = property(lambda self: self.root / CHECKPOINTS)
+    last = property(lambda self: self.root / CHECKPOINTS / LAST)
+    best = property(lambda self: self.root / CHECKPOINTS / BEST)
+    export = property(lambda self: self.root / EXPORT)
+    lr_find_json = property(lambda self: self.root / LR_FIND_JSON)
+    lr_find_csv = property(lambda self: self.root / LR_FIND_CSV)
+    lr_find_plot = property(lambda self: self.root / LR_FIND_PLOT)
+
+    def eval(self, name: str) -> Path:
+        """The folder of an evaluation, ``RUN/eval-NAME``."""
+        return self.root / f"eval-{name}"
+
+    def started(self) -> bool:
+        """Whether a run was trained here (a checkpoint or a model): not a fresh ``--out``."""
+        return self.last.exists() or self.model.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def check_finished(run: str | os.PathLike) -> RunPaths:
+    """The run's paths; a :class:`RunError` naming the first missing file if it is not a
+    finished run."""
+    paths = RunPaths(run)
+    for name in FINISHED:
+        if not (paths.root / name).is_file():
+            raise RunError(
+                f"{paths.root} is not a finished resfit run: {name} is missing "
+                f"(train one with `resfit train DATA --out {paths.root}`)"
+            )
+    return paths
+
+
+def read_config(run: str | os.PathLike) -> dict:
+    """``RUN/config.json`` as a dict."""
+    return json.loads(RunPaths(run).config.read_text())
+
+
+def read_saved_config(run: str | os.PathLike) -> dict | None:
+    """``RUN/config.json`` as a dict, or None where the folder has none."""
+    path = RunPaths(run).config
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_run(run: str | os.PathLike) -> tuple[dict, list[str]]:
+    """The resolved config and class names of a finished run folder."""
+    paths = check_finished(run)
+    return json.loads(paths.config.read_text()), json.loads(paths.classes.read_text())
+
+
+def load_weights(run: str | os.PathLike) -> dict[str, Tensor]:
+    """The run's best weights (``RUN/model.safetensors``) as a state dict on the CPU."""
+    from safetensors.torch import load_file  # numpy-heavy: only here
+
+    return load_file(str(RunPaths(run).model))
+
+
+def model_sha256(run: str | os.PathLike) -> str:
+    """The sha256 of the run's weights file: names the model that made an output."""
+    return file_sha256(RunPaths(run).model)
+
+
+def read_temperature(run: str | os.PathLike) -> float | None:
+    """The calibration temperature of a run (``RUN/calibration.json``), None if uncalibrated."""
+    path = RunPaths(run).calibration
+    return json.loads(path.read_text())["temperature"] if path.exists() else None
+
+
+def read_thresholds(run: str | os.PathLike, classes: Sequence[str]) -> list[float] | None:
+    """A multi-label run's decision thresholds, in class order, from ``RUN/thresholds.json``
+    (``{class: threshold}``, written by training; a class it lacks gets 0.5). None if absent."""
+    path = RunPaths(run).thresholds
+    if not path.is_file():
+        return None
+    try:
+        by_class = json.loads(path.read_text())
+        return [float(by_class.get(c, 0.5)) for c in classes]
+    except (ValueError, AttributeError, TypeError) as e:
+        raise RunError(f"{path}: expected {{class: threshold}}, {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing (atomically)
+
+
+def write_config(run: str | os.PathLike, config: Mapping[str, Any], classes: Sequence[str]) -> None:
+    """``RUN/config.json`` and ``RUN/classes.json``."""
+    paths = RunPaths(run)
+    atomic_write_json(paths.config, dict(config))
+    atomic_write_json(paths.classes, list(classes))
+
+
+def write_model(
+    run: str | os.PathLike, state: dict[str, Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """``RUN/model.safetensors``."""
+    atomic_save_safetensors(state, RunPaths(run).model, metadata)
+
+
+def write_calibration(run: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    """``RUN/calibration.json``."""
+    atomic_write_json(RunPaths(run).calibration, dict(record))
+
+
+def write_thresholds(run: str | os.PathLike, thresholds: Mapping[str, float]) -> None:
+    """``RUN/thresholds.json``: ``{class: threshold}``."""
+    atomic_write_json(RunPaths(run).thresholds, dict(thresholds))
+
+
+def write_summary(run: str | os.PathLike, summary: Mapping[str, Any]) -> None:
+    """``RUN/summary.json``."""
+    atomic_write_json(RunPaths(run).summary, dict(summary))
+
+
+class FileLog:
+    """Send the resfit log to ``RUN/train.log`` (appended) while in the ``with`` block."""
+
+    def __init__(self, run: str | os.PathLike, enabled: bool) -> None:
+        self.handler = (
+            logging.FileHandler(RunPaths(run).log, encoding="utf-8", errors="backslashreplace")
+            if enabled
+            else None
+        )
+        if self.handler:
+            self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+
+    def __enter__(self) -> FileLog:
+        if self.handler:
+            log.addHandler(self.handler)
+            if log.level == logging.NOTSET or log.level > logging.INFO:
+                log.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handler:
+            log.removeHandler(self.handler)
+            self.handler.close()
