@@ -18,9 +18,9 @@ from ..data.paths import open_csv
 if TYPE_CHECKING:  # torch only where features are computed
     pass
 
-__all__ = ["Issue", "write_audit"]
+__all__ = ["KIND_ORDER", "Issue", "audit_summary", "write_audit"]
 HTML_LIMIT = 300  # thumbnails in audit.html; the CSV has every row
-_KIND_ORDER = {"label": 0, "near-duplicate": 1, "outlier": 2, "missing": 0, "extra": 0}
+KIND_ORDER = {"label": 0, "near-duplicate": 1, "outlier": 2, "missing": 0, "extra": 0}
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Issue:
         return asdict(self)
 
 
-def _summary(
+def audit_summary(
     probs: np.ndarray, labels: np.ndarray, classes: Sequence[str], issues: list[Issue],
     flagged: np.ndarray, dups: list, outlying: np.ndarray, meta: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip

@@ -52,7 +52,7 @@ if TYPE_CHECKING:  # torch only where features are computed
     from torch import Tensor, nn
 
     from ..data.datasets import DecodedImages
-from .audit_report import _KIND_ORDER, Issue, _summary, write_audit
+from .audit_report import KIND_ORDER, Issue, audit_summary, write_audit
 from .out_of_fold import extract_features, out_of_fold_multilabel, out_of_fold_probabilities
 
 log = logging.getLogger("resfit")
@@ -259,7 +259,7 @@ def _single_label_issues(
                           float(1 - probs[i, labels[i]]), "+".join(ks),
                           "; ".join(dict.fromkeys(details.get(i, [])))))  # fmt: skip
     rank = {i: r for r, i in enumerate(flagged.tolist())}
-    rows.sort(key=lambda r: (_KIND_ORDER[r.kind.split("+")[0]], rank.get(r.index, 0), -r.score))
+    rows.sort(key=lambda r: (KIND_ORDER[r.kind.split("+")[0]], rank.get(r.index, 0), -r.score))
     return rows
 
 
@@ -342,7 +342,7 @@ def audit_probabilities(
     dups = conflicting_duplicates(paths, labels, max_distance) if max_distance >= 0 else []
     outlying = outliers(features)[0] if features is not None and len(features) > 2 else np.zeros(0, np.int64)  # fmt: skip
     issues = _single_label_issues(probs, labels, classes, paths, flagged, dups, outlying)
-    summary = _summary(probs, labels, classes, issues, flagged, dups, outlying, meta or {})
+    summary = audit_summary(probs, labels, classes, issues, flagged, dups, outlying, meta or {})
     result = AuditResult(issues, probs, summary, Path(out))
     result.files = write_audit(out, issues, summary)
     log.info(

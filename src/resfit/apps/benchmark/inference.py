@@ -18,17 +18,17 @@ from ...core import runtime
 from ...inference import folding
 from ...models.weights import IMAGENET_MEAN, IMAGENET_STD
 from .common import (
-    _TORCHVISION,
+    TORCHVISION_ARCHS,
     BenchReport,
     BenchRow,
-    _input_size,
-    _interleaved,
-    _models,
-    _synced,
+    baseline_and_ours,
+    bench_input_size,
     forward_gflop,
     gemm_roof,
+    interleaved,
     load_images,
     machine_summary,
+    synced,
 )
 
 log = logging.getLogger("resfit")
@@ -66,9 +66,9 @@ def bench_inference(
     meaningful); random when neither is given. ``batch`` images are timed per call.
     """
     dev = runtime.pick_device(device)
-    base_model, ours = _models(arch, weights, None)
+    base_model, ours = baseline_and_ours(arch, weights, None)
     base_model.eval().to(dev)
-    size = _input_size(arch, ours, img_size)
+    size = bench_input_size(arch, ours, img_size)
     if data is not None and images is None:
         cfg = ours.pretrained_cfg
         images = load_images(
@@ -91,11 +91,9 @@ def bench_inference(
                                  compile=compile, onnx=onnx, openvino=openvino,
                                  tensorrt=tensorrt)  # fmt: skip
     built = _build_engines(engines, x, dev, report)
-    batch_s = _interleaved(
-        {k: _synced(lambda f=v[1]: f(x), dev) for k, v in built.items()}, repeats
-    )
-    one_s = _interleaved(
-        {k: _synced(lambda f=v[1]: f(x[:1]), dev) for k, v in built.items()}, 3 * repeats
+    batch_s = interleaved({k: synced(lambda f=v[1]: f(x), dev) for k, v in built.items()}, repeats)
+    one_s = interleaved(
+        {k: synced(lambda f=v[1]: f(x[:1]), dev) for k, v in built.items()}, 3 * repeats
     )
     shutil.rmtree(work, ignore_errors=True)  # the sessions hold the models in memory
     after = gemm_roof(device=dev)
@@ -152,7 +150,11 @@ def _inference_engines(
         return build
 
     engines: list[tuple[str, str, Callable]] = [
-        (f"{'torchvision' if arch in _TORCHVISION else 'eager'} fp32 (baseline)", "fp32", baseline),
+        (
+            f"{'torchvision' if arch in TORCHVISION_ARCHS else 'eager'} fp32 (baseline)",
+            "fp32",
+            baseline,
+        ),
         ("resfit fp32 (BN folded, channels-last)", "fp32", fast("fp32")),
     ]
     if bf16:

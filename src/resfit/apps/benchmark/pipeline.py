@@ -17,7 +17,7 @@ from ...data.datasets import TransformedImages, decode_all, iter_batches
 from ...data.discovery import discover
 from ...data.preprocessing import base_size_for
 from ...models.weights import IMAGENET_MEAN, IMAGENET_STD
-from .common import BenchReport, BenchRow, PeakMemory, _interleaved, machine_summary
+from .common import BenchReport, BenchRow, PeakMemory, interleaved, machine_summary
 
 # ---------------------------------------------------------------------------------------------
 # Data pipeline
@@ -120,7 +120,7 @@ def bench_pipeline(
         for _ in iter_batches(dataset, index_batches):
             pass
 
-    secs = _interleaved({"naive": naive_epoch, "resfit": resfit_epoch}, epochs)
+    secs = interleaved({"naive": naive_epoch, "resfit": resfit_epoch}, epochs)
     n = len(decoded)
     naive_ips, resfit_ips = n / secs["naive"], n / secs["resfit"]
     report.rows = [

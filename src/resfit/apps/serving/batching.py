@@ -27,7 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from ...data.datasets import DecodedImages
-from ...data.decode import MAX_PIXELS, _pil_to_rgb, resize_shorter, to_tensor
+from ...data.decode import MAX_PIXELS, pil_to_rgb, resize_shorter, to_tensor
 from ...inference.predictor import Predictor
 
 __all__ = ["BadImage", "Batcher", "QueueFull", "decode_image_bytes"]
@@ -69,7 +69,7 @@ def decode_image_bytes(data: bytes, base_size: int) -> Tensor:
                 img.seek(0)  # first frame of an animation
                 img = ImageOps.exif_transpose(img)
                 img.load()
-                rgb = _pil_to_rgb(img)
+                rgb = pil_to_rgb(img)
     except BadImage:
         raise
     except UnidentifiedImageError:
