@@ -352,41 +352,36 @@ def calibration_section(data: ReportData, m: Metrics) -> str:
     )
 
 
-def data_section(data: ReportData) -> str:
-    s = data.data_summary
-    parts = [
-        f"<p>Classes ({len(data.class_names)}): {', '.join(escape(c) for c in data.class_names)}</p>"
-    ]
-    counts = _present_counts(s)
-    if counts:
-        splits = list(counts)
-        classes = list(
-            dict.fromkeys(
-                [*map(str, data.class_names), *(str(c) for sp in splits for c in counts[sp])]
-            )
-        )
-        rows = [[escape(c), *(str(counts[sp].get(c, 0)) for sp in splits)] for c in classes]
-        rows.append(
-            [
-                "<b>total</b>",
-                *(f"<b>{sum(int(v) for v in counts[sp].values())}</b>" for sp in splits),
-            ]
-        )
-        parts.append(table(["class", *(escape(sp) for sp in splits)], rows, "num"))
-    for w in _counts_warnings(s):
-        parts.append(f'<p class="warn">&#9888; {escape(w)}</p>')
+def _counts_table(data: ReportData) -> list[str]:
+    """Images per class and split, with the totals (none when no split has images)."""
+    counts = _present_counts(data.data_summary)
+    if not counts:
+        return []
+    splits = list(counts)
+    classes = list(
+        dict.fromkeys([*map(str, data.class_names), *(str(c) for sp in splits for c in counts[sp])])
+    )
+    rows = [[escape(c), *(str(counts[sp].get(c, 0)) for sp in splits)] for c in classes]
+    rows.append(
+        [
+            "<b>total</b>",
+            *(f"<b>{sum(int(v) for v in counts[sp].values())}</b>" for sp in splits),
+        ]
+    )
+    return [table(["class", *(escape(sp) for sp in splits)], rows, "num")]
 
-    skipped = s.get("skipped") or []
+
+def _skipped_html(skipped: list) -> str:
+    """The files that could not be read, and why (the first 200)."""
     if skipped:
         rows = [[escape(p), escape(r)] for p, r in map(_skipped_fields, skipped[:200])]
         more = f"<p>... and {len(skipped) - 200} more.</p>" if len(skipped) > 200 else ""
-        parts.append(
-            f"<h3>Skipped files ({len(skipped)})</h3>" + table(["file", "reason"], rows) + more
-        )
-    else:
-        parts.append("<p>No files were skipped.</p>")
+        return f"<h3>Skipped files ({len(skipped)})</h3>" + table(["file", "reason"], rows) + more
+    return "<p>No files were skipped.</p>"
 
-    dups = s.get("duplicates")
+
+def _duplicates_html(dups: list | None) -> list[str]:
+    """The images found in more than one split (the first 200); None: not checked."""
     if dups:
         rows = []
         for d in dups[:200]:
@@ -402,16 +397,30 @@ def data_section(data: ReportData) -> str:
                 ]
             )
         more = f"<p>... and {len(dups) - 200} more.</p>" if len(dups) > 200 else ""
-        parts.append(
+        return [
             f'<h3>Images in more than one split ({len(dups)})</h3><p class="warn">&#9888; The same '
             "picture in training and evaluation data inflates the accuracy. exact = identical "
             "files; near = the same picture re-encoded, resized or edited (distance: differing "
             "bits of 64 in the perceptual hash).</p>"
             + table(["kind", "distance", "split", "file", "split", "file"], rows)
             + more
-        )
-    elif dups is not None:
-        parts.append("<p>No image appears in more than one split.</p>")
+        ]
+    if dups is not None:
+        return ["<p>No image appears in more than one split.</p>"]
+    return []
+
+
+def data_section(data: ReportData) -> str:
+    s = data.data_summary
+    parts = [
+        f"<p>Classes ({len(data.class_names)}): {', '.join(escape(c) for c in data.class_names)}</p>"
+    ]
+    parts += _counts_table(data)
+    for w in _counts_warnings(s):
+        parts.append(f'<p class="warn">&#9888; {escape(w)}</p>')
+
+    parts.append(_skipped_html(s.get("skipped") or []))
+    parts += _duplicates_html(s.get("duplicates"))
     for note in s.get("notes") or []:
         parts.append(f"<p>{escape(note)}</p>")
     parts.append(audit_link(s.get("audit")))

@@ -68,16 +68,7 @@ def bench_inference(
     dev = runtime.pick_device(device)
     base_model, ours = baseline_and_ours(arch, weights, None)
     base_model.eval().to(dev)
-    size = bench_input_size(arch, ours, img_size)
-    if data is not None and images is None:
-        cfg = ours.pretrained_cfg
-        images = load_images(
-            data, batch, size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
-        )
-    if images is None:
-        images = torch.randn(batch, 3, size, size)
-    x = images[:batch].contiguous()
-    x = x.repeat(math.ceil(batch / len(x)), 1, 1, 1)[:batch].to(dev)
+    x = _timed_input(ours, bench_input_size(arch, ours, img_size), images, data, batch).to(dev)
     gflop = forward_gflop(ours, tuple(x.shape[1:]))
     roof = gemm_roof(device=dev)
     report = BenchReport(
@@ -98,19 +89,40 @@ def bench_inference(
     shutil.rmtree(work, ignore_errors=True)  # the sessions hold the models in memory
     after = gemm_roof(device=dev)
     report.roof = {k: max(v, after[k]) for k, v in roof.items()}  # others only lower it
-    base_name = engines[0][0]
+    _add_rows(report, built, engines[0][0], batch_s, one_s, len(x), gflop)
+    return report
+
+
+def _timed_input(ours: nn.Module, size: int, images: Tensor | None, data: str | Path | None,
+                 batch: int) -> Tensor:  # fmt: skip
+    """``batch`` images to time on: ``images``, else read from ``data`` with the weights'
+    preprocessing, else random; repeated to fill the batch."""
+    if data is not None and images is None:
+        cfg = ours.pretrained_cfg
+        images = load_images(
+            data, batch, size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+        )
+    if images is None:
+        images = torch.randn(batch, 3, size, size)
+    x = images[:batch].contiguous()
+    return x.repeat(math.ceil(batch / len(x)), 1, 1, 1)[:batch]
+
+
+def _add_rows(report: BenchReport, built: dict, base_name: str, batch_s: dict[str, float],
+              one_s: dict[str, float], n: int, gflop: float) -> None:  # fmt: skip
+    """One row per engine built: its rate, its latency at batch 1 and its agreement with the
+    baseline's predictions, each against the baseline's."""
     base_pred = built[base_name][3] if base_name in built else None
     for name, (precision, _, setup, pred) in built.items():
-        ips = len(x) / batch_s[name]
+        ips = n / batch_s[name]
         agreement = (pred == base_pred).float().mean().item() if base_pred is not None else math.nan
         report.rows.append(
-            BenchRow(name, precision, ips, ratio=ips * batch_s.get(base_name, math.nan) / len(x),
+            BenchRow(name, precision, ips, ratio=ips * batch_s.get(base_name, math.nan) / n,
                      roof_fraction=ips * gflop / report.roof.get(precision, math.nan),
                      latency_ms=1e3 * one_s[name],
                      latency_ratio=one_s[name] / one_s.get(base_name, math.nan),
                      setup_s=setup, agreement=agreement)
         )  # fmt: skip
-    return report
 
 
 def _inference_engines(
@@ -129,26 +141,6 @@ def _inference_engines(
     def fast(precision: str, compiled: bool = False):
         return lambda: folding.prepare_for_inference(ours, dev, precision, compiled)
 
-    def onnx_engine(int8: bool):
-        def build():
-            import numpy as np
-
-            from ...export.onnx import export_onnx, quantize_int8
-            from ...inference.engines import OnnxClassifier
-
-            src = work / "model.onnx"
-            if not src.exists():
-                export_onnx(ours, src, input_size=x.shape[-1])
-            path = src
-            if int8:
-                calib = x.numpy()
-                batches = (calib[i : i + 8] for i in range(0, len(calib), 8))
-                path = quantize_int8(src, work / "model_int8.onnx", batches)
-            session = OnnxClassifier(path, threads=torch.get_num_threads())
-            return lambda t: torch.from_numpy(np.asarray(session(t.cpu().numpy())))
-
-        return build
-
     engines: list[tuple[str, str, Callable]] = [
         (
             f"{'torchvision' if arch in TORCHVISION_ARCHS else 'eager'} fp32 (baseline)",
@@ -166,8 +158,8 @@ def _inference_engines(
         engines.append((f"resfit {best} + torch.compile", best, fast(best, True)))
     if onnx and dev.type == "cpu":
         engines += [
-            ("ONNX Runtime fp32", "fp32", onnx_engine(False)),
-            ("ONNX Runtime int8", "int8", onnx_engine(True)),
+            ("ONNX Runtime fp32", "fp32", _onnx_builder(ours, x, work, False)),
+            ("ONNX Runtime int8", "int8", _onnx_builder(ours, x, work, True)),
         ]
     if openvino and dev.type == "cpu" and importlib.util.find_spec("openvino") is not None:
         engines += [
@@ -179,6 +171,29 @@ def _inference_engines(
             for p in ("fp32", "fp16", "int8")
         ]
     return engines
+
+
+def _onnx_builder(ours: nn.Module, x: Tensor, work: Path, int8: bool) -> Callable:
+    """ONNX Runtime on the model exported to ``work`` (once), int8 calibrated on ``x``."""
+
+    def build():
+        import numpy as np
+
+        from ...export.onnx import export_onnx, quantize_int8
+        from ...inference.engines import OnnxClassifier
+
+        src = work / "model.onnx"
+        if not src.exists():
+            export_onnx(ours, src, input_size=x.shape[-1])
+        path = src
+        if int8:
+            calib = x.numpy()
+            batches = (calib[i : i + 8] for i in range(0, len(calib), 8))
+            path = quantize_int8(src, work / "model_int8.onnx", batches)
+        session = OnnxClassifier(path, threads=torch.get_num_threads())
+        return lambda t: torch.from_numpy(np.asarray(session(t.cpu().numpy())))
+
+    return build
 
 
 def _tensorrt_builder(model: nn.Module, x: Tensor, work: Path, precision: str) -> Callable:

@@ -109,6 +109,25 @@ def bench_train_step(
         roof,
         info={"GFLOP per image (fwd+bwd)": round(gflop, 2), "resfit auto precision": auto},
     )
+    engines = _train_engines(arch, base_model, ours, x, y, auto, bf16=bf16, compile=compile)
+    built = _warm_up_steps(engines, report)
+    secs = interleaved({k: v[1] for k, v in built.items()}, repeats)
+    after = gemm_roof(device=device)
+    report.roof = {k: max(v, after[k]) for k, v in roof.items()}
+    base_name = engines[0][0]
+    for name, (precision, _, setup, first) in built.items():
+        ips = batch / secs[name]
+        report.rows.append(
+            BenchRow(name, precision, ips, ratio=secs.get(base_name, math.nan) / secs[name],
+                     roof_fraction=ips * gflop / report.roof.get(precision, math.nan),
+                     setup_s=setup, first_loss=first)
+        )  # fmt: skip
+    return report
+
+
+def _train_engines(arch: str, base_model: nn.Module, ours: nn.Module, x: Tensor, y: Tensor,
+                   auto: str, *, bf16: bool, compile: bool) -> list[tuple[str, str, Callable]]:  # fmt: skip
+    """(name, precision, builder) of every training step to time; the naive baseline first."""
     lr, weight_decay = 0.01, 5e-4  # both sides
 
     engines: list[tuple[str, str, Callable]] = [
@@ -125,20 +144,7 @@ def bench_train_step(
     if compile:
         engines.append((f"resfit {auto} + torch.compile", auto,
                         _resfit_step(ours, x, y, lr, weight_decay, auto, True)))  # fmt: skip
-
-    built = _warm_up_steps(engines, report)
-    secs = interleaved({k: v[1] for k, v in built.items()}, repeats)
-    after = gemm_roof(device=device)
-    report.roof = {k: max(v, after[k]) for k, v in roof.items()}
-    base_name = engines[0][0]
-    for name, (precision, _, setup, first) in built.items():
-        ips = batch / secs[name]
-        report.rows.append(
-            BenchRow(name, precision, ips, ratio=secs.get(base_name, math.nan) / secs[name],
-                     roof_fraction=ips * gflop / report.roof.get(precision, math.nan),
-                     setup_s=setup, first_loss=first)
-        )  # fmt: skip
-    return report
+    return engines
 
 
 def _warm_up_steps(
