@@ -52,7 +52,7 @@ def _check_options(arch: str, folds: int, head: str) -> None:
     if head not in out_of_fold.HEADS:
         raise ConfigError(f"--head must be one of {', '.join(out_of_fold.HEADS)}, not {head!r}")
     get_spec(arch)  # an unknown architecture answers before any image is read
-    li._cleanlab()  # so does a missing extra
+    li.import_cleanlab()  # so does a missing extra
 
 
 def _check_labels(splits: Any, samples: list, full_finetune: bool, folds: int, where: str) -> None:

@@ -71,7 +71,7 @@ __all__ = [
 ]
 
 
-def _cleanlab() -> Any:
+def import_cleanlab() -> Any:
     try:
         import cleanlab  # noqa: F401
     except ImportError:
@@ -133,7 +133,7 @@ def check_multilabel_folds(
 def check_audit(classes: Sequence[str], labels: Sequence[int], where: str, folds: int = 5) -> None:
     """What ``resfit train --audit`` checks before training: cleanlab is installed, and the
     split can be cut into ``folds`` folds (stratified; multi-hot labels: every label in each)."""
-    _cleanlab()
+    import_cleanlab()
     labels = np.asarray(labels, dtype=np.int64)
     if labels.ndim == 2:
         check_multilabel_folds(labels, classes, folds, where)
@@ -155,7 +155,7 @@ def confident_learning(
     labels are wrong and flags that many with the lowest self-confidence. On CIFAR photos with
     10 % flipped it flagged with 83-97 % precision where cleanlab's default,
     ``prune_by_noise_rate``, reached 59-77 % (bench/audit.py)."""
-    cl = _cleanlab()
+    cl = import_cleanlab()
     return np.asarray(
         cl.filter.find_label_issues(np.asarray(labels), probs, filter_by=filter_by,
                                     return_indices_ranked_by="self_confidence", n_jobs=1),
@@ -216,7 +216,7 @@ def outliers(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     atypical): cleanlab's OutOfDistribution on the features (mean cosine distance to the k
     nearest neighbours, as ``exp(-distance / scale)``), flagged beyond Tukey's far-out fence
     ``Q3 + 3 IQR`` of ``-log(score)``, the distance: a set without outliers flags few or none."""
-    cl = _cleanlab()
+    cl = import_cleanlab()
     k = max(1, min(10, len(features) - 1))
     ood = cl.outlier.OutOfDistribution(params={"k": k})
     scores = np.asarray(ood.fit_score(features=np.asarray(features, np.float32), verbose=False))
@@ -275,7 +275,7 @@ def multilabel_issues(
     ``labels``. Per image, ``missing``: classes not given but predicted above their
     threshold; ``extra``: classes given but predicted below it. ``given`` and ``suggested``
     are ``;``-joined label sets, as in the manifest."""
-    cl = _cleanlab()
+    cl = import_cleanlab()
     import cleanlab.multilabel_classification.filter as ml_filter
     import cleanlab.multilabel_classification.rank as ml_rank
 
