@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from resfit.core.config import TrainConfig
+from resfit.core.defaults import resolve_config
 from resfit.core.errors import ConfigError
 from resfit.models import transfer
 from resfit.models.resnet import build_model
@@ -45,7 +46,9 @@ def test_config_is_frozen_and_resolving_returns_a_new_one() -> None:
     cfg = TrainConfig.from_options(data="d", lr=0.1, freeze="layer2", mixup=0.2)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.optim.lr = 1.0  # type: ignore[misc]
-    resolved = cfg.resolve(["a", "b"], {"input_size": 32, "mean": [0.5] * 3, "std": [0.2] * 3}, 224)
+    resolved = resolve_config(
+        cfg, ["a", "b"], {"input_size": 32, "mean": [0.5] * 3, "std": [0.2] * 3}, 224
+    )
     assert resolved is not cfg and cfg.model.img_size is None and cfg.classes == []
     assert resolved.model.img_size == 32 and resolved.classes == ["a", "b"]
     assert resolved.optim.weight_decay == 5e-4 and resolved.optim.lr == 0.1

@@ -1,5 +1,5 @@
 """The defaults that depend on the recipe, the batch and the image size (issue 16): what
-:meth:`TrainConfig.resolve` fills in, what it logs, and that the README's table says the same."""
+:func:`resfit.core.defaults.resolve_config` fills in, what it logs, and that the README's table says the same."""
 
 from __future__ import annotations
 
@@ -8,14 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from resfit.core.config import (
-    SGD_LR_PER_256,
-    SHORT_SCRATCH_EPOCHS,
-    SMALL_IMAGE,
-    AugmentConfig,
-    TrainConfig,
-    defaults_note,
-)
+from resfit.core.config import AugmentConfig, TrainConfig
+from resfit.core.defaults import SGD_LR_PER_256, defaults_note, resolve_config
+from resfit.core.presets import SHORT_SCRATCH_EPOCHS, SMALL_IMAGE
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 PRE = {"mean": [0.5] * 3, "std": [0.2] * 3}
@@ -23,7 +18,7 @@ PRE = {"mean": [0.5] * 3, "std": [0.2] * 3}
 
 def _resolved(img_size: int | None = None, **options) -> TrainConfig:
     pre = {**PRE, "input_size": img_size} if img_size else PRE
-    return TrainConfig.from_options(data="d", **options).resolve(["a", "b"], pre, 224)
+    return resolve_config(TrainConfig.from_options(data="d", **options), ["a", "b"], pre, 224)
 
 
 @pytest.mark.parametrize(
@@ -90,12 +85,12 @@ def test_a_given_preset_or_knob_wins_over_auto() -> None:
 def test_finetune_defaults_and_the_log_line() -> None:
     given = TrainConfig.from_options(data="d", weights="w.pth", recipe="finetune")
     assert given.transfer.head_epochs == 1 and given.transfer.stem_lr_ratio == 0.5
-    resolved = given.resolve(["a", "b"], {**PRE, "input_size": 32}, 224)
+    resolved = resolve_config(given, ["a", "b"], {**PRE, "input_size": 32}, 224)
     note = defaults_note(given, resolved)
     assert "lr 0.2 (sgd, batch 64, from weights, recipe finetune, --freeze none)" in note
     assert "augment light, crops 50%-100% (32 px)" in note and "weight decay 0.0005" in note
     explicit = given.replace(lr=0.1, weight_decay=0.0, augment="light")
-    assert defaults_note(explicit, explicit.resolve(["a"], PRE, 224)) == ""
+    assert defaults_note(explicit, resolve_config(explicit, ["a"], PRE, 224)) == ""
 
 
 def test_the_readme_defaults_table_matches_the_config() -> None:

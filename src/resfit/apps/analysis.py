@@ -18,6 +18,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -175,6 +176,28 @@ def summarise_gradient_flow(rows: list[dict]) -> dict[str, dict[str, dict[str, f
     return out
 
 
+def _write_gradient_flow_csv(rows: list[dict], csv_path: Path) -> None:
+    with atomic_open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, **{k: f"{r[k]:.6g}" for k in ("grad_norm", "weight_norm", "loss")}})
+
+
+def _label_panel(ax: Any, phase: str, what: str) -> None:
+    """Axes, title, grid and legend of one panel of the gradient-flow figure."""
+    ax.set_yscale("log")
+    ax.set_xlabel("depth (weighted layer index of the block's last conv)")
+    if what == "grad_norm":
+        ax.set_ylabel("||dL/dW|| of the block's convs")
+        ax.set_title(f"gradient norm, {phase}")
+    else:
+        ax.set_ylabel("||W|| / ||W|| at init")
+        ax.set_title(f"weight norm growth, {phase}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def write_gradient_flow(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
     """Write ``gradient_flow.csv`` and ``gradient_flow.png`` (depth on x, log grad norm on y,
     one line per architecture, one panel per phase, plus the weight-norm growth over the steps
@@ -187,11 +210,7 @@ def write_gradient_flow(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out_dir / "gradient_flow.csv", out_dir / "gradient_flow.png"
-    with atomic_open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, **{k: f"{r[k]:.6g}" for k in ("grad_norm", "weight_norm", "loss")}})
+    _write_gradient_flow_csv(rows, csv_path)
 
     phases = list(dict.fromkeys(r["phase"] for r in rows))
     archs = list(dict.fromkeys(r["arch"] for r in rows))
@@ -225,16 +244,7 @@ def write_gradient_flow(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
                 color=color,
                 label=f"{arch} (loss {sel[0]['loss']:.2f})",
             )
-        ax.set_yscale("log")
-        ax.set_xlabel("depth (weighted layer index of the block's last conv)")
-        if what == "grad_norm":
-            ax.set_ylabel("||dL/dW|| of the block's convs")
-            ax.set_title(f"gradient norm, {phase}")
-        else:
-            ax.set_ylabel("||W|| / ||W|| at init")
-            ax.set_title(f"weight norm growth, {phase}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        _label_panel(ax, phase, what)
     fig.suptitle("Gradient norm per residual block (plain twins dashed)")
     fig.tight_layout()
     with atomic_path(png_path) as tmp:

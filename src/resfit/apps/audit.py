@@ -40,6 +40,34 @@ log = logging.getLogger("resfit")
 __all__ = ["add_audit_parser", "audit"]
 
 
+def _check_options(arch: str, folds: int, head: str) -> None:
+    """Bad options, an unknown architecture and a missing extra answer before any image is
+    read."""
+    from ..models.resnet import get_spec
+    from ..quality import label_issues as li
+    from ..quality import out_of_fold
+
+    if folds < 2:
+        raise ConfigError(f"--folds must be at least 2, not {folds}")
+    if head not in out_of_fold.HEADS:
+        raise ConfigError(f"--head must be one of {', '.join(out_of_fold.HEADS)}, not {head!r}")
+    get_spec(arch)  # an unknown architecture answers before any image is read
+    li.import_cleanlab()  # so does a missing extra
+
+
+def _check_labels(splits: Any, samples: list, full_finetune: bool, folds: int, where: str) -> None:
+    """Every class has enough images for ``folds`` folds (multi-label: each label)."""
+    from ..quality import label_issues as li
+
+    if splits.task == "multilabel":
+        if full_finetune:
+            raise ConfigError("--full-finetune audits single-label data; a multi-label manifest "
+                              "is audited with the frozen backbone: drop --full-finetune")  # fmt: skip
+        li.check_multilabel_folds(_labels(samples), splits.classes, folds, where)
+    else:
+        li.check_folds(_labels(samples), splits.classes, folds, where)
+
+
 def audit(
     data: str | os.PathLike,
     out: str | os.PathLike,
@@ -69,55 +97,71 @@ def audit(
     two images are the same picture (-1: no near-duplicate check). Returns a
     :class:`resfit.quality.label_issues.AuditResult`.
     """
-    from ..models.resnet import get_spec
     from ..quality import label_issues as li
-    from ..quality import out_of_fold
 
-    if folds < 2:
-        raise ConfigError(f"--folds must be at least 2, not {folds}")
-    if head not in out_of_fold.HEADS:
-        raise ConfigError(f"--head must be one of {', '.join(out_of_fold.HEADS)}, not {head!r}")
-    get_spec(arch)  # an unknown architecture answers before any image is read
-    li._cleanlab()  # so does a missing extra
+    _check_options(arch, folds, head)
     from ..data.datasets import decode_all
     from ..data.discovery import discover
     from ..data.paths import display_path
     from ..training.finish import eval_decode_size
-    from ..training.setup import build_transforms, resolve
+    from ..training.setup import build_transforms
 
     splits = discover(data, val_fraction=0.0, test_fraction=0.0, seed=seed)
     samples = splits.train + splits.val + splits.test
     where = display_path(data)
-    if splits.task == "multilabel":
-        if full_finetune:
-            raise ConfigError("--full-finetune audits single-label data; a multi-label manifest "
-                              "is audited with the frozen backbone: drop --full-finetune")  # fmt: skip
-        li.check_multilabel_folds(_labels(samples), splits.classes, folds, where)
-    else:
-        li.check_folds(_labels(samples), splits.classes, folds, where)
-    import torch
-
-    with torch.random.fork_rng():  # the caller's random state is left as it was
-        torch.manual_seed(seed)  # a randomly initialised backbone (weights=None) is the seed's
-        cfg, model = resolve(_config(data, out, arch, weights, img_size, seed, device, precision,
-                                     progress), splits)  # fmt: skip
+    _check_labels(splits, samples, full_finetune, folds, where)
+    cfg, model = _seeded_model(
+        _config(data, out, arch, weights, img_size, seed, device, precision, progress), splits, seed
+    )
     _, ev_tf = build_transforms(cfg)
     decoded = decode_all(samples, eval_decode_size(cfg), progress=progress, desc="audit: decoding")
-    skipped = splits.skipped + decoded.skipped
     dev, prec = _device(device, precision)
-    meta = {"data": str(data), "model": f"{arch} ({weights or 'random init'})",
-            "mode": "full-finetune" if full_finetune else "frozen backbone",
-            "skipped": [list(s) for s in skipped]}  # fmt: skip
+    meta = _meta(data, arch, weights, full_finetune, splits.skipped + decoded.skipped)
     common = dict(device=dev, precision=prec, folds=folds, seed=seed, max_distance=max_distance,
                   channels_last=cfg.runtime.channels_last, progress=progress, meta=meta,
                   where=where)  # fmt: skip
     if not full_finetune:
         return li.audit_images(model, decoded, ev_tf, cfg.classes, out, head=head, **common)
+    return _audit_finetuned(cfg, model, decoded, ev_tf, out, pretrained=bool(weights),
+                            epochs=epochs, device=dev, precision=prec, folds=folds, seed=seed,
+                            max_distance=max_distance, progress=progress, meta=meta,
+                            where=where)  # fmt: skip
+
+
+def _meta(data: str | os.PathLike, arch: str, weights: str | None, full_finetune: bool,
+          skipped: list) -> dict[str, Any]:  # fmt: skip
+    """What the audit's summary says about how it was made."""
+    return {"data": str(data), "model": f"{arch} ({weights or 'random init'})",
+            "mode": "full-finetune" if full_finetune else "frozen backbone",
+            "skipped": [list(s) for s in skipped]}  # fmt: skip
+
+
+def _seeded_model(cfg: Any, splits: Any, seed: int) -> tuple[Any, Any]:
+    """The resolved config and its model, built under ``seed`` (a random backbone is the
+    seed's); the caller's random state is left as it was."""
+    import torch
+
+    from ..training.setup import resolve
+
+    with torch.random.fork_rng():  # the caller's random state is left as it was
+        torch.manual_seed(seed)  # a randomly initialised backbone (weights=None) is the seed's
+        return resolve(cfg, splits)
+
+
+def _audit_finetuned(cfg: Any, model: Any, decoded: Any, ev_tf: Any, out: str | os.PathLike, *,
+                     pretrained: bool, epochs: int, device: Any, precision: str, folds: int,
+                     seed: int, max_distance: int, progress: bool, meta: dict,
+                     where: str) -> Any:  # fmt: skip
+    """``--full-finetune``: out-of-fold probabilities from fine-tuning the whole network per
+    fold, then the same audit of them."""
+    from ..quality import label_issues as li
+    from ..quality import out_of_fold
+
     labels = decoded.labels.numpy()
     li.check_folds(labels, cfg.classes, folds, where)
     # Outliers need meaningful features: a pretrained backbone's, not a random one's.
-    feats = out_of_fold.extract_features(model, decoded, ev_tf, dev, prec, progress=progress) if weights else None  # fmt: skip
-    probs = _finetune_oof(cfg, decoded, folds, seed, epochs, Path(out) / "folds", dev, prec)
+    feats = out_of_fold.extract_features(model, decoded, ev_tf, device, precision, progress=progress) if pretrained else None  # fmt: skip
+    probs = _finetune_oof(cfg, decoded, folds, seed, epochs, Path(out) / "folds", device, precision)
     return li.audit_probabilities(probs, labels, cfg.classes, decoded.paths, out, features=feats,
                                   max_distance=max_distance, meta={**meta, "folds": folds,
                                   "epochs": epochs, "seed": seed})  # fmt: skip

@@ -53,14 +53,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, shots: int = 5)
     measured: the pretraining's best val accuracy and, for ``transfer`` and ``scratch``, the
     test accuracy, the number of test images and the seconds. ``quick``: fewer epochs."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not (out / "data" / "pretrain").is_dir():
-            raise ConfigError(
-                f"--out {out} is not empty and not an earlier demo: choose another folder"
-            )
-        import shutil
-
-        shutil.rmtree(out)  # an earlier demo's folder: a rerun starts clean
+    _clear_earlier_demo(out)
     data = out / "data"
     pre_data, few_data = write_digits(data, shots)
     common = dict(
@@ -110,9 +103,28 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, shots: int = 5)
             "seconds": time.perf_counter() - t,
         }
 
+    _print_results(out, few_data, shots, pre.best_val_accuracy, t_pre, results, t0)
+    return {"pretrain_val_accuracy": pre.best_val_accuracy, **results}
+
+
+def _clear_earlier_demo(out: Path) -> None:
+    """Remove an earlier demo's folder at ``out`` (a rerun starts clean); refuse any other
+    folder that is not empty."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / "data" / "pretrain").is_dir():
+            raise ConfigError(
+                f"--out {out} is not empty and not an earlier demo: choose another folder"
+            )
+        import shutil
+
+        shutil.rmtree(out)  # an earlier demo's folder: a rerun starts clean
+
+
+def _print_results(out: Path, few_data: Path, shots: int, pre_accuracy: float, t_pre: float,
+                   results: dict, t0: float) -> None:  # fmt: skip
     n_test = results["transfer"]["n"]
     print()
-    print(f"pretraining on 0-4: best val accuracy {pre.best_val_accuracy:.3f} ({t_pre:.0f} s)")
+    print(f"pretraining on 0-4: best val accuracy {pre_accuracy:.3f} ({t_pre:.0f} s)")
     print(f"digits 5-9 with {shots} training images per class, tested on {n_test} held-out scans:")
     for name, label in [("transfer", "transfer from 0-4"), ("scratch", "from scratch")]:
         r = results[name]
@@ -124,4 +136,3 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, shots: int = 5)
     print(
         f"runs in {out}/: try `resfit predict {out / 'transfer'} {few_data / 'test' / '7'} --top-k 2`"
     )
-    return {"pretrain_val_accuracy": pre.best_val_accuracy, **results}

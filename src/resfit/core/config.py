@@ -5,12 +5,15 @@ A :class:`TrainConfig` is made of sections (``data``, ``model``, ``optim``, ``au
 help text, its choices and whether a resumed run may change it; the CLI and the checks are
 generated from that metadata, so a choice list lives here and nowhere else.
 
-Configs are immutable: :meth:`TrainConfig.replace` and :meth:`TrainConfig.resolve` return new
-objects. Options are addressed by a flat name that is unique across sections (``lr``,
+Configs are immutable: :meth:`TrainConfig.replace` and :func:`resfit.core.defaults.resolve_config`
+return new objects. Options are addressed by a flat name that is unique across sections (``lr``,
 ``freeze``, ``data``), which is what ``resfit.train(...)`` keywords, CLI flags and the run's
 ``config.json`` use.
 
-Imports nothing of resfit but the error types (no torch: ``resfit --help`` answers at once).
+This is the schema. The default policy (what resolving fills in) is :mod:`resfit.core.defaults`,
+the augmentation presets :mod:`resfit.core.presets`, and what ``--resume`` may change
+:mod:`resfit.core.resume`. Imports nothing of resfit but the error types and the presets (no
+torch: ``resfit --help`` answers at once).
 """
 
 from __future__ import annotations
@@ -23,6 +26,14 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import ConfigError
+from .presets import (
+    AUGMENT_CHOICES,
+    PRESET_VALUES,
+    SHORT_SCRATCH_EPOCHS,
+    SMALL_IMAGE,
+    SMALL_IMAGE_CROP,
+    auto_preset,
+)
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -39,31 +50,6 @@ LEAKAGE = ("report", "remove", "off")
 LEAKAGE_SIGNALS = ("phash", "both")  # both: pHash and embeddings (resfit.leakage)
 EXPORT_FORMATS = ("onnx", "triton", "openvino", "tensorrt")  # resfit export --format
 DATA_MODES = ("auto", "memory", "stream", "shards")  # sources.SOURCES (and auto): where images live
-
-
-PRESETS = ("none", "light", "standard", "strong")
-# --augment's choices: a preset, or auto (chosen by the image size when the config is resolved).
-AUGMENT_CHOICES = ("auto", *PRESETS)
-# At this size and below, auto picks the light preset (flips and crops) with milder crops:
-# measured on flowers5 at 32 px (bench/defaults.py), rotation, shifts and colour jitter cost
-# 1.4 points there, and crops of 50-100 % beat 35-100 % by 2 to 5 points on three of the
-# suite's small-image tasks (the same on all of flowers5).
-SMALL_IMAGE = 64
-SMALL_IMAGE_CROP = (0.5, 1.0)
-# ... except in a short run from scratch: seen this few times, an image is not memorised, and
-# random flips and crops only slow the fit. Measured at 16-32 px (bench/defaults.py tasks, mean
-# of 2-3 seeds, no augmentation against light crops): cifar10 500/class 6 epochs 57.3 % vs
-# 53.2 %, 50/class 10 epochs 40.0 % vs 37.2 %, digits 10 epochs 97.8 % vs 95.0 %; from 12
-# epochs the crops win (500/class 61.5 % vs 57.4 %, 50/class 20 epochs 42.2 % vs 36.8 %).
-SHORT_SCRATCH_EPOCHS = 10
-
-
-def auto_preset(img_size: int | None, short_scratch: bool = False) -> str:
-    """The preset ``--augment auto`` stands for at ``img_size`` (unknown: standard);
-    ``short_scratch``: a run from scratch of at most :data:`SHORT_SCRATCH_EPOCHS` epochs."""
-    if img_size is None or img_size > SMALL_IMAGE:
-        return "standard"
-    return "none" if short_scratch else "light"
 
 
 @dataclass(frozen=True)
@@ -90,7 +76,7 @@ class AugmentConfig:
                 f"--augment must be one of {', '.join(AUGMENT_CHOICES)}, got {self.preset!r}"
             )
         c = self.settled(img_size, short_scratch)
-        base = _PRESET_VALUES[c.preset]
+        base = PRESET_VALUES[c.preset]
         values = {f.name: getattr(c, f.name) for f in fields(c)}
         for k, v in base.items():
             if values[k] is None:
@@ -110,43 +96,6 @@ class AugmentConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self.resolved())
-
-
-_OFF = dict(
-    hflip=0.0,
-    vflip=0.0,
-    crop_scale=(1.0, 1.0),
-    rotation=0.0,
-    translate=0.0,
-    zoom=(1.0, 1.0),
-    color_jitter=0.0,
-    policy="none",
-    erasing=0.0,
-    mixup=0.0,
-    cutmix=0.0,
-)
-_PRESET_VALUES: dict[str, dict] = {
-    "none": _OFF,
-    "light": {**_OFF, "hflip": 0.5, "crop_scale": (0.35, 1.0)},
-    "standard": {
-        **_OFF,
-        "hflip": 0.5,
-        "crop_scale": (0.35, 1.0),
-        "rotation": 15.0,
-        "translate": 0.1,
-        "zoom": (0.9, 1.1),
-        "color_jitter": 0.2,
-    },
-    "strong": {
-        **_OFF,
-        "hflip": 0.5,
-        "crop_scale": (0.25, 1.0),
-        "policy": "trivialaugment",
-        "erasing": 0.25,
-        "mixup": 0.2,
-        "cutmix": 1.0,
-    },
-}
 
 
 def option(
@@ -267,7 +216,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Filled by :meth:`TrainConfig.resolve` from the data and the weights."""
+    """Filled by :func:`resfit.core.defaults.resolve_config` from the data and the weights."""
 
     classes: tuple[str, ...] = ()
     mean: tuple[float, ...] = ()
@@ -431,26 +380,12 @@ class TrainConfig:
         auto`` leaves small images unaugmented there)."""
         return self.model.weights is None and self.optim.epochs <= SHORT_SCRATCH_EPOCHS
 
-    # -- checking and resolving -------------------------------------------------------------
+    # -- checking ---------------------------------------------------------------------------
 
     def check(self) -> TrainConfig:
         """Reject bad options with a ConfigError that names the option; returns ``self``."""
         for name, info in OPTIONS.items():
-            value = self.get(name)
-            if value is None:
-                continue
-            if name == "lr" and isinstance(value, str):
-                if value != "auto":
-                    raise ConfigError(f"--lr must be a number or auto, not {value!r}")
-                continue
-            if info.choices is not None and value not in info.choices:
-                raise ConfigError(
-                    f"{flag(name)} must be one of {', '.join(map(str, info.choices))}, not {value!r}"
-                )
-            if info.positive and not value > 0:
-                raise ConfigError(f"{flag(name)} must be positive")
-            if info.minimum is not None and value < info.minimum:
-                raise ConfigError(_minimum_message(name, info.minimum))
+            _check_option(name, info, self.get(name))
         d = self.data
         if not d.val_fraction < 1 or not d.test_fraction < 1:
             raise ConfigError("--val-fraction and --test-fraction must be in [0, 1)")
@@ -463,40 +398,6 @@ class TrainConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         return self
-
-    def resolve(
-        self, classes: list[str], pretrained: Mapping[str, Any], default_input_size: int
-    ) -> TrainConfig:
-        """A new config with the derived values filled in: the classes, the preprocessing of
-        the weights (``pretrained``: their ``pretrained_cfg``, with ``mean`` and ``std``), the
-        image size, the augmentation preset of ``auto`` (by the size), and the default learning
-        rate and weight decay. :func:`defaults_note` says which defaults it chose."""
-        mean, std = tuple(pretrained["mean"]), tuple(pretrained["std"])
-        # Statistics per input channel: a 1-channel model sees luminance (the average of the
-        # RGB statistics); 1-channel statistics (weights of a grey run) repeat for RGB.
-        if self.model.in_chans == 1 and len(mean) == 3:
-            mean, std = (sum(mean) / 3,), (sum(std) / 3,)
-        elif self.model.in_chans == 3 and len(mean) == 1:
-            mean, std = mean * 3, std * 3
-        img_size = self.model.img_size or pretrained.get("input_size") or default_input_size
-        # The weights' own resize only holds at the size they were trained at.
-        same_size = img_size == pretrained.get("input_size")
-        resize = pretrained.get("resize_size") if same_size else None
-        pre = Preprocessing(
-            tuple(classes), mean, std, resize, str(pretrained.get("interpolation") or "bilinear")
-        )
-        if self.optim.lr == "auto":
-            raise ConfigError("--lr auto is settled by resfit.train (a sweep) before resolving")
-        optim = dataclasses.replace(
-            self.optim,
-            lr=self.optim.lr if self.optim.lr is not None else default_lr(self),
-            weight_decay=self.optim.weight_decay
-            if self.optim.weight_decay is not None
-            else default_weight_decay(self.optim.optimizer),
-        )
-        model = dataclasses.replace(self.model, img_size=int(img_size))
-        augment = self.augment.settled(int(img_size), self.short_scratch)
-        return dataclasses.replace(self, model=model, optim=optim, augment=augment, pre=pre)
 
     # -- the run folder's config.json -------------------------------------------------------
 
@@ -514,11 +415,8 @@ class TrainConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
         """Read ``config.json`` (also those written before the sections existed)."""
         options = {k: v for k, v in d.items() if k in OPTIONS and k not in AUGMENT_FLAGS}
-        aug = d.get("augment") or {}
-        if isinstance(aug, dict):
-            known = {f.name for f in fields(AugmentConfig)}
-            aug = {k: tuple(v) if isinstance(v, list) else v for k, v in aug.items() if k in known}
-            options["augment"] = AugmentConfig(**aug)
+        if isinstance(aug := d.get("augment") or {}, dict):
+            options["augment"] = _augment_from_dict(aug)
         cfg = cls.from_options(**options)
         pre = Preprocessing(
             tuple(d.get("classes") or ()), tuple(d.get("mean") or ()), tuple(d.get("std") or ()),
@@ -527,81 +425,35 @@ class TrainConfig:
         return dataclasses.replace(cfg, pre=pre)
 
 
+def _check_option(name: str, info: OptionInfo, value: Any) -> None:
+    """Raise a ConfigError naming ``name`` when ``value`` breaks its option's rules."""
+    if value is None:
+        return
+    if name == "lr" and isinstance(value, str):
+        if value != "auto":
+            raise ConfigError(f"--lr must be a number or auto, not {value!r}")
+        return
+    if info.choices is not None and value not in info.choices:
+        raise ConfigError(
+            f"{flag(name)} must be one of {', '.join(map(str, info.choices))}, not {value!r}"
+        )
+    if info.positive and not value > 0:
+        raise ConfigError(f"{flag(name)} must be positive")
+    if info.minimum is not None and value < info.minimum:
+        raise ConfigError(_minimum_message(name, info.minimum))
+
+
+def _augment_from_dict(aug: Mapping[str, Any]) -> AugmentConfig:
+    """The ``augment`` of ``config.json`` (lists back to tuples, unknown knobs dropped)."""
+    known = {f.name for f in fields(AugmentConfig)}
+    return AugmentConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in aug.items() if k in known}
+    )
+
+
 def _minimum_message(name: str, minimum: float) -> str:
     if minimum == 0:
         return f"{flag(name)} must not be negative"
     if name == "img_size":
         return f"{flag(name)} must be at least {minimum:g} pixels"
     return f"{flag(name)} must be at least {minimum:g}"
-
-
-# SGD peak rates per 256 images of batch (linear scaling): from scratch; the head's rate, for
-# the finetune recipe (the head trains alone first, then the stages at a half-cycle with
-# discriminative rates) and for --freeze backbone (the head alone throughout); any other run
-# from weights. Chosen by bench/defaults.py: on flowers5 from the CIFAR ResNet-56 at 32 px,
-# finetune at 0.2 (batch 64) reached 83.6 % where the old 0.01 reached 68.9 %; head-only at
-# 224 px, the study's best rates were 0.13-0.18 (batch 64).
-SGD_LR_PER_256 = {"scratch": 0.2, "head": 0.8, "transfer": 0.04}
-
-
-def default_lr(cfg: TrainConfig) -> float:
-    """The peak rate when ``--lr`` is not given: for SGD linear in the batch, by recipe
-    (:data:`SGD_LR_PER_256`); Adam and AdamW 1e-3 from scratch, 3e-4 from weights."""
-    o, transfer = cfg.optim, cfg.model.weights is not None
-    if o.optimizer == "sgd":
-        head = cfg.transfer.recipe == "finetune" or cfg.transfer.freeze == "backbone"
-        kind = "scratch" if not transfer else "head" if head else "transfer"
-        return SGD_LR_PER_256[kind] * o.batch_size / 256
-    return 3e-4 if transfer else 1e-3
-
-
-def defaults_note(given: TrainConfig, resolved: TrainConfig) -> str:
-    """One line naming the defaults :meth:`TrainConfig.resolve` chose (for the log): those
-    that depend on the batch, the recipe or the image size."""
-    parts = []
-    if given.optim.lr is None:
-        kind = "from weights" if resolved.model.weights else "from scratch"
-        t = resolved.transfer
-        recipe = f", recipe {t.recipe}, --freeze {t.freeze}" if resolved.model.weights else ""
-        parts.append(f"lr {resolved.optim.lr:.3g} ({resolved.optim.optimizer}, batch "
-                     f"{resolved.optim.batch_size}, {kind}{recipe})")  # fmt: skip
-    if given.optim.weight_decay is None:
-        parts.append(f"weight decay {resolved.optim.weight_decay:g}")
-    if given.augment.preset == "auto":
-        a, size = resolved.augment.resolved(), resolved.model.img_size
-        if a.preset == "none":
-            parts.append(f"augment none ({size} px, from scratch, {resolved.optim.epochs} "
-                         f"epochs <= {SHORT_SCRATCH_EPOCHS})")  # fmt: skip
-        else:
-            parts.append(f"augment {a.preset}, crops {a.crop_scale[0]:.0%}-"
-                         f"{a.crop_scale[1]:.0%} ({size} px)")  # fmt: skip
-    return "defaults: " + ", ".join(parts) if parts else ""
-
-
-def default_weight_decay(optimizer: str) -> float:
-    return {"sgd": 5e-4, "adam": 0.0, "adamw": 0.05}[optimizer]
-
-
-def resume_changes(saved: TrainConfig, given: Mapping[str, Any]) -> dict[str, Any]:
-    """The options of ``given`` that a resumed run applies; raises ConfigError for an option
-    that would change what the run computes (``--lr`` mid-run), naming the option."""
-    apply, refused = {}, []
-    for name, value in given.items():
-        info = OPTIONS.get(name)
-        if info is None:
-            raise ConfigError(f"unknown option {name!r}")
-        current = saved.get(name)
-        if name == "augment" and isinstance(value, AugmentConfig):
-            current, value = saved.augment.resolved(), value.resolved()
-        if value == current:
-            continue
-        if info.resumable:
-            apply[name] = value
-        else:
-            refused.append(f"{flag(name)} (the run has {current!r}, given {value!r})")
-    if refused:
-        raise ConfigError(
-            "--resume continues a run as it was configured, and these options cannot change "
-            f"mid-run: {'; '.join(refused)}. Leave them out, or start a new run with another --out."
-        )
-    return apply

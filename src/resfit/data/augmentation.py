@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 from torchvision.transforms import v2
 
-from ..core.config import PRESETS, AugmentConfig
+from ..core.config import AugmentConfig
 from ..core.errors import ConfigError
+from ..core.presets import PRESETS
 
 # The eval preprocessing lives beside, without torchvision; re-exported for existing callers.
 from .preprocessing import (

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-__all__ = ["DecodeError", "load_image", "resize_shorter", "to_tensor"]
+__all__ = ["DecodeError", "load_image", "pil_to_rgb", "resize_shorter", "to_tensor"]
 # PIL's own decompression-bomb limit; a larger image is refused before it is decoded.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
@@ -29,7 +29,7 @@ class DecodeError(Exception):
     pass
 
 
-def _pil_to_rgb(img: Image.Image) -> Image.Image:
+def pil_to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img)
         # 16-bit data: scale to 8 bits instead of letting convert() clip it to white.
@@ -75,7 +75,7 @@ def load_image(
                 img.seek(0)  # first frame of an animation
                 img = ImageOps.exif_transpose(img)
                 img.load()
-                return _pil_to_rgb(img)
+                return pil_to_rgb(img)
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

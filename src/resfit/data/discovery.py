@@ -30,14 +30,14 @@ from pathlib import Path
 from ..core.atomic import atomic_csv
 from ..core.errors import DataError
 from .manifests import (
-    _discover_multilabel_csv,
-    _is_multilabel_csv,
-    _multilabel_eval_samples,
-    _read_manifest,
-    _read_multilabel_splits,
     as_task,
+    discover_multilabel_csv,
+    is_multilabel_csv,
+    multilabel_eval_samples,
+    read_manifest,
+    read_multilabel_splits,
 )
-from .paths import IMAGE_SUFFIXES, _list_images, display_path, display_text
+from .paths import IMAGE_SUFFIXES, display_path, display_text, list_images
 from .samples import SHARD_INDEX, SPLIT_FOLDER_NAMES, SPLITS, TASKS, DataSplits, Sample, split_of
 
 log = logging.getLogger("resfit")
@@ -58,7 +58,7 @@ def scan_class_folders(root: Path) -> dict[str, list[Path]]:
         raise DataError(f"{display_path(root)} is not a folder")
     found: dict[str, list[Path]] = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = _list_images(d)
+        files = list_images(d)
         if files:
             found[d.name] = files
         else:
@@ -150,8 +150,8 @@ def discover(
                 f"{display_path(root)} is a file but not a CSV manifest (path,label[,split], "
                 f"or path,labels[,split] for several labels per image)"
             )
-        if _is_multilabel_csv(root, task):
-            splits = _discover_multilabel_csv(root, val_fraction, test_fraction, seed)
+        if is_multilabel_csv(root, task):
+            splits = discover_multilabel_csv(root, val_fraction, test_fraction, seed)
         else:
             splits = _discover_csv(root, val_fraction, test_fraction, seed)
     else:
@@ -277,7 +277,7 @@ def _check_classes(by_class: dict[str, list[Path]], root: Path) -> None:
 
 
 def _discover_csv(path: Path, val_fraction: float, test_fraction: float, seed: int) -> DataSplits:
-    rows, skipped = _read_manifest(path)
+    rows, skipped = read_manifest(path)
     by_split: dict[str, dict[str, list[Path]]] = {"train": {}, "val": {}, "test": {}}
     for p, label, split in rows:
         # Rows without a split are training rows (and the source of a carved-out val).
@@ -333,9 +333,9 @@ def read_splits(path: str | os.PathLike[str]) -> DataSplits:
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"splits file {display_path(path)} does not exist")
-    if _is_multilabel_csv(path):
-        return _read_multilabel_splits(path)
-    rows, skipped = _read_manifest(path)
+    if is_multilabel_csv(path):
+        return read_multilabel_splits(path)
+    rows, skipped = read_manifest(path)
     if any(split == "" for _, _, split in rows):
         raise DataError(
             f"{display_path(path)} has rows without a split: a splits file gives each file's "
@@ -374,13 +374,13 @@ def eval_samples(
     if not root.exists():
         raise DataError(f"data path {display_path(root)} does not exist")
     _refuse_shards(root, "evaluation")
-    if root.is_file() and _is_multilabel_csv(root, "multilabel" if multilabel else "auto"):
+    if root.is_file() and is_multilabel_csv(root, "multilabel" if multilabel else "auto"):
         if not multilabel:
             raise DataError(
                 f"{display_path(root)} is a multi-label manifest (labels column), and this run "
                 f"predicts one label per image: evaluate it with a path,label manifest"
             )
-        return _multilabel_eval_samples(root, classes)
+        return multilabel_eval_samples(root, classes)
     if multilabel:
         samples, skipped = eval_samples(root, classes)
         k = len(classes)

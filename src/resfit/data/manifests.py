@@ -15,10 +15,18 @@ from ..core.errors import DataError
 from .paths import display_path, display_text, open_csv
 from .samples import SPLIT_FOLDER_NAMES, SPLITS, DataSplits, Sample, split_of
 
-__all__ = ["as_task", "split_labels"]
+__all__ = [
+    "as_task",
+    "discover_multilabel_csv",
+    "is_multilabel_csv",
+    "multilabel_eval_samples",
+    "read_manifest",
+    "read_multilabel_splits",
+    "split_labels",
+]
 
 
-def _read_manifest(path: Path) -> tuple[list[tuple[Path, str, str]], list[tuple[str, str]]]:
+def read_manifest(path: Path) -> tuple[list[tuple[Path, str, str]], list[tuple[str, str]]]:
     """The rows of a ``path,label[,split]`` CSV as (file, label, split or ""), and the rows
     whose file is missing as skipped (path, reason)."""
     rows: list[tuple[Path, str, str]] = []
@@ -71,7 +79,7 @@ def _header(path: Path) -> set[str]:
         return {h.strip() for h in next(csv.reader(f), [])}
 
 
-def _is_multilabel_csv(path: Path, task: str = "auto") -> bool:
+def is_multilabel_csv(path: Path, task: str = "auto") -> bool:
     """A ``labels`` column means multi-label data; ``--task multilabel`` reads a ``label``
     column the same way (``;`` between labels)."""
     return "labels" in _header(path) or task == "multilabel"
@@ -84,7 +92,7 @@ def split_labels(text: str) -> tuple[str, ...]:
 
 def _read_multilabel_manifest(path: Path) -> tuple[list[_MLRow], list[tuple[str, str]]]:
     """The rows of a ``path,labels[,split]`` CSV and the rows whose file is missing (skipped,
-    with the row named), validated as :func:`_read_manifest` does."""
+    with the row named), validated as :func:`read_manifest` does."""
     rows: list[_MLRow] = []
     skipped: list[tuple[str, str]] = []
     with open_csv(path) as f:
@@ -141,7 +149,7 @@ def _multi_hot(rows: Sequence[_MLRow], classes: Sequence[str]) -> list[Sample]:
     return [Sample(p, tuple(int(c in labels) for c in classes)) for p, labels, _, _ in rows]
 
 
-def _discover_multilabel_csv(
+def discover_multilabel_csv(
     path: Path, val_fraction: float, test_fraction: float, seed: int
 ) -> DataSplits:
     rows, skipped = _read_multilabel_manifest(path)
@@ -191,7 +199,7 @@ def as_task(splits: DataSplits, task: str) -> DataSplits:
     return splits
 
 
-def _read_multilabel_splits(path: Path) -> DataSplits:
+def read_multilabel_splits(path: Path) -> DataSplits:
     """:func:`read_splits` for a multi-label ``splits.csv`` (``path,labels,split``)."""
     rows, skipped = _read_multilabel_manifest(path)
     classes = sorted({label for r in rows if r[2] == "train" for label in r[1]})
@@ -203,7 +211,7 @@ def _read_multilabel_splits(path: Path) -> DataSplits:
                       origins={s: f"{where} ({s} rows)" for s in SPLITS if samples[s]})  # fmt: skip
 
 
-def _multilabel_eval_samples(
+def multilabel_eval_samples(
     path: Path, classes: Sequence[str]
 ) -> tuple[list[Sample], list[tuple[str, str]]]:
     """The test rows of a multi-label manifest (all rows if none is a test row), as multi-hot

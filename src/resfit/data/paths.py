@@ -22,6 +22,7 @@ __all__ = [
     "display_path",
     "display_text",
     "find_images",
+    "list_images",
     "open_csv",
     "write_skipped",
 ]
@@ -67,7 +68,7 @@ def open_csv(path: str | os.PathLike[str], mode: str = "r") -> TextIO:
 # Finding files
 
 
-def _list_images(folder: Path) -> list[Path]:
+def list_images(folder: Path) -> list[Path]:
     return sorted(
         p
         for p in folder.rglob("*")
@@ -83,7 +84,7 @@ def find_images(inputs: Sequence[str]) -> list[Path]:
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
-            out.extend(_list_images(p))
+            out.extend(list_images(p))
         elif p.is_file():
             out.append(p)
         else:
@@ -92,7 +93,7 @@ def find_images(inputs: Sequence[str]) -> list[Path]:
                 raise DataError(f"{display_text(item)}: no such file, folder or matching glob")
             for m in matches:
                 mp = Path(m)
-                out.extend(_list_images(mp) if mp.is_dir() else [mp])
+                out.extend(list_images(mp) if mp.is_dir() else [mp])
     return out
 
 

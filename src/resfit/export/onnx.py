@@ -78,6 +78,33 @@ def _metadata(model: nn.Module, in_chans: int, hw: tuple[int, int], precision: s
     return json.dumps(cfg, default=str)  # a Path or tuple in the cfg must not stop an export
 
 
+def _torch_export(model: nn.Module, example: Tensor, tmp: Path, opset: int) -> None:
+    """``torch.onnx.export`` with a dynamic batch axis: the torch.export-based exporter from
+    opset 18, the TorchScript one below."""
+    names = {"input_names": ["input"], "output_names": ["logits"]}
+    if opset >= 18:
+        torch.onnx.export(
+            model,
+            (example,),
+            str(tmp),
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            **names,
+        )
+    else:
+        torch.onnx.export(
+            model,
+            (example,),
+            str(tmp),
+            opset_version=opset,
+            dynamo=False,
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            **names,
+        )
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -105,30 +132,9 @@ def export_onnx(
     try:
         with _atomic_target(path) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            names = {"input_names": ["input"], "output_names": ["logits"]}
             # The exporter prints progress to stdout; a library should not.
             with contextlib.redirect_stdout(io.StringIO()):
-                if opset >= 18:
-                    torch.onnx.export(
-                        model,
-                        (example,),
-                        str(tmp),
-                        opset_version=opset,
-                        dynamo=True,
-                        external_data=False,
-                        dynamic_shapes=({0: torch.export.Dim("batch")},),
-                        **names,
-                    )
-                else:
-                    torch.onnx.export(
-                        model,
-                        (example,),
-                        str(tmp),
-                        opset_version=opset,
-                        dynamo=False,
-                        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                        **names,
-                    )
+                _torch_export(model, example, tmp, opset)
             proto = onnx.load(str(tmp))
             got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
             if got != opset:
@@ -235,12 +241,18 @@ def quantize_int8(
                 calibrate_method=CalibrationMethod.MinMax,
                 extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
             )
-            qproto = onnx.load(str(tmp))
-            cfg = json.loads(meta.get(METADATA_KEY, "{}"))
-            cfg.update(precision="int8", calibration_images=reader.count)
-            del qproto.metadata_props[:]
-            for key, value in {**meta, METADATA_KEY: json.dumps(cfg)}.items():
-                prop = qproto.metadata_props.add()
-                prop.key, prop.value = key, value
-            onnx.save(qproto, str(tmp))
+            _copy_int8_metadata(onnx, tmp, meta, reader.count)
     return out
+
+
+def _copy_int8_metadata(onnx: Any, path: Path, meta: dict[str, str], images: int) -> None:
+    """Give the quantized file at ``path`` the fp32 file's metadata ``meta``, its resfit entry
+    saying int8 and how many images calibrated it."""
+    qproto = onnx.load(str(path))
+    cfg = json.loads(meta.get(METADATA_KEY, "{}"))
+    cfg.update(precision="int8", calibration_images=images)
+    del qproto.metadata_props[:]
+    for key, value in {**meta, METADATA_KEY: json.dumps(cfg)}.items():
+        prop = qproto.metadata_props.add()
+        prop.key, prop.value = key, value
+    onnx.save(qproto, str(path))

@@ -257,6 +257,41 @@ def _int8_and_engine_checks(
     return report
 
 
+def _check_export_options(format: str, int8: bool, calib: str | os.PathLike | None) -> None:
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {format!r}")
+    if int8 and not calib:
+        raise ConfigError(
+            "--int8 needs --calib DATA: a few hundred of your own images to calibrate on"
+        )
+
+
+def _parity_check(predictor: Predictor, fp32_path: Path, checked: Any,
+                  calib: str | os.PathLike | None, report: dict[str, Any]) -> list:  # fmt: skip
+    """The batches of ``checked`` (else of the calibration images); the largest logit
+    difference between PyTorch and the ONNX file on the first 64 images goes into ``report``
+    (``max_abs_logit_diff``)."""
+    batches = list(_batches(predictor, checked))
+    if not batches and calib:
+        batches = list(_batches(predictor, predictor.decode(_pick(find_images([str(calib)]), 64))))
+    if batches:
+        images = torch.from_numpy(np.concatenate(batches)[:64])
+        report["max_abs_logit_diff"] = onnx_parity(predictor.model, fp32_path, images)
+    return batches
+
+
+def _write_triton(fp32_path: Path, out_dir: Path, model_name: str, classes: list[str],
+                  max_batch: int, max_queue_delay_us: int) -> str:  # fmt: skip
+    """``OUT/triton/NAME``: a Triton model repository around the ONNX model; its path."""
+    from .triton import write_triton_repository
+
+    triton_dir = write_triton_repository(
+        fp32_path, out_dir / "triton", model_name, classes=classes,
+        max_batch=max_batch, max_queue_delay_us=max_queue_delay_us,
+    )  # fmt: skip
+    return str(triton_dir)
+
+
 def export_run(
     run: str | os.PathLike,
     *,
@@ -287,12 +322,7 @@ def export_run(
     ``format="triton"`` also writes a Triton model repository, ``OUT/triton/NAME`` (``name``
     defaults to the run folder's name), with dynamic batching up to ``max_batch`` after at most
     ``max_queue_delay_us``; see :mod:`resfit.export.triton`."""
-    if format not in EXPORT_FORMATS:
-        raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {format!r}")
-    if int8 and not calib:
-        raise ConfigError(
-            "--int8 needs --calib DATA: a few hundred of your own images to calibrate on"
-        )
+    _check_export_options(format, int8, calib)
     cfg, classes = load_run(run)
     out_dir = Path(out or RunPaths(run).export)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -311,22 +341,11 @@ def export_run(
     limit = val_images if int8 else 64
     checked = decode_all(_pick(samples, limit), predictor.base_size, progress=False)
     report.update(val_source=source, val_images=len(checked), val_skipped=len(checked.skipped))
-    batches = list(_batches(predictor, checked))
-    if not batches and calib:
-        batches = list(_batches(predictor, predictor.decode(_pick(find_images([str(calib)]), 64))))
-    if batches:
-        images = torch.from_numpy(np.concatenate(batches)[:64])
-        report["max_abs_logit_diff"] = onnx_parity(predictor.model, fp32_path, images)
+    batches = _parity_check(predictor, fp32_path, checked, calib, report)
     report.update(_int8_and_engine_checks(predictor, fp32_path, out_dir, format, int8, calib,
                                           calib_images, checked, batches, source))  # fmt: skip
     if format == "triton":
-        from .triton import write_triton_repository
-
-        model_name = name or Path(run).resolve().name
-        triton_dir = write_triton_repository(
-            fp32_path, out_dir / "triton", model_name, classes=classes,
-            max_batch=max_batch, max_queue_delay_us=max_queue_delay_us,
-        )  # fmt: skip
-        report["triton"] = str(triton_dir)
+        report["triton"] = _write_triton(fp32_path, out_dir, name or Path(run).resolve().name,
+                                         classes, max_batch, max_queue_delay_us)  # fmt: skip
     atomic_write_json(out_dir / EXPORT_REPORT, report)
     return report

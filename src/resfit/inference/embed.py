@@ -338,7 +338,7 @@ def _make_embedder(args: argparse.Namespace) -> Embedder:
     return Embedder.from_run(args.inputs[0], **kw)
 
 
-def _cmd_embed(args: argparse.Namespace) -> int:
+def cmd_embed(args: argparse.Namespace) -> int:
     by_weights = bool(args.arch or args.weights)
     if by_weights and not (args.arch and args.weights):
         raise ConfigError("--arch and --weights go together (or give a RUN folder instead)")
@@ -389,7 +389,7 @@ def _queries(
     return labels, np.concatenate(vecs) if vecs else np.zeros((0, emb.shape[1])), own
 
 
-def _cmd_similar(args: argparse.Namespace) -> int:
+def cmd_similar(args: argparse.Namespace) -> int:
     import csv
 
     if args.k < 1:

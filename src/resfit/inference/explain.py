@@ -50,12 +50,7 @@ def grad_cam(
     every parameter's ``requires_grad`` are restored afterwards, even on error.
     """
     split = _split(model)
-    if x.ndim == 3:
-        x = x.unsqueeze(0)
-    if x.ndim != 4 or x.shape[0] != 1:
-        raise ValueError(
-            f"grad_cam explains one image: expected (1, C, H, W), got {tuple(x.shape)}"
-        )
+    x = _one_image(x)
     stage = stage or split.stage_names[-1]
     if stage not in split.stage_names:
         raise ConfigError(f"unknown stage {stage!r}; this model has {list(split.stage_names)}")
@@ -84,11 +79,28 @@ def grad_cam(
         for p, flag in flags:
             p.requires_grad_(flag)
 
+    return _cam_map(grads, acts.detach(), x.shape[-2:])
+
+
+def _one_image(x: Tensor) -> Tensor:
+    """``x`` as a batch of one, (1, C, H, W); anything else is refused."""
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    if x.ndim != 4 or x.shape[0] != 1:
+        raise ValueError(
+            f"grad_cam explains one image: expected (1, C, H, W), got {tuple(x.shape)}"
+        )
+    return x
+
+
+def _cam_map(grads: Tensor, acts: Tensor, size: tuple[int, ...]) -> np.ndarray:
+    """The Grad-CAM map at ``size``, scaled to [0, 1] (all zeros when nothing supports the
+    class)."""
     # Channel weights: the spatially averaged gradient; the map: ReLU of the weighted sum, so
     # only evidence *for* the class shows.
     weights = grads.mean(dim=(2, 3), keepdim=True)
-    cam = F.relu((weights * acts.detach()).sum(dim=1, keepdim=True))
-    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+    cam = F.relu((weights * acts).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[0, 0]
     cam = cam.float().cpu().numpy()
     top = float(cam.max())
     if not np.isfinite(top) or top <= 0:

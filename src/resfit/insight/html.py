@@ -1,6 +1,5 @@
-"""The kit the self-contained HTML pages share (the run report, the audit page): escaping,
-tables, sections, inline PNG/JPEG images and thumbnails, the CSS and the content security policy.
-"""
+"""The HTML kit of the reports (run report, multi-label report, audit and tune pages): escaping,
+tables, sections, embedded images, and the shared CSS and Content-Security-Policy."""
 
 from __future__ import annotations
 
@@ -23,31 +22,31 @@ THUMB = 192  # thumbnail side in pixels
 # Small helpers
 
 
-def _e(value: object) -> str:
+def escape(value: object) -> str:
     return html.escape(display_text(str(value)), quote=True)
 
 
-def _pct(x: float) -> str:
+def pct(x: float) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.1f}%"
 
 
-def _png_uri(fig: Figure) -> str:
+def png_uri(fig: Figure) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _jpeg_uri(image: Image.Image) -> str:
+def jpeg_uri(image: Image.Image) -> str:
     buf = io.BytesIO()
     image.convert("RGB").save(buf, format="JPEG", quality=82)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _img(uri: str, alt: str, cls: str = "") -> str:
-    return f'<img class="{cls}" src="{uri}" alt="{_e(alt)}">'
+def img(uri: str, alt: str, cls: str = "") -> str:
+    return f'<img class="{cls}" src="{uri}" alt="{escape(alt)}">'
 
 
-def _thumbnail(path: str | os.PathLike) -> Image.Image | None:
+def thumbnail(path: str | os.PathLike) -> Image.Image | None:
     try:
         with Image.open(path) as im:
             im.draft("RGB", (2 * THUMB, 2 * THUMB))  # JPEG: decode at reduced size, fast
@@ -58,18 +57,18 @@ def _thumbnail(path: str | os.PathLike) -> Image.Image | None:
     return im
 
 
-def _section(sid: str, title: str, body: str) -> str:
-    return f'<section id="{sid}"><h2>{_e(title)}</h2>\n{body}\n</section>'
+def section(sid: str, title: str, body: str) -> str:
+    return f'<section id="{sid}"><h2>{escape(title)}</h2>\n{body}\n</section>'
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
     """Cells must already be escaped (they may hold markup)."""
     head = "".join(f"<th>{h}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def _finite(v: object) -> float | None:
+def finite(v: object) -> float | None:
     try:
         f = float(v)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -77,7 +76,7 @@ def _finite(v: object) -> float | None:
     return f if math.isfinite(f) else None
 
 
-_CSS = """
+CSS = """
 body{font:15px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#1d2430;background:#f5f6f8}
 main{max-width:1180px;margin:0 auto;padding:24px}
 header h1{margin:0 0 4px;font-size:26px}header p{margin:0;color:#5b6472}
@@ -105,4 +104,4 @@ footer{color:#8a93a0;font-size:12px;margin:20px 0}
 """
 
 # Nothing may be fetched, nothing may run: only inline styles and data: images.
-_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"

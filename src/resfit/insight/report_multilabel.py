@@ -17,20 +17,21 @@ from ..core.atomic import atomic_write_text
 from ..data.paths import display_text
 from ..runs import REPORT
 from .html import (
-    _CSP,
-    _CSS,
+    CSP,
+    CSS,
     THUMB,
-    _e,
-    _finite,
-    _img,
-    _jpeg_uri,
-    _pct,
-    _png_uri,
-    _section,
-    _table,
-    _thumbnail,
+    escape,
+    finite,
+    img,
+    jpeg_uri,
+    pct,
+    png_uri,
+    section,
+    table,
+    thumbnail,
 )
-from .report import TOP_WRONG, _audit_link
+from .report_data import TOP_WRONG
+from .report_sections import audit_link
 
 __all__ = ["MULTILABEL_SECTION_IDS", "MultiLabelReportData", "write_multilabel_report"]
 
@@ -62,23 +63,23 @@ def _ml_summary(r) -> str:
              ("micro-mAP", f"{r.micro_mAP:.3f}", "all image-class pairs ranked together"),
              ("micro-F1", f"{r.micro_f1:.3f}", "at the tuned thresholds"),
              ("macro-F1", f"{r.macro_f1:.3f}", "mean over classes"),
-             ("exact match", _pct(r.exact_match), "every label of the image right"),
+             ("exact match", pct(r.exact_match), "every label of the image right"),
              ("Hamming loss", f"{r.hamming_loss:.3f}", "share of wrong image-class decisions")]  # fmt: skip
-    body = "".join(f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{v}</div>'
-                   f'<div class="s">{_e(sub)}</div></div>' for k, v, sub in cards)  # fmt: skip
-    return _section("summary", "Summary", f'<div class="cards">{body}</div>'
+    body = "".join(f'<div class="card"><div class="k">{escape(k)}</div><div class="v">{v}</div>'
+                   f'<div class="s">{escape(sub)}</div></div>' for k, v, sub in cards)  # fmt: skip
+    return section("summary", "Summary", f'<div class="cards">{body}</div>'
                     "<p>A constant guess (each class's frequency as its score) gets a macro AP "
                     "equal to the mean label prevalence.</p>")  # fmt: skip
 
 
 def _ml_curves(history: Sequence[Mapping]) -> str:
     if not history:
-        return _section("curves", "Training curves", "<p>No training history.</p>")
+        return section("curves", "Training curves", "<p>No training history.</p>")
     fig = Figure(figsize=(10, 3.6))
     ax_loss, ax_map = fig.subplots(1, 2)
     epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
     for key, ax in (("train_loss", ax_loss), ("val_loss", ax_loss), ("val_mAP", ax_map)):
-        ys = [_finite(h.get(key)) for h in history]
+        ys = [finite(h.get(key)) for h in history]
         pts = [(e, y) for e, y in zip(epochs, ys, strict=True) if y is not None]
         if pts:
             ax.plot(*zip(*pts, strict=True), "-o", ms=3, label=key)
@@ -88,15 +89,15 @@ def _ml_curves(history: Sequence[Mapping]) -> str:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()
-    return _section("curves", "Training curves", _img(_png_uri(fig), "curves", "fig"))
+    return section("curves", "Training curves", img(png_uri(fig), "curves", "fig"))
 
 
 def _ml_per_class(r) -> str:
-    rows = [[_e(c["class"]), "-" if c["ap"] is None else f"{c['ap']:.3f}",
+    rows = [[escape(c["class"]), "-" if c["ap"] is None else f"{c['ap']:.3f}",
              f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}",
              str(c["support"]), f"{c['threshold']:.3f}"] for c in r.per_class]  # fmt: skip
     head = ["class", "AP", "precision", "recall", "F1", "images with it", "threshold"]
-    return _section("per-class", "Per class", _table(head, rows, "num"))
+    return section("per-class", "Per class", table(head, rows, "num"))
 
 
 def _ml_pr_curves(r) -> str:
@@ -129,8 +130,8 @@ def _ml_pr_curves(r) -> str:
     fig.tight_layout()
     text = ("<p>Precision against recall as the threshold moves; the red dot is the tuned "
             "threshold, the dotted line the class's prevalence (a constant guess).</p>")  # fmt: skip
-    return _section("pr-curves", "Precision-recall per class",
-                    text + _img(_png_uri(fig), "precision-recall curves", "fig"))  # fmt: skip
+    return section("pr-curves", "Precision-recall per class",
+                    text + img(png_uri(fig), "precision-recall curves", "fig"))  # fmt: skip
 
 
 def _ml_cooccurrence(r) -> str:
@@ -152,30 +153,30 @@ def _ml_cooccurrence(r) -> str:
     fig.tight_layout()
     counts = np.bincount(y.sum(1), minlength=1)
     per = ", ".join(f"{n} label(s): {c}" for n, c in enumerate(counts) if c)
-    return _section("co-occurrence", "Label co-occurrence",
+    return section("co-occurrence", "Label co-occurrence",
                     f"<p>Images that carry both classes (diagonal: the images with the class). "
-                    f"Labels per image: {_e(per)}.</p>" + _img(_png_uri(fig), "co-occurrence", "fig"))  # fmt: skip
+                    f"Labels per image: {escape(per)}.</p>" + img(png_uri(fig), "co-occurrence", "fig"))  # fmt: skip
 
 
 def _ml_card(data: MultiLabelReportData, i: int, j: int, kind: str) -> str:
     r = data.result
     path = str(r.paths[i]) if len(r.paths) > i else ""
     pics = []
-    thumb = _thumbnail(path) if path else None
-    pics.append(_img(_jpeg_uri(thumb), "image", "thumb") if thumb
+    thumb = thumbnail(path) if path else None
+    pics.append(img(jpeg_uri(thumb), "image", "thumb") if thumb
                 else '<div class="missing">image not readable</div>')  # fmt: skip
     if data.explain is not None and path:
         try:
             overlay = data.explain(path, j).copy()
             overlay.thumbnail((THUMB, THUMB))
-            pics.append(_img(_jpeg_uri(overlay), f"Grad-CAM for {r.classes[j]}", "thumb"))
+            pics.append(img(jpeg_uri(overlay), f"Grad-CAM for {r.classes[j]}", "thumb"))
         except Exception as e:  # an explanation failing must not lose the report
-            pics.append(f'<div class="missing">Grad-CAM failed: {_e(type(e).__name__)}</div>')
+            pics.append(f'<div class="missing">Grad-CAM failed: {escape(type(e).__name__)}</div>')
     true = ";".join(c for c, on in zip(r.classes, r.y_true[i], strict=True) if on) or "(none)"
-    return (f'<figure class="wrong">{"".join(pics)}<figcaption><b title="{_e(path)}">'
-            f"{_e(Path(path).name or i)}</b><br>{kind}: <span class=\"bad\">{_e(r.classes[j])}"
+    return (f'<figure class="wrong">{"".join(pics)}<figcaption><b title="{escape(path)}">'
+            f"{escape(Path(path).name or i)}</b><br>{kind}: <span class=\"bad\">{escape(r.classes[j])}"
             f"</span> (p = {r.probs[i, j]:.2f}, threshold {r.thresholds[j]:.2f})<br>"
-            f"labels: {_e(true)}</figcaption></figure>")  # fmt: skip
+            f"labels: {escape(true)}</figcaption></figure>")  # fmt: skip
 
 
 def _ml_errors(data: MultiLabelReportData, positive: bool) -> str:
@@ -188,7 +189,7 @@ def _ml_errors(data: MultiLabelReportData, positive: bool) -> str:
     sid = "false-positives" if positive else "false-negatives"
     title = "Worst false positives" if positive else "Worst false negatives"
     if len(ii) == 0:
-        return _section(sid, title, "<p>None on this split.</p>")
+        return section(sid, title, "<p>None on this split.</p>")
     score = r.probs[ii, jj]
     order = np.argsort(-score if positive else score, kind="stable")[:TOP_WRONG]
     kind = "predicted, absent" if positive else "present, missed"
@@ -196,7 +197,7 @@ def _ml_errors(data: MultiLabelReportData, positive: bool) -> str:
     text = (f"<p>{len(ii)} {'false positive' if positive else 'false negative'} image-class "
             f"pair(s); the {len(order)} with the {'highest' if positive else 'lowest'} "
             "probability. Right of each photo: Grad-CAM for the class concerned.</p>")  # fmt: skip
-    return _section(sid, title, text + f'<div class="gallery">{"".join(cards)}</div>')
+    return section(sid, title, text + f'<div class="gallery">{"".join(cards)}</div>')
 
 
 def write_multilabel_report(path: str | os.PathLike, data: MultiLabelReportData) -> Path:
@@ -208,14 +209,14 @@ def write_multilabel_report(path: str | os.PathLike, data: MultiLabelReportData)
     r = data.result
     sections = [_ml_summary(r), _ml_curves(data.history), _ml_per_class(r), _ml_pr_curves(r),
                 _ml_cooccurrence(r), _ml_errors(data, True), _ml_errors(data, False)]  # fmt: skip
-    notes = "".join(f"<p>{_e(n)}</p>" for n in data.notes) + _audit_link(data.audit)
+    notes = "".join(f"<p>{escape(n)}</p>" for n in data.notes) + audit_link(data.audit)
     nav = "".join(f'<a href="#{sid}">{sid.replace("-", " ")}</a>' for sid in MULTILABEL_SECTION_IDS)
     doc = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{_CSP}">
-<title>{_e(data.title)}</title><style>{_CSS}</style></head>
+<meta http-equiv="Content-Security-Policy" content="{CSP}">
+<title>{escape(data.title)}</title><style>{CSS}</style></head>
 <body><main>
-<header><h1>{_e(data.title)}</h1><p>{r.n} images, {len(r.classes)} classes, multi-label</p>{notes}</header>
+<header><h1>{escape(data.title)}</h1><p>{r.n} images, {len(r.classes)} classes, multi-label</p>{notes}</header>
 <nav>{nav}</nav>
 {chr(10).join(sections)}
 </main></body></html>

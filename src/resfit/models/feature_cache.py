@@ -26,7 +26,7 @@ from ..core.errors import ConfigError
 from ..core.hashing import update_with_weights
 from ..data.datasets import DecodedImages, TransformedImages, iter_batches
 from .adapters import adapt
-from .transfer import _CACHE_VERSION, _NP_DTYPES, _TORCH_DTYPES, frozen_modules
+from .transfer import CACHE_VERSION, NP_DTYPES, TORCH_DTYPES, frozen_modules
 
 log = logging.getLogger("resfit")
 
@@ -113,7 +113,7 @@ def cache_key(
     statistics, the preprocessing and augmentation (in ``meta``), and every file's path, size
     and modification time. Any change gives another key, so a stale cache is never read."""
     h = hashlib.sha256()
-    h.update(json.dumps({"version": _CACHE_VERSION, **meta}, sort_keys=True).encode())
+    h.update(json.dumps({"version": CACHE_VERSION, **meta}, sort_keys=True).encode())
     for m in frozen_modules(model, policy):
         update_with_weights(h, m.state_dict())
     for p in paths:
@@ -138,8 +138,8 @@ def _allocate(
     shape: tuple[int, ...], dtype: str, path: Path | None
 ) -> tuple[Tensor, np.memmap | None]:
     if path is None:
-        return torch.empty(shape, dtype=_TORCH_DTYPES[dtype]), None
-    arr = np.lib.format.open_memmap(path, mode="w+", dtype=_NP_DTYPES[dtype], shape=shape)
+        return torch.empty(shape, dtype=TORCH_DTYPES[dtype]), None
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=NP_DTYPES[dtype], shape=shape)
     t = torch.from_numpy(arr)
     return (t.view(torch.bfloat16) if dtype == "bf16" else t), arr
 
@@ -196,7 +196,7 @@ def compute_features(
                 h = h.float().cpu()
                 if store is None:
                     store, mapped = _allocate((n, views, *h.shape[1:]), dtype, tmp)
-                if dtype != "fp32" and h.abs().max() > torch.finfo(_TORCH_DTYPES[dtype]).max:
+                if dtype != "fp32" and h.abs().max() > torch.finfo(TORCH_DTYPES[dtype]).max:
                     raise ConfigError(
                         f"cached features exceed the {dtype} range: use --cache-dtype fp32 or bf16"
                     )

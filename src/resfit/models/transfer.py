@@ -21,9 +21,9 @@ from ..core.errors import ConfigError
 from .adapters import adapt
 
 # Part of every cache key: bump when what a cached tensor means changes.
-_CACHE_VERSION = 1
-_NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}
-_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CACHE_VERSION = 1
+NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------------------------

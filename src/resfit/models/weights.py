@@ -446,15 +446,7 @@ def create_model(
         _set_in_chans(model, in_chans, source)
 
     categories: list[str] | None = list(wspec.categories) if wspec else None
-    a = adapt(model)
-    if num_classes is not None and num_classes != a.num_classes:
-        log.warning(
-            "replacing the %d-class head of %s with a new, randomly initialised %d-class head",
-            a.num_classes,
-            source,
-            num_classes,
-        )
-        a.reset_head(num_classes)
+    if _replace_head(model, num_classes, source):
         categories = None
     model.pretrained_cfg = {
         "weights": source,
@@ -462,3 +454,19 @@ def create_model(
         **(wspec.preprocessing() if wspec else {}),
     }
     return model
+
+
+def _replace_head(model: nn.Module, num_classes: int | None, source: str) -> bool:
+    """A new, randomly initialised head when ``num_classes`` differs from the checkpoint's;
+    whether it was replaced."""
+    a = adapt(model)
+    if num_classes is None or num_classes == a.num_classes:
+        return False
+    log.warning(
+        "replacing the %d-class head of %s with a new, randomly initialised %d-class head",
+        a.num_classes,
+        source,
+        num_classes,
+    )
+    a.reset_head(num_classes)
+    return True

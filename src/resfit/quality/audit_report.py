@@ -19,9 +19,9 @@ from ..core.atomic import atomic_csv, atomic_write_text
 if TYPE_CHECKING:  # torch only where features are computed
     pass
 
-__all__ = ["Issue", "write_audit"]
+__all__ = ["KIND_ORDER", "Issue", "audit_summary", "write_audit"]
 HTML_LIMIT = 300  # thumbnails in audit.html; the CSV has every row
-_KIND_ORDER = {"label": 0, "near-duplicate": 1, "outlier": 2, "missing": 0, "extra": 0}
+KIND_ORDER = {"label": 0, "near-duplicate": 1, "outlier": 2, "missing": 0, "extra": 0}
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Issue:
         return asdict(self)
 
 
-def _summary(
+def audit_summary(
     probs: np.ndarray, labels: np.ndarray, classes: Sequence[str], issues: list[Issue],
     flagged: np.ndarray, dups: list, outlying: np.ndarray, meta: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
@@ -88,16 +88,16 @@ def write_audit(
 
 
 def _issue_card(r: Issue) -> str:
-    from ..insight.html import _e, _img, _jpeg_uri, _thumbnail
+    from ..insight.html import escape, img, jpeg_uri, thumbnail
 
-    thumb = _thumbnail(r.path) if not r.path.startswith("#") else None
-    pic = (_img(_jpeg_uri(thumb), "image", "thumb") if thumb
+    thumb = thumbnail(r.path) if not r.path.startswith("#") else None
+    pic = (img(jpeg_uri(thumb), "image", "thumb") if thumb
            else '<div class="missing">image not readable</div>')  # fmt: skip
-    fix = f'<br>suggested: <span class="bad">{_e(r.suggested)}</span>' if r.suggested else ""
-    detail = f"<br><small>{_e(r.detail)}</small>" if r.detail else ""
+    fix = f'<br>suggested: <span class="bad">{escape(r.suggested)}</span>' if r.suggested else ""
+    detail = f"<br><small>{escape(r.detail)}</small>" if r.detail else ""
     return (
-        f'<figure class="wrong">{pic}<figcaption><b title="{_e(r.path)}">{_e(Path(r.path).name)}'
-        f"</b><br>given: {_e(r.given or '(none)')}{fix}<br>{_e(r.kind)}, score {r.score:.3f}"
+        f'<figure class="wrong">{pic}<figcaption><b title="{escape(r.path)}">{escape(Path(r.path).name)}'
+        f"</b><br>given: {escape(r.given or '(none)')}{fix}<br>{escape(r.kind)}, score {r.score:.3f}"
         f"{detail}</figcaption></figure>"
     )
 
@@ -105,17 +105,17 @@ def _issue_card(r: Issue) -> str:
 def write_audit_html(path: Path, issues: Sequence[Issue], summary: dict[str, Any]) -> Path:
     """A self-contained page (the run report's style and Content-Security-Policy: inline CSS,
     base64 thumbnails, nothing fetched) with the first :data:`HTML_LIMIT` issues in order."""
-    from ..insight.html import _CSP, _CSS, _e, _section, _table
+    from ..insight.html import CSP, CSS, escape, section, table
 
     n = summary.get("images", 0)
-    rows = [[_e(k), _e(v)] for k, v in (
+    rows = [[escape(k), escape(v)] for k, v in (
         ("images", n), ("out-of-fold accuracy", f"{summary.get('oof_accuracy', 0):.3f}"),
         ("label issues (confident learning)", summary.get("label_issues", 0)),
         ("near-duplicates with different labels", len(summary.get("near_duplicate_conflicts", []))),
         ("outliers", summary.get("outliers", 0)),
         ("model", summary.get("model", "")), ("folds", summary.get("folds", "")),
     )]  # fmt: skip
-    conf = [[_e(c["given"]), _e(c["suggested"]), str(c["images"])]
+    conf = [[escape(c["given"]), escape(c["suggested"]), str(c["images"])]
             for c in summary.get("top_confusions", [])]  # fmt: skip
     intro = (
         "<p>Each image's class probabilities come from a model that did not see its label "
@@ -124,9 +124,9 @@ def write_audit_html(path: Path, issues: Sequence[Issue], summary: dict[str, Any
         "<b>outlier</b>: far from every other image. Score: 1 - the out-of-fold probability "
         "of the given label. Check these first; fix or drop the wrong ones.</p>"
     )
-    body = _table(["", ""], rows) + (
+    body = table(["", ""], rows) + (
         "<h3>Most frequent suspected confusions</h3>"
-        + _table(["given", "suggested", "images"], conf, "num")
+        + table(["given", "suggested", "images"], conf, "num")
         if conf
         else ""
     )
@@ -136,13 +136,13 @@ def write_audit_html(path: Path, issues: Sequence[Issue], summary: dict[str, Any
     gallery = f'<div class="gallery">{"".join(_issue_card(r) for r in shown)}</div>{more}'
     doc = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{_CSP}">
+<meta http-equiv="Content-Security-Policy" content="{CSP}">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>resfit audit: {len(issues)} image(s) to check</title><style>{_CSS}</style></head>
+<title>resfit audit: {len(issues)} image(s) to check</title><style>{CSS}</style></head>
 <body><main><header><h1>Which labels look wrong</h1><p>{len(issues)} of {n} images to check,
 most likely wrong first</p></header>
-{_section("summary", "Summary", intro + body)}
-{_section("issues", "Images to check", gallery or "<p>No issues found.</p>")}
+{section("summary", "Summary", intro + body)}
+{section("issues", "Images to check", gallery or "<p>No issues found.</p>")}
 </main></body></html>
 """
     atomic_write_text(path, doc, errors="backslashreplace")

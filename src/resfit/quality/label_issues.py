@@ -52,7 +52,7 @@ if TYPE_CHECKING:  # torch only where features are computed
     from torch import Tensor, nn
 
     from ..data.datasets import DecodedImages
-from .audit_report import _KIND_ORDER, Issue, _summary, write_audit
+from .audit_report import KIND_ORDER, Issue, audit_summary, write_audit
 from .out_of_fold import extract_features, out_of_fold_multilabel, out_of_fold_probabilities
 
 log = logging.getLogger("resfit")
@@ -71,7 +71,7 @@ __all__ = [
 ]
 
 
-def _cleanlab() -> Any:
+def import_cleanlab() -> Any:
     try:
         import cleanlab  # noqa: F401
     except ImportError:
@@ -133,7 +133,7 @@ def check_multilabel_folds(
 def check_audit(classes: Sequence[str], labels: Sequence[int], where: str, folds: int = 5) -> None:
     """What ``resfit train --audit`` checks before training: cleanlab is installed, and the
     split can be cut into ``folds`` folds (stratified; multi-hot labels: every label in each)."""
-    _cleanlab()
+    import_cleanlab()
     labels = np.asarray(labels, dtype=np.int64)
     if labels.ndim == 2:
         check_multilabel_folds(labels, classes, folds, where)
@@ -155,7 +155,7 @@ def confident_learning(
     labels are wrong and flags that many with the lowest self-confidence. On CIFAR photos with
     10 % flipped it flagged with 83-97 % precision where cleanlab's default,
     ``prune_by_noise_rate``, reached 59-77 % (bench/audit.py)."""
-    cl = _cleanlab()
+    cl = import_cleanlab()
     return np.asarray(
         cl.filter.find_label_issues(np.asarray(labels), probs, filter_by=filter_by,
                                     return_indices_ranked_by="self_confidence", n_jobs=1),
@@ -216,7 +216,7 @@ def outliers(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     atypical): cleanlab's OutOfDistribution on the features (mean cosine distance to the k
     nearest neighbours, as ``exp(-distance / scale)``), flagged beyond Tukey's far-out fence
     ``Q3 + 3 IQR`` of ``-log(score)``, the distance: a set without outliers flags few or none."""
-    cl = _cleanlab()
+    cl = import_cleanlab()
     k = max(1, min(10, len(features) - 1))
     ood = cl.outlier.OutOfDistribution(params={"k": k})
     scores = np.asarray(ood.fit_score(features=np.asarray(features, np.float32), verbose=False))
@@ -259,7 +259,7 @@ def _single_label_issues(
                           float(1 - probs[i, labels[i]]), "+".join(ks),
                           "; ".join(dict.fromkeys(details.get(i, [])))))  # fmt: skip
     rank = {i: r for r, i in enumerate(flagged.tolist())}
-    rows.sort(key=lambda r: (_KIND_ORDER[r.kind.split("+")[0]], rank.get(r.index, 0), -r.score))
+    rows.sort(key=lambda r: (KIND_ORDER[r.kind.split("+")[0]], rank.get(r.index, 0), -r.score))
     return rows
 
 
@@ -275,7 +275,7 @@ def multilabel_issues(
     ``labels``. Per image, ``missing``: classes not given but predicted above their
     threshold; ``extra``: classes given but predicted below it. ``given`` and ``suggested``
     are ``;``-joined label sets, as in the manifest."""
-    cl = _cleanlab()
+    cl = import_cleanlab()
     import cleanlab.multilabel_classification.filter as ml_filter
     import cleanlab.multilabel_classification.rank as ml_rank
 
@@ -342,7 +342,7 @@ def audit_probabilities(
     dups = conflicting_duplicates(paths, labels, max_distance) if max_distance >= 0 else []
     outlying = outliers(features)[0] if features is not None and len(features) > 2 else np.zeros(0, np.int64)  # fmt: skip
     issues = _single_label_issues(probs, labels, classes, paths, flagged, dups, outlying)
-    summary = _summary(probs, labels, classes, issues, flagged, dups, outlying, meta or {})
+    summary = audit_summary(probs, labels, classes, issues, flagged, dups, outlying, meta or {})
     result = AuditResult(issues, probs, summary, Path(out))
     result.files = write_audit(out, issues, summary)
     log.info(

@@ -73,6 +73,34 @@ def _near_pairs(a: np.ndarray, b: np.ndarray, max_distance: int) -> Iterable[tup
             yield start + r, c, int(dist[r, c])
 
 
+def _hash_duplicates(
+    name_a: str, hs_a: list[ImageHash], name_b: str, hs_b: list[ImageHash], max_distance: int
+) -> list[Duplicate]:
+    """The pairs of split ``name_a`` and split ``name_b`` with the same bytes (``exact``) or
+    pHashes at most ``max_distance`` bits apart (``near``, when not exact)."""
+    found: list[Duplicate] = []
+    by_sha: dict[str, list[ImageHash]] = {}
+    for h in hs_b:
+        by_sha.setdefault(h.sha256, []).append(h)
+    exact: set[tuple[Path, Path]] = set()
+    for h in hs_a:
+        for other in by_sha.get(h.sha256, ()):
+            exact.add((h.path, other.path))
+            found.append(Duplicate(name_a, h.path, name_b, other.path, "exact", 0))
+
+    with_a = [h for h in hs_a if h.phash is not None]
+    with_b = [h for h in hs_b if h.phash is not None]
+    if not with_a or not with_b:
+        return found
+    arr_a = np.array([h.phash for h in with_a], dtype=np.uint64)
+    arr_b = np.array([h.phash for h in with_b], dtype=np.uint64)
+    for i, j, d in _near_pairs(arr_a, arr_b, max_distance):
+        pa, pb = with_a[i].path, with_b[j].path
+        if (pa, pb) not in exact and pa != pb:
+            found.append(Duplicate(name_a, pa, name_b, pb, "near", d))
+    return found
+
+
 def find_duplicates(
     splits: dict[str, list[Path]],
     max_distance: int = 4,
@@ -111,26 +139,8 @@ def find_duplicates(
 
     found: list[Duplicate] = []
     for name_a, name_b in combinations(names, 2):
-        hs_a, hs_b = per_split[name_a], per_split[name_b]
-        by_sha: dict[str, list[ImageHash]] = {}
-        for h in hs_b:
-            by_sha.setdefault(h.sha256, []).append(h)
-        exact: set[tuple[Path, Path]] = set()
-        for h in hs_a:
-            for other in by_sha.get(h.sha256, ()):
-                exact.add((h.path, other.path))
-                found.append(Duplicate(name_a, h.path, name_b, other.path, "exact", 0))
-
-        with_a = [h for h in hs_a if h.phash is not None]
-        with_b = [h for h in hs_b if h.phash is not None]
-        if not with_a or not with_b:
-            continue
-        arr_a = np.array([h.phash for h in with_a], dtype=np.uint64)
-        arr_b = np.array([h.phash for h in with_b], dtype=np.uint64)
-        for i, j, d in _near_pairs(arr_a, arr_b, max_distance):
-            pa, pb = with_a[i].path, with_b[j].path
-            if (pa, pb) not in exact and pa != pb:
-                found.append(Duplicate(name_a, pa, name_b, pb, "near", d))
+        found += _hash_duplicates(name_a, per_split[name_a], name_b, per_split[name_b],
+                                  max_distance)  # fmt: skip
     if embedder is not None:
         found += _embedding_duplicates(per_split, embedder, min_similarity, found)
     order = {n: k for k, n in enumerate(names)}

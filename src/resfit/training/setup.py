@@ -13,9 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.config import OPTIONS, TrainConfig, defaults_note, resume_changes
+from ..core.config import OPTIONS, TrainConfig
+from ..core.defaults import defaults_note, resolve_config
 from ..core.errors import ConfigError, TrainingError
 from ..core.hashing import file_sha256
+from ..core.resume import resume_changes
 from ..data.augmentation import eval_transform, train_transform
 from ..data.discovery import discover
 from ..data.preprocessing import base_size_for, for_channels
@@ -113,7 +115,7 @@ def resolve(cfg: TrainConfig, splits: DataSplits) -> tuple[TrainConfig, nn.Modul
                      len(splits.classes), adapt(model).num_classes)  # fmt: skip
             adapt(model).reset_head(len(splits.classes))
     pre["mean"], pre["std"] = pre.get("mean") or IMAGENET_MEAN, pre.get("std") or IMAGENET_STD
-    resolved = cfg.resolve(splits.classes, pre, get_spec(m.arch).default_input_size)
+    resolved = resolve_config(cfg, splits.classes, pre, get_spec(m.arch).default_input_size)
     note = defaults_note(cfg, resolved)
     if note:
         log.info(note)

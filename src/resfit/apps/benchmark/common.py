@@ -42,7 +42,7 @@ from ...models.resnet import get_spec
 from ...models.weights import IMAGENET_MEAN, IMAGENET_STD, create_model
 
 # The architectures torchvision also builds: there the baseline is torchvision's own model.
-_TORCHVISION = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> 
     return Timing(statistics.median(samples), min(samples), tuple(samples))
 
 
-def _synced(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+def synced(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
     """``fn`` that waits for the GPU to finish, so that a timer measures the work itself."""
     if device.type != "cuda":
         return fn
@@ -103,10 +103,10 @@ def gemm_roof(
         dtypes.append(("fp16", torch.float16))
     for name, dtype in dtypes:
         a, b = (torch.randn(n, n, dtype=dtype, device=dev) for _ in range(2))
-        out[name] = flops / median_time(_synced(lambda a=a, b=b: a @ b, dev), repeats).best / 1e9
+        out[name] = flops / median_time(synced(lambda a=a, b=b: a @ b, dev), repeats).best / 1e9
     try:
         a, b = (torch.randint(-128, 128, (n, n), dtype=torch.int8, device=dev) for _ in range(2))
-        mm = _synced(lambda: torch._int_mm(a, b), dev)
+        mm = synced(lambda: torch._int_mm(a, b), dev)
         out["int8"] = flops / median_time(mm, repeats).best / 1e9
     except (RuntimeError, AttributeError):
         out["int8"] = float("nan")
@@ -212,7 +212,7 @@ def _finite(v: float) -> bool:
     return isinstance(v, int | float) and math.isfinite(v)
 
 
-def _interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
     """Median seconds per call of each function, timed in turn round after round."""
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(max(1, rounds)):
@@ -223,12 +223,14 @@ def _interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str,
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def _models(arch: str, weights: str | None, num_classes: int | None) -> tuple[nn.Module, nn.Module]:
+def baseline_and_ours(
+    arch: str, weights: str | None, num_classes: int | None
+) -> tuple[nn.Module, nn.Module]:
     """The baseline model (torchvision's where it has the architecture) and resfit's, with the
     same weights: seeded random ones unless ``weights`` names a checkpoint."""
     torch.manual_seed(0)
     ours = create_model(arch, weights=weights, num_classes=num_classes, progress=False)
-    if arch in _TORCHVISION:
+    if arch in TORCHVISION_ARCHS:
         import torchvision
 
         base = getattr(torchvision.models, arch)(num_classes=ours.fc.out_features)
@@ -238,7 +240,7 @@ def _models(arch: str, weights: str | None, num_classes: int | None) -> tuple[nn
     return base, ours
 
 
-def _input_size(arch: str, model: nn.Module, img_size: int | None) -> int:
+def bench_input_size(arch: str, model: nn.Module, img_size: int | None) -> int:
     default = get_spec(arch).default_input_size
     return img_size or int(model.pretrained_cfg.get("input_size", default))
 

@@ -20,17 +20,17 @@ from ...core import runtime
 from ...inference import folding
 from ...models.weights import IMAGENET_MEAN, IMAGENET_STD
 from .common import (
-    _TORCHVISION,
+    TORCHVISION_ARCHS,
     BenchReport,
     BenchRow,
-    _input_size,
-    _interleaved,
-    _models,
-    _synced,
+    baseline_and_ours,
+    bench_input_size,
     forward_gflop,
     gemm_roof,
+    interleaved,
     load_images,
     machine_summary,
+    synced,
 )
 
 log = logging.getLogger("resfit")
@@ -68,18 +68,9 @@ def bench_inference(
     meaningful); random when neither is given. ``batch`` images are timed per call.
     """
     dev = runtime.pick_device(device)
-    base_model, ours = _models(arch, weights, None)
+    base_model, ours = baseline_and_ours(arch, weights, None)
     base_model.eval().to(dev)
-    size = _input_size(arch, ours, img_size)
-    if data is not None and images is None:
-        cfg = ours.pretrained_cfg
-        images = load_images(
-            data, batch, size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
-        )
-    if images is None:
-        images = torch.randn(batch, 3, size, size)
-    x = images[:batch].contiguous()
-    x = x.repeat(math.ceil(batch / len(x)), 1, 1, 1)[:batch].to(dev)
+    x = _timed_input(ours, bench_input_size(arch, ours, img_size), images, data, batch).to(dev)
     gflop = forward_gflop(ours, tuple(x.shape[1:]))
     roof = gemm_roof(device=dev)
     report = BenchReport(
@@ -93,28 +84,47 @@ def bench_inference(
                                  compile=compile, onnx=onnx, openvino=openvino,
                                  tensorrt=tensorrt)  # fmt: skip
     built = _build_engines(engines, x, dev, report)
-    batch_s = _interleaved(
-        {k: _synced(lambda f=v[1]: f(x), dev) for k, v in built.items()}, repeats
-    )
-    one_s = _interleaved(
-        {k: _synced(lambda f=v[1]: f(x[:1]), dev) for k, v in built.items()}, 3 * repeats
+    batch_s = interleaved({k: synced(lambda f=v[1]: f(x), dev) for k, v in built.items()}, repeats)
+    one_s = interleaved(
+        {k: synced(lambda f=v[1]: f(x[:1]), dev) for k, v in built.items()}, 3 * repeats
     )
     shutil.rmtree(work, ignore_errors=True)  # the sessions hold the models in memory
     after = gemm_roof(device=dev)
     report.roof = {k: max(v, after[k]) for k, v in roof.items()}  # others only lower it
-    base_name = engines[0][0]
+    _add_rows(report, built, engines[0][0], batch_s, one_s, len(x), gflop)
+    return report
+
+
+def _timed_input(ours: nn.Module, size: int, images: Tensor | None, data: str | Path | None,
+                 batch: int) -> Tensor:  # fmt: skip
+    """``batch`` images to time on: ``images``, else read from ``data`` with the weights'
+    preprocessing, else random; repeated to fill the batch."""
+    if data is not None and images is None:
+        cfg = ours.pretrained_cfg
+        images = load_images(
+            data, batch, size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+        )
+    if images is None:
+        images = torch.randn(batch, 3, size, size)
+    x = images[:batch].contiguous()
+    return x.repeat(math.ceil(batch / len(x)), 1, 1, 1)[:batch]
+
+
+def _add_rows(report: BenchReport, built: dict, base_name: str, batch_s: dict[str, float],
+              one_s: dict[str, float], n: int, gflop: float) -> None:  # fmt: skip
+    """One row per engine built: its rate, its latency at batch 1 and its agreement with the
+    baseline's predictions, each against the baseline's."""
     base_pred = built[base_name][3] if base_name in built else None
     for name, (precision, _, setup, pred) in built.items():
-        ips = len(x) / batch_s[name]
+        ips = n / batch_s[name]
         agreement = (pred == base_pred).float().mean().item() if base_pred is not None else math.nan
         report.rows.append(
-            BenchRow(name, precision, ips, ratio=ips * batch_s.get(base_name, math.nan) / len(x),
+            BenchRow(name, precision, ips, ratio=ips * batch_s.get(base_name, math.nan) / n,
                      roof_fraction=ips * gflop / report.roof.get(precision, math.nan),
                      latency_ms=1e3 * one_s[name],
                      latency_ratio=one_s[name] / one_s.get(base_name, math.nan),
                      setup_s=setup, agreement=agreement)
         )  # fmt: skip
-    return report
 
 
 def _inference_engines(
@@ -133,28 +143,12 @@ def _inference_engines(
     def fast(precision: str, compiled: bool = False):
         return lambda: folding.prepare_for_inference(ours, dev, precision, compiled)
 
-    def onnx_engine(int8: bool):
-        def build():
-            import numpy as np
-
-            from ...export.onnx import export_onnx, quantize_int8
-            from ...inference.engines import OnnxClassifier
-
-            src = work / "model.onnx"
-            if not src.exists():
-                export_onnx(ours, src, input_size=x.shape[-1])
-            path = src
-            if int8:
-                calib = x.numpy()
-                batches = (calib[i : i + 8] for i in range(0, len(calib), 8))
-                path = quantize_int8(src, work / "model_int8.onnx", batches)
-            session = OnnxClassifier(path, threads=torch.get_num_threads())
-            return lambda t: torch.from_numpy(np.asarray(session(t.cpu().numpy())))
-
-        return build
-
     engines: list[tuple[str, str, Callable]] = [
-        (f"{'torchvision' if arch in _TORCHVISION else 'eager'} fp32 (baseline)", "fp32", baseline),
+        (
+            f"{'torchvision' if arch in TORCHVISION_ARCHS else 'eager'} fp32 (baseline)",
+            "fp32",
+            baseline,
+        ),
         ("resfit fp32 (BN folded, channels-last)", "fp32", fast("fp32")),
     ]
     if bf16:
@@ -166,8 +160,8 @@ def _inference_engines(
         engines.append((f"resfit {best} + torch.compile", best, fast(best, True)))
     if onnx and dev.type == "cpu":
         engines += [
-            ("ONNX Runtime fp32", "fp32", onnx_engine(False)),
-            ("ONNX Runtime int8", "int8", onnx_engine(True)),
+            ("ONNX Runtime fp32", "fp32", _onnx_builder(ours, x, work, False)),
+            ("ONNX Runtime int8", "int8", _onnx_builder(ours, x, work, True)),
         ]
     if openvino and dev.type == "cpu" and importlib.util.find_spec("openvino") is not None:
         engines += [
@@ -179,6 +173,29 @@ def _inference_engines(
             for p in ("fp32", "fp16", "int8")
         ]
     return engines
+
+
+def _onnx_builder(ours: nn.Module, x: Tensor, work: Path, int8: bool) -> Callable:
+    """ONNX Runtime on the model exported to ``work`` (once), int8 calibrated on ``x``."""
+
+    def build():
+        import numpy as np
+
+        from ...export.onnx import export_onnx, quantize_int8
+        from ...inference.engines import OnnxClassifier
+
+        src = work / "model.onnx"
+        if not src.exists():
+            export_onnx(ours, src, input_size=x.shape[-1])
+        path = src
+        if int8:
+            calib = x.numpy()
+            batches = (calib[i : i + 8] for i in range(0, len(calib), 8))
+            path = quantize_int8(src, work / "model_int8.onnx", batches)
+        session = OnnxClassifier(path, threads=torch.get_num_threads())
+        return lambda t: torch.from_numpy(np.asarray(session(t.cpu().numpy())))
+
+    return build
 
 
 def _tensorrt_builder(model: nn.Module, x: Tensor, work: Path, precision: str) -> Callable:

@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,7 +21,7 @@ from ...data.datasets import TransformedImages, decode_all, iter_batches
 from ...data.discovery import discover
 from ...data.preprocessing import base_size_for
 from ...models.weights import IMAGENET_MEAN, IMAGENET_STD
-from .common import BenchReport, BenchRow, PeakMemory, _interleaved, machine_summary
+from .common import BenchReport, BenchRow, PeakMemory, interleaved, machine_summary
 
 # ---------------------------------------------------------------------------------------------
 # Data pipeline
@@ -123,7 +124,7 @@ def bench_pipeline(
         for _ in iter_batches(dataset, index_batches):
             pass
 
-    secs = _interleaved({"naive": naive_epoch, "resfit": resfit_epoch}, epochs)
+    secs = interleaved({"naive": naive_epoch, "resfit": resfit_epoch}, epochs)
     n = len(decoded)
     naive_ips, resfit_ips = n / secs["naive"], n / secs["resfit"]
     report.rows = [
@@ -133,10 +134,16 @@ def bench_pipeline(
                  ratio=resfit_ips / naive_ips),
     ]  # fmt: skip
     if consumer_images_per_s:
-        report.info["training step consumes"] = f"{consumer_images_per_s:.1f} images/s"
-        report.info["resfit pipeline / consumption"] = f"{resfit_ips / consumer_images_per_s:.1f}x"
-        report.info["naive pipeline / consumption"] = f"{naive_ips / consumer_images_per_s:.1f}x"
+        _add_consumption(report, consumer_images_per_s, resfit_ips, naive_ips)
     return report
+
+
+def _add_consumption(report: BenchReport, consumer: float, resfit_ips: float,
+                     naive_ips: float) -> None:  # fmt: skip
+    """How many times faster each pipeline feeds images than the training step eats them."""
+    report.info["training step consumes"] = f"{consumer:.1f} images/s"
+    report.info["resfit pipeline / consumption"] = f"{resfit_ips / consumer:.1f}x"
+    report.info["naive pipeline / consumption"] = f"{naive_ips / consumer:.1f}x"
 
 
 def bench_sources(
@@ -181,15 +188,8 @@ def bench_sources(
         for mode in modes:
             for w in workers:
                 with PeakMemory() as mem:
-                    t0 = time.perf_counter()
-                    source = get_source(mode)
-                    opened = source.open(opened_by_mode[mode], base_size_for(img_size),
-                                         progress=False, desc="")  # fmt: skip
-                    dataset = TransformedImages(opened, tf)
-                    for e in range(epochs):
-                        for _ in source.batches(dataset, sharding.epoch(e), w, seed=e):
-                            pass
-                    secs = time.perf_counter() - t0
+                    secs = _time_source(get_source(mode), opened_by_mode[mode], tf, img_size,
+                                        sharding, epochs, w)  # fmt: skip
                 rate = sharding.steps * batch * epochs / secs
                 note = (
                     f"peak PSS {mem.pss / 1e9:.2f} GB, RSS {mem.rss / 1e9:.2f} (process + workers)"
@@ -202,6 +202,18 @@ def bench_sources(
     if consumer_images_per_s:
         report.info["training step consumes"] = f"{consumer_images_per_s:.1f} images/s"
     return report
+
+
+def _time_source(source: Any, samples: list, tf: Any, img_size: int, sharding: Any,
+                 epochs: int, workers: int) -> float:  # fmt: skip
+    """Seconds to open ``samples`` with ``source`` and run ``epochs`` epochs of batches."""
+    t0 = time.perf_counter()
+    opened = source.open(samples, base_size_for(img_size), progress=False, desc="")
+    dataset = TransformedImages(opened, tf)
+    for e in range(epochs):
+        for _ in source.batches(dataset, sharding.epoch(e), workers, seed=e):
+            pass
+    return time.perf_counter() - t0
 
 
 def _prepared(samples: list, classes: list[str], img_size: int, work: Path,

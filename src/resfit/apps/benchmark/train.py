@@ -20,14 +20,14 @@ from ...core.config import TrainConfig
 from ...tasks.single import SingleLabel
 from ...training.step import TrainStep, make_optimizer, param_groups
 from .common import (
-    _TORCHVISION,
+    TORCHVISION_ARCHS,
     BenchReport,
     BenchRow,
-    _input_size,
-    _interleaved,
-    _models,
+    baseline_and_ours,
+    bench_input_size,
     forward_gflop,
     gemm_roof,
+    interleaved,
     machine_summary,
 )
 
@@ -96,10 +96,10 @@ def bench_train_step(
     Each step ends in ``loss.item()``, which also waits for a GPU to finish.
     """
     device = runtime.pick_device(device)
-    base_model, ours = _models(arch, None, num_classes)
+    base_model, ours = baseline_and_ours(arch, None, num_classes)
     base_model.to(device)
     ours.to(device)
-    size = _input_size(arch, ours, img_size)
+    size = bench_input_size(arch, ours, img_size)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=g).to(device)
     y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
@@ -112,25 +112,9 @@ def bench_train_step(
         roof,
         info={"GFLOP per image (fwd+bwd)": round(gflop, 2), "resfit auto precision": auto},
     )
-    lr, weight_decay = 0.01, 5e-4  # both sides
-
-    engines: list[tuple[str, str, Callable]] = [
-        (
-            f"naive {'torchvision ' if arch in _TORCHVISION else ''}fp32 NCHW (baseline)",
-            "fp32",
-            lambda: _naive_step(base_model, x, y, lr, weight_decay),
-        ),
-        (f"resfit {auto} channels-last", auto, _resfit_step(ours, x, y, lr, weight_decay, auto)),
-    ]
-    if bf16 and auto != "bf16":
-        engines.append(("resfit bf16 autocast channels-last", "bf16",
-                        _resfit_step(ours, x, y, lr, weight_decay, "bf16")))  # fmt: skip
-    if compile:
-        engines.append((f"resfit {auto} + torch.compile", auto,
-                        _resfit_step(ours, x, y, lr, weight_decay, auto, True)))  # fmt: skip
-
+    engines = _train_engines(arch, base_model, ours, x, y, auto, bf16=bf16, compile=compile)
     built = _warm_up_steps(engines, report)
-    secs = _interleaved({k: v[1] for k, v in built.items()}, repeats)
+    secs = interleaved({k: v[1] for k, v in built.items()}, repeats)
     after = gemm_roof(device=device)
     report.roof = {k: max(v, after[k]) for k, v in roof.items()}
     base_name = engines[0][0]
@@ -142,6 +126,28 @@ def bench_train_step(
                      setup_s=setup, first_loss=first)
         )  # fmt: skip
     return report
+
+
+def _train_engines(arch: str, base_model: nn.Module, ours: nn.Module, x: Tensor, y: Tensor,
+                   auto: str, *, bf16: bool, compile: bool) -> list[tuple[str, str, Callable]]:  # fmt: skip
+    """(name, precision, builder) of every training step to time; the naive baseline first."""
+    lr, weight_decay = 0.01, 5e-4  # both sides
+
+    engines: list[tuple[str, str, Callable]] = [
+        (
+            f"naive {'torchvision ' if arch in TORCHVISION_ARCHS else ''}fp32 NCHW (baseline)",
+            "fp32",
+            lambda: _naive_step(base_model, x, y, lr, weight_decay),
+        ),
+        (f"resfit {auto} channels-last", auto, _resfit_step(ours, x, y, lr, weight_decay, auto)),
+    ]
+    if bf16 and auto != "bf16":
+        engines.append(("resfit bf16 autocast channels-last", "bf16",
+                        _resfit_step(ours, x, y, lr, weight_decay, "bf16")))  # fmt: skip
+    if compile:
+        engines.append((f"resfit {auto} + torch.compile", auto,
+                        _resfit_step(ours, x, y, lr, weight_decay, auto, True)))  # fmt: skip
+    return engines
 
 
 def _warm_up_steps(

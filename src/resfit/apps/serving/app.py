@@ -271,7 +271,7 @@ class _Service:
             return embed_batch(p.model, x.to(p.device)).tolist()
 
         loop = asyncio.get_running_loop()
-        vectors = await loop.run_in_executor(self.batcher._model_thread, run)
+        vectors = await loop.run_in_executor(self.batcher.model_thread, run)
         if _is_multipart(request):
             names = [name for name, _ in images]
             return JSONResponse(

@@ -27,7 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from ...data.datasets import DecodedImages
-from ...data.decode import MAX_PIXELS, _pil_to_rgb, resize_shorter, to_tensor
+from ...data.decode import MAX_PIXELS, pil_to_rgb, resize_shorter, to_tensor
 from ...inference.predictor import Predictor
 
 __all__ = ["BadImage", "Batcher", "QueueFull", "decode_image_bytes"]
@@ -69,7 +69,7 @@ def decode_image_bytes(data: bytes, base_size: int) -> Tensor:
                 img.seek(0)  # first frame of an animation
                 img = ImageOps.exif_transpose(img)
                 img.load()
-                rgb = _pil_to_rgb(img)
+                rgb = pil_to_rgb(img)
     except BadImage:
         raise
     except UnidentifiedImageError:
@@ -113,7 +113,7 @@ class Batcher:
         self._queue: asyncio.Queue[_Item] | None = None
         self._task: asyncio.Task | None = None
         # One model thread: the engine uses all of this process's cores for each batch.
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="resfit-model")
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="resfit-model")
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -127,7 +127,7 @@ class Batcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        self._model_thread.shutdown(wait=True)
+        self.model_thread.shutdown(wait=True)
 
     async def submit(self, image: Tensor) -> Tensor:
         """The probabilities (classes,) for one decoded image, once its batch has run."""
@@ -176,7 +176,7 @@ class Batcher:
             start = time.perf_counter()
             try:
                 probs = await loop.run_in_executor(
-                    self._model_thread, self.probabilities, [it.image for it in live]
+                    self.model_thread, self.probabilities, [it.image for it in live]
                 )
             except Exception as e:  # a bug or a runtime failure: every waiter gets it
                 for it in live:

@@ -147,7 +147,7 @@ def finish(study: Any, out: Path, wall_s: float) -> TuneResult:
 def _history_figure(study: Any, base_value: float | None) -> str:
     from matplotlib.figure import Figure
 
-    from ...insight.html import _img, _png_uri
+    from ...insight.html import img, png_uri
 
     fig = Figure(figsize=(9, 3.4))
     ax = fig.subplots()
@@ -172,7 +172,7 @@ def _history_figure(study: Any, base_value: float | None) -> str:
     ax.grid(alpha=0.3)
     if xs or base_value is not None:
         ax.legend(loc="lower right")
-    return _img(_png_uri(fig), "optimisation history", "fig")
+    return img(png_uri(fig), "optimisation history", "fig")
 
 
 def _importance_figure(study: Any) -> str:
@@ -180,7 +180,7 @@ def _importance_figure(study: Any) -> str:
     the best trials from the rest), or why there are none yet."""
     from matplotlib.figure import Figure
 
-    from ...insight.html import _e, _img, _png_uri
+    from ...insight.html import escape, img, png_uri
 
     try:
         import optuna
@@ -189,7 +189,7 @@ def _importance_figure(study: Any) -> str:
             warnings.simplefilter("ignore")
             imp = optuna.importance.get_param_importances(study)
     except Exception as e:  # too few complete trials, or a parameter that never varied
-        return f"<p>No importances yet: {_e(e)}</p>"
+        return f"<p>No importances yet: {escape(e)}</p>"
     if not imp:
         return "<p>No importances yet: no parameter varied across complete trials.</p>"
     names = list(imp)[::-1]
@@ -197,26 +197,26 @@ def _importance_figure(study: Any) -> str:
     ax = fig.subplots()
     ax.barh(names, [imp[n] for n in names], color="#2459a8")
     ax.set_xlabel("importance (PED-ANOVA, normalised; few trials: a rough guide)")
-    return _img(_png_uri(fig), "parameter importances", "fig")
+    return img(png_uri(fig), "parameter importances", "fig")
 
 
 def _params_table(best: dict, base: Any | None) -> str:
-    from ...insight.html import _e, _table
+    from ...insight.html import escape, table
 
     base_params = dict(base.params) if base is not None else {}
     names = sorted(set(best) | set(base_params))
 
     def shown(v: Any) -> str:
-        return "" if v is None else _e(f"{v:.4g}" if isinstance(v, float) else v)
+        return "" if v is None else escape(f"{v:.4g}" if isinstance(v, float) else v)
 
-    rows = [[_e(n), shown(base_params.get(n)), shown(best.get(n))] for n in names]
-    return _table(["parameter", "defaults", "best"], rows)
+    rows = [[escape(n), shown(base_params.get(n)), shown(best.get(n))] for n in names]
+    return table(["parameter", "defaults", "best"], rows)
 
 
 def write_report(study: Any, path: Path, result: TuneResult, base: Any | None) -> None:
     """DIR/report.html: summary, history, importances, best beside defaults, every trial."""
     from ...core.atomic import atomic_write_text
-    from ...insight.html import _CSP, _CSS, _e, _section, _table
+    from ...insight.html import CSP, CSS, escape, section, table
 
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{100 * v:.2f}%"
@@ -231,19 +231,19 @@ def write_report(study: Any, path: Path, result: TuneResult, base: Any | None) -
         f"<code>export</code> take it.</p>"
     )
     rows = trial_rows(study)
-    table = _table(list(CSV_FIELDS), [[_e(r[k]) for k in CSV_FIELDS] for r in rows])
+    rows_html = table(list(CSV_FIELDS), [[escape(r[k]) for k in CSV_FIELDS] for r in rows])
     sections = [
-        _section("summary", "Summary", summary),
-        _section("history", "Optimisation history", _history_figure(study, result.defaults_value)),
-        _section("importance", "Parameter importances", _importance_figure(study)),
-        _section("best", "Best parameters beside the defaults", _params_table(result.best_params, base)),
-        _section("trials", "Trials", table),
+        section("summary", "Summary", summary),
+        section("history", "Optimisation history", _history_figure(study, result.defaults_value)),
+        section("importance", "Parameter importances", _importance_figure(study)),
+        section("best", "Best parameters beside the defaults", _params_table(result.best_params, base)),
+        section("trials", "Trials", rows_html),
     ]  # fmt: skip
     doc = (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
-        f"<title>resfit tune: {_e(path.parent.name)}</title><style>{_CSS}</style></head>"
-        f"<body><main><header><h1>resfit tune: {_e(path.parent.name)}</h1></header>"
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+        f"<title>resfit tune: {escape(path.parent.name)}</title><style>{CSS}</style></head>"
+        f"<body><main><header><h1>resfit tune: {escape(path.parent.name)}</h1></header>"
         f"{''.join(sections)}</main></body></html>"
     )
     atomic_write_text(path, doc)

@@ -15,7 +15,9 @@ import dataclasses
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from ...core.config import PRESETS, TrainConfig, default_lr, default_weight_decay
+from ...core.config import TrainConfig
+from ...core.defaults import default_lr, default_weight_decay
+from ...core.presets import PRESETS
 
 # MixUp / CutMix pairs, as (mixup alpha, cutmix alpha): the alphas of timm's and torchvision's
 # recipes; searching the alphas as well buys little for the trials it costs.

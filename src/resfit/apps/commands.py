@@ -1,0 +1,301 @@
+"""The handlers of the ``resfit`` commands (:mod:`resfit.cli` builds the parser and calls them).
+
+Each takes the parsed namespace, runs one call of the Python API and prints what it found;
+returns the exit status. Each imports what it runs inside the function, so that ``resfit
+--help`` and an argument error answer without importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..core.config import OPTIONS, TrainConfig
+from ..core.errors import ConfigError
+
+# What `resfit bench` can time; `all` is every part (the CLI's own: its parser's choices).
+BENCH_PARTS = ("all", "inference", "train", "pipeline")
+
+
+def given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The config options the user gave on the command line, and only those, by flat name."""
+    return {name: value for name, value in vars(args).items() if name in OPTIONS}
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The config of a parsed ``train``/``lr-find`` command line: the defaults with the given
+    options, checked (a :class:`~resfit.core.errors.ConfigError` names a bad option)."""
+    return TrainConfig.from_options(**given_options(args)).check()
+
+
+def use_cores(args: argparse.Namespace) -> None:
+    """Take this process's share of the CPU threads (``--threads``, else the fair share).
+    Called once logging is set up, since it logs its choice; imports torch."""
+    from ..core import threads
+
+    threads.configure(getattr(args, "threads", None))
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ..models import resnet as models
+
+    for name in models.list_models(include_plain=args.plain):
+        spec = models.get_spec(name)
+        print(f"{name:22s} {spec.family:9s} {'residual' if spec.residual else 'plain'}")
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from ..models import weights
+
+    for name in weights.list_weights(args.arch):
+        w = weights.get_weights(name)
+        top1 = w.metrics.get("top1")
+        print(f"{name:32s} {w.num_classes:5d} classes  {w.input_size:4d}px  top1 {top1}%  {w.url}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    given = given_options(args)
+    if not args.resume and "data" not in given:
+        raise ConfigError("no training data given: resfit train DATA --out RUN")
+    TrainConfig.from_options(**given).check()  # bad values answer before torch is imported
+    use_cores(args)
+    from ..training import train
+
+    # Resuming, the run's saved config holds; train() applies the given options that may
+    # change mid-run and refuses the others.
+    result = train(resume=args.resume, **given)
+    if result.history:
+        what = "mAP" if result.config and result.config.data.task == "multilabel" else "accuracy"
+        print(f"best val {what} {result.best_val_accuracy:.4f} (epoch {result.best_epoch}); "
+              f"run in {result.run_dir}")  # fmt: skip
+    if result.test and "mAP" in result.test:
+        print(f"test mAP {result.test['mAP']:.4f} on {result.test['n']} images")
+    elif result.test:
+        print(f"test accuracy {result.test['accuracy']:.4f} on {result.test['n']} images")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    given = given_options(args)
+    TrainConfig.from_options(**given).check()  # bad values answer before torch is imported
+    from ..data.shards import prepare
+
+    index = prepare(args.data, args.out, img_size=given.get("img_size") or 224,
+                    workers=args.writers, quality=args.quality,
+                    val_fraction=given.get("val_fraction", 0.15),
+                    test_fraction=given.get("test_fraction", 0.0), seed=given.get("seed", 0),
+                    task=given.get("task", "auto"), progress=given.get("progress", True))  # fmt: skip
+    counts = ", ".join(f"{s} {p['count']}" for s, p in index["splits"].items() if p["count"])
+    print(f"prepared {counts} images ({len(index['skipped'])} skipped) in {args.out}: "
+          f"resfit train {args.out} --out RUN")  # fmt: skip
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    use_cores(args)
+    from ..training.lr_find import lr_find
+
+    res = lr_find(cfg, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps, out=args.out)
+    print(f"suggested lr {res.suggestion:.2g} (steepest descent; lowest loss at {res.lr_min:.2g})")
+    print(f"plot: {res.plot}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    use_cores(args)
+    from ..insight.evaluation import evaluate
+
+    res = evaluate(args.run, args.data, out=args.out, batch_size=args.batch_size,
+                   device=args.device, precision=args.precision, progress=not args.json,
+                   engine=args.engine)  # fmt: skip
+    if args.json:
+        print(json.dumps(res.summary()))
+        return 0
+    if getattr(res, "task", "") == "multilabel":
+        print(f"mAP {res.mAP:.4f}  micro-mAP {res.micro_mAP:.4f}  micro-F1 {res.micro_f1:.4f}  "
+              f"macro-F1 {res.macro_f1:.4f}  exact match {res.exact_match:.4f}  "
+              f"Hamming loss {res.hamming_loss:.4f}  n={res.n}")  # fmt: skip
+        for row in res.per_class:
+            ap = "  -  " if row["ap"] is None else f"{row['ap']:.3f}"
+            print(f"  {row['class']:20s} AP {ap} precision {row['precision']:.3f} recall "
+                  f"{row['recall']:.3f} f1 {row['f1']:.3f} n={row['support']}")  # fmt: skip
+        return 0
+    print(f"accuracy {res.accuracy:.4f}  top-5 {res.top5:.4f}  balanced "
+          f"{res.balanced_accuracy:.4f}  macro-F1 {res.macro_f1:.4f}  n={res.n}")  # fmt: skip
+    for row in res.per_class:
+        print(f"  {row['class']:20s} precision {row['precision']:.3f} recall {row['recall']:.3f} "
+              f"f1 {row['f1']:.3f} n={row['support']}")  # fmt: skip
+    if res.skipped:
+        print(f"skipped {len(res.skipped)} unreadable file(s)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    use_cores(args)
+    from ..inference.predictor import Predictor, write_predictions_csv
+
+    predictor = Predictor.from_run(
+        args.run, device=args.device, precision=args.precision, engine=args.engine,
+        tta=args.tta, compile=args.compile,
+    )  # fmt: skip
+    preds, skipped = predictor.predict(args.inputs, top_k=args.top_k, batch_size=args.batch_size)
+    text = write_predictions_csv(args.out, preds, args.top_k)
+    if args.out:
+        print(f"wrote {len(preds)} predictions to {args.out}")
+    else:
+        # A file name that is not UTF-8 goes out as its bytes on disk, as in the CSV file.
+        sys.stdout.flush()
+        sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape"))
+        sys.stdout.buffer.flush()
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import json
+
+    use_cores(args)
+    from ..export.run import export_run
+
+    info = export_run(
+        args.run, int8=args.int8, calib=args.calib, val=args.val, out=args.out,
+        format=args.format, name=args.name, max_batch=args.max_batch,
+        max_queue_delay_us=args.max_queue_delay_us,
+    )  # fmt: skip
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _classes_to_explain(p: Any, class_name: str | None) -> list[str]:
+    """The class(es) an overlay is drawn for: the one asked for; else the prediction's label,
+    or for a multi-label run each predicted label (the most probable class when none is)."""
+    if class_name:
+        return [class_name]
+    if p.labels is not None:
+        return [name for name, _ in p.labels] or [p.top_k[0][0]]
+    return [p.label]
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    use_cores(args)
+    from ..data.paths import find_images
+    from ..inference.predictor import Predictor
+
+    predictor = Predictor.from_run(args.run, device="cpu", precision="fp32")
+    if args.class_name and args.class_name not in predictor.classes:
+        raise ConfigError(
+            f"--class {args.class_name}: the run knows {', '.join(predictor.classes)}"
+        )
+    explain = predictor.explainer()
+    preds, skipped = predictor.predict(find_images(args.inputs))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for p in preds:
+        for cls in _classes_to_explain(p, args.class_name):
+            target = out / f"{Path(p.path).stem}.{cls}.png"
+            explain(p.path, predictor.classes.index(cls)).save(target)
+            print(f"{target}  predicted {p.label or '(no label)'} ({p.confidence:.2f})")
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    return 0
+
+
+def cmd_gradient_flow(args: argparse.Namespace) -> int:
+    use_cores(args)
+    from .analysis import run_gradient_flow
+
+    s = run_gradient_flow(
+        args.archs, args.data, args.out, steps=args.steps, n_images=args.images, seed=args.seed
+    )
+    for arch, phases in s["archs"].items():
+        for phase, d in phases.items():
+            print(
+                f"{arch:18s} {phase:14s} first/last block grad norm {d['first_last_ratio']:10.3g}"
+                f"  spread {d['spread']:10.3g}  loss {d['loss']:.3f}"
+            )
+    print(f"plot: {s['png']}")
+    return 0
+
+
+def cmd_augment_preview(args: argparse.Namespace) -> int:
+    given = {k: v for k, v in given_options(args).items() if OPTIONS[k].section == "augment"}
+    aug = TrainConfig.from_options(**given).check().augment
+    use_cores(args)
+    from torchvision.io import write_png
+
+    from ..data.augmentation import preview_grid
+    from ..data.datasets import decode_all
+    from ..data.discovery import discover
+    from ..data.preprocessing import base_size_for
+    from ..models.weights import IMAGENET_MEAN, IMAGENET_STD
+
+    splits = discover(args.data, seed=args.seed)
+    first: dict[int, Any] = {}  # one image per class
+    for s in splits.train:
+        first.setdefault(s.label, s)
+    samples = list(first.values())[: args.rows]
+    decoded = decode_all(samples, base_size_for(args.img_size), progress=False)
+    grid = preview_grid(decoded.images, aug, args.img_size, IMAGENET_MEAN, IMAGENET_STD,
+                        views=args.views, seed=args.seed)  # fmt: skip
+    write_png(grid, args.out)
+    print(f"wrote {args.out}: {len(samples)} images (first column: eval view) x {args.views} "
+          f"augmented views, preset {aug.resolved(args.img_size).preset}")  # fmt: skip
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    use_cores(args)
+    from .demo import run_demo
+
+    run_demo(out=args.out, quick=args.quick)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+
+    what = list(BENCH_PARTS[1:]) if args.what == "all" else [args.what]
+    if "pipeline" in what and not args.data:
+        if args.what == "pipeline":
+            raise ConfigError("resfit bench pipeline needs --data DIR (a folder of class folders)")
+        what.remove("pipeline")
+        print("(the data pipeline needs --data DIR: skipped)\n")
+    use_cores(args)
+    from .benchmark import inference, pipeline, train
+
+    reports = []
+    step_rate = None
+    for w in what:
+        if w == "inference":
+            rep = inference.bench_inference(
+                args.arch, data=args.data, weights=args.weights, batch=args.batch,
+                img_size=args.img_size, repeats=args.repeats, compile=args.compile,
+                onnx=not args.no_onnx, openvino=not args.no_openvino, device=args.device,
+                tensorrt=not args.no_tensorrt,
+            )  # fmt: skip
+        elif w == "train":
+            rep = train.bench_train_step(
+                args.arch, batch=args.batch, img_size=args.img_size, repeats=args.repeats,
+                compile=args.compile, device=args.device,
+            )  # fmt: skip
+            fast = [r.images_per_s for r in rep.rows if r.name.startswith("resfit")]
+            step_rate = max(fast) if fast else None
+        else:
+            rep = pipeline.bench_pipeline(
+                args.data, img_size=args.img_size or 224, augment=args.augment,
+                limit=args.limit, batch=args.batch, consumer_images_per_s=step_rate,
+            )  # fmt: skip
+        print(rep.format() + "\n", flush=True)
+        reports.append(rep.to_dict())
+    if args.json:
+        from ..core.atomic import atomic_write_json
+
+        atomic_write_json(args.json, reports, indent=1, default=str)
+    return 0
