@@ -174,7 +174,7 @@ def test_no_module_over_500_lines() -> None:
 # Where code still asks whether labels are single or multiple: the task should answer instead
 # (issue 25). The count per module may only go down; move a branch into tasks/ and lower it.
 TASK_BRANCHES_LEFT = {
-    "cli.py": 2,
+    "apps/commands.py": 2,
     "quality/label_issues.py": 3,
     "training/lr_find.py": 2,
     "training/run.py": 3,
@@ -187,7 +187,7 @@ TASK_BRANCHES_LEFT = {
     "data/datasets.py": 2,
     "data/shards.py": 1,
     "insight/evaluation.py": 1,
-    "insight/report.py": 1,
+    "insight/report_sections.py": 1,
     "apps/audit.py": 1,
     "apps/serving/app.py": 4,
 }
