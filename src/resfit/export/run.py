@@ -9,6 +9,10 @@ fp32 (``resfit bench`` prints the figures). ``onnx``/``onnxruntime`` are optiona
 Every file is written to a temporary name beside the target and renamed into place, so an
 interrupted export never leaves a truncated model where a good one was expected.
 
+Add a format: a function ``(ExportJob) -> report dict`` that writes into ``job.out_dir``,
+``FORMATS.register(name, fn)``, its name in ``core.config.EXPORT_FORMATS`` (the CLI's
+``--format`` choices) and, to run it, an engine in :mod:`resfit.inference.engines`.
+
 This module builds on :mod:`resfit.inference.predictor` and :mod:`resfit.inference.engines` (which runs the files
 written here); neither imports it. ``OnnxClassifier`` lives in :mod:`resfit.inference.engines` and is
 re-exported here.
@@ -18,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,7 @@ from torch import nn
 from ..core.atomic import atomic_write_json
 from ..core.config import EXPORT_FORMATS
 from ..core.errors import ConfigError, DataError
+from ..core.registry import Registry
 from ..data.datasets import DecodedImages, decode_all
 from ..data.discovery import discover, eval_samples, read_splits
 from ..data.paths import display_path, find_images
@@ -40,7 +46,7 @@ from .onnx import DEFAULT_OPSET, export_onnx, onnx_parity, quantize_int8
 
 log = logging.getLogger("resfit")
 
-__all__ = ["export_run"]
+__all__ = ["FORMATS", "ExportJob", "export_run"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,28 +203,125 @@ def _int8_accuracy(
     }
 
 
-def _export_openvino(
-    predictor: Predictor, run, cfg: dict, classes: list[str], out_dir: Path, int8: bool, calib,
-    val, calib_images: int, val_images: int,
-) -> dict[str, Any]:  # fmt: skip
-    """``--format openvino``: OpenVINO IR converted from the run's model (no ONNX step), the
-    parity check, and with ``int8`` NNCF quantization and its accuracy change on validation
-    images (as the ONNX path measures its own)."""
+@dataclass(frozen=True)
+class ExportJob:
+    """What every format's exporter gets: the run, its model (as a PyTorch Predictor) and the
+    options of ``resfit export``."""
+
+    run: Path
+    cfg: dict[str, Any]
+    classes: list[str]
+    predictor: Predictor
+    out_dir: Path
+    int8: bool = False
+    calib: str | os.PathLike | None = None
+    val: str | os.PathLike | None = None
+    calib_images: int = 256
+    val_images: int = 1000
+    opset: int = DEFAULT_OPSET
+    name: str | None = None
+    max_batch: int = 32
+    max_queue_delay_us: int = 5000
+
+
+@dataclass
+class _OnnxExport:
+    """An exported ONNX model with the images it was checked on."""
+
+    report: dict[str, Any]
+    fp32_path: Path
+    checked: DecodedImages
+    batches: list[np.ndarray]
+    source: str
+
+
+def _export_onnx_checked(job: ExportJob) -> _OnnxExport:
+    """The fp32 ONNX file and its parity check against PyTorch on validation images."""
+    fp32_path = _export_fp32(job.predictor, job.classes, job.out_dir, job.opset)
+    report: dict[str, Any] = {"onnx": str(fp32_path), "opset": job.opset}
+    samples, source = validation_samples(job.run, job.cfg, job.classes, job.val)
+    # Decoded with their labels: a file that cannot be read drops out with its label. Without
+    # int8 only the parity check needs images, and 64 are enough for it.
+    limit = job.val_images if job.int8 else 64
+    checked = decode_all(_pick(samples, limit), job.predictor.base_size, progress=False)
+    report.update(val_source=source, val_images=len(checked), val_skipped=len(checked.skipped))
+    batches = _parity_check(job.predictor, fp32_path, checked, job.calib, report)
+    return _OnnxExport(report, fp32_path, checked, batches, source)
+
+
+def _int8_checked(job: ExportJob, done: _OnnxExport, target: Path, symmetric: bool) -> Path:
+    """The int8 file quantized on the calibration images, with its accuracy change on the
+    validation images in ``done.report``."""
+    int8_path, n_calib = _quantize_run(job.predictor, done.fp32_path, target, job.calib,
+                                       job.calib_images, symmetric=symmetric)  # fmt: skip
+    done.report.update({"tensorrt_int8" if symmetric else "int8": str(int8_path),
+                        "calib_images": n_calib})  # fmt: skip
+    if len(done.checked):
+        # For the TensorRT file: its accuracy in ONNX Runtime on the CPU, the same QDQ graph.
+        y = done.checked.labels.numpy()
+        done.report.update(_int8_accuracy(done.fp32_path, int8_path, done.batches, y))
+        log.info("int8 accuracy measured on %d images: %s", len(done.checked), done.source)
+    else:
+        log.warning("int8 accuracy not measured: no validation images (%s)", done.source)
+    return int8_path
+
+
+def _format_onnx(job: ExportJob) -> dict[str, Any]:
+    """``RUN/export/model.onnx`` (and ``model.int8.onnx``, asymmetric static int8)."""
+    done = _export_onnx_checked(job)
+    if job.int8:
+        _int8_checked(job, done, job.out_dir / "model.int8.onnx", symmetric=False)
+    return done.report
+
+
+def _format_tensorrt(job: ExportJob) -> dict[str, Any]:
+    """The ONNX model and, with int8, ``tensorrt/model.int8.onnx`` (symmetric: TensorRT takes
+    int8 activations with zero point 0 only); on a GPU the TensorRT engines' checks."""
+    done = _export_onnx_checked(job)
+    int8_path = None
+    if job.int8:
+        int8_path = _int8_checked(job, done, job.out_dir / "tensorrt" / "model.int8.onnx", True)
+    pre = job.predictor.preprocessing
+    labels = done.checked.labels.numpy() if len(done.checked) else None
+    done.report.update(_tensorrt_checks(job.predictor.model, done.fp32_path, int8_path,
+                                        done.batches, labels,
+                                        (pre.in_chans, pre.img_size, pre.img_size)))  # fmt: skip
+    return done.report
+
+
+def _format_triton(job: ExportJob) -> dict[str, Any]:
+    """The ONNX export, and ``OUT/triton/NAME``: a Triton model repository around it."""
+    from .triton import write_triton_repository
+
+    report = _format_onnx(job)
+    model_name = job.name or job.run.resolve().name
+    report["triton"] = str(write_triton_repository(
+        Path(report["onnx"]), job.out_dir / "triton", model_name, classes=job.classes,
+        max_batch=job.max_batch, max_queue_delay_us=job.max_queue_delay_us,
+    ))  # fmt: skip
+    return report
+
+
+def _format_openvino(job: ExportJob) -> dict[str, Any]:
+    """OpenVINO IR converted from the run's model (no ONNX step), the parity check, and with
+    int8 NNCF quantization and its accuracy change on validation images (as the ONNX path
+    measures its own)."""
     from ..inference.openvino import export_openvino
 
-    samples, source = validation_samples(run, cfg, classes, val)
-    checked = decode_all(_pick(samples, val_images if int8 else 64), predictor.base_size,
-                         progress=False)  # fmt: skip
+    predictor = job.predictor
+    samples, source = validation_samples(job.run, job.cfg, job.classes, job.val)
+    checked = decode_all(_pick(samples, job.val_images if job.int8 else 64),
+                         predictor.base_size, progress=False)  # fmt: skip
     batches = list(_batches(predictor, checked))
     calib_batches = None
-    if int8:
-        decoded = predictor.decode(_pick(find_images([str(calib)]), calib_images))
+    if job.int8:
+        decoded = predictor.decode(_pick(find_images([str(job.calib)]), job.calib_images))
         if not len(decoded):
-            raise DataError(f"--calib {display_path(calib)}: none of its images could be read")
+            raise DataError(f"--calib {display_path(job.calib)}: none of its images could be read")
         calib_batches = list(_batches(predictor, decoded))
     pre = predictor.preprocessing
     report = export_openvino(
-        predictor.model, pre.img_size, pre.in_chans, out_dir, check=batches,
+        predictor.model, pre.img_size, pre.in_chans, job.out_dir, check=batches,
         labels=checked.labels.numpy() if len(checked) else None, calib=calib_batches,
     )  # fmt: skip
     report.update(val_source=source, val_images=len(checked), val_skipped=len(checked.skipped))
@@ -227,34 +330,14 @@ def _export_openvino(
     return report
 
 
-def _int8_and_engine_checks(
-    predictor: Predictor, fp32_path: Path, out_dir: Path, format: str, int8: bool, calib,
-    calib_images: int, checked: DecodedImages, batches: list[np.ndarray], source: str,
-) -> dict[str, Any]:  # fmt: skip
-    """``export_run``'s int8 file (symmetric for TensorRT) with its accuracy change on the
-    validation images, and for ``--format tensorrt`` the engines' checks."""
-    report: dict[str, Any] = {}
-    int8_path = None
-    if int8:
-        # TensorRT takes int8 activations with zero point 0 only: its own file, symmetric.
-        trt = format == "tensorrt"
-        target = out_dir / "tensorrt" / "model.int8.onnx" if trt else out_dir / "model.int8.onnx"
-        int8_path, n_calib = _quantize_run(predictor, fp32_path, target, calib, calib_images,
-                                           symmetric=trt)  # fmt: skip
-        report.update({"tensorrt_int8" if trt else "int8": str(int8_path), "calib_images": n_calib})
-        if len(checked):
-            y = checked.labels.numpy()
-            # For the TensorRT file: its accuracy in ONNX Runtime on the CPU, the same QDQ graph.
-            report.update(_int8_accuracy(fp32_path, int8_path, batches, y))
-            log.info("int8 accuracy measured on %d images: %s", len(checked), source)
-        else:
-            log.warning("int8 accuracy not measured: no validation images (%s)", source)
-    if format == "tensorrt":
-        pre = predictor.preprocessing
-        labels = checked.labels.numpy() if len(checked) else None
-        report.update(_tensorrt_checks(predictor.model, fp32_path, int8_path, batches, labels,
-                                       (pre.in_chans, pre.img_size, pre.img_size)))  # fmt: skip
-    return report
+ExportFormat = Callable[[ExportJob], dict[str, Any]]
+# `resfit export --format NAME`: each writes its files into job.out_dir and returns its report.
+FORMATS: Registry[str, ExportFormat] = Registry("export format")
+FORMATS.register("onnx", _format_onnx)
+FORMATS.register("triton", _format_triton)
+FORMATS.register("openvino", _format_openvino)
+FORMATS.register("tensorrt", _format_tensorrt)
+assert tuple(FORMATS) == EXPORT_FORMATS, "core.config.EXPORT_FORMATS and FORMATS must agree"
 
 
 def _check_export_options(format: str, int8: bool, calib: str | os.PathLike | None) -> None:
@@ -278,18 +361,6 @@ def _parity_check(predictor: Predictor, fp32_path: Path, checked: Any,
         images = torch.from_numpy(np.concatenate(batches)[:64])
         report["max_abs_logit_diff"] = onnx_parity(predictor.model, fp32_path, images)
     return batches
-
-
-def _write_triton(fp32_path: Path, out_dir: Path, model_name: str, classes: list[str],
-                  max_batch: int, max_queue_delay_us: int) -> str:  # fmt: skip
-    """``OUT/triton/NAME``: a Triton model repository around the ONNX model; its path."""
-    from .triton import write_triton_repository
-
-    triton_dir = write_triton_repository(
-        fp32_path, out_dir / "triton", model_name, classes=classes,
-        max_batch=max_batch, max_queue_delay_us=max_queue_delay_us,
-    )  # fmt: skip
-    return str(triton_dir)
 
 
 def export_run(
@@ -327,25 +398,8 @@ def export_run(
     out_dir = Path(out or RunPaths(run).export)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictor = Predictor.from_run(run, device="cpu", precision="fp32", engine="torch")
-    if format == "openvino":
-        report = _export_openvino(predictor, run, cfg, classes, out_dir, int8, calib, val,
-                                  calib_images, val_images)  # fmt: skip
-        atomic_write_json(out_dir / EXPORT_REPORT, report)
-        return report
-    fp32_path = _export_fp32(predictor, classes, out_dir, opset)
-    report: dict[str, Any] = {"onnx": str(fp32_path), "opset": opset}
-
-    samples, source = validation_samples(run, cfg, classes, val)
-    # Decoded with their labels: a file that cannot be read drops out with its label. Without
-    # int8 only the parity check needs images, and 64 are enough for it.
-    limit = val_images if int8 else 64
-    checked = decode_all(_pick(samples, limit), predictor.base_size, progress=False)
-    report.update(val_source=source, val_images=len(checked), val_skipped=len(checked.skipped))
-    batches = _parity_check(predictor, fp32_path, checked, calib, report)
-    report.update(_int8_and_engine_checks(predictor, fp32_path, out_dir, format, int8, calib,
-                                          calib_images, checked, batches, source))  # fmt: skip
-    if format == "triton":
-        report["triton"] = _write_triton(fp32_path, out_dir, name or Path(run).resolve().name,
-                                         classes, max_batch, max_queue_delay_us)  # fmt: skip
+    job = ExportJob(Path(run), cfg, classes, predictor, out_dir, int8, calib, val, calib_images,
+                    val_images, opset, name, max_batch, max_queue_delay_us)  # fmt: skip
+    report = FORMATS.get(format)(job)
     atomic_write_json(out_dir / EXPORT_REPORT, report)
     return report
