@@ -196,7 +196,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     colours: Path, tmp_path: Path, monkeypatch
 ) -> None:
     import resfit.tasks.base as base
-    import resfit.tasks.registry as tasks
+    import resfit.tasks.single as single
 
     real = base.soft_cross_entropy
     calls = {"n": 0}
@@ -207,7 +207,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
         return loss * float("nan") if calls["n"] > 3 * 3 else loss  # 3 steps per epoch
 
     # SingleLabel.loss calls it through the module global.
-    monkeypatch.setattr(tasks, "soft_cross_entropy", poisoned)
+    monkeypatch.setattr(single, "soft_cross_entropy", poisoned)
     with pytest.raises(TrainingError, match=r"loss became nan at epoch 4.*last good checkpoint"):
         train(
             TrainConfig.from_options(data=str(colours), out=str(tmp_path / "run"), epochs=6, **FAST)

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..core.errors import DataError
+from ..core.labels import CODINGS, LabelCoding, coding_for
 from .manifests import (
     _discover_multilabel_csv,
     _is_multilabel_csv,
@@ -44,7 +45,7 @@ from .manifests import (
     as_task,
 )
 from .paths import IMAGE_SUFFIXES, _list_images, display_path, display_text, open_csv
-from .samples import SHARD_INDEX, SPLIT_FOLDER_NAMES, SPLITS, TASKS, DataSplits, Sample, split_of
+from .samples import SHARD_INDEX, SPLIT_FOLDER_NAMES, SPLITS, DataSplits, Sample, split_of
 
 log = logging.getLogger("resfit")
 
@@ -144,8 +145,8 @@ def discover(
     other than one label. Logs (INFO, logger ``"resfit"``) where each split comes from, and
     warns about folders and images that it does not use.
     """
-    if task not in TASKS:
-        raise DataError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
+    if task != "auto" and task not in CODINGS:  # a registered task is known here by its coding
+        raise DataError(f"task must be one of {', '.join(['auto', *CODINGS])}, not {task!r}")
     root = Path(data).expanduser()
     if not root.exists():
         raise DataError(f"data path {display_path(root)} does not exist")
@@ -322,14 +323,13 @@ def write_splits(path: str | os.PathLike[str], splits: DataSplits) -> None:
     ``resfit train splits.csv``) can reproduce it. Odd file names keep their bytes."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    multi = splits.task == "multilabel"
+    coding = CODINGS.get(splits.task)
     with open_csv(tmp, "w") as f:
         w = csv.writer(f)
-        w.writerow(["path", "labels" if multi else "label", "split"])
+        w.writerow(["path", coding.column, "split"])
         for split in SPLITS:
             for s in getattr(splits, split):
-                label = (";".join(c for c, on in zip(splits.classes, s.label, strict=True) if on)
-                         if multi else splits.classes[s.label])  # fmt: skip
+                label = coding.text(s.label, splits.classes)
                 w.writerow([str(Path(s.path).absolute()), label, split])
     os.replace(tmp, path)  # never a half-written record
 
@@ -373,28 +373,40 @@ def read_splits(path: str | os.PathLike[str]) -> DataSplits:
 
 
 def eval_samples(
-    data: str | os.PathLike, classes: Sequence[str], *, multilabel: bool = False
+    data: str | os.PathLike,
+    classes: Sequence[str],
+    *,
+    task: str | LabelCoding = "single",
+    multilabel: bool = False,
 ) -> tuple[list[Sample], list[tuple[str, str]]]:
     """The images to evaluate on: a folder of class folders, a data root whose test split
     (else its val split, by any of their usual folder names) is used, or a CSV manifest (its
-    test rows, else all rows). ``multilabel``: labels as multi-hot tuples over ``classes``."""
+    test rows, else all rows). Labels in the coding of the run's ``task`` (its name, or its
+    :class:`LabelCoding`; multi-label: multi-hot tuples over ``classes``); ``multilabel=True``
+    is ``task="multilabel"``."""
     root = Path(data).expanduser()
     if not root.exists():
         raise DataError(f"data path {display_path(root)} does not exist")
     _refuse_shards(root, "evaluation")
-    if root.is_file() and _is_multilabel_csv(root, "multilabel" if multilabel else "auto"):
-        if not multilabel:
+    task = "multilabel" if multilabel is True else task  # the older keyword
+    coding = coding_for(task)
+    if root.is_file() and _is_multilabel_csv(root, coding):
+        if coding.column != "labels":  # label sets, and the task takes one label per image
             raise DataError(
                 f"{display_path(root)} is a multi-label manifest (labels column), and this run "
                 f"predicts one label per image: evaluate it with a path,label manifest"
             )
         return _multilabel_eval_samples(root, classes)
-    if multilabel:
-        samples, skipped = eval_samples(root, classes)
-        k = len(classes)
-        return [
-            Sample(s.path, tuple(int(i == s.label) for i in range(k))) for s in samples
-        ], skipped
+    samples, skipped = _one_label_eval_samples(root, classes)
+    k = len(classes)
+    where = lambda s: lambda: display_path(s.path)  # noqa: E731
+    return [Sample(s.path, coding.convert(s.label, k, where(s))) for s in samples], skipped
+
+
+def _one_label_eval_samples(
+    root: Path, classes: Sequence[str]
+) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """Images to evaluate with one class index each, from folders or a ``path,label`` CSV."""
     if root.is_file():
         splits = _discover_csv(root, 0.0, 0.0, 0)
         samples = splits.test or splits.train + splits.val

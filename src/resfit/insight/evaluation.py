@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..core.labels import ClassIndex, MultiHot
 from ..data.datasets import decode_all
 from ..data.discovery import eval_samples
 from ..data.paths import open_csv, write_skipped
@@ -45,6 +46,7 @@ class EvalResult:
     per_class: list[dict]
     confusion: np.ndarray
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    task_scores: dict[str, float] = field(default_factory=dict)  # the task's own (Task.eval_scores)
 
     @property
     def y_pred(self) -> np.ndarray:
@@ -60,6 +62,7 @@ class EvalResult:
             "macro_f1": self.macro_f1,
             "skipped": len(self.skipped),
             "per_class": self.per_class,
+            **self.task_scores,
         }
 
 
@@ -130,6 +133,7 @@ class MultiLabelEvalResult:
     per_class: list[dict]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     task: str = "multilabel"
+    task_scores: dict[str, float] = field(default_factory=dict)  # the task's own (Task.eval_scores)
 
     @property
     def y_pred(self) -> np.ndarray:
@@ -138,7 +142,7 @@ class MultiLabelEvalResult:
     def summary(self) -> dict:
         keys = ("mAP", "micro_mAP", "micro_f1", "macro_f1", "exact_match", "hamming_loss", "n")
         return {"task": self.task, **{k: getattr(self, k) for k in keys},
-                "skipped": len(self.skipped), "per_class": self.per_class}  # fmt: skip
+                "skipped": len(self.skipped), "per_class": self.per_class, **self.task_scores}  # fmt: skip
 
 
 def compute_multilabel_metrics(
@@ -286,9 +290,16 @@ def evaluate(
     installed here). A multi-label run is scored on a ``path,labels[,split]`` manifest (its
     test rows, else all rows) or class folders, and returns a :class:`MultiLabelEvalResult`."""
     predictor = Predictor.from_run(run, device=device, precision=precision, engine=engine)
-    if predictor.multilabel:
-        return _evaluate_multilabel(predictor, run, data, out, batch_size, progress, report)
-    samples, skipped = eval_samples(data, predictor.classes)
+    # How the labels are held picks the scores and files (one class per image, or label sets);
+    # the task adds its own scores to either.
+    how = _EVALUATIONS[type(predictor.task.coding)]
+    return how(predictor, run, data, out, batch_size, progress, report)
+
+
+def _evaluate_one_label(
+    predictor: Predictor, run, data, out, batch_size: int, progress: bool, report: bool
+) -> EvalResult:
+    samples, skipped = eval_samples(data, predictor.classes, task=predictor.task.coding)
     # Decoded with their labels: an unreadable file drops out together with its label.
     decoded = decode_all(samples, predictor.base_size, progress=progress)
     logits = predictor.logits(decoded, batch_size)
@@ -296,6 +307,7 @@ def evaluate(
         logits, decoded.labels, predictor.classes, [str(p) for p in decoded.paths]
     )
     res.skipped = skipped + decoded.skipped
+    res.task_scores = predictor.task.eval_scores(logits, decoded.labels)
     name = Path(data).name or "data"
     out_dir = write_eval(res, out or Path(run) / f"eval-{name}", predictor.temperature)
     if report:
@@ -328,7 +340,7 @@ def evaluate(
 def _evaluate_multilabel(
     predictor: Predictor, run, data, out, batch_size: int, progress: bool, report: bool
 ) -> MultiLabelEvalResult:
-    samples, skipped = eval_samples(data, predictor.classes, multilabel=True)
+    samples, skipped = eval_samples(data, predictor.classes, task=predictor.task.coding)
     decoded = decode_all(samples, predictor.base_size, progress=progress)
     logits = predictor.logits(decoded, batch_size)
     res = compute_multilabel_metrics(
@@ -336,6 +348,7 @@ def _evaluate_multilabel(
         predictor.temperature if predictor.temperature is not None else 1.0, predictor.thresholds,
     )  # fmt: skip
     res.skipped = skipped + decoded.skipped
+    res.task_scores = predictor.task.eval_scores(logits, decoded.labels)
     name = Path(data).stem if Path(data).is_file() else Path(data).name or "data"
     out_dir = write_multilabel_eval(res, out or Path(run) / f"eval-{name}")
     if report:
@@ -347,6 +360,9 @@ def _evaluate_multilabel(
             MultiLabelReportData(f"{cfg['arch']} evaluated on {name}", res, predictor.explainer()),
         )
     return res
+
+
+_EVALUATIONS = {ClassIndex: _evaluate_one_label, MultiHot: _evaluate_multilabel}
 
 
 def _counts(res: EvalResult) -> dict[str, int]:

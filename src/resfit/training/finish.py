@@ -12,10 +12,12 @@ from torch import Tensor
 from ..core.atomic import atomic_save_safetensors, atomic_write_text
 from ..core.config import TrainConfig
 from ..core.errors import DataError
+from ..core.labels import ClassIndex, MultiHot
 from ..data.datasets import TransformedImages
 from ..data.preprocessing import decode_size
 from ..data.samples import DataSplits
 from ..tasks import calibration
+from ..tasks.registry import TASKS
 from .callbacks import BestModel
 from .loop import Loop
 from .step import predict_logits
@@ -51,16 +53,9 @@ def finish_run(
                             {"arch": cfg.model.arch, "epoch": str(best.best_epoch)})  # fmt: skip
     # The frozen prefix is the same in the best weights: cached val features still hold.
     val_logits = loop.val_logits(model)
-    val_labels = loop.data.val.decoded.labels
-    if cfg.data.task == "multilabel":
-        test = _finish_multilabel(cfg, loop, splits, val_logits, ev_tf, show)
-    else:
-        cal = calibrate(out, val_logits, val_labels)
-        temperature = cal.temperature
-        audit = _audit_training_labels(cfg, loop, splits, ev_tf, show) if cfg.run.audit else None
-        if cfg.run.report:
-            _write_report(cfg, loop, splits, val_logits, cal, skipped, duplicates, ev_tf, audit)
-        test = _evaluate_test(cfg, loop, splits, ev_tf, show, temperature) if splits.test else None
+    # How the labels are held picks the calibration, report and test scores.
+    finish = _FINISH[type(TASKS.get(cfg.data.task).coding)]
+    test = finish(cfg, loop, splits, val_logits, ev_tf, show, skipped, duplicates)
     summary = {"best_epoch": best.best_epoch, "best_val_accuracy": best.best,
                "monitor": best.monitor, "epochs_run": len(loop.history), "test": test}  # fmt: skip
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
@@ -178,7 +173,18 @@ def calibrate_multilabel(
     return c
 
 
-def _finish_multilabel(cfg, loop, splits, val_logits, ev_tf, show) -> dict | None:
+def _finish_one_label(
+    cfg, loop, splits, val_logits, ev_tf, show, skipped, duplicates
+) -> dict | None:
+    """One label per image: temperature scaling on validation, report, score the test split."""
+    cal = calibrate(Path(cfg.run.out), val_logits, loop.data.val.decoded.labels)
+    audit = _audit_training_labels(cfg, loop, splits, ev_tf, show) if cfg.run.audit else None
+    if cfg.run.report:
+        _write_report(cfg, loop, splits, val_logits, cal, skipped, duplicates, ev_tf, audit)
+    return _evaluate_test(cfg, loop, splits, ev_tf, show, cal.temperature) if splits.test else None
+
+
+def _finish_multilabel(cfg, loop, splits, val_logits, ev_tf, show, *_) -> dict | None:
     """Multi-label: calibrate and tune thresholds on validation, report, score the test split."""
     from ..insight.evaluation import compute_multilabel_metrics, write_multilabel_eval
 
@@ -218,3 +224,6 @@ def _write_multilabel_report(cfg, loop, res, ev_tf, note: str, audit: dict | Non
 
 
 __all__ = ["calibrate", "calibrate_multilabel", "finish_run"]
+
+
+_FINISH = {ClassIndex: _finish_one_label, MultiHot: _finish_multilabel}
