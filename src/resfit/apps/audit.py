@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError
+from ..core.labels import CODINGS
 
 log = logging.getLogger("resfit")
 
@@ -88,13 +89,10 @@ def audit(
     splits = discover(data, val_fraction=0.0, test_fraction=0.0, seed=seed)
     samples = splits.train + splits.val + splits.test
     where = display_path(data)
-    if splits.task == "multilabel":
-        if full_finetune:
-            raise ConfigError("--full-finetune audits single-label data; a multi-label manifest "
-                              "is audited with the frozen backbone: drop --full-finetune")  # fmt: skip
-        li.check_multilabel_folds(_labels(samples), splits.classes, folds, where)
-    else:
-        li.check_folds(_labels(samples), splits.classes, folds, where)
+    if full_finetune and CODINGS.get(splits.task).float_targets:  # label sets
+        raise ConfigError("--full-finetune audits single-label data; a multi-label manifest "
+                          "is audited with the frozen backbone: drop --full-finetune")  # fmt: skip
+    li.check_labels(_labels(samples), splits.classes, folds, where)
     import torch
 
     with torch.random.fork_rng():  # the caller's random state is left as it was
