@@ -175,7 +175,7 @@ def test_no_module_over_500_lines() -> None:
 # (issue 25). The count per module may only go down; move a branch into tasks/ and lower it.
 TASK_BRANCHES_LEFT = {
     "cli.py": 2,
-    "data/discovery.py": 4,
+    "data/discovery.py": 1,  # eval_samples's older multilabel= keyword
     "insight/report.py": 1,
     "apps/serving/app.py": 3,  # _is_multipart: HTTP multipart forms, not multi-label
 }

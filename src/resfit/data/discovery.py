@@ -38,7 +38,7 @@ from ..core.errors import DataError
 from ..core.labels import CODINGS, LabelCoding, coding_for
 from .manifests import (
     _discover_multilabel_csv,
-    _is_multilabel_csv,
+    _label_column,
     _multilabel_eval_samples,
     _read_manifest,
     _read_multilabel_splits,
@@ -157,10 +157,8 @@ def discover(
                 f"{display_path(root)} is a file but not a CSV manifest (path,label[,split], "
                 f"or path,labels[,split] for several labels per image)"
             )
-        if _is_multilabel_csv(root, task):
-            splits = _discover_multilabel_csv(root, val_fraction, test_fraction, seed)
-        else:
-            splits = _discover_csv(root, val_fraction, test_fraction, seed)
+        read = _CSV_READERS[_label_column(root, task)]
+        splits = read(root, val_fraction, test_fraction, seed)
     else:
         folders, others = find_split_folders(root)
         if "train" in folders:
@@ -317,6 +315,10 @@ def _discover_csv(path: Path, val_fraction: float, test_fraction: float, seed: i
     )
 
 
+# A manifest's reader, by its label column: one class per row, or label sets.
+_CSV_READERS = {"label": _discover_csv, "labels": _discover_multilabel_csv}
+
+
 def write_splits(path: str | os.PathLike[str], splits: DataSplits) -> None:
     """Record every file's split as ``path,label,split`` (absolute path, class name), in the
     order of the splits, so a user can check what went where and :func:`read_splits` (or
@@ -341,7 +343,7 @@ def read_splits(path: str | os.PathLike[str]) -> DataSplits:
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"splits file {display_path(path)} does not exist")
-    if _is_multilabel_csv(path):
+    if _label_column(path) == "labels":  # label sets
         return _read_multilabel_splits(path)
     rows, skipped = _read_manifest(path)
     if any(split == "" for _, _, split in rows):
@@ -390,7 +392,7 @@ def eval_samples(
     _refuse_shards(root, "evaluation")
     task = "multilabel" if multilabel is True else task  # the older keyword
     coding = coding_for(task)
-    if root.is_file() and _is_multilabel_csv(root, coding):
+    if root.is_file() and _label_column(root, coding) == "labels":
         if coding.column != "labels":  # label sets, and the task takes one label per image
             raise DataError(
                 f"{display_path(root)} is a multi-label manifest (labels column), and this run "

@@ -69,10 +69,13 @@ def _header(path: Path) -> set[str]:
         return {h.strip() for h in next(csv.reader(f), [])}
 
 
-def _is_multilabel_csv(path: Path, task: str | LabelCoding = "auto") -> bool:
-    """A ``labels`` column means multi-label data; ``--task multilabel`` reads a ``label``
-    column the same way (``;`` between labels)."""
-    return "labels" in _header(path) or (task != "auto" and coding_for(task).column == "labels")
+def _label_column(path: Path, task: str | LabelCoding = "auto") -> str:
+    """The column a manifest is read by: ``labels`` (label sets, ``;`` between labels) where
+    its header has one, or where the task's coding holds label sets (``--task multilabel``
+    reads a ``label`` column that way); else ``label`` (one class per row)."""
+    if "labels" in _header(path) or task == "auto":
+        return "labels" if "labels" in _header(path) else "label"
+    return coding_for(task).column
 
 
 def split_labels(text: str) -> tuple[str, ...]:
