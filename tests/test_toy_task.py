@@ -91,7 +91,8 @@ def test_a_task_registered_in_a_test_trains_evaluates_and_predicts(
     assert toy.losses > 0  # the loop trained on the toy loss
     assert json.loads((out / "config.json").read_text())["task"] == "toy"
     assert "val_toy" in result.history[-1]  # the toy metric was logged and picked the epoch
-    assert json.loads((out / "summary.json").read_text())["monitor"] == "val_toy"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["monitor"] == "val_toy" and "toy" in summary["test"]  # test split's score
 
     res = resfit.evaluate(out, data / "test", report=False)
     assert 0.0 <= res.summary()["toy"] <= 1.0  # the toy's own score, next to the usual ones

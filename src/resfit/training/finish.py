@@ -153,9 +153,10 @@ def _evaluate_test(cfg, loop, splits, ev_tf, show, temperature) -> dict:
     logits = predict_logits(loop.eval_model, TransformedImages(test_data, ev_tf), 64, s.device,
                             s.precision, s.channels_last)  # fmt: skip
     res = compute_metrics(logits, test_data.labels, cfg.classes, [str(p) for p in test_data.paths])
+    res.task_scores = loop.task.eval_scores(logits, test_data.labels)  # none for built-in tasks
     write_eval(res, Path(cfg.run.out) / "eval-test", temperature)
     log.info("test accuracy %.4f on %d images", res.accuracy, res.n)
-    return {"accuracy": res.accuracy, "n": res.n, "top5": res.top5}
+    return {"accuracy": res.accuracy, "n": res.n, "top5": res.top5, **res.task_scores}
 
 
 def calibrate_multilabel(
