@@ -211,10 +211,10 @@ def test_eval_samples_maps_labels_onto_the_run_classes(tmp_path: Path) -> None:
     _tiny(tmp_path, 3)
     path = _write_csv(tmp_path / "m.csv", ["path", "labels", "split"],
                       [["0.png", "b", "train"], ["1.png", "a;c", "test"], ["2.png", "", "test"]])  # fmt: skip
-    samples, _ = eval_samples(path, ["c", "b", "a"], multilabel=True)
+    samples, _ = eval_samples(path, ["c", "b", "a"], task="multilabel")
     assert [s.label for s in samples] == [(1, 0, 1), (0, 0, 0)]  # the test rows only
     with pytest.raises(DataError, match=r"m\.csv:3: label 'c' is not one of the run's"):
-        eval_samples(path, ["a", "b"], multilabel=True)
+        eval_samples(path, ["a", "b"], task="multilabel")
     with pytest.raises(DataError, match="multi-label manifest"):
         eval_samples(path, ["a", "b", "c"])
 

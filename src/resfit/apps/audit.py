@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError
+from ..core.labels import CODINGS
 
 log = logging.getLogger("resfit")
 
@@ -59,13 +60,10 @@ def _check_labels(splits: Any, samples: list, full_finetune: bool, folds: int, w
     """Every class has enough images for ``folds`` folds (multi-label: each label)."""
     from ..quality import label_issues as li
 
-    if splits.task == "multilabel":
-        if full_finetune:
-            raise ConfigError("--full-finetune audits single-label data; a multi-label manifest "
-                              "is audited with the frozen backbone: drop --full-finetune")  # fmt: skip
-        li.check_multilabel_folds(_labels(samples), splits.classes, folds, where)
-    else:
-        li.check_folds(_labels(samples), splits.classes, folds, where)
+    if full_finetune and CODINGS.get(splits.task).float_targets:  # label sets
+        raise ConfigError("--full-finetune audits single-label data; a multi-label manifest "
+                          "is audited with the frozen backbone: drop --full-finetune")  # fmt: skip
+    li.check_labels(_labels(samples), splits.classes, folds, where)
 
 
 def audit(

@@ -69,7 +69,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     # change mid-run and refuses the others.
     result = train(resume=args.resume, **given)
     if result.history:
-        what = "mAP" if result.config and result.config.data.task == "multilabel" else "accuracy"
+        from ..tasks.registry import TASKS
+
+        task = result.config.data.task if result.config else "single"
+        what = TASKS.get(task).metric_label if task in TASKS else "accuracy"
         print(f"best val {what} {result.best_val_accuracy:.4f} (epoch {result.best_epoch}); "
               f"run in {result.run_dir}")  # fmt: skip
     if result.test and "mAP" in result.test:
@@ -118,22 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res.summary()))
         return 0
-    if getattr(res, "task", "") == "multilabel":
-        print(f"mAP {res.mAP:.4f}  micro-mAP {res.micro_mAP:.4f}  micro-F1 {res.micro_f1:.4f}  "
-              f"macro-F1 {res.macro_f1:.4f}  exact match {res.exact_match:.4f}  "
-              f"Hamming loss {res.hamming_loss:.4f}  n={res.n}")  # fmt: skip
-        for row in res.per_class:
-            ap = "  -  " if row["ap"] is None else f"{row['ap']:.3f}"
-            print(f"  {row['class']:20s} AP {ap} precision {row['precision']:.3f} recall "
-                  f"{row['recall']:.3f} f1 {row['f1']:.3f} n={row['support']}")  # fmt: skip
-        return 0
-    print(f"accuracy {res.accuracy:.4f}  top-5 {res.top5:.4f}  balanced "
-          f"{res.balanced_accuracy:.4f}  macro-F1 {res.macro_f1:.4f}  n={res.n}")  # fmt: skip
-    for row in res.per_class:
-        print(f"  {row['class']:20s} precision {row['precision']:.3f} recall {row['recall']:.3f} "
-              f"f1 {row['f1']:.3f} n={row['support']}")  # fmt: skip
-    if res.skipped:
-        print(f"skipped {len(res.skipped)} unreadable file(s)")
+    print("\n".join(res.text_lines()))  # each kind of result says what it measured
     return 0
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..core.labels import coding_of
 from ..core.threads import worker_init
 from .decode import DecodeError, load_image, resize_shorter, to_tensor
 from .paths import display_path
@@ -88,12 +89,9 @@ def decode_all(
                 images.append(r)
                 labels.append(s.label)
                 paths.append(s.path)
-    # Multi-label samples carry multi-hot tuples: float targets for the BCE loss.
-    multi = bool(samples) and isinstance(samples[0].label, tuple)
-    dtype = torch.float32 if multi else torch.long
-    target = torch.tensor(labels, dtype=dtype) if labels else torch.zeros(0, dtype=dtype)
-    if multi and not labels:
-        target = target.reshape(0, len(samples[0].label))
+    # The samples' own coding makes the targets (multi-hot: float targets for the BCE loss).
+    first = samples[0].label if samples else 0
+    target = coding_of(first).targets(labels, len(first) if isinstance(first, tuple) else 0)
     return DecodedImages(images, target, paths, skipped, base_size)
 
 

@@ -29,16 +29,17 @@ from pathlib import Path
 
 from ..core.atomic import atomic_csv
 from ..core.errors import DataError
+from ..core.labels import CODINGS, LabelCoding, coding_for
 from .manifests import (
     as_task,
     discover_multilabel_csv,
-    is_multilabel_csv,
+    label_column,
     multilabel_eval_samples,
     read_manifest,
     read_multilabel_splits,
 )
 from .paths import IMAGE_SUFFIXES, display_path, display_text, list_images
-from .samples import SHARD_INDEX, SPLIT_FOLDER_NAMES, SPLITS, TASKS, DataSplits, Sample, split_of
+from .samples import SHARD_INDEX, SPLIT_FOLDER_NAMES, SPLITS, DataSplits, Sample, split_of
 
 log = logging.getLogger("resfit")
 
@@ -138,8 +139,8 @@ def discover(
     other than one label. Logs (INFO, logger ``"resfit"``) where each split comes from, and
     warns about folders and images that it does not use.
     """
-    if task not in TASKS:
-        raise DataError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
+    if task != "auto" and task not in CODINGS:  # a registered task is known here by its coding
+        raise DataError(f"task must be one of {', '.join(['auto', *CODINGS])}, not {task!r}")
     root = Path(data).expanduser()
     if not root.exists():
         raise DataError(f"data path {display_path(root)} does not exist")
@@ -150,10 +151,8 @@ def discover(
                 f"{display_path(root)} is a file but not a CSV manifest (path,label[,split], "
                 f"or path,labels[,split] for several labels per image)"
             )
-        if is_multilabel_csv(root, task):
-            splits = discover_multilabel_csv(root, val_fraction, test_fraction, seed)
-        else:
-            splits = _discover_csv(root, val_fraction, test_fraction, seed)
+        read = _CSV_READERS[label_column(root, task)]
+        splits = read(root, val_fraction, test_fraction, seed)
     else:
         folders, others = find_split_folders(root)
         if "train" in folders:
@@ -310,19 +309,22 @@ def _discover_csv(path: Path, val_fraction: float, test_fraction: float, seed: i
     )
 
 
+# A manifest's reader, by its label column: one class per row, or label sets.
+_CSV_READERS = {"label": _discover_csv, "labels": discover_multilabel_csv}
+
+
 def write_splits(path: str | os.PathLike[str], splits: DataSplits) -> None:
     """Record every file's split as ``path,label,split`` (absolute path, class name), in the
     order of the splits, so a user can check what went where and :func:`read_splits` (or
     ``resfit train splits.csv``) can reproduce it. Odd file names keep their bytes."""
     path = Path(path)
-    multi = splits.task == "multilabel"
+    coding = CODINGS.get(splits.task)
     with atomic_csv(path) as f:
         w = csv.writer(f)
-        w.writerow(["path", "labels" if multi else "label", "split"])
+        w.writerow(["path", coding.column, "split"])
         for split in SPLITS:
             for s in getattr(splits, split):
-                label = (";".join(c for c, on in zip(splits.classes, s.label, strict=True) if on)
-                         if multi else splits.classes[s.label])  # fmt: skip
+                label = coding.text(s.label, splits.classes)
                 w.writerow([str(Path(s.path).absolute()), label, split])
 
 
@@ -333,7 +335,7 @@ def read_splits(path: str | os.PathLike[str]) -> DataSplits:
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"splits file {display_path(path)} does not exist")
-    if is_multilabel_csv(path):
+    if label_column(path) == "labels":  # label sets
         return read_multilabel_splits(path)
     rows, skipped = read_manifest(path)
     if any(split == "" for _, _, split in rows):
@@ -365,28 +367,37 @@ def read_splits(path: str | os.PathLike[str]) -> DataSplits:
 
 
 def eval_samples(
-    data: str | os.PathLike, classes: Sequence[str], *, multilabel: bool = False
+    data: str | os.PathLike,
+    classes: Sequence[str],
+    *,
+    task: str | LabelCoding = "single",
 ) -> tuple[list[Sample], list[tuple[str, str]]]:
     """The images to evaluate on: a folder of class folders, a data root whose test split
     (else its val split, by any of their usual folder names) is used, or a CSV manifest (its
-    test rows, else all rows). ``multilabel``: labels as multi-hot tuples over ``classes``."""
+    test rows, else all rows). Labels in the coding of the run's ``task`` (its name, or its
+    :class:`LabelCoding`; multi-label: multi-hot tuples over ``classes``)."""
     root = Path(data).expanduser()
     if not root.exists():
         raise DataError(f"data path {display_path(root)} does not exist")
     _refuse_shards(root, "evaluation")
-    if root.is_file() and is_multilabel_csv(root, "multilabel" if multilabel else "auto"):
-        if not multilabel:
+    coding = coding_for(task)
+    if root.is_file() and label_column(root, coding) == "labels":
+        if coding.column != "labels":  # label sets, and the task takes one label per image
             raise DataError(
                 f"{display_path(root)} is a multi-label manifest (labels column), and this run "
                 f"predicts one label per image: evaluate it with a path,label manifest"
             )
         return multilabel_eval_samples(root, classes)
-    if multilabel:
-        samples, skipped = eval_samples(root, classes)
-        k = len(classes)
-        return [
-            Sample(s.path, tuple(int(i == s.label) for i in range(k))) for s in samples
-        ], skipped
+    samples, skipped = _one_label_eval_samples(root, classes)
+    k = len(classes)
+    where = lambda s: lambda: display_path(s.path)  # noqa: E731
+    return [Sample(s.path, coding.convert(s.label, k, where(s))) for s in samples], skipped
+
+
+def _one_label_eval_samples(
+    root: Path, classes: Sequence[str]
+) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """Images to evaluate with one class index each, from folders or a ``path,label`` CSV."""
     if root.is_file():
         splits = _discover_csv(root, 0.0, 0.0, 0)
         samples = splits.test or splits.train + splits.val

@@ -12,13 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..core.errors import DataError
+from ..core.labels import CODINGS, LabelCoding, coding_for
 from .paths import display_path, display_text, open_csv
 from .samples import SPLIT_FOLDER_NAMES, SPLITS, DataSplits, Sample, split_of
 
 __all__ = [
     "as_task",
     "discover_multilabel_csv",
-    "is_multilabel_csv",
+    "label_column",
     "multilabel_eval_samples",
     "read_manifest",
     "read_multilabel_splits",
@@ -79,10 +80,13 @@ def _header(path: Path) -> set[str]:
         return {h.strip() for h in next(csv.reader(f), [])}
 
 
-def is_multilabel_csv(path: Path, task: str = "auto") -> bool:
-    """A ``labels`` column means multi-label data; ``--task multilabel`` reads a ``label``
-    column the same way (``;`` between labels)."""
-    return "labels" in _header(path) or task == "multilabel"
+def label_column(path: Path, task: str | LabelCoding = "auto") -> str:
+    """The column a manifest is read by: ``labels`` (label sets, ``;`` between labels) where
+    its header has one, or where the task's coding holds label sets (``--task multilabel``
+    reads a ``label`` column that way); else ``label`` (one class per row)."""
+    if "labels" in _header(path) or task == "auto":
+        return "labels" if "labels" in _header(path) else "label"
+    return coding_for(task).column
 
 
 def split_labels(text: str) -> tuple[str, ...]:
@@ -177,26 +181,19 @@ def discover_multilabel_csv(
 
 
 def as_task(splits: DataSplits, task: str) -> DataSplits:
-    """``splits`` as the ``task`` asks: one-label data as multi-hot for ``"multilabel"``;
-    multi-label data as class indices for ``"single"`` (each image must have one label)."""
+    """``splits`` as the ``task`` asks: its labels in the task's coding (one-label data as
+    multi-hot for ``"multilabel"``; multi-label data as class indices for ``"single"``, each
+    image with one label), and ``splits.task`` the task's name. ``"auto"``: as they are."""
     import dataclasses
 
-    if task == "multilabel" and splits.task == "single":
-        k = len(splits.classes)
-        new = {s: [Sample(x.path, tuple(int(i == x.label) for i in range(k)))
-                   for x in getattr(splits, s)] for s in SPLITS}  # fmt: skip
-        return dataclasses.replace(splits, **new, task="multilabel")
-    if task == "single" and splits.task == "multilabel":
-        for s in SPLITS:
-            for x in getattr(splits, s):
-                if sum(x.label) != 1:
-                    raise DataError(
-                        f"{display_path(x.path)} has {sum(x.label)} labels, and --task single "
-                        f"needs one per image: use --task multilabel (or auto)"
-                    )
-        new = {s: [Sample(x.path, x.label.index(1)) for x in getattr(splits, s)] for s in SPLITS}
-        return dataclasses.replace(splits, **new, task="single")
-    return splits
+    if task == "auto" or task == splits.task:
+        return splits
+    coding, k = CODINGS.get(task), len(splits.classes)
+    if coding is CODINGS.get(splits.task):  # same labels, another task (a registered one)
+        return dataclasses.replace(splits, task=task)
+    new = {s: [Sample(x.path, coding.convert(x.label, k, lambda x=x: display_path(x.path)))
+               for x in getattr(splits, s)] for s in SPLITS}  # fmt: skip
+    return dataclasses.replace(splits, **new, task=task)
 
 
 def read_multilabel_splits(path: Path) -> DataSplits:

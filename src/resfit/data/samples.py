@@ -22,7 +22,9 @@ SHARD_INDEX = "resfit-shards.json"
 _SPLIT_OF_NAME = {name: split for split, names in SPLIT_FOLDER_NAMES.items() for name in names}
 
 
-TASKS = ("auto", "single", "multilabel")  # --task: what a label column means
+# --task: what a label column means ("auto": what the data says); a registered task (see
+# resfit.core.labels.CODINGS) is accepted too.
+TASKS = ("auto", "single", "multilabel")
 
 
 @dataclass
@@ -56,12 +58,11 @@ class DataSplits:
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per class and split (multi-label: the images that carry the class)."""
-        out = {}
+        from ..core.labels import CODINGS
+
+        coding, out = CODINGS.get(self.task), {}
         for split in SPLITS:
-            if self.task == "multilabel":
-                c = Counter(i for s in getattr(self, split) for i, on in enumerate(s.label) if on)
-            else:
-                c = Counter(s.label for s in getattr(self, split))
+            c = Counter(i for s in getattr(self, split) for i in coding.classes_of(s.label))
             out[split] = {name: c.get(i, 0) for i, name in enumerate(self.classes)}
         return out
 

@@ -41,6 +41,7 @@ from typing import Any
 
 from ..core.atomic import atomic_write_text
 from ..core.errors import DataError, MissingExtraError
+from ..core.labels import CODINGS
 from .decode import load_image, resize_shorter
 from .discovery import discover
 from .paths import display_path, write_skipped
@@ -294,6 +295,10 @@ def read_index(path: str | os.PathLike[str]) -> dict[str, Any]:
     return index
 
 
+def _as_list(label: int | list[int]) -> list[int]:
+    return label if isinstance(label, list) else [label]
+
+
 def read_splits(path: str | os.PathLike[str], task: str = "auto") -> DataSplits:
     """The splits of a prepared folder, as :func:`resfit.data.discovery.discover` gives them for the
     original data, with each sample's fingerprints in ``DataSplits.fingerprints``."""
@@ -301,7 +306,7 @@ def read_splits(path: str | os.PathLike[str], task: str = "auto") -> DataSplits:
 
     root = Path(path).expanduser()
     index = read_index(root)
-    classes, multi = index["classes"], index["task"] == "multilabel"
+    classes, coding = index["classes"], CODINGS.get(index["task"])
     found: dict[str, list[Sample]] = {}
     fingerprints: dict[str, tuple[str, int | None]] = {}
     for split in SPLITS:
@@ -309,9 +314,8 @@ def read_splits(path: str | os.PathLike[str], task: str = "auto") -> DataSplits:
         for i, s in enumerate(index["splits"][split]["samples"]):
             if "skipped" in s:
                 continue
-            label = (
-                tuple(int(k in s["label"]) for k in range(len(classes))) if multi else s["label"]
-            )
+            # The index holds a class index, or the list of a multi-hot label's classes.
+            label = coding.from_classes(_as_list(s["label"]), len(classes))
             found[split].append(ShardSample(Path(s["path"]), label, split, i, root))
             ph = s.get("phash")
             fingerprints[s["path"]] = (s["sha256"], None if ph is None else int(ph, 16))

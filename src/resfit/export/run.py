@@ -34,6 +34,7 @@ from torch import nn
 from ..core.atomic import atomic_write_json
 from ..core.config import EXPORT_FORMATS
 from ..core.errors import ConfigError, DataError
+from ..core.labels import CODINGS
 from ..core.registry import Registry
 from ..data.datasets import DecodedImages, decode_all
 from ..data.discovery import discover, eval_samples, read_splits
@@ -75,11 +76,10 @@ def _as_run_classes(splits: DataSplits, classes: Sequence[str], where: str) -> l
     unknown = sorted(set(splits.classes) - set(index))
     if unknown:
         raise DataError(f"{where} has classes the run does not know: {', '.join(unknown)}")
-    if splits.task == "multilabel":
-        names = [{splits.classes[j] for j, on in enumerate(s.label) if on} for s in splits.val]
-        return [Sample(s.path, tuple(int(c in n) for c in classes))
-                for s, n in zip(splits.val, names, strict=True)]  # fmt: skip
-    return [Sample(s.path, index[splits.classes[s.label]]) for s in splits.val]
+    coding, k = CODINGS.get(splits.task), len(classes)  # the labels stay in their coding
+    return [Sample(s.path, coding.from_classes([index[splits.classes[j]]
+                                                for j in coding.classes_of(s.label)], k))
+            for s in splits.val]  # fmt: skip
 
 
 def _rederived_val(cfg: dict, classes: Sequence[str]) -> list[Sample]:
@@ -104,8 +104,8 @@ def validation_samples(
     with its seed. Never the training images: with none of these there is no measurement.
     """
     if val:
-        multi = cfg.get("task") == "multilabel"
-        return eval_samples(val, classes, multilabel=multi)[0], f"--val {display_path(val)}"
+        task = cfg.get("task") or "single"  # runs from before multi-label: single
+        return eval_samples(val, classes, task=task)[0], f"--val {display_path(val)}"
     splits_csv = RunPaths(run).splits
     shown = display_path(splits_csv)
     if splits_csv.is_file():

@@ -156,7 +156,7 @@ class Predictor:
         self.transform = self.preprocessing.eval_transform()
         self.temperature = temperature
         self.task: Task = task or _TASK
-        self.multilabel = isinstance(self.task, MultiLabel)
+        self.multilabel = isinstance(self.task, MultiLabel)  # kept for callers; ask the task
         # Multi-label decisions: p >= threshold, per class (tuned on validation by training).
         self.thresholds = list(thresholds) if thresholds is not None else [0.5] * len(classes)
         self.tta = tta  # test-time augmentation: average the logits of the image and its mirror
@@ -231,45 +231,20 @@ class Predictor:
         t = self.temperature if self.temperature is not None else 1.0
         return self.task.probabilities(logits, t)
 
-    def answer(self, probs: Tensor) -> dict[str, Any]:
-        """A multi-label answer for one image's probabilities: ``{"labels": [...],
-        "probabilities": {class: p}}``, the labels at or above their thresholds, most
-        probable first (what ``resfit serve`` returns)."""
-        chosen = [(c, float(p)) for c, p, t in zip(self.classes, probs, self.thresholds,
-                                                    strict=True) if float(p) >= t]  # fmt: skip
-        chosen.sort(key=lambda cp: -cp[1])
-        return {"labels": [c for c, _ in chosen],
-                "probabilities": {c: float(p) for c, p in zip(self.classes, probs, strict=True)}}  # fmt: skip
-
-    def _multilabel(
-        self, decoded: DecodedImages, batch_size: int, k: int, ready: bool = False
-    ) -> list[Prediction]:
-        probs = self.probabilities(self.logits(decoded, batch_size, ready=ready))
-        out = []
-        for path, row in zip(decoded.paths, probs, strict=True):
-            a = self.answer(row)
-            ranked = sorted(a["probabilities"].items(), key=lambda cp: -cp[1])
-            labels = [(c, a["probabilities"][c]) for c in a["labels"]]
-            out.append(Prediction(str(path), ";".join(a["labels"]), ranked[0][1], ranked[:k],
-                                  labels, a["probabilities"]))  # fmt: skip
-        return out
+    def answer(self, probs: Tensor, top_k: int = 5) -> dict[str, Any]:
+        """One image's answer from its probabilities as JSON, as the task gives it (what
+        ``resfit serve`` returns): single-label ``{"label", "confidence", "top_k"}``,
+        multi-label ``{"labels", "probabilities"}`` (the labels at or above their
+        thresholds, most probable first)."""
+        k = max(1, min(top_k, len(self.classes)))
+        return self.task.answer(probs, self.classes, k, self.thresholds)
 
     def _label(
         self, decoded: DecodedImages, batch_size: int, k: int, ready: bool = False
     ) -> list[Prediction]:
-        if self.multilabel:
-            return self._multilabel(decoded, batch_size, k, ready)
-        logits = self.logits(decoded, batch_size, ready=ready)
-        conf, idx = self.probabilities(logits).topk(k, dim=1)
-        return [
-            Prediction(
-                str(p),
-                self.classes[int(j[0])],
-                float(c[0]),
-                [(self.classes[int(a)], float(v)) for a, v in zip(j, c, strict=True)],
-            )
-            for p, c, j in zip(decoded.paths, conf, idx, strict=True)
-        ]
+        probs = self.probabilities(self.logits(decoded, batch_size, ready=ready))
+        answers = self.task.answers(probs, self.classes, k, self.thresholds)
+        return [Prediction(str(p), *a) for p, a in zip(decoded.paths, answers, strict=True)]
 
     def predict(
         self,

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .. import runs
 from ..core.atomic import atomic_csv, atomic_path, atomic_write_json
+from ..core.labels import ClassIndex, MultiHot
 from ..data.datasets import decode_all
 from ..data.discovery import eval_samples
 from ..data.paths import write_skipped
@@ -46,6 +47,7 @@ class EvalResult:
     per_class: list[dict]
     confusion: np.ndarray
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    task_scores: dict[str, float] = field(default_factory=dict)  # the task's own (Task.eval_scores)
 
     @property
     def y_pred(self) -> np.ndarray:
@@ -61,7 +63,18 @@ class EvalResult:
             "macro_f1": self.macro_f1,
             "skipped": len(self.skipped),
             "per_class": self.per_class,
+            **self.task_scores,
         }
+
+    def text_lines(self) -> list[str]:
+        """What ``resfit eval`` prints: the scores, then one line per class."""
+        lines = [f"accuracy {self.accuracy:.4f}  top-5 {self.top5:.4f}  balanced "
+                 f"{self.balanced_accuracy:.4f}  macro-F1 {self.macro_f1:.4f}  n={self.n}"]  # fmt: skip
+        lines += [f"  {r['class']:20s} precision {r['precision']:.3f} recall {r['recall']:.3f} "
+                  f"f1 {r['f1']:.3f} n={r['support']}" for r in self.per_class]  # fmt: skip
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} unreadable file(s)")
+        return lines
 
 
 def compute_metrics(
@@ -131,6 +144,7 @@ class MultiLabelEvalResult:
     per_class: list[dict]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     task: str = "multilabel"
+    task_scores: dict[str, float] = field(default_factory=dict)  # the task's own (Task.eval_scores)
 
     @property
     def y_pred(self) -> np.ndarray:
@@ -139,7 +153,19 @@ class MultiLabelEvalResult:
     def summary(self) -> dict:
         keys = ("mAP", "micro_mAP", "micro_f1", "macro_f1", "exact_match", "hamming_loss", "n")
         return {"task": self.task, **{k: getattr(self, k) for k in keys},
-                "skipped": len(self.skipped), "per_class": self.per_class}  # fmt: skip
+                "skipped": len(self.skipped), "per_class": self.per_class, **self.task_scores}  # fmt: skip
+
+    def text_lines(self) -> list[str]:
+        """What ``resfit eval`` prints: the threshold-free and thresholded scores, then each
+        class's AP, precision, recall and F1."""
+        lines = [f"mAP {self.mAP:.4f}  micro-mAP {self.micro_mAP:.4f}  micro-F1 "
+                 f"{self.micro_f1:.4f}  macro-F1 {self.macro_f1:.4f}  exact match "
+                 f"{self.exact_match:.4f}  Hamming loss {self.hamming_loss:.4f}  n={self.n}"]  # fmt: skip
+        for r in self.per_class:
+            ap = "  -  " if r["ap"] is None else f"{r['ap']:.3f}"
+            lines.append(f"  {r['class']:20s} AP {ap} precision {r['precision']:.3f} recall "
+                         f"{r['recall']:.3f} f1 {r['f1']:.3f} n={r['support']}")  # fmt: skip
+        return lines
 
 
 def compute_multilabel_metrics(
@@ -288,9 +314,16 @@ def evaluate(
     installed here). A multi-label run is scored on a ``path,labels[,split]`` manifest (its
     test rows, else all rows) or class folders, and returns a :class:`MultiLabelEvalResult`."""
     predictor = Predictor.from_run(run, device=device, precision=precision, engine=engine)
-    if predictor.multilabel:
-        return _evaluate_multilabel(predictor, run, data, out, batch_size, progress, report)
-    samples, skipped = eval_samples(data, predictor.classes)
+    # How the labels are held picks the scores and files (one class per image, or label sets);
+    # the task adds its own scores to either.
+    how = _EVALUATIONS[type(predictor.task.coding)]
+    return how(predictor, run, data, out, batch_size, progress, report)
+
+
+def _evaluate_one_label(
+    predictor: Predictor, run, data, out, batch_size: int, progress: bool, report: bool
+) -> EvalResult:
+    samples, skipped = eval_samples(data, predictor.classes, task=predictor.task.coding)
     # Decoded with their labels: an unreadable file drops out together with its label.
     decoded = decode_all(samples, predictor.base_size, progress=progress)
     logits = predictor.logits(decoded, batch_size)
@@ -298,6 +331,7 @@ def evaluate(
         logits, decoded.labels, predictor.classes, [str(p) for p in decoded.paths]
     )
     res.skipped = skipped + decoded.skipped
+    res.task_scores = predictor.task.eval_scores(logits, decoded.labels)
     name = Path(data).name or "data"
     out_dir = write_eval(res, out or runs.RunPaths(run).eval(name), predictor.temperature)
     if report:
@@ -330,7 +364,7 @@ def evaluate(
 def _evaluate_multilabel(
     predictor: Predictor, run, data, out, batch_size: int, progress: bool, report: bool
 ) -> MultiLabelEvalResult:
-    samples, skipped = eval_samples(data, predictor.classes, multilabel=True)
+    samples, skipped = eval_samples(data, predictor.classes, task=predictor.task.coding)
     decoded = decode_all(samples, predictor.base_size, progress=progress)
     logits = predictor.logits(decoded, batch_size)
     res = compute_multilabel_metrics(
@@ -338,6 +372,7 @@ def _evaluate_multilabel(
         predictor.temperature if predictor.temperature is not None else 1.0, predictor.thresholds,
     )  # fmt: skip
     res.skipped = skipped + decoded.skipped
+    res.task_scores = predictor.task.eval_scores(logits, decoded.labels)
     name = Path(data).stem if Path(data).is_file() else Path(data).name or "data"
     out_dir = write_multilabel_eval(res, out or runs.RunPaths(run).eval(name))
     if report:
@@ -349,6 +384,9 @@ def _evaluate_multilabel(
             MultiLabelReportData(f"{cfg['arch']} evaluated on {name}", res, predictor.explainer()),
         )
     return res
+
+
+_EVALUATIONS = {ClassIndex: _evaluate_one_label, MultiHot: _evaluate_multilabel}
 
 
 def _counts(res: EvalResult) -> dict[str, int]:

@@ -433,17 +433,9 @@ def audit_link(audit: Mapping | None) -> str:
         return ""
     links = (f'<a href="{escape(audit.get("html", ""))}">the audit, with thumbnails</a>, and '
              f'<a href="{escape(audit.get("csv", ""))}">label_issues.csv</a>.</p>')  # fmt: skip
-    if audit.get("task") == "multilabel":
-        return (f"<h3>Label audit</h3><p>{int(audit.get('label_issues', 0))} of "
-                f"{int(audit.get('images', 0))} training images have labels that look missing or "
-                f"extra (out-of-fold mAP {float(audit.get('oof_mAP', 0)):.3f}): {links}")  # fmt: skip
-    return (
-        f"<h3>Label audit</h3><p>{int(audit.get('label_issues', 0))} of "
-        f"{int(audit.get('images', 0))} training labels look wrong (confident learning on "
-        f"out-of-fold probabilities), {len(audit.get('near_duplicate_conflicts', []))} "
-        f"near-duplicate pair(s) carry different labels, {int(audit.get('outliers', 0))} "
-        f"outlier(s): {links}"
-    )
+    # The audit says what it found in words that fit its kind of labels (quality/ writes it).
+    headline = audit.get("headline") or f"{int(audit.get('label_issues', 0))} label issue(s)"
+    return f"<h3>Label audit</h3><p>{escape(headline)}: {links}"
 
 
 def config_section(config: Mapping) -> str:

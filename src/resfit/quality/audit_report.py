@@ -51,7 +51,11 @@ def audit_summary(
 ) -> dict[str, Any]:  # fmt: skip
     pairs = Counter((r.given, r.suggested) for r in issues if "label" in r.kind.split("+"))
     per_class = Counter(classes[labels[i]] for i in flagged.tolist())
+    headline = (f"{len(flagged)} of {len(labels)} training labels look wrong (confident learning "
+                f"on out-of-fold probabilities), {len(dups)} near-duplicate pair(s) carry "
+                f"different labels, {len(outlying)} outlier(s)")  # fmt: skip
     return {
+        "headline": headline,
         **meta,
         "images": int(len(labels)),
         "classes": list(classes),

@@ -63,6 +63,7 @@ __all__ = [
     "audit_probabilities",
     "check_audit",
     "check_folds",
+    "check_labels",
     "conflicting_duplicates",
     "confident_learning",
     "margin_ranking",
@@ -134,11 +135,13 @@ def check_audit(classes: Sequence[str], labels: Sequence[int], where: str, folds
     """What ``resfit train --audit`` checks before training: cleanlab is installed, and the
     split can be cut into ``folds`` folds (stratified; multi-hot labels: every label in each)."""
     import_cleanlab()
-    labels = np.asarray(labels, dtype=np.int64)
-    if labels.ndim == 2:
-        check_multilabel_folds(labels, classes, folds, where)
-    else:
-        check_folds(labels, classes, folds, where)
+    check_labels(np.asarray(labels, dtype=np.int64), classes, folds, where)
+
+
+def check_labels(labels: np.ndarray, classes: Sequence[str], folds: int, where: str) -> None:
+    """:func:`check_folds` for class indices, :func:`check_multilabel_folds` for multi-hot
+    rows: the labels' own shape says which (the one entry point for callers)."""
+    _WAYS[np.ndim(labels)].check(labels, classes, folds, where)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,6 +381,8 @@ def audit_multilabel(
         "images_with_missing_labels": int(kinds.get("missing", 0)),
         "images_with_extra_labels": int(kinds.get("extra", 0)),
     }  # fmt: skip
+    summary["headline"] = (f"{len(issues)} of {len(hot)} training images have labels that look "
+                           f"missing or extra (out-of-fold mAP {summary['oof_mAP']:.3f})")  # fmt: skip
     result = AuditResult(issues, probs, summary, Path(out))
     result.files = write_audit(out, issues, summary)
     log.info("audit: %d multi-label image(s) look wrong of %d (out-of-fold mAP %.3f): %s",
@@ -408,25 +413,49 @@ def audit_images(
     import time
 
     labels = decoded.labels.numpy()
-    multi = labels.ndim == 2  # multi-hot: a multi-label manifest
-    if multi:
-        check_multilabel_folds(labels, classes, folds, where)
-    else:
-        check_folds(labels, classes, folds, where)
+    way = _WAYS[labels.ndim]  # class indices, or multi-hot rows (a multi-label manifest)
+    way.check(labels, classes, folds, where)
     t0 = time.perf_counter()
     feats = extract_features(model, decoded, transform, device, precision,
                              channels_last=channels_last, progress=progress)  # fmt: skip
     t1 = time.perf_counter()
-    if multi:
-        probs = out_of_fold_multilabel(feats, labels, folds=folds, seed=seed)
-    else:
-        probs = out_of_fold_probabilities(
-            feats, labels, len(classes), folds=folds, seed=seed, head=head
-        )
+    probs = way.probabilities(feats, labels, classes, folds, seed, head)
     t2 = time.perf_counter()
     meta = {**(meta or {}), "folds": folds, "head": head, "seed": seed,
             "seconds": {"features": round(t1 - t0, 2), "heads": round(t2 - t1, 2)}}  # fmt: skip
-    if multi:
-        return audit_multilabel(probs, labels, classes, decoded.paths, out, meta=meta)
-    return audit_probabilities(probs, labels, classes, decoded.paths, out, features=feats,
+    return way.audit(probs, labels, classes, decoded.paths, out, feats, max_distance, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# What differs between auditing one class per image and label sets
+
+
+@dataclass(frozen=True)
+class _AuditWay:
+    check: Callable[[np.ndarray, Sequence[str], int, str], None]
+    probabilities: Callable[..., np.ndarray]  # (features, labels, classes, folds, seed, head)
+    audit: Callable[..., AuditResult]  # (probs, labels, classes, paths, out, features, ...)
+
+
+def _one_label_probs(feats, labels, classes, folds, seed, head) -> np.ndarray:
+    return out_of_fold_probabilities(feats, labels, len(classes), folds=folds, seed=seed, head=head)  # fmt: skip
+
+
+def _label_set_probs(feats, hot, classes, folds, seed, head) -> np.ndarray:
+    return out_of_fold_multilabel(feats, hot, folds=folds, seed=seed)  # one-vs-rest, no --head
+
+
+def _one_label_audit(probs, labels, classes, paths, out, feats, max_distance, meta) -> AuditResult:
+    return audit_probabilities(probs, labels, classes, paths, out, features=feats,
                                max_distance=max_distance, meta=meta)  # fmt: skip
+
+
+def _label_set_audit(probs, hot, classes, paths, out, feats, max_distance, meta) -> AuditResult:
+    return audit_multilabel(probs, hot, classes, paths, out, meta=meta)
+
+
+# By the labels' dimensions: class indices (N,), or multi-hot rows (N, K) of label sets.
+_WAYS = {
+    1: _AuditWay(check_folds, _one_label_probs, _one_label_audit),
+    2: _AuditWay(check_multilabel_folds, _label_set_probs, _label_set_audit),
+}

@@ -5,11 +5,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..core.labels import LabelCoding
+
+if TYPE_CHECKING:
+    from ..core.config import TrainConfig
+
+# One image's answer, as resfit.inference.Prediction holds it after the path: the label text,
+# the confidence, the top-k (class, probability) pairs, and for label sets the chosen classes
+# and every class's probability (else None).
+Answer = tuple[str, float, list[tuple[str, float]], Any, Any]
 
 
 def soft_cross_entropy(
@@ -30,6 +40,22 @@ class Task:
 
     name: ClassVar[str]
     monitor: ClassVar[str]  # the validation metric that picks the best epoch (higher is better)
+    metric_label: ClassVar[str] = "score"  # how the CLI names the monitored metric
+    coding: ClassVar[LabelCoding]  # how a sample's label is held (resfit.core.labels)
+
+    @classmethod
+    def from_config(
+        cls, cfg: TrainConfig, all_labels: Tensor, labels: Tensor, device: torch.device
+    ) -> tuple[Task, Tensor | None]:
+        """The task for a training run, and the per-image draw weights of this rank's
+        ``labels`` (``--balance sampler``; None for none), from the whole split's
+        ``all_labels`` so that every rank weighs a class the same."""
+        raise NotImplementedError
+
+    @classmethod
+    def unweighted(cls, cfg: TrainConfig) -> Task:
+        """The task as the config asks, without weights from the labels (the LR finder's)."""
+        raise NotImplementedError
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError
@@ -44,3 +70,21 @@ class Task:
 
     def probabilities(self, logits: Tensor, temperature: float | Sequence[float] = 1.0) -> Tensor:
         raise NotImplementedError
+
+    def answers(
+        self, probs: Tensor, classes: Sequence[str], k: int, thresholds: Sequence[float]
+    ) -> list[Answer]:
+        """Each image's answer from its (calibrated) probabilities: ``k`` best classes, and
+        where the task decides by thresholds, the classes at or above them."""
+        raise NotImplementedError
+
+    def answer(
+        self, probs: Tensor, classes: Sequence[str], thresholds: Sequence[float]
+    ) -> dict[str, Any]:
+        """One image's answer as JSON (what ``resfit serve`` returns for it)."""
+        raise NotImplementedError
+
+    def eval_scores(self, logits: Tensor, targets: Tensor) -> dict[str, float]:
+        """Scores of this task's own that an evaluation reports besides the usual ones of its
+        labels (accuracy ...; mAP ...): none for the built-in tasks."""
+        return {}

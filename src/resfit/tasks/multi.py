@@ -6,13 +6,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Task
+from ..core.errors import ConfigError
+from ..core.labels import MULTI_HOT, LabelCoding
+from .base import Answer, Task
+
+if TYPE_CHECKING:
+    from ..core.config import TrainConfig
 
 
 def asymmetric_loss(
@@ -77,9 +82,32 @@ class MultiLabel(Task):
 
     name: ClassVar[str] = "multilabel"
     monitor: ClassVar[str] = "val_mAP"
+    metric_label: ClassVar[str] = "mAP"
+    coding: ClassVar[LabelCoding] = MULTI_HOT
     label_smoothing: float = 0.0
     pos_weight: Tensor | None = None
     loss_kind: str = "bce"  # or "asl"
+
+    @classmethod
+    def from_config(
+        cls, cfg: TrainConfig, all_labels: Tensor, labels: Tensor, device: torch.device
+    ) -> tuple[Task, Tensor | None]:
+        """``--balance weights`` gives each class the positive weight negatives / positives
+        (BCE's usual weighting: a rare label's misses cost as much as its absence)."""
+        if cfg.data.balance == "sampler":
+            raise ConfigError(
+                "--balance sampler draws images by their class, and a multi-label image has "
+                "several: use --balance weights (positive weights per class)"
+            )
+        pos_weight = None
+        if cfg.data.balance == "weights":
+            pos = all_labels.sum(0)
+            pos_weight = ((len(all_labels) - pos) / pos.clamp(min=1)).clamp(min=1.0).to(device)
+        return cls(cfg.optim.label_smoothing, pos_weight, cfg.optim.multilabel_loss), None
+
+    @classmethod
+    def unweighted(cls, cfg: TrainConfig) -> Task:
+        return cls(cfg.optim.label_smoothing, loss_kind=cfg.optim.multilabel_loss)
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
         logits, t = logits.float(), target.float()  # bf16 would round smoothed targets
@@ -106,3 +134,28 @@ class MultiLabel(Task):
         """A probability per class: ``sigmoid(logits / T)`` with T per class (or one T)."""
         t = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device)
         return torch.sigmoid(logits.float() / t)
+
+    def answer(
+        self, probs: Tensor, classes: Sequence[str], k: int, thresholds: Sequence[float]
+    ) -> dict[str, Any]:
+        """``{"labels": [...], "probabilities": {class: p}}``: the classes at or above their
+        thresholds, most probable first."""
+        chosen = [(c, float(p)) for c, p, t in zip(classes, probs, thresholds, strict=True)
+                  if float(p) >= t]  # fmt: skip
+        chosen.sort(key=lambda cp: -cp[1])
+        return {"labels": [c for c, _ in chosen],
+                "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)}}  # fmt: skip
+
+    def answers(
+        self, probs: Tensor, classes: Sequence[str], k: int, thresholds: Sequence[float]
+    ) -> list[Answer]:
+        """The chosen classes joined by ``;`` as the label, the top class's probability as
+        the confidence, the ``k`` most probable classes, the chosen ones, every class's."""
+        out: list[Answer] = []
+        for row in probs:
+            a = self.answer(row, classes, k, thresholds)
+            ranked = sorted(a["probabilities"].items(), key=lambda cp: -cp[1])
+            labels = [(c, a["probabilities"][c]) for c in a["labels"]]
+            out.append((";".join(a["labels"]), ranked[0][1], ranked[:k], labels,
+                        a["probabilities"]))  # fmt: skip
+        return out

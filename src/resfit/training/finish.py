@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..core.config import TrainConfig
 from ..core.errors import DataError
+from ..core.labels import ClassIndex, MultiHot
 from ..data.datasets import TransformedImages
 from ..data.preprocessing import decode_size
 from ..data.samples import DataSplits
@@ -21,6 +22,7 @@ from ..runs import (
     write_thresholds,
 )
 from ..tasks import calibration
+from ..tasks.registry import TASKS
 from .callbacks import BestModel
 from .loop import Loop
 from .step import predict_logits
@@ -55,16 +57,9 @@ def finish_run(
     write_model(out, model.state_dict(), {"arch": cfg.model.arch, "epoch": str(best.best_epoch)})
     # The frozen prefix is the same in the best weights: cached val features still hold.
     val_logits = loop.val_logits(model)
-    val_labels = loop.data.val.decoded.labels
-    if cfg.data.task == "multilabel":
-        test = _finish_multilabel(cfg, loop, splits, val_logits, ev_tf, show)
-    else:
-        cal = calibrate(out, val_logits, val_labels)
-        temperature = cal.temperature
-        audit = _audit_training_labels(cfg, loop, splits, ev_tf, show) if cfg.run.audit else None
-        if cfg.run.report:
-            _write_report(cfg, loop, splits, val_logits, cal, skipped, duplicates, ev_tf, audit)
-        test = _evaluate_test(cfg, loop, splits, ev_tf, show, temperature) if splits.test else None
+    # How the labels are held picks the calibration, report and test scores.
+    finish = _FINISH[type(TASKS.get(cfg.data.task).coding)]
+    test = finish(cfg, loop, splits, val_logits, ev_tf, show, skipped, duplicates)
     summary = {"best_epoch": best.best_epoch, "best_val_accuracy": best.best,
                "monitor": best.monitor, "epochs_run": len(loop.history), "test": test}  # fmt: skip
     write_summary(out, summary)
@@ -162,9 +157,10 @@ def _evaluate_test(cfg, loop, splits, ev_tf, show, temperature) -> dict:
     logits = predict_logits(loop.eval_model, TransformedImages(test_data, ev_tf), 64, s.device,
                             s.precision, s.channels_last)  # fmt: skip
     res = compute_metrics(logits, test_data.labels, cfg.classes, [str(p) for p in test_data.paths])
+    res.task_scores = loop.task.eval_scores(logits, test_data.labels)  # none for built-in tasks
     write_eval(res, RunPaths(cfg.run.out).eval("test"), temperature)
     log.info("test accuracy %.4f on %d images", res.accuracy, res.n)
-    return {"accuracy": res.accuracy, "n": res.n, "top5": res.top5}
+    return {"accuracy": res.accuracy, "n": res.n, "top5": res.top5, **res.task_scores}
 
 
 def calibrate_multilabel(
@@ -181,7 +177,18 @@ def calibrate_multilabel(
     return c
 
 
-def _finish_multilabel(cfg, loop, splits, val_logits, ev_tf, show) -> dict | None:
+def _finish_one_label(
+    cfg, loop, splits, val_logits, ev_tf, show, skipped, duplicates
+) -> dict | None:
+    """One label per image: temperature scaling on validation, report, score the test split."""
+    cal = calibrate(Path(cfg.run.out), val_logits, loop.data.val.decoded.labels)
+    audit = _audit_training_labels(cfg, loop, splits, ev_tf, show) if cfg.run.audit else None
+    if cfg.run.report:
+        _write_report(cfg, loop, splits, val_logits, cal, skipped, duplicates, ev_tf, audit)
+    return _evaluate_test(cfg, loop, splits, ev_tf, show, cal.temperature) if splits.test else None
+
+
+def _finish_multilabel(cfg, loop, splits, val_logits, ev_tf, show, *_) -> dict | None:
     """Multi-label: calibrate and tune thresholds on validation, report, score the test split."""
     from ..insight.evaluation import compute_multilabel_metrics, write_multilabel_eval
 
@@ -221,3 +228,6 @@ def _write_multilabel_report(cfg, loop, res, ev_tf, note: str, audit: dict | Non
 
 
 __all__ = ["calibrate", "calibrate_multilabel", "finish_run"]
+
+
+_FINISH = {ClassIndex: _finish_one_label, MultiHot: _finish_multilabel}

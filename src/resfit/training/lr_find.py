@@ -31,8 +31,7 @@ from ..data.sources import InMemory, Sharding
 from ..models.transfer import apply_freeze
 from ..runs import RunPaths
 from ..tasks.base import Task
-from ..tasks.multi import MultiLabel
-from ..tasks.single import SingleLabel
+from ..tasks.registry import TASKS
 from .callbacks import Mixing, multilabel_mix
 from .distributed import Dist
 from .loop import Callback, CancelFit, EpochData, Loop
@@ -220,11 +219,14 @@ def _sweep_loop(
     precision = runtime.pick_precision(device, cfg.runtime.precision)
     model.to(device)
     optimizer = make_optimizer(cfg.optim, param_groups(model, cfg.optim.weight_decay), start_lr)
-    multi = cfg.data.task == "multilabel"
-    task: Task = (MultiLabel(cfg.optim.label_smoothing, loss_kind=cfg.optim.multilabel_loss)
-                  if multi else SingleLabel(cfg.optim.label_smoothing))  # fmt: skip
+    task: Task = TASKS.get(cfg.data.task).unweighted(cfg)
     step = TrainStep(optimizer, task.loss, device, precision, channels_last=False)
-    mix = multilabel_mix(cfg.augment) if multi else batch_transform(cfg.augment, len(cfg.classes))
+    k = len(cfg.classes)  # MixUp/CutMix of class indices; float targets mix as they are
+    mix = (
+        multilabel_mix(cfg.augment)
+        if task.coding.float_targets
+        else batch_transform(cfg.augment, k)
+    )
     callbacks: list[Callback] = [finder, _ContinueSeededStream()]
     if mix is not None:
         callbacks.append(Mixing(mix))

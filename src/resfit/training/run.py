@@ -39,8 +39,7 @@ from ..data.sources import DataSource, Sharding, get_source
 from ..models import transfer
 from ..runs import FileLog, RunPaths, write_config
 from ..tasks.base import Task
-from ..tasks.multi import MultiLabel
-from ..tasks.single import SingleLabel
+from ..tasks.registry import TASKS
 from .callbacks import BestModel, multilabel_mix
 from .distributed import Dist, barrier, gathered, init_distributed, min_across_ranks
 from .finish import eval_decode_size, finish_run
@@ -242,33 +241,8 @@ def _skipped_during_training(path: Path, before: list) -> list:
 def _task(
     cfg: TrainConfig, all_labels: torch.Tensor, labels: torch.Tensor, device: torch.device
 ) -> tuple[Task, Any]:
-    """The task with its class weights (``--balance weights``), and the per-image draw weights
-    (``--balance sampler``) of this rank's ``labels``; both from the whole split's
-    ``all_labels``, so that every rank weighs a class the same."""
-    if cfg.data.task == "multilabel":
-        return _multilabel_task(cfg, all_labels, device), None
-    counts = torch.bincount(all_labels, minlength=len(cfg.classes)).float()
-    class_weight = None
-    if cfg.data.balance == "weights":
-        # Inverse-frequency weights, normalised so the average image weighs 1.
-        class_weight = (counts.sum() / (len(counts) * counts.clamp(min=1))).to(device)
-    sample_weight = (1.0 / counts.clamp(min=1))[labels] if cfg.data.balance == "sampler" else None
-    return SingleLabel(cfg.optim.label_smoothing, class_weight), sample_weight
-
-
-def _multilabel_task(cfg: TrainConfig, targets: torch.Tensor, device: torch.device) -> Task:
-    """Multi-label: ``--balance weights`` gives each class the positive weight negatives /
-    positives (BCE's usual weighting: a rare label's misses cost as much as its absence)."""
-    if cfg.data.balance == "sampler":
-        raise ConfigError(
-            "--balance sampler draws images by their class, and a multi-label image has "
-            "several: use --balance weights (positive weights per class)"
-        )
-    pos_weight = None
-    if cfg.data.balance == "weights":
-        pos = targets.sum(0)
-        pos_weight = ((len(targets) - pos) / pos.clamp(min=1)).clamp(min=1.0).to(device)
-    return MultiLabel(cfg.optim.label_smoothing, pos_weight, cfg.optim.multilabel_loss)
+    """The run's task, built from the config and the labels (see ``Task.from_config``)."""
+    return TASKS.get(cfg.data.task).from_config(cfg, all_labels, labels, device)
 
 
 def _place(cfg: TrainConfig, model: nn.Module, device: torch.device, dist_info: Dist) -> nn.Module:
@@ -326,8 +300,8 @@ def _run(
     log_recipe(cfg, optimizer)
     net = _wrap(cfg, model, device, dist_info)
     tr_tf, ev_tf = build_transforms(cfg)
-    dtype = torch.float32 if cfg.data.task == "multilabel" else torch.long
-    all_labels = torch.tensor([x.label for x in splits.train], dtype=dtype)
+    coding = TASKS.get(cfg.data.task).coding
+    all_labels = coding.targets([x.label for x in splits.train], len(cfg.classes))
     task, sample_weight = _task(cfg, all_labels, train_data.labels, device)
     data = EpochData(TransformedImages(train_data, tr_tf), TransformedImages(val_data, ev_tf),
                      TransformedImages(train_data, ev_tf), sample_weight)  # fmt: skip
@@ -336,8 +310,9 @@ def _run(
     loop = Loop(model, net, step, task, data, source, [], epochs=cfg.optim.epochs,
                 batch_size=cfg.optim.batch_size, seed=cfg.runtime.seed, dist=dist_info,
                 workers=cfg.data.workers, sharding=sharding)  # fmt: skip
-    multi = cfg.data.task == "multilabel"  # torchvision's MixUp/CutMix take class indices
-    mix = multilabel_mix(cfg.augment) if multi else batch_transform(cfg.augment, len(cfg.classes))
+    # torchvision's MixUp/CutMix take class indices; float targets (label sets) mix as they are.
+    k = len(cfg.classes)
+    mix = multilabel_mix(cfg.augment) if coding.float_targets else batch_transform(cfg.augment, k)
     loop.callbacks = sorted(
         [*callbacks_for(cfg, loop, (tr_tf, ev_tf), mix, out, resume, precision, show), *extra],
         key=lambda c: c.order,

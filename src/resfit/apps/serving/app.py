@@ -240,14 +240,7 @@ class _Service:
             return _error(503, f"server busy: {e}; retry shortly", **{"Retry-After": "1"})
         finally:
             self.metrics.queue_depth.set(self.batcher.pending)
-        answers = []
-        for p in probs:
-            if getattr(self.predictor, "multilabel", False):  # {"labels", "probabilities"}
-                answers.append(self.predictor.answer(p))
-                continue
-            conf, idx = p.topk(k)
-            top = [[classes[int(i)], float(c)] for c, i in zip(conf, idx, strict=True)]
-            answers.append({"label": top[0][0], "confidence": top[0][1], "top_k": top})
+        answers = [self.predictor.answer(p, k) for p in probs]  # the task's JSON
         if _is_multipart(request):
             names = [name for name, _ in images]
             return JSONResponse([{"file": n, **a} for n, a in zip(names, answers, strict=True)])
