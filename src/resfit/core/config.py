@@ -21,11 +21,12 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import ConfigError
+from .labels import CODINGS
 from .presets import (
     AUGMENT_CHOICES,
     PRESET_VALUES,
@@ -44,7 +45,29 @@ CACHE_CHOICES = ("auto", "memory", "disk", "off")
 CACHE_DTYPES = ("auto", "fp32", "fp16", "bf16")
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BALANCE = ("weights", "sampler")
-TASKS = ("auto", "single", "multilabel")  # data.TASKS: what the labels mean
+
+
+class _TaskNames(Sequence[str]):
+    """``--task``'s choices: ``auto`` and every registered task, read when asked, so a task
+    registered with ``tasks.registry.register_task`` is a valid ``--task`` at once."""
+
+    def _names(self) -> tuple[str, ...]:
+        return ("auto", *CODINGS.names())
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._names()[i]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
+TASKS: Sequence[str] = _TaskNames()  # what the labels mean
 MULTILABEL_LOSSES = ("bce", "asl")
 LEAKAGE = ("report", "remove", "off")
 LEAKAGE_SIGNALS = ("phash", "both")  # both: pHash and embeddings (resfit.leakage)

@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["SHARD_INDEX", "SPLIT_FOLDER_NAMES", "DataSplits", "Sample", "TASKS", "split_of"]
+__all__ = ["SHARD_INDEX", "SPLIT_FOLDER_NAMES", "DataSplits", "Sample", "split_of"]
 
 # The folder names (compared in lower case) that hold each split, first the canonical one.
 SPLIT_FOLDER_NAMES: dict[str, tuple[str, ...]] = {
@@ -20,11 +20,6 @@ SPLITS = tuple(SPLIT_FOLDER_NAMES)
 # The index that ``resfit prepare`` writes into a shard folder (see resfit.data.shards).
 SHARD_INDEX = "resfit-shards.json"
 _SPLIT_OF_NAME = {name: split for split, names in SPLIT_FOLDER_NAMES.items() for name in names}
-
-
-# --task: what a label column means ("auto": what the data says); a registered task (see
-# resfit.core.labels.CODINGS) is accepted too.
-TASKS = ("auto", "single", "multilabel")
 
 
 @dataclass
