@@ -102,3 +102,47 @@ def test_a_killed_writers_temporary_files_are_removed_at_the_next_start(
     assert _cli("train", "--out", str(run), "--resume", "--epochs", "2").returncode == 0
     assert not any(p.exists() for p in stale)
     assert all(p.exists() for p in kept)
+
+
+def test_a_run_that_fails_mid_epoch_ends_its_data_workers_at_once(
+    colours: Path, tmp_path: Path
+) -> None:
+    """Issue 26: the paused batch generator (and its worker processes) lived on in a
+    reference cycle until a cyclic garbage collection."""
+    import gc
+    import multiprocessing
+
+    from resfit.training import TrainConfig, train
+    from resfit.training.loop import Callback
+
+    class Boom(Callback):
+        def after_step(self, loop) -> None:
+            if loop.step_in_epoch == 1:
+                raise RuntimeError("boom")
+
+    cfg = TrainConfig.from_options(data=str(colours), out=str(tmp_path / "run"), epochs=2,
+                                   workers=2, arch="resnet20_cifar", img_size=16, batch_size=4,
+                                   progress=False, report=False)  # fmt: skip
+    assert not multiprocessing.active_children()
+    gc.disable()  # no collection may end them for us
+    try:
+        with pytest.raises(RuntimeError, match="boom") as caught:
+            train(cfg, callbacks=[Boom()])
+        assert caught.value.__traceback__ is not None  # the frames (and the loop) are held
+        assert not multiprocessing.active_children()
+    finally:
+        gc.enable()
+
+
+@pytest.mark.skipif(not Path("/proc/1/stat").exists(), reason="process start times from /proc")
+def test_a_temporary_file_of_a_reused_pid_is_stale_and_a_live_writers_is_not(
+    tmp_path: Path,
+) -> None:
+    from resfit.core.atomic import remove_stale_temps
+
+    live, reused = tmp_path / ".a.pt.tmp-1", tmp_path / ".b.pt.tmp-1"  # pid 1 runs all along
+    live.write_bytes(b"x")
+    reused.write_bytes(b"x")
+    os.utime(reused, (1, 1))  # written before pid 1's process started: another process's
+    assert remove_stale_temps(tmp_path) == [reused]
+    assert live.exists() and not reused.exists()

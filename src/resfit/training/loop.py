@@ -44,6 +44,14 @@ from .step import TrainStep, predict_logits
 log = logging.getLogger("resfit")
 
 
+def _close(batches: Iterable[Any]) -> None:
+    """Close a paused batch generator: its ``finally`` shuts its DataLoader workers down.
+    Left to itself it would live on in the cycle the exception's frames make with the loop."""
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
+
+
 class CancelFit(Exception):
     """Raised by a callback to end the fit now: the rest of the epoch, its validation and any
     later epochs are skipped; ``after_fit`` still runs (it restores what ``before_fit`` saved)."""
@@ -184,9 +192,13 @@ class Loop:
             self.epoch, self.epoch_start = epoch, time.perf_counter()
             self.first_step = self.start_step if epoch == self.start_epoch else 0
             self.event("before_epoch")
-            self.batches = self.epoch_batches()
-            self.event("before_train")
-            self.train_epoch()
+            self.batches = source = self.epoch_batches()
+            try:
+                self.event("before_train")
+                self.train_epoch()
+            finally:  # an exception mid-epoch ends the DataLoader workers now, not at a GC
+                self.batches = ()
+                _close(source)
             self.event("after_train")
             self.row = self.validate()
             self.history.append(self.row)
