@@ -200,8 +200,11 @@ def clean_leftovers(run: str | os.PathLike) -> None:
     """Remove the temporary files that a killed run left in its folder and the folders in it
     (``.NAME.tmp-<pid>`` of writers that are gone): called when a run starts or resumes."""
     root = Path(run)
-    folders = [root, *(p for p in root.iterdir() if p.is_dir())] if root.is_dir() else []
-    for folder in folders:
+    if not root.is_dir():
+        return
+    # Not through symlinks: a tune trial's cache/ is the study's, shared with live trials.
+    subfolders = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink()]
+    for folder in [root, *subfolders]:
         for path in remove_stale_temps(folder):
             log.info("removed %s, left by a run that was killed while writing", path)
 
