@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -54,6 +53,7 @@ from ...core.config import OPTIONS, AugmentConfig, TrainConfig, flag
 from ...core.errors import ConfigError, DataError, MissingExtraError
 from ...runs import RunPaths
 from .results import TuneResult, counted, finish, write_trials_csv
+from .signals import no_interrupt, stop_workers
 from .space import defaults_of, head_only, options_for, search_space, suggest
 
 log = logging.getLogger("resfit")
@@ -201,30 +201,11 @@ def load_study(plan: Plan, cfg: TrainConfig) -> Any:
     return study
 
 
-@contextlib.contextmanager
-def _no_interrupt() -> Iterator[None]:
-    """Hold SIGINT back while a journal write is under way (it arrives once the block ends):
-    Ctrl-C in the middle of an append would leave a torn record in the shared journal."""
-    import threading
-
-    if (
-        not hasattr(signal, "pthread_sigmask")
-        or threading.current_thread() is not threading.main_thread()
-    ):
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 def _requeue(study: Any, trial: Any, params: Mapping[str, Any], why: str, attempt: int) -> None:
     """Close ``trial`` (an ``optuna.Trial``) as FAIL with ``why``, not counted, and queue its
     parameters to run again (``attempt``: how many times they were run again before)."""
     optuna = _optuna()
-    with _no_interrupt():
+    with no_interrupt():
         trial.set_user_attr("excluded", why)
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         study.enqueue_trial(dict(params), user_attrs={"retry_of": trial.number, "attempt": attempt})
@@ -249,7 +230,7 @@ def _close_interrupted(study: Any, max_retries: int) -> None:
             continue
         reason = (f"its process ({pid}) died, {attempt + 1} time(s) with these parameters "
                   f"(--max-retries {max_retries}): not run again")  # fmt: skip
-        with _no_interrupt():
+        with no_interrupt():
             trial.set_user_attr("reason", reason)
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         log.warning("trial %d failed: %s", trial.number, reason)
@@ -269,7 +250,7 @@ def _claim(study: Any, plan: Plan, cfg: TrainConfig) -> tuple[Any, dict] | None:
     """The next trial and its parameters, or None when the total is reached or time is up."""
     if plan.deadline is not None and time.time() >= plan.deadline:
         return None
-    with _file_lock(_lock_path(plan)), _no_interrupt():
+    with _file_lock(_lock_path(plan)), no_interrupt():
         _close_interrupted(study, plan.max_retries)
         trials = study.get_trials(deepcopy=False)
         if counted(trials) >= plan.trials:
@@ -308,7 +289,7 @@ def _reporter(trial: Any) -> Any:
     optuna = _optuna()
 
     def report(epoch: int, score: float) -> None:
-        with _no_interrupt():
+        with no_interrupt():
             trial.report(score, epoch)
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {epoch} (val {score:.4f})")
@@ -363,7 +344,7 @@ def run_trial(study: Any, trial: Any, params: dict, plan: Plan, cfg: TrainConfig
         shutil.rmtree(RunPaths(run_dir).checkpoints, ignore_errors=True)  # model.safetensors stays
     trial.set_user_attr("duration_s", round(time.time() - start, 2))
     trial.set_user_attr("run_dir", str(run_dir.resolve()))  # where best/ is copied from
-    with _no_interrupt():
+    with no_interrupt():
         if reason:
             trial.set_user_attr("reason", reason)
         study.tell(trial, value if state == optuna.trial.TrialState.COMPLETE else None, state=state)
@@ -418,28 +399,17 @@ def _spawn_workers(plan: Plan, jobs: int) -> list[int]:
             procs[-1].stdin.close()
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
-        _stop_workers(procs)
+        stop_workers(procs)
+        raise
+    except BaseException:  # a worker that could not be started or fed: stop the others
+        for p in procs:
+            p.terminate()
         raise
     failed = [c for c in codes if c]
     if failed:
         log.error("resfit tune: %d worker(s) failed, exit codes %s (their trials are in "
                   "trials.csv)", len(failed), failed)  # fmt: skip
     return failed
-
-
-def _stop_workers(procs: list[subprocess.Popen]) -> None:
-    """Ctrl-C: one SIGINT to each worker, which requeues its trial and exits; a second Ctrl-C
-    here terminates them."""
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGINT)
-    try:
-        for p in procs:
-            p.wait()
-    except KeyboardInterrupt:
-        for p in procs:
-            p.terminate()
-        raise
 
 
 def tune(
@@ -489,7 +459,7 @@ def tune(
     else:
         failed = _spawn_workers(plan, jobs)
         if failed:  # what a crashed worker left RUNNING: run again or FAIL, as the next start would
-            with _file_lock(_lock_path(plan)), _no_interrupt():
+            with _file_lock(_lock_path(plan)), no_interrupt():
                 _close_interrupted(study, plan.max_retries)
     result = finish(study, Path(plan.out), time.time() - start)
     result.failed_workers = failed
