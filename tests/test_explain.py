@@ -143,3 +143,35 @@ def test_overlay_cam_colours_the_hot_region() -> None:
     assert np.array_equal(np.asarray(overlay_cam(photo, cam, alpha=0.0)), np.asarray(photo))
     with pytest.raises(ValueError):
         overlay_cam(photo, cam, alpha=1.5)
+
+
+def test_explain_names_never_collide_or_leave_the_folder_for_any_class_name(tmp_path) -> None:
+    """Issue 26: a/cat.png and b/cat.png overwrote each other; a class with "/" crashed."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .test_inference import make_run
+
+    run = make_run(tmp_path)
+    odd = [os.fsdecode(b"caf\xe9"), "x/../../y", "two\nlines"]  # not UTF-8, a path, a newline
+    (run / "classes.json").write_text(json.dumps(odd))
+    rng = np.random.default_rng(0)
+    images = [tmp_path / "in" / d / "cat.png" for d in ("a", "b")]
+    for p in images:
+        p.parent.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(p)
+    out = tmp_path / "cam"
+    for cls in [None, *odd]:
+        args = [sys.executable, "-m", "resfit", "explain", str(run), *map(str, images), "--out",
+                str(out), *(["--class", cls] if cls else [])]  # fmt: skip
+        res = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+    made = [p for p in tmp_path.rglob("*.png") if p not in images]
+    assert all(p.parent == out for p in made), made  # nothing escaped the folder
+    # Two images per class asked for (three), each its own file; the unasked run's two
+    # overlays are among them, for the predicted class.
+    assert len(made) == 2 * len(odd)
+    for cls in odd:
+        assert sum(p.name.endswith(f".{cls.replace('/', '%2F')}.png") for p in made) == 2

@@ -208,3 +208,23 @@ def test_the_cli_prepares_and_refuses_a_used_folder(folder, tmp_path, capsys) ->
     (tmp_path / "other" / "file.txt").write_text("x")
     assert main([*args[:3], str(tmp_path / "other"), *args[4:]]) == 2
     assert "is not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key,value,named", [("data_format", ["int", "pickle"], "format pickle"),
+                                             ("item_loader", "TokensLoader", "TokensLoader")])  # fmt: skip
+def test_a_shard_folder_whose_chunks_name_another_format_is_refused_before_decoding(
+    shards, tmp_path, key, value, named
+) -> None:
+    """Issue 26: LitData decodes with the format a chunk's index.json names, pickle included."""
+    import shutil
+
+    copy = tmp_path / "s"
+    shutil.copytree(shards, copy)
+    index = copy / "val" / "index.json"
+    doc = json.loads(index.read_text())
+    doc["config"][key] = value
+    index.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=rf"val/index.json names .*{named}"):
+        read_splits(copy)
+    with pytest.raises(DataError, match="pickle can run code"):
+        ShardImages(copy, "val", [0], 32)[0]  # the reader checks too, before LitData opens it

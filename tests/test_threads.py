@@ -145,7 +145,7 @@ def test_dead_processes_are_not_counted_and_their_files_go(
     monkeypatch: pytest.MonkeyPatch, clean_env: Path
 ) -> None:
     clean_env.mkdir()
-    parent = clean_env / f"{os.getppid()}-{threads._start_time(os.getppid())}"
+    parent = clean_env / f"{os.getppid()}-{threads.start_time(os.getppid())}"
     stale = clean_env / f"{_dead_pid()}-12345"
     reused = clean_env / f"{os.getppid()}-1"  # the parent's pid, another start: a reused pid
     for entry in (parent, stale, reused):
@@ -163,7 +163,7 @@ def test_oversubscription_warning_counts_registered_threads(
     monkeypatch.setattr(threads, "_load_average", lambda: 0.0)
     monkeypatch.setattr(threads.torch, "get_num_threads", lambda: 1)
     clean_env.mkdir()
-    other = clean_env / f"{os.getppid()}-{threads._start_time(os.getppid())}"
+    other = clean_env / f"{os.getppid()}-{threads.start_time(os.getppid())}"
     other.write_text("1\n")
     assert threads.oversubscription_warning() is None  # 1 + 1 threads on 2 CPUs
     other.write_text("4\n")

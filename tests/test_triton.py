@@ -98,3 +98,13 @@ def test_export_run_writes_the_repository(tmp_path: Path) -> None:
     assert (model_dir / "1" / "model.onnx").read_bytes() == Path(info["onnx"]).read_bytes()
     classes = (model_dir / "labels.txt").read_text().splitlines()
     assert _field((model_dir / "config.pbtxt").read_text(), "dims")[1] == f"[ {len(classes)} ]"
+
+
+def test_labels_hold_one_line_per_class_whatever_the_name(onnx_file: Path, tmp_path: Path) -> None:
+    """Issue 26: a non-UTF-8 name crashed the export, a newline shifted every later label."""
+    import os
+
+    classes = [os.fsdecode(b"caf\xe9"), "two\nlines", "c"]
+    model_dir = write_triton_repository(onnx_file, tmp_path / "repo", "m", classes=classes)
+    text = (model_dir / "labels.txt").read_bytes().decode("utf-8")  # valid UTF-8
+    assert text.splitlines() == ["caf\\xe9", "two\\nlines", "c"]

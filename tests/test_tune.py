@@ -205,3 +205,47 @@ def test_an_rdb_url_holds_the_study_and_a_missing_driver_is_named(
     monkeypatch.setattr(optuna.storages, "RDBStorage", no_driver)
     with pytest.raises(ConfigError, match="pip install psycopg2-binary"):
         tune(colours, 2, tmp_path / "pg", storage="postgresql://u@db.example/tune", **FAST)
+
+
+_CRASH_HOOK = """
+import os
+if os.environ.get("RESFIT_TEST_CRASH_FROM"):  # trials from this number on kill their process
+    import resfit.training as _training
+    _real = _training.train
+    def _train(cfg=None, **kw):
+        if int(os.path.basename(str(cfg.run.out))) >= int(os.environ["RESFIT_TEST_CRASH_FROM"]):
+            os._exit(9)  # as the kernel's OOM killer or a native crash would end it
+        return _real(cfg, **kw)
+    _training.train = _train
+"""
+
+
+def test_a_trial_that_kills_its_process_runs_once_more_then_fails(
+    colours: Path, tmp_path: Path
+) -> None:
+    """Issue 26: such a trial was re-queued forever, and `resfit tune --jobs` exited 0."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_CRASH_HOOK)  # in the workers too (PYTHONPATH)
+    out = tmp_path / "study"
+    args = ["tune", str(colours), "--trials", "2", "--out", str(out), "--jobs", "2", "--arch",
+            "resnet20_cifar", "--img-size", "16", "--batch-size", "16", "--epochs", "2",
+            "--no-progress"]  # fmt: skip
+    env = {**os.environ, "RESFIT_TEST_CRASH_FROM": "1",
+           "PYTHONPATH": os.pathsep.join([str(hook), str(SRC), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    res = subprocess.run([sys.executable, "-m", "resfit", *args], capture_output=True, text=True,
+                         env=env, timeout=600)  # fmt: skip
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "crashed" in res.stderr
+    trials = _study(out).get_trials()
+    states = [(t.state.name, "excluded" in t.user_attrs) for t in trials]
+    assert states == [("COMPLETE", False), ("FAIL", True), ("FAIL", False)], states
+    assert "interrupted" in trials[1].user_attrs["excluded"]
+    assert trials[2].user_attrs["retry_of"] == 1 and trials[2].params == trials[1].params
+    assert "died, 2 time(s)" in trials[2].user_attrs["reason"]
+    # The study has its two trials: run again, nothing more runs, and the exit is clean.
+    env.pop("RESFIT_TEST_CRASH_FROM")
+    res = subprocess.run([sys.executable, "-m", "resfit", *args], capture_output=True, text=True,
+                         env=env, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(_study(out).get_trials()) == 3

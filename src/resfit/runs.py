@@ -14,6 +14,8 @@
     RUN/eval-NAME/         an evaluation: metrics.json, per_class.csv, predictions.csv, ...
     RUN/export/            ``resfit export``'s files and export.json
     RUN/checkpoints/last.pt, best.safetensors   ``--resume`` continues from last.pt
+    RUN/checkpoints/last.prev.pt   the checkpoint before last.pt: ``--resume`` falls back to
+                           it, with a warning, when last.pt cannot be read
 
 Every file is written atomically and durably (:mod:`resfit.core.atomic`). This module sits
 above :mod:`resfit.core` and below training, inference, export, insight, quality and apps:
@@ -30,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .core.atomic import atomic_save_safetensors, atomic_write_json
-from .core.errors import RunError
+from .core.atomic import atomic_save_safetensors, atomic_write_json, remove_stale_temps
+from .core.errors import RunError, TrainingError
 from .core.hashing import file_sha256
 
 if TYPE_CHECKING:
@@ -52,6 +54,7 @@ SKIPPED = "skipped.csv"
 REPORT = "report.html"
 CHECKPOINTS = "checkpoints"
 LAST = "last.pt"
+LAST_PREV = "last.prev.pt"
 BEST = "best.safetensors"
 EXPORT = "export"
 EXPORT_REPORT = "export.json"
@@ -85,6 +88,7 @@ class RunPaths:
     report = property(lambda self: self.root / REPORT)
     checkpoints = property(lambda self: self.root / CHECKPOINTS)
     last = property(lambda self: self.root / CHECKPOINTS / LAST)
+    last_prev = property(lambda self: self.root / CHECKPOINTS / LAST_PREV)
     best = property(lambda self: self.root / CHECKPOINTS / BEST)
     export = property(lambda self: self.root / EXPORT)
     lr_find_json = property(lambda self: self.root / LR_FIND_JSON)
@@ -163,6 +167,46 @@ def read_thresholds(run: str | os.PathLike, classes: Sequence[str]) -> list[floa
         return [float(by_class.get(c, 0.5)) for c in classes]
     except (ValueError, AttributeError, TypeError) as e:
         raise RunError(f"{path}: expected {{class: threshold}}, {e}") from None
+
+
+def load_checkpoint(run: str | os.PathLike) -> tuple[dict, Path] | None:
+    """The resume checkpoint and where it came from: ``last.pt``, or where that cannot be read
+    (cut short by a power cut or a full disk) ``last.prev.pt``, with a warning. None where the
+    run has neither; a :class:`TrainingError` where neither can be read."""
+    import torch
+
+    paths, errors = RunPaths(run), []
+    for path in (paths.last, paths.last_prev):
+        if not path.exists():
+            continue
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a cut file: RuntimeError, EOFError, UnpicklingError ...
+            errors.append(f"{path.name}: {type(e).__name__}: {str(e).splitlines()[0]}")
+            log.warning("cannot read the checkpoint %s (%s)", path, errors[-1])
+            continue
+        if errors:
+            log.warning("resuming from the previous checkpoint %s instead", path)
+        return ck, path
+    if errors:
+        raise TrainingError(
+            f"no readable checkpoint in {paths.checkpoints} ({'; '.join(errors)}): "
+            "train again without --resume (in a new --out)"
+        )
+    return None
+
+
+def clean_leftovers(run: str | os.PathLike) -> None:
+    """Remove the temporary files that a killed run left in its folder and the folders in it
+    (``.NAME.tmp-<pid>`` of writers that are gone): called when a run starts or resumes."""
+    root = Path(run)
+    if not root.is_dir():
+        return
+    # Not through symlinks: a tune trial's cache/ is the study's, shared with live trials.
+    subfolders = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink()]
+    for folder in [root, *subfolders]:
+        for path in remove_stale_temps(folder):
+            log.info("removed %s, left by a run that was killed while writing", path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ returns the exit status. Each imports what it runs inside the function, so that 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,8 @@ def _classes_to_explain(p: Any, class_name: str | None) -> list[str]:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     use_cores(args)
-    from ..data.paths import find_images
+    from ..data.paths import display_text, find_images
+    from ..inference.explain import overlay_file, overlay_stems
     from ..inference.predictor import Predictor
 
     predictor = Predictor.from_run(args.run, device="cpu", precision="fp32")
@@ -186,13 +188,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
     preds, skipped = predictor.predict(find_images(args.inputs))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    stems = overlay_stems([p.path for p in preds])  # a/cat.jpg and b/cat.jpg: two files
     for p in preds:
         for cls in _classes_to_explain(p, args.class_name):
-            target = out / f"{Path(p.path).stem}.{cls}.png"
-            explain(p.path, predictor.classes.index(cls)).save(target)
-            print(f"{target}  predicted {p.label or '(no label)'} ({p.confidence:.2f})")
+            target = out / overlay_file(stems[os.fspath(p.path)], cls)
+            explain(p.path, predictor.classes.index(cls)).save(target, format="PNG")
+            print(
+                display_text(f"{target}  predicted {p.label or '(no label)'} ({p.confidence:.2f})")
+            )
     for path, reason in skipped:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
+        print(display_text(f"skipped {path}: {reason}"), file=sys.stderr)
     return 0
 
 

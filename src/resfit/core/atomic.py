@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -67,9 +68,13 @@ def atomic_commit(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike, previous: str | os.PathLike | None = None
+) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` for a library to write to; on success it is
     fsynced and renamed onto ``path``; on an exception it is removed and ``path`` untouched.
+    With ``previous``, the file that ``path`` held is kept there (renamed, after the new one
+    is safely on disk), so a reader can fall back to it if the new one is ever unreadable.
     The temporary name does not end in the target's suffix: give a writer that guesses the
     format from the name (``savefig``) the format explicitly."""
     path = Path(path)
@@ -77,6 +82,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_file(tmp)
+        if previous is not None and path.exists():
+            os.replace(path, previous)
         _commit(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -119,11 +126,13 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, **dumps: Any) -> None:
     atomic_write_text(path, json.dumps(obj, **dumps))
 
 
-def atomic_save(obj: object, path: str | os.PathLike) -> None:
-    """``torch.save`` atomically."""
+def atomic_save(
+    obj: object, path: str | os.PathLike, previous: str | os.PathLike | None = None
+) -> None:
+    """``torch.save`` atomically (``previous``: see :func:`atomic_path`)."""
     import torch
 
-    with atomic_path(path) as tmp:
+    with atomic_path(path, previous) as tmp:
         torch.save(obj, tmp)
 
 
@@ -173,3 +182,59 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+_TEMP_NAME = re.compile(r"^\..+\.(?:tmp|old)-(\d+)$")  # .NAME.tmp-<pid>, atomic_dir's .old-<pid>
+
+
+def _stale(entry: Path, pid: int) -> bool:
+    """Whether the writer of a temporary file is gone: its pid is dead, or the process that
+    holds the pid now started after the file was last written (the pid was reused)."""
+    from .threads import alive, start_time
+
+    if pid == os.getpid():
+        return False  # this process may be writing it now
+    start = start_time(pid)
+    if not alive(pid, start):
+        return True
+    started = _started_at(start)
+    return started is not None and entry.lstat().st_mtime < started - 1.0
+
+
+def _started_at(start: str) -> float | None:
+    """A process start time (clock ticks since boot, from /proc) as a Unix time, or None."""
+    try:
+        btime = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+        return btime + int(start) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and folders that killed writers left in ``folder`` (only
+    resfit's own names, ``.NAME.tmp-<pid>`` and ``.NAME.old-<pid>``, and only those whose
+    writer is gone: see :func:`_stale`). Returns what was removed."""
+    import shutil
+
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP_NAME.match(entry.name)
+        try:
+            if not m or not _stale(entry, int(m.group(1))):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove: leave it
+        removed.append(entry)
+    return removed

@@ -236,19 +236,29 @@ def live_processes() -> int:
     return len(_live_entries(registry_dir(), exclude=os.getpid())) + 1
 
 
-def _start_time(pid: int) -> str:
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the name (state first), [] where there is none."""
+    try:
+        return (
+            Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        )  # name may hold spaces
+    except (OSError, IndexError):
+        return []
+
+
+def start_time(pid: int) -> str:
     """The process's start time in clock ticks since boot ('0' where /proc is not there): a pid
     reused by another program after a resfit process was killed has another start time."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name before ")" may hold spaces
-    except (OSError, IndexError):
-        return "0"
+    fields = _stat(pid)
+    return fields[19] if len(fields) > 19 else "0"  # field 22
 
 
-def _alive(pid: int, start: str) -> bool:
+def alive(pid: int, start: str) -> bool:
+    """Whether ``pid`` still runs the process that started at ``start`` (see :func:`start_time`);
+    a zombie (dead, not yet reaped by its parent) is not alive."""
     if start != "0" and Path("/proc").is_dir():
-        return _start_time(pid) == start
+        fields = _stat(pid)
+        return len(fields) > 19 and fields[19] == start and fields[0] != "Z"
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the pid exists
     except ProcessLookupError:
@@ -275,7 +285,7 @@ def _live_entries(folder: Path, exclude: int | None = None) -> dict[int, Path]:
         pid = int(pid_text)
         if pid == exclude:
             continue
-        if _alive(pid, start):
+        if alive(pid, start):
             entries[pid] = folder / name
         else:
             (folder / name).unlink(missing_ok=True)  # another process may have removed it
@@ -293,7 +303,7 @@ def _register(threads: int) -> Path | None:
         for f in ours:
             if hasattr(os, "getuid") and f.stat().st_uid != os.getuid():
                 raise PermissionError(f"{f} belongs to another user")
-        entry = folder / f"{os.getpid()}-{_start_time(os.getpid())}"
+        entry = folder / f"{os.getpid()}-{start_time(os.getpid())}"
         entry.write_text(f"{threads}\n")
     except OSError as e:
         log.debug("resfit: no process registry (%s); counting this process alone", e)

@@ -292,11 +292,43 @@ def read_index(path: str | os.PathLike[str]) -> dict[str, Any]:
                 f"{display_path(root / split)} has no index.json: the shards are incomplete; "
                 f"run resfit prepare again into a new folder"
             )
+        if part["samples"]:
+            check_chunk_format(root / split)
     return index
 
 
 def _as_list(label: int | list[int]) -> list[int]:
     return label if isinstance(label, list) else [label]
+
+
+# What resfit's chunks hold ({"id": int, "jpg": bytes}). LitData decodes each chunk with the
+# serializers its index.json names, pickle included: a folder from elsewhere could run code.
+_CHUNK_FORMATS = {"int", "bytes"}
+_CHUNK_LOADERS = {"PyTreeLoader"}
+
+
+def check_chunk_format(folder: Path) -> None:
+    """A :class:`DataError` unless the chunks of ``folder`` are stored the way resfit writes
+    them; checked before LitData reads (decodes) anything from them."""
+    file = folder / "index.json"
+    try:
+        config = json.loads(file.read_text())["config"]
+        formats = config["data_format"]
+        formats = [formats] if isinstance(formats, str) else list(formats)
+        bad = [f for f in formats if f not in _CHUNK_FORMATS]
+        loader, encryption = config.get("item_loader"), config.get("encryption")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(
+            f"{display_path(file)} cannot be read ({e}): prepare the data again"
+        ) from None
+    if bad or loader not in _CHUNK_LOADERS or encryption is not None:
+        what = (f"data format {', '.join(map(str, bad))}" if bad
+                else f"item loader {loader}" if loader not in _CHUNK_LOADERS else "encryption")  # fmt: skip
+        raise DataError(
+            f"{display_path(file)} names {what}: resfit reads only the chunks it writes "
+            f"({' and '.join(sorted(_CHUNK_FORMATS))} data), and never decodes other formats "
+            "(pickle can run code). Prepare the data with resfit prepare"
+        )
 
 
 def read_splits(path: str | os.PathLike[str], task: str = "auto") -> DataSplits:
@@ -342,6 +374,7 @@ class ShardImages(Sequence):
 
     def _dataset(self) -> Any:
         if self._open is None or self._open[0] != os.getpid():
+            check_chunk_format(self.root / self.split)  # before LitData decodes a chunk
             ds = _litdata().StreamingDataset(str(self.root / self.split))
             self._open = (os.getpid(), ds)
         return self._open[1]
@@ -360,4 +393,12 @@ class ShardImages(Sequence):
         return to_tensor(resize_shorter(img, self.base_size))
 
 
-__all__ = ["ShardImages", "ShardSample", "is_prepared", "prepare", "read_index", "read_splits"]
+__all__ = [
+    "ShardImages",
+    "ShardSample",
+    "check_chunk_format",
+    "is_prepared",
+    "prepare",
+    "read_index",
+    "read_splits",
+]

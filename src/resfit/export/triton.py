@@ -112,6 +112,15 @@ def _onnx_io(path: Path) -> tuple[str, list[int], str, int]:
     return inp.name, in_dims[1:], out.name, out_dims[1]
 
 
+def label_line(name: str) -> str:
+    """A class name as one line of ``labels.txt`` (Triton reads the file line by line): valid
+    UTF-8 whatever the name (undecodable bytes as ``\\xNN``, as the CSVs and logs show them),
+    and a line break in it escaped, so it cannot shift the labels after it."""
+    from ..data.paths import display_text
+
+    return display_text(name).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def write_triton_repository(
     onnx_path: str | os.PathLike,
     repository: str | os.PathLike,
@@ -146,6 +155,7 @@ def write_triton_repository(
     with atomic_dir(model_dir) as tmp:
         (tmp / "1").mkdir()
         shutil.copyfile(onnx_path, tmp / "1" / "model.onnx")
-        (tmp / "labels.txt").write_text("".join(f"{c}\n" for c in classes), encoding="utf-8")
+        (tmp / "labels.txt").write_text("".join(f"{label_line(c)}\n" for c in classes),
+                                        encoding="utf-8")  # fmt: skip
         (tmp / "config.pbtxt").write_text(config, encoding="utf-8")
     return model_dir

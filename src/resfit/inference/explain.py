@@ -9,6 +9,12 @@ is differentiated and no parameter gradient is ever computed.
 
 from __future__ import annotations
 
+import hashlib
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
 import matplotlib
 import numpy as np
 import torch
@@ -30,7 +36,7 @@ def _split(model: nn.Module) -> ModelAdapter | nn.Module:
     return adapt(model)  # a ConfigError that says how to register an adapter, if none fits
 
 
-__all__ = ["grad_cam", "overlay_cam"]
+__all__ = ["grad_cam", "overlay_cam", "overlay_file", "overlay_stems"]
 
 
 def grad_cam(
@@ -126,3 +132,27 @@ def overlay_cam(image: Image.Image, cam: np.ndarray, alpha: float = 0.45) -> Ima
     base = np.asarray(rgb, dtype=np.float32) / 255.0
     out = (1.0 - alpha) * base + alpha * heat
     return Image.fromarray(np.round(out * 255.0).astype(np.uint8))
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def overlay_stems(paths: Sequence[str | os.PathLike]) -> dict[str, str]:
+    """The name each input's overlays start with: its stem, or where two inputs share one
+    (``a/cat.jpg``, ``b/cat.jpg``), the stem and a short hash of the whole path, so that one
+    never overwrites the other. The same inputs give the same names in any order."""
+    stems = {os.fspath(p): Path(p).stem for p in paths}
+    shared = Counter(stems.values())
+    return {p: s if shared[s] == 1 else f"{s}-{_short_hash(p)}" for p, s in stems.items()}
+
+
+def overlay_file(stem: str, class_name: str) -> str:
+    """``{stem}.{class}.png``, one file name whatever the class is called: ``/``, ``\\`` and
+    NUL are %-escaped (with ``%`` itself, so distinct classes keep distinct names), and a name
+    too long for the file system is shortened with a hash of the whole."""
+    safe = class_name.replace("%", "%25").replace("/", "%2F").replace("\\", "%5C")
+    name = f"{stem}.{safe.replace(chr(0), '%00')}.png"
+    if len(name.encode("utf-8", "surrogateescape")) > 240:  # most file systems allow 255 bytes
+        name = f"{stem[:50]}.{safe[:50]}-{_short_hash(name)}.png"
+    return name

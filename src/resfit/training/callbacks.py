@@ -342,7 +342,8 @@ class EpochLog(Callback):
             monitor.removeprefix("val_"), r[monitor], r["epoch_time_s"],
             r["train_images_per_s"], "  *best*" if loop.improved else "",
         )  # fmt: skip
-        write_metrics(runs.RunPaths(self.out).metrics, loop.history)
+        path = runs.RunPaths(self.out).metrics
+        loop.try_write(path, lambda: write_metrics(path, loop.history))
         if self.writer:
             for k, v in r.items():
                 if k != "epoch":
@@ -355,8 +356,10 @@ class EpochLog(Callback):
 
 class Checkpoint(Callback):
     """``checkpoints/last.pt`` after every epoch (the model, the optimizer, the history and
-    every callback's state) and ``best.safetensors`` when the score improved; written
-    atomically, so a crash or a full disk leaves the previous one intact. With ``every``, also
+    every callback's state; the one before is kept as ``last.prev.pt``) and
+    ``best.safetensors`` when the score improved; written atomically, so a crash or a full disk
+    leaves the previous one intact, and a failed write is logged while training goes on
+    (:meth:`Loop.try_write`). With ``every``, also
     every that many steps, with the epoch's position (batches done, running sums, random
     state): the epoch's batches are a function of the seed and the epoch, so a run resumed
     there continues with the very batches and augmentations it would have drawn. ``resume``
@@ -366,12 +369,16 @@ class Checkpoint(Callback):
 
     def __init__(self, folder: Path, resume: bool, main: bool, every: int | None = None) -> None:
         self.last, self.best = folder / runs.LAST, folder / runs.BEST
+        self.prev, self.run = folder / runs.LAST_PREV, folder.parent
         self.resume, self.main, self.every = resume, main, every
 
     def before_fit(self, loop: Loop) -> None:
-        if not (self.resume and self.last.exists()):
+        if self.main:  # a killed run's temporary files (a checkpoint's size each) go first
+            runs.clean_leftovers(self.run)
+        found = runs.load_checkpoint(self.run) if self.resume else None
+        if found is None:
             return
-        ck = torch.load(self.last, map_location="cpu", weights_only=True)
+        ck, path = found
         loop.model.load_state_dict(ck["model"])
         loop.step.optimizer.load_state_dict(ck["optimizer"])
         loop.start_epoch, loop.history = ck["epoch"], ck["history"]
@@ -384,13 +391,12 @@ class Checkpoint(Callback):
         progress = ck.get("progress")
         if progress:
             loop.start_step, loop.partial = progress["step"], progress
-            log.info("resuming %s at step %d of epoch %d", self.last.parent.parent,
-                     progress["step"], ck["epoch"] + 1)  # fmt: skip
+            log.info("resuming %s at step %d of epoch %d", self.run, progress["step"],
+                     ck["epoch"] + 1)  # fmt: skip
             return
-        log.info("resuming %s after epoch %d of %d", self.last.parent.parent, ck["epoch"],
-                 loop.epochs)  # fmt: skip
+        log.info("resuming %s after epoch %d of %d", self.run, ck["epoch"], loop.epochs)
         if loop.start_epoch >= loop.epochs:
-            log.info("%s already finished its %d epochs", self.last.parent.parent, loop.epochs)
+            log.info("%s already finished its %d epochs", self.run, loop.epochs)
 
     def after_step(self, loop: Loop) -> None:
         done = loop.step_in_epoch + 1
@@ -399,34 +405,26 @@ class Checkpoint(Callback):
 
     def after_epoch(self, loop: Loop) -> None:
         if self.main and loop.improved:
-            try:
-                atomic_save_safetensors(loop.eval_model.state_dict(), self.best)
-            except OSError as e:
-                log.error("could not write %s (%s)", self.best, e)
+            state = loop.eval_model.state_dict()
+            loop.try_write(self.best, lambda: atomic_save_safetensors(state, self.best))
         self._save(loop, loop.epoch + 1, None)
 
     def _save(self, loop: Loop, epoch: int, progress: dict[str, Any] | None) -> None:
         if not self.main:
             return
         best = loop.callback(BestModel)
-        try:
-            atomic_save(
-                {
-                    "model": loop.model.state_dict(),
-                    "optimizer": loop.step.optimizer.state_dict(),
-                    "epoch": epoch,
-                    "progress": progress,
-                    "best_acc": best.best if best else None,
-                    "best_epoch": best.best_epoch if best else None,
-                    "history": loop.history,
-                    "callbacks": {cb.name: cb.state_dict() for cb in loop.callbacks},
-                },
-                self.last,
-            )
-        except OSError as e:
-            # The previous checkpoint is intact (atomic write); keep training.
-            log.error("could not write a checkpoint in %s (%s); the previous one is intact",
-                      self.last.parent, e)  # fmt: skip
+        state = {
+            "model": loop.model.state_dict(),
+            "optimizer": loop.step.optimizer.state_dict(),
+            "epoch": epoch,
+            "progress": progress,
+            "best_acc": best.best if best else None,
+            "best_epoch": best.best_epoch if best else None,
+            "history": loop.history,
+            "callbacks": {cb.name: cb.state_dict() for cb in loop.callbacks},
+        }
+        # The one before stays as last.prev.pt: resume falls back to it if last.pt is unreadable.
+        loop.try_write(self.last, lambda: atomic_save(state, self.last, self.prev))
 
 
 class ShareCores(Callback):

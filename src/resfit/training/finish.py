@@ -62,6 +62,11 @@ def finish_run(
     test = finish(cfg, loop, splits, val_logits, ev_tf, show, skipped, duplicates)
     summary = {"best_epoch": best.best_epoch, "best_val_accuracy": best.best,
                "monitor": best.monitor, "epochs_run": len(loop.history), "test": test}  # fmt: skip
+    if loop.not_saved:  # said at the end, where it is read: the log lines went by long ago
+        summary["not_saved"] = list(loop.not_saved.values())
+        for entry in summary["not_saved"]:
+            log.warning("not saved: %s (last tried after epoch %d: %s)", entry["file"],
+                        entry["epochs"][-1], entry["error"])  # fmt: skip
     write_summary(out, summary)
     log.info("best validation %s %.4f at epoch %d; run saved in %s",
              best.monitor.removeprefix("val_").replace("acc", "accuracy"), best.best,

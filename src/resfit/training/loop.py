@@ -24,8 +24,9 @@ mid-epoch included, with no validation (the LR finder's sweep). ``after_fit`` ru
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,16 @@ from ..models.transfer import set_train_mode
 from ..tasks.base import Task
 from .distributed import Dist, gathered
 from .step import TrainStep, predict_logits
+
+log = logging.getLogger("resfit")
+
+
+def _close(batches: Iterable[Any]) -> None:
+    """Close a paused batch generator: its ``finally`` shuts its DataLoader workers down.
+    Left to itself it would live on in the cycle the exception's frames make with the loop."""
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
 
 
 class CancelFit(Exception):
@@ -133,6 +144,8 @@ class Loop:
         self.row: dict[str, float] = {}
         self.stop = self.improved = False
         self.batches: Iterable[tuple[Tensor, Tensor]] = ()
+        # file -> {"file", "epochs", "error"} of the run's files whose last write failed
+        self.not_saved: dict[str, dict[str, Any]] = {}
         self.step.on_loss = self._after_loss
 
     def event(self, name: str) -> None:
@@ -146,6 +159,23 @@ class Loop:
     def callback(self, kind: type) -> Any:
         """The callback of type ``kind``, or None."""
         return next((c for c in self.callbacks if isinstance(c, kind)), None)
+
+    def try_write(self, path: Any, write: Callable[[], None]) -> bool:
+        """Run ``write``, which writes ``path`` atomically. Any error (a full disk or a quota:
+        torch raises RuntimeError, safetensors SafetensorError, Python OSError) is logged and
+        noted in ``not_saved``, and training goes on: the previous file is intact."""
+        try:
+            write()
+        except Exception as e:  # whatever the writer raises, the run is worth more than a file
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.error("could not write %s (%s); the previous one is intact, training goes on",
+                      path, error)  # fmt: skip
+            entry = self.not_saved.setdefault(str(path), {"file": str(path), "epochs": []})
+            entry["epochs"].append(self.epoch + 1)
+            entry["error"] = error
+            return False
+        self.not_saved.pop(str(path), None)  # a later write succeeded: the file is current
+        return True
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -162,9 +192,13 @@ class Loop:
             self.epoch, self.epoch_start = epoch, time.perf_counter()
             self.first_step = self.start_step if epoch == self.start_epoch else 0
             self.event("before_epoch")
-            self.batches = self.epoch_batches()
-            self.event("before_train")
-            self.train_epoch()
+            self.batches = source = self.epoch_batches()
+            try:
+                self.event("before_train")
+                self.train_epoch()
+            finally:  # an exception mid-epoch ends the DataLoader workers now, not at a GC
+                self.batches = ()
+                _close(source)
             self.event("after_train")
             self.row = self.validate()
             self.history.append(self.row)

@@ -8,6 +8,7 @@ of the search. Building the parser imports neither torch nor Optuna.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,9 @@ def add_tune_parser(
                         "file that several processes or machines share (default: DIR/study.journal)")  # fmt: skip
     t.add_argument("--jobs", type=int, default=1,
                    help="trials at once on this machine, each a process with its share of the cores")  # fmt: skip
+    t.add_argument("--max-retries", type=int, default=1,
+                   help="times a trial whose process died (memory, a crash) runs again before "
+                        "it is recorded as failed (default 1)")  # fmt: skip
     p.set_defaults(func=_cmd_tune)
 
 
@@ -58,7 +62,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
         threads.configure(fixed.get("threads"))
     r = tune(data, args.trials, out, timeout=args.timeout, storage=args.storage, jobs=args.jobs,
-             **fixed)  # fmt: skip
+             max_retries=args.max_retries, **fixed)  # fmt: skip
     c = r.counts
 
     def pct(v: float | None) -> str:
@@ -69,4 +73,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if r.best_dir is not None:
         print(f"best run: {r.best_dir}  params: {r.best_params}")
     print(f"report: {r.out / 'report.html'}  trials: {r.out / 'trials.csv'}")
+    if r.failed_workers:  # the study is as far as it got; the exit code says it was not clean
+        print(f"resfit tune: {len(r.failed_workers)} worker process(es) crashed (exit codes "
+              f"{r.failed_workers}); run the same command again to go on", file=sys.stderr)  # fmt: skip
+        return 1
     return 0

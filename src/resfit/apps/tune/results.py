@@ -15,7 +15,7 @@ import logging
 import math
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ class TuneResult:
     defaults_value: float | None
     counts: dict[str, int]  # counted trials by state: COMPLETE, PRUNED, FAIL
     wall_s: float
+    failed_workers: list[int] = field(default_factory=list)  # exit codes of crashed workers
 
 
 def counted(trials: list[Any]) -> int:

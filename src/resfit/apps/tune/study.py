@@ -20,7 +20,14 @@ at a few fixed epochs only. It starts after a few complete trials and a quarter 
 running. A process claims a trial under a file lock (count, then ``ask``), so processes on one
 machine never overshoot; across machines, a trial that finds the total already reached when it
 starts is closed at once as ``surplus`` and not counted. A trial left RUNNING by a killed
-process on this machine is closed as ``interrupted``, not counted, and its parameters run again.
+process on this machine (its pid gone, or held by a process with another start time) is closed
+as ``interrupted``, not counted, and its parameters run again, at most ``max_retries`` times:
+then it is closed as FAIL, counted, with the reason (a parameter set that kills its process,
+by memory or a native crash, would otherwise run forever).
+
+**Interrupts.** Journal writes (claiming, reporting, telling) hold SIGINT back until they end,
+so Ctrl-C stops a trial between writes and requeues it; with ``--jobs`` the workers run in
+their own process group and the main process forwards one SIGINT to each and waits for them.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from ...core.config import OPTIONS, AugmentConfig, TrainConfig, flag
 from ...core.errors import ConfigError, DataError, MissingExtraError
 from ...runs import RunPaths
 from .results import TuneResult, counted, finish, write_trials_csv
+from .signals import no_interrupt, stop_workers
 from .space import defaults_of, head_only, options_for, search_space, suggest
 
 log = logging.getLogger("resfit")
@@ -73,6 +81,7 @@ class Plan:
     storage: str | None = None
     deadline: float | None = None  # time.time() after which no trial starts
     enqueue: list[dict[str, Any]] = field(default_factory=list)
+    max_retries: int = 1  # runs again of a trial whose process died, before it is a FAIL
 
     def config(self) -> TrainConfig:
         return TrainConfig.from_options(data=self.data, **self.fixed).check()
@@ -192,36 +201,39 @@ def load_study(plan: Plan, cfg: TrainConfig) -> Any:
     return study
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def _requeue(study: Any, trial: Any, params: Mapping[str, Any], why: str) -> None:
+def _requeue(study: Any, trial: Any, params: Mapping[str, Any], why: str, attempt: int) -> None:
     """Close ``trial`` (an ``optuna.Trial``) as FAIL with ``why``, not counted, and queue its
-    parameters to run again."""
+    parameters to run again (``attempt``: how many times they were run again before)."""
     optuna = _optuna()
-    trial.set_user_attr("excluded", why)
-    study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-    study.enqueue_trial(dict(params), user_attrs={"retry_of": trial.number})
+    with no_interrupt():
+        trial.set_user_attr("excluded", why)
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(dict(params), user_attrs={"retry_of": trial.number, "attempt": attempt})
     log.info("trial %d was interrupted; its parameters run again", trial.number)
 
 
-def _close_interrupted(study: Any) -> None:
+def _close_interrupted(study: Any, max_retries: int) -> None:
     """Trials left RUNNING by a process of this machine that is gone: closed as FAIL with the
-    reason ``interrupted`` (not counted), and their parameters queued to run again."""
+    reason ``interrupted`` (not counted) and their parameters queued to run again, or, once
+    they were run again ``max_retries`` times, closed as FAIL (counted) with the reason."""
+    from ...core.threads import alive
+
     optuna = _optuna()
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        pid = t.user_attrs.get("pid")
-        if t.user_attrs.get("host") != HOST or pid is None or _pid_alive(pid):
+        pid, start = t.user_attrs.get("pid"), str(t.user_attrs.get("pid_start", "0"))
+        if t.user_attrs.get("host") != HOST or pid is None or alive(pid, start):
             continue
-        trial = optuna.trial.Trial(study, t._trial_id)
-        _requeue(study, trial, t.params, f"interrupted (process {pid} stopped); run again")
+        trial, attempt = optuna.trial.Trial(study, t._trial_id), t.user_attrs.get("attempt", 0)
+        if attempt < max_retries:
+            _requeue(study, trial, t.params, f"interrupted (process {pid} stopped); run again",
+                     attempt + 1)  # fmt: skip
+            continue
+        reason = (f"its process ({pid}) died, {attempt + 1} time(s) with these parameters "
+                  f"(--max-retries {max_retries}): not run again")  # fmt: skip
+        with no_interrupt():
+            trial.set_user_attr("reason", reason)
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        log.warning("trial %d failed: %s", trial.number, reason)
 
 
 def _sampler(seed: int, trials: int) -> Any:
@@ -238,8 +250,8 @@ def _claim(study: Any, plan: Plan, cfg: TrainConfig) -> tuple[Any, dict] | None:
     """The next trial and its parameters, or None when the total is reached or time is up."""
     if plan.deadline is not None and time.time() >= plan.deadline:
         return None
-    with _file_lock(_lock_path(plan)):
-        _close_interrupted(study)
+    with _file_lock(_lock_path(plan)), no_interrupt():
+        _close_interrupted(study, plan.max_retries)
         trials = study.get_trials(deepcopy=False)
         if counted(trials) >= plan.trials:
             return None
@@ -248,6 +260,7 @@ def _claim(study: Any, plan: Plan, cfg: TrainConfig) -> tuple[Any, dict] | None:
         trial = study.ask()
         trial.set_user_attr("host", HOST)
         trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("pid_start", _own_start())  # a reused pid is not this process
         before = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
         if counted(before) >= plan.trials:  # another machine filled the study meanwhile
             trial.set_user_attr("excluded", "surplus: the study had its trials already")
@@ -276,7 +289,8 @@ def _reporter(trial: Any) -> Any:
     optuna = _optuna()
 
     def report(epoch: int, score: float) -> None:
-        trial.report(score, epoch)
+        with no_interrupt():
+            trial.report(score, epoch)
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {epoch} (val {score:.4f})")
 
@@ -322,16 +336,18 @@ def run_trial(study: Any, trial: Any, params: dict, plan: Plan, cfg: TrainConfig
         state, reason = optuna.trial.TrialState.FAIL, f"{type(e).__name__}: {e}"
         (run_dir / "error.log").write_text(traceback.format_exc())
     except BaseException:  # Ctrl-C: not the trial's fault; it runs again next time
-        _requeue(study, trial, trial.params, "interrupted (Ctrl-C); run again")
+        attempt = trial.user_attrs.get("attempt", 0)
+        _requeue(study, trial, trial.params, "interrupted (Ctrl-C); run again", attempt)
         raise
     finally:
         lock.release()
         shutil.rmtree(RunPaths(run_dir).checkpoints, ignore_errors=True)  # model.safetensors stays
     trial.set_user_attr("duration_s", round(time.time() - start, 2))
     trial.set_user_attr("run_dir", str(run_dir.resolve()))  # where best/ is copied from
-    if reason:
-        trial.set_user_attr("reason", reason)
-    study.tell(trial, value if state == optuna.trial.TrialState.COMPLETE else None, state=state)
+    with no_interrupt():
+        if reason:
+            trial.set_user_attr("reason", reason)
+        study.tell(trial, value if state == optuna.trial.TrialState.COMPLETE else None, state=state)
     shown = f"{value:.4f}" if value is not None else reason
     log.info("trial %d %s: %s  %s  (%.0f s)", trial.number, state.name.lower(), shown,
                 json.dumps(params, default=str), time.time() - start)  # fmt: skip
@@ -352,11 +368,18 @@ def work(plan: Plan) -> int:
     return ran
 
 
+def _own_start() -> str:
+    from ...core.threads import start_time
+
+    return start_time(os.getpid())
+
+
 # -- the study from start to end ------------------------------------------------------------------
 
 
-def _spawn_workers(plan: Plan, jobs: int) -> None:
-    """``jobs`` worker processes on this machine, each with its share of the cores."""
+def _spawn_workers(plan: Plan, jobs: int) -> list[int]:
+    """``jobs`` worker processes on this machine, each with its share of the cores; returns
+    the exit codes of those that failed (a crash, a kill)."""
     from ...core import threads
 
     n = threads.child_threads(jobs, plan.fixed.get("threads"))
@@ -364,21 +387,29 @@ def _spawn_workers(plan: Plan, jobs: int) -> None:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[2]),
                                                       env.get("PYTHONPATH")]))  # fmt: skip
     log.info("resfit tune: %d trials at once, %d CPU thread(s) each", jobs, n)
-    procs = []
+    procs: list[subprocess.Popen] = []
     try:
         for _ in range(jobs):
-            spec = plan.to_json()
+            # Their own process group: a terminal's Ctrl-C reaches this process only, which
+            # forwards it once (twice would cut a worker's requeue write short).
             procs.append(subprocess.Popen([sys.executable, "-m", "resfit.apps.tune.worker"],
-                                          stdin=subprocess.PIPE, env=env, text=True))  # fmt: skip
-            procs[-1].stdin.write(spec)
+                                          stdin=subprocess.PIPE, env=env, text=True,
+                                          process_group=0))  # fmt: skip
+            procs[-1].stdin.write(plan.to_json())
             procs[-1].stdin.close()
         codes = [p.wait() for p in procs]
-    except BaseException:
+    except KeyboardInterrupt:
+        stop_workers(procs)
+        raise
+    except BaseException:  # a worker that could not be started or fed: stop the others
         for p in procs:
             p.terminate()
         raise
-    if any(codes):
-        log.warning("resfit tune: worker exit codes %s (their trials are in trials.csv)", codes)
+    failed = [c for c in codes if c]
+    if failed:
+        log.error("resfit tune: %d worker(s) failed, exit codes %s (their trials are in "
+                  "trials.csv)", len(failed), failed)  # fmt: skip
+    return failed
 
 
 def tune(
@@ -390,6 +421,7 @@ def tune(
     storage: str | None = None,
     jobs: int = 1,
     enqueue: Sequence[Mapping[str, Any]] = (),
+    max_retries: int = 1,
     **fixed: Any,
 ) -> TuneResult:
     """Search hyperparameters for training on ``data`` with ``trials`` trials in all.
@@ -399,11 +431,12 @@ def tune(
     that was stopped: only the missing trials run. ``timeout``: seconds after which no trial
     starts. ``storage``: an RDB URL or a journal file that other processes share. ``jobs``:
     trials at once on this machine (processes, each with its share of the cores).
-    ``enqueue``: parameter sets to try first. ``fixed``: training options (``arch``,
+    ``enqueue``: parameter sets to try first. ``max_retries``: how many times a trial whose
+    process died runs again before it is a FAIL. ``fixed``: training options (``arch``,
     ``weights``, ``epochs`` ...), fixed in every trial and left out of the search.
     """
-    if trials < 1 or jobs < 1:
-        raise ConfigError("--trials and --jobs must be at least 1")
+    if trials < 1 or jobs < 1 or max_retries < 0:
+        raise ConfigError("--trials and --jobs must be at least 1, --max-retries at least 0")
     if timeout is not None and not timeout > 0:
         raise ConfigError("--timeout must be a positive number of seconds")
     unknown = sorted(set(fixed) - set(OPTIONS))
@@ -412,15 +445,22 @@ def tune(
     fixed.pop("out", None)
     start = time.time()
     plan = Plan(str(data), str(out), trials, dict(fixed), storage,
-                None if timeout is None else start + timeout, [dict(p) for p in enqueue])  # fmt: skip
+                None if timeout is None else start + timeout, [dict(p) for p in enqueue],
+                max_retries)  # fmt: skip
     cfg = plan.config()  # a bad option answers before anything is imported or written
     if not Path(data).exists():
         raise DataError(f"{data}: no such folder or file")
     _optuna()
     Path(out).mkdir(parents=True, exist_ok=True)
     study = load_study(plan, cfg)  # created (and checked) once, before any worker
+    failed = []
     if jobs == 1:
         work(plan)
     else:
-        _spawn_workers(plan, jobs)
-    return finish(study, Path(plan.out), time.time() - start)
+        failed = _spawn_workers(plan, jobs)
+        if failed:  # what a crashed worker left RUNNING: run again or FAIL, as the next start would
+            with _file_lock(_lock_path(plan)), no_interrupt():
+                _close_interrupted(study, plan.max_retries)
+    result = finish(study, Path(plan.out), time.time() - start)
+    result.failed_workers = failed
+    return result

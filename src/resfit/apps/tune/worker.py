@@ -15,7 +15,10 @@ def main() -> int:
     logging.getLogger("resfit").setLevel(logging.INFO)  # as the CLI: trials and epochs
     plan = Plan.from_json(sys.stdin.read())
     threads.configure(plan.fixed.get("threads"))  # the parent set RESFIT_THREADS to our share
-    work(plan)
+    try:
+        work(plan)
+    except KeyboardInterrupt:  # forwarded by the parent: the trial was requeued
+        return 130
     return 0
 
 
