@@ -10,6 +10,11 @@ address, and runs uvicorn in one process or in ``--workers`` processes that shar
 (``/metrics`` then sums over the workers: prometheus_client's multiprocess mode, in a
 temporary folder this process owns and removes).
 
+Bad requests cannot take it down: each image's size is checked from its header against
+``--max-pixels`` before it is decoded, a request holds at most ``--max-images`` images,
+``--max-request-pixels`` pixels and ``--max-queue`` images (413 naming the limit over any).
+Under ``--workers`` a worker that dies is logged and replaced.
+
 It binds to 127.0.0.1 by default. Any other address needs a token (``--token`` or
 ``RESFIT_SERVE_TOKEN``) that every request must send as ``Authorization: Bearer TOKEN``.
 SIGTERM (or Ctrl-C) stops accepting connections, answers the requests in flight, and exits 0.
@@ -284,7 +289,7 @@ class _Workers:
                 self._restart_dead()
         # A worker still loading its model when the signal came dies of it: a clean stop too.
         codes = [c.returncode for c in self.children]
-        self.clean = self.clean and all(c == 0 or -c in self.stopping for c in codes)
+        self.clean = self.clean and all(c in (0, -signal.SIGTERM) for c in codes)
 
     def _restart_dead(self) -> None:
         from prometheus_client.multiprocess import mark_process_dead

@@ -180,6 +180,7 @@ class _Service:
             max_queue=options.max_queue,
             on_batch=self.metrics.on_batch,
             embed=_embedder(predictor),
+            on_queue=self.metrics.queue_depth.set,
         )
         self.decode_pool = ThreadPoolExecutor(
             options.decode_threads, thread_name_prefix="resfit-decode"
@@ -247,15 +248,13 @@ class _Service:
         """``fn(data, *args)`` for every file in the decode threads, or the first error."""
         loop = asyncio.get_running_loop()
         jobs = [loop.run_in_executor(self.decode_pool, fn, data, *args) for _, data in files]
-        out = []
-        for (name, _), job in zip(files, jobs, strict=True):
-            try:
-                out.append(await job)
-            except BadImage as e:
-                for j in jobs:
-                    j.cancel()
+        out = await asyncio.gather(*jobs, return_exceptions=True)
+        for (name, _), result in zip(files, out, strict=True):
+            if isinstance(result, BadImage):
                 prefix = f"{name}: " if len(files) > 1 or name != "body" else ""
-                return _error(e.status, prefix + e.reason)
+                return _error(result.status, prefix + result.reason)
+            if isinstance(result, BaseException):
+                raise result
         return out
 
     async def images_of(self, request: Request) -> list[tuple[str, object]] | JSONResponse:

@@ -122,7 +122,8 @@ class Batcher:
     """Groups decoded images into batches for ``predictor`` and answers each with its
     probabilities (calibrated: the run's temperature is applied).
 
-    ``on_batch(size, seconds)`` is called after every forward pass (for metrics). ``embed``
+    ``on_batch(size, seconds)`` is called after every forward pass and ``on_queue(pending)``
+    when the queue grows or shrinks (for metrics; in every worker, scraped or not). ``embed``
     (decoded images -> (N, D) tensor) serves :meth:`submit_many` with ``kind="embed"``: the
     embeddings share the queue, its limit and the batching with the predictions.
     """
@@ -136,12 +137,14 @@ class Batcher:
         max_queue: int = 256,
         on_batch: Callable[[int, float], None] | None = None,
         embed: Callable[[list[Tensor]], Tensor] | None = None,
+        on_queue: Callable[[int], None] | None = None,
     ) -> None:
         self.predictor = predictor
         self.max_batch = max(1, max_batch)
         self.max_wait = max(0.0, max_wait_ms) / 1000
         self.max_queue = max(1, max_queue)
         self.on_batch = on_batch
+        self.on_queue = on_queue or (lambda pending: None)  # the queue depth when it changes
         self.run = {"probabilities": self.probabilities, "embed": embed}
         self.pending = 0  # images handed over that have not started their forward pass
         self._queue: asyncio.Queue[_Item] | None = None
@@ -182,6 +185,7 @@ class Batcher:
         self.pending += len(items)
         for item in items:
             self._queue.put_nowait(item)
+        self.on_queue(self.pending)
         return list(await asyncio.gather(*(it.future for it in items)))
 
     def probabilities(self, images: list[Tensor]) -> Tensor:
@@ -213,6 +217,7 @@ class Batcher:
         while True:
             batch = await self._gather()
             self.pending -= len(batch)
+            self.on_queue(self.pending)
             live = [it for it in batch if not it.future.done()]  # a client may have gone
             for kind in dict.fromkeys(it.kind for it in live):
                 await self._run([it for it in live if it.kind == kind], kind)
