@@ -10,6 +10,11 @@ address, and runs uvicorn in one process or in ``--workers`` processes that shar
 (``/metrics`` then sums over the workers: prometheus_client's multiprocess mode, in a
 temporary folder this process owns and removes).
 
+Bad requests cannot take it down: each image's size is checked from its header against
+``--max-pixels`` before it is decoded, a request holds at most ``--max-images`` images,
+``--max-request-pixels`` pixels and ``--max-queue`` images (413 naming the limit over any).
+Under ``--workers`` a worker that dies is logged and replaced.
+
 It binds to 127.0.0.1 by default. Any other address needs a token (``--token`` or
 ``RESFIT_SERVE_TOKEN``) that every request must send as ``Authorization: Bearer TOKEN``.
 SIGTERM (or Ctrl-C) stops accepting connections, answers the requests in flight, and exits 0.
@@ -30,6 +35,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +44,10 @@ from ..core.errors import ConfigError, MissingExtraError, ResfitError
 __all__ = ["TOKEN_ENV", "add_serve_parser", "check_bind", "main", "serve"]
 
 TOKEN_ENV = "RESFIT_SERVE_TOKEN"
+# The decoding budget (issue 26). 40 M pixels: a 48 MP phone photo is refused, a 6000 x 4000
+# camera's is not; 4 images at the limit decode to about 0.5 GB of RGB at once.
+MAX_PIXELS = 40_000_000
+MAX_IMAGES = 64
 log = logging.getLogger("resfit")
 
 
@@ -66,6 +76,14 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="images waiting for the model before requests get 503")  # fmt: skip
     p.add_argument("--max-body-mb", type=float, default=20.0,
                    help="largest request body; bigger ones get 413")  # fmt: skip
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help=f"most pixels per image, from its header before decoding; bigger "
+                        f"ones get 413 (default {MAX_PIXELS:,})")  # fmt: skip
+    p.add_argument("--max-images", type=int, default=MAX_IMAGES,
+                   help=f"most images per request (default {MAX_IMAGES}); more get 413")  # fmt: skip
+    p.add_argument("--max-request-pixels", type=int, default=None,
+                   help="most pixels per request, all its images together (default: 4 x "
+                        "--max-pixels); more get 413")  # fmt: skip
     p.add_argument("--workers", type=int, default=1,
                    help="server processes, each with its share of the cores")  # fmt: skip
     p.add_argument("--token", default=None,
@@ -95,7 +113,10 @@ def check_bind(host: str, token: str | None) -> None:
 
 
 def _check_options(args: argparse.Namespace) -> None:
-    for name in ("max_batch", "max_queue", "workers"):
+    if args.max_request_pixels is None:
+        args.max_request_pixels = 4 * args.max_pixels
+    for name in ("max_batch", "max_queue", "workers", "max_pixels", "max_images",
+                 "max_request_pixels"):  # fmt: skip
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_wait_ms < 0:
@@ -127,25 +148,30 @@ def serve(args: argparse.Namespace) -> int:
 
 def _serve_one(args: argparse.Namespace, token: str | None) -> int:
     import uvicorn
+    from PIL import Image
 
     from ..core import threads
     from ..inference.predictor import Predictor
     from .serving.app import ServeOptions, create_app
 
+    if args.fd is not None:  # a --workers process: the supervisor sends SIGTERM, once
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     threads.configure(args.threads)
+    Image.MAX_IMAGE_PIXELS = None  # the limit is --max-pixels, checked before decoding
     predictor = Predictor.from_run(
         args.run, engine=args.engine, device=args.device, precision=args.precision
     )
     options = ServeOptions(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-        max_body_mb=args.max_body_mb, token=token,
+        max_body_mb=args.max_body_mb, token=token, max_pixels=args.max_pixels,
+        max_images=args.max_images, max_request_pixels=args.max_request_pixels,
     )  # fmt: skip
     app = create_app(predictor, options, run_name=Path(args.run).name)
     bind = {"fd": args.fd} if args.fd is not None else {"host": args.host, "port": args.port}
     config = uvicorn.Config(
         app, **bind, log_level="warning", access_log=False, timeout_graceful_shutdown=30
     )
-    server = _graceful_server(config)
+    server = _graceful_server(config, worker=args.fd is not None)
     if args.fd is None:
         where = f"http://{args.host}:{args.port}"
         print(f"serving {args.run} on {where} ({predictor.engine.describe()})", flush=True)
@@ -153,7 +179,7 @@ def _serve_one(args: argparse.Namespace, token: str | None) -> int:
     return 0 if server.started else 1
 
 
-def _server_class() -> type:
+def _server_class(worker: bool = False) -> type:
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -167,7 +193,7 @@ def _server_class() -> type:
             if threading.current_thread() is not threading.main_thread():
                 yield
                 return
-            sigs = (signal.SIGINT, signal.SIGTERM)
+            sigs = (signal.SIGTERM,) if worker else (signal.SIGINT, signal.SIGTERM)
             before = {s: signal.signal(s, self.handle_exit) for s in sigs}
             try:
                 yield
@@ -178,8 +204,8 @@ def _server_class() -> type:
     return Server
 
 
-def _graceful_server(config: object) -> object:
-    return _server_class()(config)
+def _graceful_server(config: object, worker: bool = False) -> object:
+    return _server_class(worker)(config)
 
 
 def _supervise(args: argparse.Namespace, token: str | None) -> int:
@@ -203,47 +229,96 @@ def _supervise(args: argparse.Namespace, token: str | None) -> int:
     metrics_dir = env.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="resfit-metrics-")
     owned = "PROMETHEUS_MULTIPROC_DIR" not in env
     env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    argv = [
-        sys.executable,
-        "-m",
-        "resfit.apps.serve",
-        *_worker_argv(args),
-        "--fd",
-        str(sock.fileno()),
-    ]
+    argv = [sys.executable, "-m", "resfit.apps.serve", *_worker_argv(args),
+            "--fd", str(sock.fileno())]  # fmt: skip
+    workers = _Workers(argv, env, sock.fileno(), metrics_dir)
     try:
-        children = [subprocess.Popen(argv, env=env, pass_fds=(sock.fileno(),))
-                    for _ in range(args.workers)]  # fmt: skip
-        print(f"serving {args.run} on http://{args.host}:{args.port}: {args.workers} workers, "
-              f"CPU threads each: {env['RESFIT_THREADS']}", flush=True)  # fmt: skip
-        codes, stopping = _wait_forwarding_signals(children)
+        workers.run(args.workers, f"serving {args.run} on http://{args.host}:{args.port}: "
+                    f"{args.workers} workers, CPU threads each: {env['RESFIT_THREADS']}")  # fmt: skip
     finally:
         sock.close()
         if owned:
             shutil.rmtree(metrics_dir, ignore_errors=True)
-    # A worker still loading its model when the signal came dies of it: a clean stop too.
-    return 0 if all(c == 0 or -c in stopping for c in codes) else 1
+    return 0 if workers.clean else 1
 
 
-def _wait_forwarding_signals(children: list[subprocess.Popen]) -> tuple[list[int], list[int]]:
-    """Pass SIGINT/SIGTERM on to the workers; their exit codes, and the signals received."""
-    stopping: list[int] = []
+class _Workers:
+    """The worker processes of ``--workers N``: started, restarted when one dies (its
+    multiprocess gauges cleared), and stopped with one SIGTERM each on SIGINT or SIGTERM.
 
-    def forward(sig: int, _frame: object) -> None:
-        stopping.append(sig)
-        for c in children:
+    The workers ignore SIGINT: a Ctrl-C in a terminal reaches the whole process group, and
+    uvicorn takes a second SIGINT as "exit now", cutting the requests in flight. A second
+    Ctrl-C at the supervisor does mean that: the workers are killed.
+    """
+
+    RESTARTS, WINDOW_S = 5, 60.0  # more deaths than this within the window: give up
+
+    def __init__(self, argv: list[str], env: dict, fd: int, metrics_dir: str) -> None:
+        self.argv, self.env, self.fd, self.metrics_dir = argv, env, fd, metrics_dir
+        self.children: list[subprocess.Popen] = []
+        self.stopping: list[int] = []
+        self.deaths: list[float] = []
+        self.clean = True
+
+    def _start(self) -> None:
+        # SIGINT ignored from the first instruction (a Python started so keeps it ignored).
+        child = subprocess.Popen(self.argv, env=self.env, pass_fds=(self.fd,),
+                                 preexec_fn=_ignore_sigint)  # fmt: skip
+        self.children.append(child)
+        if self.stopping:  # a signal came while it started: it gets one too
+            child.send_signal(signal.SIGTERM)
+
+    def _forward(self, sig: int, _frame: object) -> None:
+        again = bool(self.stopping)
+        self.stopping.append(sig)
+        for c in self.children:
             if c.poll() is None:
-                c.send_signal(sig)
+                c.send_signal(signal.SIGKILL if again and sig == signal.SIGINT else signal.SIGTERM)
 
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, forward)
-    return [c.wait() for c in children], stopping
+    def run(self, n: int, banner: str) -> None:
+        # The handlers come first: a signal during the start is passed on, never lost.
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._forward)
+        for _ in range(n):
+            if not self.stopping:
+                self._start()
+        print(banner, flush=True)
+        while not self.stopping or any(c.poll() is None for c in self.children):
+            time.sleep(0.2)
+            if not self.stopping:
+                self._restart_dead()
+        # A worker still loading its model when the signal came dies of it: a clean stop too.
+        codes = [c.returncode for c in self.children]
+        self.clean = self.clean and all(c in (0, -signal.SIGTERM) for c in codes)
+
+    def _restart_dead(self) -> None:
+        from prometheus_client.multiprocess import mark_process_dead
+
+        for c in [c for c in self.children if c.poll() is not None]:
+            self.children.remove(c)
+            mark_process_dead(c.pid, self.metrics_dir)  # its live gauges leave the sums
+            now = time.monotonic()
+            self.deaths = [t for t in self.deaths if now - t < self.WINDOW_S] + [now]
+            if len(self.deaths) > self.RESTARTS:
+                log.error("resfit serve: worker %d exited with code %s; %d workers died within "
+                          "%g s: stopping", c.pid, c.returncode, len(self.deaths), self.WINDOW_S)  # fmt: skip
+                self.clean = False
+                self._forward(signal.SIGTERM, None)
+                return
+            log.warning("resfit serve: worker %d exited with code %s; starting another",
+                        c.pid, c.returncode)  # fmt: skip
+            self._start()
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _worker_argv(args: argparse.Namespace) -> list[str]:
     out = [str(args.run)]
     for name in ("engine", "device", "precision", "host", "port", "max_batch", "max_wait_ms",
-                 "max_queue", "max_body_mb"):  # fmt: skip
+                 "max_queue", "max_body_mb", "max_pixels", "max_images",
+                 "max_request_pixels"):  # fmt: skip
         value = getattr(args, name)
         if value is not None:
             out += [f"--{name.replace('_', '-')}", str(value)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,23 +30,65 @@ class DecodeError(Exception):
     pass
 
 
+# Rows converted at a time: the extra memory of a conversion is one strip, never a full copy.
+_STRIP_PIXELS = 1 << 20
+
+
+def _strips(img: Image.Image) -> Iterator[tuple[int, int]]:
+    rows = max(1, _STRIP_PIXELS // max(1, img.width))
+    for top in range(0, img.height, rows):
+        yield top, min(img.height, top + rows)
+
+
+def _scaled_to_l(img: Image.Image, scale: Callable[[np.ndarray], np.ndarray]) -> Image.Image:
+    """A one-band image converted strip by strip to 8-bit grey with ``scale``."""
+    out = np.empty((img.height, img.width), dtype=np.uint8)
+    for top, bottom in _strips(img):
+        out[top:bottom] = scale(np.asarray(img.crop((0, top, img.width, bottom))))
+    return Image.fromarray(out)
+
+
+def _sixteen_bit_to_rgb(img: Image.Image) -> Image.Image:
+    # 16-bit data: scale to 8 bits instead of letting convert() clip it to white. In integers:
+    # round(x * 255 / 65535) = round(x / 257) = (x + 128) // 257 (x / 257 is never a half).
+    peak = 65535 if img.getextrema()[1] > 255 else 255
+
+    def scale(a: np.ndarray) -> np.ndarray:
+        a = np.clip(a, 0, peak).astype(np.uint32)  # mode I: int32, clipped to the 16-bit range
+        return ((a + 128) // 257 if peak == 65535 else a).astype(np.uint8)
+
+    return _scaled_to_l(img, scale).convert("RGB")
+
+
+def _float_to_rgb(img: Image.Image) -> Image.Image:
+    lo, hi = (float(v) for v in img.getextrema())
+    span = hi - lo or 1.0
+
+    def scale(a: np.ndarray) -> np.ndarray:
+        return ((a.astype(np.float64) - lo) / span * 255).round().astype(np.uint8)
+
+    return _scaled_to_l(img, scale)
+
+
+def _composite_on_white(img: Image.Image) -> Image.Image:
+    """Transparency over white, strip by strip (PIL's alpha_composite, so the same pixels)."""
+    out = Image.new("RGB", img.size)
+    for top, bottom in _strips(img):
+        rgba = img.crop((0, top, img.width, bottom)).convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        out.paste(Image.alpha_composite(white, rgba).convert("RGB"), (0, top))
+    return out
+
+
 def pil_to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as RGB. 16-bit, float and transparent images are converted in strips of
+    rows: the extra memory is a strip, not float64 or RGBA copies of the whole image."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img)
-        # 16-bit data: scale to 8 bits instead of letting convert() clip it to white.
-        peak = 65535 if arr.max() > 255 else 255
-        return Image.fromarray(
-            (arr.astype(np.float64) * (255 / peak)).round().astype(np.uint8)
-        ).convert("RGB")
+        return _sixteen_bit_to_rgb(img)
     if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        scaled = (arr - lo) / (hi - lo or 1.0) * 255
-        return Image.fromarray(scaled.round().astype(np.uint8)).convert("RGB")
+        return _float_to_rgb(img).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        return _composite_on_white(img)
     return img.convert("RGB")
 
 

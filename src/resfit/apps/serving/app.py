@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import importlib.util
+import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -39,14 +41,18 @@ from prometheus_client import (
 )
 from starlette.formparsers import MultiPartParser
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse as _StrictJSONResponse
+from starlette.responses import Response
 
+from ...data.decode import MAX_PIXELS
+from ...data.paths import display_text
 from ...inference.predictor import Predictor
-from .batching import BadImage, Batcher, QueueFull, decode_image_bytes
+from .batching import BadImage, Batcher, QueueFull, decode_image_bytes, image_pixels
 
 __all__ = ["FRAMEWORKS", "ServeOptions", "create_app"]
 
 FRAMEWORKS = ("fastapi", "starlette")
+log = logging.getLogger("resfit")
 
 _OPEN_PATHS = ()  # every path needs the token when one is set: the issue asks for each request
 
@@ -59,6 +65,32 @@ class ServeOptions:
     max_body_mb: float = 20.0
     token: str | None = None
     decode_threads: int = 4
+    max_pixels: int = MAX_PIXELS  # per image, from its header, before decoding
+    max_images: int = 64  # per request
+    max_request_pixels: int = 4 * MAX_PIXELS  # per request, all its images together
+
+
+def _escaped(value: object) -> object:
+    """``value`` with every string made printable UTF-8 (:func:`display_text`)."""
+    if isinstance(value, str):
+        return display_text(value)
+    if isinstance(value, dict):
+        return {_escaped(k): _escaped(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_escaped(v) for v in value]
+    return value
+
+
+class JSONResponse(_StrictJSONResponse):
+    """Starlette's JSON response, valid for any text: a class, file or run name that is not
+    UTF-8 (a folder named with Latin-1 bytes) is shown with ``\\xNN`` escapes, as the CSVs and
+    logs show it, instead of failing the strict UTF-8 encoding (a 500)."""
+
+    def render(self, content: object) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return super().render(_escaped(content))
 
 
 class _Metrics:
@@ -111,8 +143,8 @@ class _TooLarge(Exception):
 
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, refused as soon as it passes ``limit`` bytes (chunked uploads too)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
         raise _TooLarge
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -147,13 +179,15 @@ class _Service:
             max_wait_ms=options.max_wait_ms,
             max_queue=options.max_queue,
             on_batch=self.metrics.on_batch,
+            embed=_embedder(predictor),
+            on_queue=self.metrics.queue_depth.set,
         )
         self.decode_pool = ThreadPoolExecutor(
             options.decode_threads, thread_name_prefix="resfit-decode"
         )
         self.limit = int(options.max_body_mb * 1024 * 1024)
         self.ready = False
-        self.has_embed = importlib.util.find_spec("resfit.inference.embed") is not None
+        self.has_embed = self.batcher.run["embed"] is not None
 
     @asynccontextmanager
     async def lifespan(self, app: object) -> AsyncIterator[None]:
@@ -181,9 +215,9 @@ class _Service:
                     **{"WWW-Authenticate": "Bearer"},
                 )  # fmt: skip
             else:
-                response = await call_next(request)
+                response = await _answer(call_next, request)
         else:
-            response = await call_next(request)
+            response = await _answer(call_next, request)
         known = path if path in ("/v1/predict", "/v1/embed", "/healthz", "/readyz") else "other"
         self.metrics.requests.labels(known, str(response.status_code)).inc()
         self.metrics.latency.labels(known).observe(time.perf_counter() - start)
@@ -201,32 +235,60 @@ class _Service:
             files = await _multipart_files(request, body, self.limit)
         except Exception as e:  # starlette's MultiPartException and parser errors
             return _error(400, f"bad multipart form: {e}")
-        return files or _error(400, "the multipart form holds no file")
+        if not files:
+            return _error(400, "the multipart form holds no file")
+        o = self.options
+        for limit, name in ((o.max_images, "--max-images"), (o.max_queue, "--max-queue")):
+            if len(files) > limit:  # refused before anything is decoded or queued
+                return _error(413, f"{len(files)} images in one request: over the {name} "
+                                   f"limit of {limit} images per request")  # fmt: skip
+        return files
+
+    async def _each(self, files: list[tuple[str, bytes]], fn, *args) -> list | JSONResponse:
+        """``fn(data, *args)`` for every file in the decode threads, or the first error."""
+        loop = asyncio.get_running_loop()
+        jobs = [loop.run_in_executor(self.decode_pool, fn, data, *args) for _, data in files]
+        out = await asyncio.gather(*jobs, return_exceptions=True)
+        for (name, _), result in zip(files, out, strict=True):
+            if isinstance(result, BadImage):
+                prefix = f"{name}: " if len(files) > 1 or name != "body" else ""
+                return _error(result.status, prefix + result.reason)
+            if isinstance(result, BaseException):
+                raise result
+        return out
 
     async def images_of(self, request: Request) -> list[tuple[str, object]] | JSONResponse:
-        """(name, decoded tensor) per image of the request, or the error response."""
+        """(name, decoded tensor) per image of the request, or the error response. Every
+        image's size is checked from its header (each, then all together) before any decoding."""
         files = await self._files(request)
         if isinstance(files, JSONResponse):
             return files
-        loop = asyncio.get_running_loop()
+        o = self.options
+        pixels = await self._each(files, image_pixels, o.max_pixels)
+        if isinstance(pixels, JSONResponse):
+            return pixels
+        if sum(pixels) > o.max_request_pixels:
+            return _error(413, f"{sum(pixels):,} pixels in one request: over the "
+                               f"--max-request-pixels limit of {o.max_request_pixels:,}")  # fmt: skip
         base = self.predictor.base_size
-        jobs = [
-            loop.run_in_executor(self.decode_pool, decode_image_bytes, data, base)
-            for _, data in files
-        ]
-        out = []
-        for (name, _), job in zip(files, jobs, strict=True):
-            try:
-                out.append((name, await job))
-            except BadImage as e:
-                prefix = f"{name}: " if len(files) > 1 or name != "body" else ""
-                return _error(e.status, prefix + e.reason)
-        return out
+        decoded = await self._each(files, decode_image_bytes, base, o.max_pixels)
+        if isinstance(decoded, JSONResponse):
+            return decoded
+        return [(name, img) for (name, _), img in zip(files, decoded, strict=True)]
+
+    async def _queued(self, images: list, kind: str) -> list | JSONResponse:
+        """The batcher's results for the decoded ``images``, or 503 when the queue is full."""
+        try:
+            return await self.batcher.submit_many([img for _, img in images], kind)
+        except QueueFull as e:
+            return _error(503, f"server busy: {e}; retry shortly", **{"Retry-After": "1"})
+        finally:
+            self.metrics.queue_depth.set(self.batcher.pending)
 
     async def predict(self, request: Request, top_k: int | None = None) -> Response:
         if top_k is None:  # plain Starlette: FastAPI has checked and passed it already
             raw = request.query_params.get("top_k", "5")
-            if not raw.isdigit() or int(raw) < 1:
+            if not _TOP_K.fullmatch(raw) or int(raw) < 1:  # ASCII digits only: not '²'
                 return _error(422, f"top_k={raw!r}: give a whole number of at least 1")
             top_k = int(raw)
         images = await self.images_of(request)
@@ -234,12 +296,9 @@ class _Service:
             return images
         classes = self.predictor.classes
         k = min(top_k, len(classes))
-        try:
-            probs = await asyncio.gather(*(self.batcher.submit(img) for _, img in images))
-        except QueueFull as e:
-            return _error(503, f"server busy: {e}; retry shortly", **{"Retry-After": "1"})
-        finally:
-            self.metrics.queue_depth.set(self.batcher.pending)
+        probs = await self._queued(images, "probabilities")
+        if isinstance(probs, JSONResponse):
+            return probs
         answers = [self.predictor.answer(p, k) for p in probs]  # the task's JSON
         if _is_multipart(request):
             names = [name for name, _ in images]
@@ -252,19 +311,13 @@ class _Service:
                 501,
                 "embeddings are not part of this resfit version (no resfit.inference.embed module)",
             )
-        from ...inference.embed import embed_batch
-
         images = await self.images_of(request)
         if isinstance(images, JSONResponse):
             return images
-        p = self.predictor
-
-        def run() -> list[list[float]]:
-            x = torch.stack([p.transform(img) for _, img in images])
-            return embed_batch(p.model, x.to(p.device)).tolist()
-
-        loop = asyncio.get_running_loop()
-        vectors = await loop.run_in_executor(self.batcher.model_thread, run)
+        vectors = await self._queued(images, "embed")
+        if isinstance(vectors, JSONResponse):
+            return vectors
+        vectors = [v.tolist() for v in vectors]
         if _is_multipart(request):
             names = [name for name, _ in images]
             return JSONResponse(
@@ -286,6 +339,33 @@ class _Service:
     async def prometheus(self, request: Request) -> Response:
         self.metrics.queue_depth.set(self.batcher.pending)
         return Response(self.metrics.scrape(), media_type=CONTENT_TYPE_LATEST)
+
+
+_TOP_K = re.compile(r"[0-9]{1,6}")
+
+
+async def _answer(call_next, request: Request) -> Response:
+    """The app's response; an exception in a handler becomes a JSON 500 here, so that the
+    metrics middleware sees and counts it like any other answer."""
+    try:
+        return await call_next(request)
+    except Exception:
+        log.exception("resfit serve: %s %s failed", request.method, request.url.path)
+        return _error(500, "internal server error (logged by the server)")
+
+
+def _embedder(predictor: Predictor):
+    """The batcher's embed function (decoded images -> (N, D) L2-normalised features), or None
+    without :mod:`resfit.inference.embed`."""
+    if importlib.util.find_spec("resfit.inference.embed") is None:
+        return None
+    from ...inference.embed import embed_batch
+
+    def embed(images: list) -> torch.Tensor:
+        x = torch.stack([predictor.transform(img) for img in images])
+        return embed_batch(predictor.model, x.to(predictor.device)).cpu()
+
+    return embed
 
 
 def _is_multipart(request: Request) -> bool:

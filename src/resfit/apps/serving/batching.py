@@ -30,7 +30,7 @@ from ...data.datasets import DecodedImages
 from ...data.decode import MAX_PIXELS, pil_to_rgb, resize_shorter, to_tensor
 from ...inference.predictor import Predictor
 
-__all__ = ["BadImage", "Batcher", "QueueFull", "decode_image_bytes"]
+__all__ = ["BadImage", "Batcher", "QueueFull", "decode_image_bytes", "image_pixels"]
 
 
 class BadImage(Exception):
@@ -45,25 +45,57 @@ class QueueFull(Exception):
     """More images are waiting for the model than the server's ``max_queue``."""
 
 
-def decode_image_bytes(data: bytes, base_size: int) -> Tensor:
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """The image's header only (PIL reads no pixels until ``load()``), its size checked
+    against the server's ``max_pixels`` before anything is decoded, whatever the format."""
+    if not data:
+        raise BadImage(400, "empty body: send the image's bytes")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise BadImage(415, "not an image (no known image format)") from None
+    if img.width * img.height > max_pixels:
+        img.close()
+        raise BadImage(
+            413,
+            f"{img.width}x{img.height} pixels is over the --max-pixels limit of "
+            f"{max_pixels:,} pixels per image",
+        )
+    return img
+
+
+def image_pixels(data: bytes, max_pixels: int = MAX_PIXELS) -> int:
+    """Width x height from the image's header, without decoding it; :class:`BadImage` as
+    :func:`decode_image_bytes` for an empty body, an unknown format or too many pixels."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with _open(data, max_pixels) as img:
+                return img.width * img.height
+    except BadImage:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadImage(413, f"decompression bomb guard: {e}") from None
+    except Exception as e:  # a header PIL recognises but cannot parse
+        raise BadImage(422, f"broken image: {_reason(e)}") from None
+
+
+def _reason(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def decode_image_bytes(data: bytes, base_size: int, max_pixels: int = MAX_PIXELS) -> Tensor:
     """An image body as a uint8 (3, H, W) tensor, decoded exactly as ``resfit predict`` decodes
     a file (:func:`resfit.data.decode.load_image` then the shorter side resized to ``base_size``), so
     the server and offline prediction give the same labels.
 
-    Raises :class:`BadImage`: 400 empty, 415 not an image, 413 decompression bomb, 422 broken.
+    ``max_pixels`` is checked from the header, before decoding. Raises :class:`BadImage`: 400
+    empty, 415 not an image, 413 over ``max_pixels`` (or PIL's bomb guard), 422 broken.
     """
-    if not data:
-        raise BadImage(400, "empty body: send the image's bytes")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise BadImage(
-                        413,
-                        f"{img.width}x{img.height} pixels exceeds the {MAX_PIXELS:,} limit "
-                        f"(decompression bomb guard)",
-                    )
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # ours is the limit
+            with _open(data, max_pixels) as img:
                 if img.format == "JPEG":  # decode at reduced size in the DCT domain, as predict
                     img.draft("RGB", (base_size * 2, base_size * 2))
                 img.seek(0)  # first frame of an animation
@@ -72,13 +104,10 @@ def decode_image_bytes(data: bytes, base_size: int) -> Tensor:
                 rgb = pil_to_rgb(img)
     except BadImage:
         raise
-    except UnidentifiedImageError:
-        raise BadImage(415, "not an image (no known image format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise BadImage(413, f"decompression bomb guard: {e}") from None
     except Exception as e:  # PIL raises many types for truncated or corrupt data
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise BadImage(422, f"broken image: {reason}") from None
+        raise BadImage(422, f"broken image: {_reason(e)}") from None
     return to_tensor(resize_shorter(rgb, base_size))
 
 
@@ -86,13 +115,17 @@ def decode_image_bytes(data: bytes, base_size: int) -> Tensor:
 class _Item:
     image: Tensor
     future: asyncio.Future
+    kind: str = "probabilities"  # or "embed"
 
 
 class Batcher:
     """Groups decoded images into batches for ``predictor`` and answers each with its
     probabilities (calibrated: the run's temperature is applied).
 
-    ``on_batch(size, seconds)`` is called after every forward pass (for metrics).
+    ``on_batch(size, seconds)`` is called after every forward pass and ``on_queue(pending)``
+    when the queue grows or shrinks (for metrics; in every worker, scraped or not). ``embed``
+    (decoded images -> (N, D) tensor) serves :meth:`submit_many` with ``kind="embed"``: the
+    embeddings share the queue, its limit and the batching with the predictions.
     """
 
     def __init__(
@@ -103,12 +136,16 @@ class Batcher:
         max_wait_ms: float = 5.0,
         max_queue: int = 256,
         on_batch: Callable[[int, float], None] | None = None,
+        embed: Callable[[list[Tensor]], Tensor] | None = None,
+        on_queue: Callable[[int], None] | None = None,
     ) -> None:
         self.predictor = predictor
         self.max_batch = max(1, max_batch)
         self.max_wait = max(0.0, max_wait_ms) / 1000
         self.max_queue = max(1, max_queue)
         self.on_batch = on_batch
+        self.on_queue = on_queue or (lambda pending: None)  # the queue depth when it changes
+        self.run = {"probabilities": self.probabilities, "embed": embed}
         self.pending = 0  # images handed over that have not started their forward pass
         self._queue: asyncio.Queue[_Item] | None = None
         self._task: asyncio.Task | None = None
@@ -131,14 +168,25 @@ class Batcher:
 
     async def submit(self, image: Tensor) -> Tensor:
         """The probabilities (classes,) for one decoded image, once its batch has run."""
+        return (await self.submit_many([image]))[0]
+
+    async def submit_many(self, images: list[Tensor], kind: str = "probabilities") -> list[Tensor]:
+        """One result per image (probabilities, or embeddings with ``kind="embed"``). All the
+        images are queued or none: :class:`QueueFull` if they do not all fit, before any is."""
         if self._queue is None:
             raise RuntimeError("Batcher.start() was not called")
-        if self.pending >= self.max_queue:
-            raise QueueFull(f"{self.pending} images are waiting for the model")
-        self.pending += 1
-        item = _Item(image, asyncio.get_running_loop().create_future())
-        self._queue.put_nowait(item)
-        return await item.future
+        if self.pending + len(images) > self.max_queue:
+            raise QueueFull(
+                f"{self.pending} images are waiting for the model and the queue holds "
+                f"{self.max_queue} (--max-queue)"
+            )
+        loop = asyncio.get_running_loop()
+        items = [_Item(img, loop.create_future(), kind) for img in images]
+        self.pending += len(items)
+        for item in items:
+            self._queue.put_nowait(item)
+        self.on_queue(self.pending)
+        return list(await asyncio.gather(*(it.future for it in items)))
 
     def probabilities(self, images: list[Tensor]) -> Tensor:
         """Probabilities (N, classes) of decoded images in one pass: Predictor's own path."""
@@ -166,25 +214,29 @@ class Batcher:
         return batch
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._gather()
             self.pending -= len(batch)
+            self.on_queue(self.pending)
             live = [it for it in batch if not it.future.done()]  # a client may have gone
-            if not live:
-                continue
-            start = time.perf_counter()
-            try:
-                probs = await loop.run_in_executor(
-                    self.model_thread, self.probabilities, [it.image for it in live]
-                )
-            except Exception as e:  # a bug or a runtime failure: every waiter gets it
-                for it in live:
-                    if not it.future.done():
-                        it.future.set_exception(e)
-                continue
-            if self.on_batch is not None:
-                self.on_batch(len(live), time.perf_counter() - start)
-            for it, p in zip(live, probs, strict=True):
+            for kind in dict.fromkeys(it.kind for it in live):
+                await self._run([it for it in live if it.kind == kind], kind)
+
+    async def _run(self, items: list[_Item], kind: str) -> None:
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        try:
+            run = self.run[kind]
+            if run is None:
+                raise RuntimeError(f"this batcher has no {kind} function")
+            out = await loop.run_in_executor(self.model_thread, run, [it.image for it in items])
+        except Exception as e:  # a bug or a runtime failure: every waiter gets it
+            for it in items:
                 if not it.future.done():
-                    it.future.set_result(p)
+                    it.future.set_exception(e)
+            return
+        if self.on_batch is not None:
+            self.on_batch(len(items), time.perf_counter() - start)
+        for it, p in zip(items, out, strict=True):
+            if not it.future.done():
+                it.future.set_result(p)
