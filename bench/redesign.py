@@ -6,6 +6,11 @@
 #   finetune: `resfit.train(freeze="backbone", augment="none")`, the head-only fine-tune of
 #             bench/finetune.py (ResNet-50, 224 px, 10 epochs, 300 train / 150 val flowers5
 #             photos, feature cache), wall time from the folder to the trained head.
+# The package layout (issue 25) is checked the same way, "before" = de82475 (--skip-finetune):
+#   2 cores of an AMD EPYC Zen 4 (AVX512_BF16, auto = bf16), quiet, 2026-12-06, --rounds 3:
+#   step before 11.60 img/s, after 12.07 (1.041x); the naive row in the same runs 4.07 and 4.23
+#   (1.04x): the same speed, the machine drifting alike on both sides (resfit/naive 2.85 both).
+#   A first --rounds 2 run read 1.154x with its naive row at 1.056x (9.55/3.60 vs 11.01/3.80).
 # "before" is a checkout of the commit before the redesign (c7da56a): make one with
 #   git worktree add /tmp/old-main c7da56a
 # and run, from the repository root with ../shared/assets present (~12 min on 2 cores):
