@@ -135,7 +135,7 @@ def read_saved_config(run: str | os.PathLike) -> dict | None:
 def load_run(run: str | os.PathLike) -> tuple[dict, list[str]]:
     """The resolved config and class names of a finished run folder."""
     paths = check_finished(run)
-    return json.loads(paths.config.read_text()), json.loads(paths.classes.read_text())
+    return read_config(run), json.loads(paths.classes.read_text())
 
 
 def load_weights(run: str | os.PathLike) -> dict[str, Tensor]:

@@ -41,7 +41,7 @@ class LabelCoding:
 
     def convert(self, label: Label, k: int, where: Callable[[], str]) -> Label:
         """A label of another coding in this one (``where`` names the image for errors)."""
-        return self.from_classes(_indices(label), k)
+        return self.from_classes(coding_of(label).classes_of(label), k)
 
     def targets(self, labels: Sequence[Label], k: int) -> Any:
         """The training targets of ``labels`` as a tensor (``k`` classes)."""
@@ -51,13 +51,6 @@ class LabelCoding:
         if not labels:
             return torch.zeros((0, k) if self.float_targets else 0, dtype=dtype)
         return torch.tensor(list(labels), dtype=dtype)
-
-
-def _indices(label: Label) -> list[int]:
-    """The classes of a label of any coding (a tuple is multi-hot)."""
-    if isinstance(label, tuple):
-        return [i for i, on in enumerate(label) if on]
-    return [int(label)]
 
 
 class ClassIndex(LabelCoding):
@@ -76,7 +69,7 @@ class ClassIndex(LabelCoding):
         return indices[0]
 
     def convert(self, label: Label, k: int, where: Callable[[], str]) -> Label:
-        indices = _indices(label)
+        indices = coding_of(label).classes_of(label)
         if len(indices) != 1:
             raise DataError(
                 f"{where()} has {len(indices)} labels, and --task single needs one per image: "

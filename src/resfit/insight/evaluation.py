@@ -26,7 +26,7 @@ from torch import Tensor
 from .. import runs
 from ..core.atomic import atomic_csv, atomic_path, atomic_write_json
 from ..core.labels import ClassIndex, MultiHot
-from ..data.datasets import decode_all
+from ..data.datasets import DecodedImages, decode_all
 from ..data.discovery import eval_samples
 from ..data.paths import write_skipped
 from ..inference.predictor import Predictor
@@ -320,17 +320,25 @@ def evaluate(
     return how(predictor, run, data, out, batch_size, progress, report)
 
 
+def _images_and_logits(
+    predictor: Predictor, data, batch_size: int, progress: bool
+) -> tuple[DecodedImages, Tensor, list[tuple[str, str]]]:
+    """The evaluation images in the labels of the run's task, the model's logits on them, and
+    every file skipped on the way (decoded with their labels: an unreadable file drops out
+    together with its label)."""
+    samples, skipped = eval_samples(data, predictor.classes, task=predictor.task.coding)
+    decoded = decode_all(samples, predictor.base_size, progress=progress)
+    return decoded, predictor.logits(decoded, batch_size), skipped + decoded.skipped
+
+
 def _evaluate_one_label(
     predictor: Predictor, run, data, out, batch_size: int, progress: bool, report: bool
 ) -> EvalResult:
-    samples, skipped = eval_samples(data, predictor.classes, task=predictor.task.coding)
-    # Decoded with their labels: an unreadable file drops out together with its label.
-    decoded = decode_all(samples, predictor.base_size, progress=progress)
-    logits = predictor.logits(decoded, batch_size)
+    decoded, logits, skipped = _images_and_logits(predictor, data, batch_size, progress)
     res = compute_metrics(
         logits, decoded.labels, predictor.classes, [str(p) for p in decoded.paths]
     )
-    res.skipped = skipped + decoded.skipped
+    res.skipped = skipped
     res.task_scores = predictor.task.eval_scores(logits, decoded.labels)
     name = Path(data).name or "data"
     out_dir = write_eval(res, out or runs.RunPaths(run).eval(name), predictor.temperature)
@@ -364,14 +372,12 @@ def _evaluate_one_label(
 def _evaluate_multilabel(
     predictor: Predictor, run, data, out, batch_size: int, progress: bool, report: bool
 ) -> MultiLabelEvalResult:
-    samples, skipped = eval_samples(data, predictor.classes, task=predictor.task.coding)
-    decoded = decode_all(samples, predictor.base_size, progress=progress)
-    logits = predictor.logits(decoded, batch_size)
+    decoded, logits, skipped = _images_and_logits(predictor, data, batch_size, progress)
     res = compute_multilabel_metrics(
         logits, decoded.labels, predictor.classes, [str(p) for p in decoded.paths],
         predictor.temperature if predictor.temperature is not None else 1.0, predictor.thresholds,
     )  # fmt: skip
-    res.skipped = skipped + decoded.skipped
+    res.skipped = skipped
     res.task_scores = predictor.task.eval_scores(logits, decoded.labels)
     name = Path(data).stem if Path(data).is_file() else Path(data).name or "data"
     out_dir = write_multilabel_eval(res, out or runs.RunPaths(run).eval(name))
