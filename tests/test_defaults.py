@@ -25,12 +25,14 @@ def _resolved(img_size: int | None = None, **options) -> TrainConfig:
     "options, lr",
     [
         ({}, 0.05),  # from scratch, batch 64
-        ({"weights": "w.pth"}, 0.01),  # from weights, every layer at one rate
+        ({"weights": "w.pth"}, 0.2),  # from weights: recipe auto is finetune, the head's rate
+        ({"weights": "w.pth", "recipe": "plain"}, 0.01),  # every layer at one rate
         ({"weights": "w.pth", "recipe": "finetune"}, 0.2),  # the head's rate
         ({"weights": "w.pth", "recipe": "finetune", "batch_size": 32}, 0.1),  # linear in batch
         ({"weights": "w.pth", "recipe": "finetune", "lr": 0.03}, 0.03),  # given: kept
         ({"weights": "w.pth", "freeze": "backbone"}, 0.2),  # the head alone: the head's rate
-        ({"weights": "w.pth", "freeze": "layer2"}, 0.01),
+        ({"weights": "w.pth", "freeze": "layer2"}, 0.2),  # finetune down to layer2
+        ({"weights": "w.pth", "freeze": "layer2", "recipe": "plain"}, 0.01),
         ({"optimizer": "adamw"}, 1e-3),
         ({"optimizer": "adam", "weights": "w.pth", "recipe": "finetune"}, 3e-4),
     ],
@@ -217,3 +219,29 @@ def test_the_tune_defaults_trial_gets_the_augmentation_auto_picks() -> None:
     short = cfg.replace(epochs=6)  # trial 0 of a short study from scratch: no augmentation
     params = defaults_of(_sized(short), search_space(short, ["arch", "epochs"]))
     assert params["augment"] == "none" and "crop_min" not in params
+
+
+@pytest.mark.parametrize(
+    "options, recipe",
+    [({}, "plain"), ({"weights": "w.pth"}, "finetune"), ({"weights": "w.pth", "recipe": "plain"}, "plain"),
+     ({"weights": "w.pth", "freeze": "backbone"}, "finetune"), ({"recipe": "finetune"}, "finetune")],
+)  # fmt: skip
+def test_recipe_auto_is_settled_and_recorded(options: dict, recipe: str) -> None:
+    given = TrainConfig.from_options(data="d", **options)
+    resolved = resolve_config(given, ["a", "b"], {**PRE, "input_size": 32}, 224)
+    assert resolved.transfer.recipe == recipe  # config.json names the recipe the run used
+    assert resolved.to_dict()["recipe"] == recipe
+    note = defaults_note(given, resolved)
+    assert ("(auto)" in note) == ("recipe" not in options and "weights" in options)
+
+
+def test_recipe_auto_from_weights_without_lr_names_it_in_the_log() -> None:
+    given = TrainConfig.from_options(data="d", weights="w.pth", lr=0.05)
+    note = defaults_note(given, resolve_config(given, ["a"], PRE, 224))
+    assert "recipe finetune (auto, from weights)" in note
+
+
+def test_a_config_json_from_before_recipe_auto_reads_as_plain() -> None:
+    d = TrainConfig.from_options(data="d", weights="w.pth").to_dict()
+    d["recipe"] = "default"  # what config.json said before the plain recipe had its name
+    assert TrainConfig.from_dict(d).transfer.recipe == "plain"

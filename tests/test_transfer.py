@@ -131,7 +131,7 @@ def test_random_augmentation_caches_k_views_and_says_what_it_trades(
     colours: Path, init_weights: Path, tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
-    train(TrainConfig.from_options(data=str(colours), out=str(run), epochs=4, freeze="layer2", augment="light",
+    train(TrainConfig.from_options(data=str(colours), out=str(run), epochs=4, freeze="layer2", recipe="plain", augment="light",
                       cache_views=2, cache_dtype="fp16", weights=str(init_weights), **FAST))  # fmt: skip
     text = (run / "train.log").read_text()
     assert "layer2 output of 48 train x 2 view(s)" in text and "fp16" in text

@@ -332,6 +332,7 @@ def _add_demo(sub: Any) -> None:
     )
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="fewer epochs (for the tests)")
+    p.add_argument("--seed", type=int, default=0, help="which few images, and every run's seed")
     _add_threads(p)
     p.set_defaults(func=cmd_demo)
 

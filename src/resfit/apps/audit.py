@@ -220,7 +220,7 @@ def _finetune_oof(
                 w.writerow([str(Path(decoded.paths[i]).resolve()), cfg.classes[labels[i]]])
         log.info("audit: fold %d/%d, training on %d images", k + 1, folds, len(tr))
         train(cfg.replace(data=str(manifest), out=str(folder / "run"), epochs=epochs,
-                          recipe="finetune" if cfg.model.weights else "default",
+                          recipe="finetune" if cfg.model.weights else "plain",
                           val_fraction=0.1, leakage="off", report=False))  # fmt: skip
         pred = Predictor.from_run(folder / "run", device=str(device), precision=precision,
                                   engine="torch")  # fmt: skip

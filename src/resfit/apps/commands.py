@@ -248,7 +248,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     use_cores(args)
     from .demo import run_demo
 
-    run_demo(out=args.out, quick=args.quick)
+    run_demo(out=args.out, quick=args.quick, seed=args.seed)
     return 0
 
 

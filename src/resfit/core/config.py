@@ -39,7 +39,7 @@ from .presets import (
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "onecycle", "constant")
 FREEZE_CHOICES = ("none", "stem", "layer1", "layer2", "layer3", "layer4", "backbone")
-RECIPES = ("default", "finetune")
+RECIPES = ("auto", "finetune", "plain")
 UNFREEZE = ("all", "gradual")
 CACHE_CHOICES = ("auto", "memory", "disk", "off")
 CACHE_DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -198,7 +198,7 @@ class TransferConfig:
 
     freeze: str = option("none", "freeze the network up to this stage", choices=FREEZE_CHOICES)
     train_bn: bool = option(False, "keep BatchNorm in the frozen part training")
-    recipe: str = option("default", "finetune: train the head with the backbone frozen, then unfreeze with lower per-stage learning rates", choices=RECIPES)  # fmt: skip
+    recipe: str = option("auto", "finetune: train the head with the backbone frozen, then unfreeze with lower per-stage learning rates; plain: one rate for every layer, --freeze throughout; auto: finetune from weights, plain from scratch", choices=RECIPES)  # fmt: skip
     head_epochs: int = option(1, "finetune: epochs (out of --epochs) for the head alone", minimum=0)
     unfreeze: str = option("all", "finetune: unfreeze all at once, or one stage per epoch from the top", choices=UNFREEZE)  # fmt: skip
     stem_lr_ratio: float = option(0.5, "finetune: the stem's learning rate as a fraction of the head's", positive=True)  # fmt: skip
@@ -438,6 +438,8 @@ class TrainConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
         """Read ``config.json`` (also those written before the sections existed)."""
         options = {k: v for k, v in d.items() if k in OPTIONS and k not in AUGMENT_FLAGS}
+        if options.get("recipe") == "default":  # the plain recipe's name before --recipe auto
+            options["recipe"] = "plain"
         if isinstance(aug := d.get("augment") or {}, dict):
             options["augment"] = _augment_from_dict(aug)
         cfg = cls.from_options(**options)

@@ -76,7 +76,7 @@ def set_train_mode(model: nn.Module, frozen: list[nn.Module]) -> None:
 
 
 def freeze_schedule(t: TransferConfig, epochs: int, stage_names: tuple[str, ...]) -> list[str]:
-    """The freeze policy of every epoch. ``default``: ``t.freeze`` throughout. ``finetune``:
+    """The freeze policy of every epoch. ``plain``: ``t.freeze`` throughout. ``finetune``:
     ``backbone`` for ``head_epochs``, then (gradual) one more stage per epoch from the top,
     down to ``t.freeze``."""
     if t.recipe != "finetune":
@@ -98,7 +98,7 @@ def _policy_depth(policy: str, stage_names: tuple[str, ...]) -> int:
 
 def lr_phase(t: TransferConfig, epochs: int, epoch: int) -> tuple[int, int, float]:
     """(first epoch, number of epochs, lr scale) of the learning-rate cycle ``epoch`` is in:
-    one cycle for the default recipe; for ``finetune`` one for the head and one, at half the
+    one cycle for the plain recipe; for ``finetune`` one for the head and one, at half the
     peak rate as fastai does, for the unfrozen network."""
     head = min(t.head_epochs, epochs) if t.recipe == "finetune" else 0
     if epoch < head:

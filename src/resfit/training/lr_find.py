@@ -22,6 +22,7 @@ from torch import nn
 from ..core import runtime, threads
 from ..core.atomic import atomic_open, atomic_path, atomic_write_json
 from ..core.config import TrainConfig
+from ..core.defaults import settle_recipe
 from ..core.errors import ConfigError, DataError
 from ..data.augmentation import batch_transform
 from ..data.datasets import DecodedImages, TransformedImages, decode_all
@@ -158,7 +159,7 @@ def lr_find(
         raise ConfigError("lr-find needs 0 < --start-lr < --end-lr")
     if steps < 5:
         raise ConfigError("lr-find needs at least 5 --steps")
-    cfg = cfg.check()
+    cfg = settle_recipe(cfg.check())
     if cfg.optim.lr == "auto":  # the sweep sets the rate itself
         cfg = cfg.replace(lr=None)
     if cfg.runtime.threads is not None or not threads.is_configured():

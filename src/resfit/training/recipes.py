@@ -46,7 +46,7 @@ log = logging.getLogger("resfit")
 
 
 def param_groups_for(cfg: TrainConfig, model: nn.Module) -> list[dict]:
-    """The optimizer's parameter groups, each with its ``peak_lr``: one rate for the default
+    """The optimizer's parameter groups, each with its ``peak_lr``: one rate for the plain
     recipe; for finetune one group per stage (frozen-for-now groups get no gradient)."""
     t, lr = cfg.transfer, cfg.optim.lr
     if t.recipe == "finetune":

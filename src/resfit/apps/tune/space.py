@@ -16,7 +16,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from ...core.config import TrainConfig
-from ...core.defaults import default_lr, default_weight_decay
+from ...core.defaults import default_lr, default_weight_decay, settle_recipe
 from ...core.presets import PRESETS
 
 # MixUp / CutMix pairs, as (mixup alpha, cutmix alpha): the alphas of timm's and torchvision's
@@ -44,6 +44,7 @@ def head_only(cfg: TrainConfig, given: Collection[str]) -> bool:
 def search_space(cfg: TrainConfig, given: Collection[str]) -> dict[str, Spec]:
     """The parameters a study searches for ``cfg`` (its recipe, optimizer and whether it starts
     from weights), leaving out those fixed by ``given`` option names."""
+    cfg = settle_recipe(cfg)
     o, t = cfg.optim, cfg.transfer
     lr0 = default_lr(cfg)
     space: dict[str, Spec] = {
