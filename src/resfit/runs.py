@@ -52,6 +52,7 @@ METRICS = "metrics.csv"
 LOG = "train.log"
 SKIPPED = "skipped.csv"
 REPORT = "report.html"
+TRACKING = "tracking.json"  # --track: where the run is tracked (tracker, URI, run id)
 CHECKPOINTS = "checkpoints"
 LAST = "last.pt"
 LAST_PREV = "last.prev.pt"
@@ -86,6 +87,7 @@ class RunPaths:
     log = property(lambda self: self.root / LOG)
     skipped = property(lambda self: self.root / SKIPPED)
     report = property(lambda self: self.root / REPORT)
+    tracking = property(lambda self: self.root / TRACKING)
     checkpoints = property(lambda self: self.root / CHECKPOINTS)
     last = property(lambda self: self.root / CHECKPOINTS / LAST)
     last_prev = property(lambda self: self.root / CHECKPOINTS / LAST_PREV)
@@ -235,6 +237,26 @@ def write_calibration(run: str | os.PathLike, record: Mapping[str, Any]) -> None
 def write_thresholds(run: str | os.PathLike, thresholds: Mapping[str, float]) -> None:
     """``RUN/thresholds.json``: ``{class: threshold}``."""
     atomic_write_json(RunPaths(run).thresholds, dict(thresholds))
+
+
+def write_tracking(run: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    """``RUN/tracking.json``: where ``--track`` logs this run (``resfit export`` adds to it)."""
+    atomic_write_json(RunPaths(run).tracking, dict(record))
+
+
+def read_tracking(run: str | os.PathLike) -> dict | None:
+    """``RUN/tracking.json`` as a dict, or None for a run that was not tracked."""
+    path = RunPaths(run).tracking
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def artifact_paths(run: str | os.PathLike) -> list[Path]:
+    """What a tracker keeps of a run: its files (model, config, metrics, report, log ...) and
+    its ``export/`` folder; not the checkpoints, caches or TensorBoard logs (big, or only
+    useful on this machine)."""
+    root = Path(run)
+    files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    return files + [root / EXPORT] if (root / EXPORT).is_dir() else files
 
 
 def write_summary(run: str | os.PathLike, summary: Mapping[str, Any]) -> None:

@@ -160,6 +160,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         max_queue_delay_us=args.max_queue_delay_us,
     )  # fmt: skip
     print(json.dumps(info, indent=2))
+    from ..training.tracking import log_exports
+
+    if log_exports(args.run, args.out):  # a run trained with --track: its MLflow run gets them
+        print(f"exports logged to the run's MLflow run (see {args.run}/tracking.json)")
     return 0
 
 

@@ -72,6 +72,7 @@ MULTILABEL_LOSSES = ("bce", "asl")
 LEAKAGE = ("report", "remove", "off")
 LEAKAGE_SIGNALS = ("phash", "both")  # both: pHash and embeddings (resfit.leakage)
 EXPORT_FORMATS = ("onnx", "triton", "openvino", "tensorrt")  # resfit export --format
+TRACKERS = ("mlflow",)  # --track: experiment trackers (training/tracking.py)
 DATA_MODES = ("auto", "memory", "stream", "shards")  # sources.SOURCES (and auto): where images live
 
 
@@ -234,6 +235,7 @@ class RunConfig:
     report: bool = option(True, "write report.html", resumable=True)
     audit: bool = option(False, "after training, find the training labels that look wrong (resfit audit, frozen backbone): RUN/audit/, linked from the report; needs resfit[audit]", resumable=True)  # fmt: skip
     tensorboard: bool = option(False, "log to RUN/tensorboard", resumable=True)
+    track: str | None = option(None, "log the run to an experiment tracker: parameters, each epoch's metrics, the model, report and exports (mlflow: MLFLOW_TRACKING_URI, default sqlite:///mlflow.db here; needs resfit[mlflow])", choices=TRACKERS, resumable=True)  # fmt: skip
     progress: bool = option(True, "progress bars", resumable=True)
 
 

@@ -285,6 +285,11 @@ class Predictor:
             self.model, self.img_size, self.transform, self.device, base_size=self.base_size
         )
 
+    def overlayer(self) -> Callable:
+        """A Grad-CAM overlay maker for decoded images (uint8 (3, H, W) at ``base_size``,
+        class index or None -> PIL image): what ``resfit serve``'s ``/v1/explain`` draws."""
+        return make_overlay(self.model, self.img_size, self.transform, self.device)
+
 
 def write_predictions_csv(
     path: str | os.PathLike | None, preds: Sequence[Prediction], top_k: int
@@ -339,14 +344,26 @@ def make_explainer(
     :func:`~resfit.data.augmentation.base_size_for` ``(img_size)``), so the overlay shows the crop
     the model was given.
     """
+    size = base_size or base_size_for(img_size)
+    overlay = make_overlay(model, img_size, transform, device)
+
+    def explain(path: str, class_idx: int):
+        return overlay(to_tensor(resize_shorter(load_image(path), size)), class_idx)
+
+    return explain
+
+
+def make_overlay(
+    model: nn.Module, img_size: int, transform: Callable[[Tensor], Tensor], device: torch.device
+) -> Callable:
+    """Grad-CAM for an image already decoded at the run's size (uint8 (3, H, W), as the
+    service decodes a request): image, class index (None: the model's top class) -> the
+    overlay on the centre crop the model saw, as a PIL image."""
     from torchvision.transforms.v2.functional import center_crop, to_pil_image
 
     from .explain import grad_cam, overlay_cam
 
-    size = base_size or base_size_for(img_size)
-
-    def explain(path: str, class_idx: int):
-        img = to_tensor(resize_shorter(load_image(path), size))
+    def overlay(img: Tensor, class_idx: int | None):
         x = transform(img)[None].to(device)
         cam = grad_cam(model, x, class_idx)
         shown = to_pil_image(center_crop(img, [img_size, img_size]))
@@ -354,4 +371,4 @@ def make_explainer(
             shown = shown.resize((128, 128))
         return overlay_cam(shown, cam)
 
-    return explain
+    return overlay

@@ -113,4 +113,8 @@ def callbacks_for(
         cbs.append(Progress(cfg.optim.epochs))
     if main:
         cbs.append(EpochLog(out, cfg.optim.epochs, r.tensorboard))
+    if main and r.track == "mlflow":
+        from .tracking import MlflowTracking  # MLflow is imported only when asked for
+
+        cbs.append(MlflowTracking(cfg, out))
     return cbs

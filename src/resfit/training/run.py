@@ -57,6 +57,7 @@ from .setup import (
     warn_imbalance,
 )
 from .step import TrainStep, make_optimizer
+from .tracking import check_tracker, tracked
 
 log = logging.getLogger("resfit")
 
@@ -137,6 +138,8 @@ def _prepare_and_run(
     extra: Sequence[Callback] = (),
 ) -> TrainResult:  # fmt: skip
     out, main = Path(cfg.run.out), dist_info.main
+    if cfg.run.track and main:  # a missing extra answers before the data is read
+        check_tracker(cfg.run.track)
     splits = find_data(cfg)
     if resume and splits.classes != cfg.classes:
         raise TrainingError(f"--resume: the classes in {cfg.data.path} differ from those of {out}")
@@ -318,16 +321,17 @@ def _run(
         key=lambda c: c.order,
     )
     loop.val_ids = val_data.ids
-    loop.fit()
-    barrier(dist_info)
-    best = loop.callback(BestModel)
-    if dist_info.main and loop.val_ids is not None:  # rank 0 finishes on the whole val split
-        whole = source.open(val_samples(cfg, splits.val), eval_decode_size(cfg), progress=show,
-                            desc="decoding val")  # fmt: skip
-        loop.data.val, loop.val_ids, loop.features = TransformedImages(whole, ev_tf), None, None
-    result = TrainResult(out, loop.history, best.best_epoch, best.best, config=cfg)
-    if dist_info.main:
-        if stream:
-            skipped = _skipped_during_training(RunPaths(out).skipped, skipped)
-        result.test = finish_run(cfg, loop, splits, skipped, duplicates, ev_tf, show)
+    with tracked(loop):  # --track: the finished run folder goes to the tracker
+        loop.fit()
+        barrier(dist_info)
+        best = loop.callback(BestModel)
+        if dist_info.main and loop.val_ids is not None:  # rank 0 finishes on the whole val split
+            whole = source.open(val_samples(cfg, splits.val), eval_decode_size(cfg),
+                                progress=show, desc="decoding val")  # fmt: skip
+            loop.data.val, loop.val_ids, loop.features = TransformedImages(whole, ev_tf), None, None
+        result = TrainResult(out, loop.history, best.best_epoch, best.best, config=cfg)
+        if dist_info.main:
+            if stream:
+                skipped = _skipped_during_training(RunPaths(out).skipped, skipped)
+            result.test = finish_run(cfg, loop, splits, skipped, duplicates, ev_tf, show)
     return result

@@ -48,13 +48,18 @@ from ...data.decode import MAX_PIXELS
 from ...data.paths import display_text
 from ...inference.predictor import Predictor
 from .batching import BadImage, Batcher, QueueFull, decode_image_bytes, image_pixels
+from .explain import class_index, data_url, overlay_runner
+from .page import index
 
 __all__ = ["FRAMEWORKS", "ServeOptions", "create_app"]
 
 FRAMEWORKS = ("fastapi", "starlette")
 log = logging.getLogger("resfit")
 
-_OPEN_PATHS = ()  # every path needs the token when one is set: the issue asks for each request
+# Every path needs the token when one is set, but the page at / (static HTML, no data of the
+# run): a browser opening a URL cannot send the token, so the page asks for it and sends it.
+_OPEN_PATHS = ("/",)
+_KNOWN_PATHS = ("/", "/v1/predict", "/v1/embed", "/v1/explain", "/healthz", "/readyz")
 
 
 @dataclass(frozen=True)
@@ -182,6 +187,7 @@ class _Service:
             embed=_embedder(predictor),
             on_queue=self.metrics.queue_depth.set,
         )
+        self.batcher.run["explain"] = overlay_runner(predictor, self.batcher.probabilities)
         self.decode_pool = ThreadPoolExecutor(
             options.decode_threads, thread_name_prefix="resfit-decode"
         )
@@ -218,7 +224,7 @@ class _Service:
                 response = await _answer(call_next, request)
         else:
             response = await _answer(call_next, request)
-        known = path if path in ("/v1/predict", "/v1/embed", "/healthz", "/readyz") else "other"
+        known = path if path in _KNOWN_PATHS else "other"
         self.metrics.requests.labels(known, str(response.status_code)).inc()
         self.metrics.latency.labels(known).observe(time.perf_counter() - start)
         return response
@@ -300,10 +306,21 @@ class _Service:
         if isinstance(probs, JSONResponse):
             return probs
         answers = [self.predictor.answer(p, k) for p in probs]  # the task's JSON
-        if _is_multipart(request):
-            names = [name for name, _ in images]
-            return JSONResponse([{"file": n, **a} for n, a in zip(names, answers, strict=True)])
-        return JSONResponse(answers[0])
+        return _per_file(request, images, answers)
+
+    async def explain(self, request: Request) -> Response:
+        try:  # checked before any decoding
+            idx = class_index(self.predictor.classes, request.query_params.get("class"))
+        except ValueError as e:
+            return _error(422, str(e))
+        images = await self.images_of(request)
+        if isinstance(images, JSONResponse):
+            return images
+        out = await self._queued([(n, (img, idx)) for n, img in images], "explain")
+        if isinstance(out, JSONResponse):
+            return out
+        answers = [{"class": c, "overlay": data_url(png)} for c, png in out]
+        return _per_file(request, images, answers)
 
     async def embed(self, request: Request) -> Response:
         if not self.has_embed:
@@ -317,13 +334,7 @@ class _Service:
         vectors = await self._queued(images, "embed")
         if isinstance(vectors, JSONResponse):
             return vectors
-        vectors = [v.tolist() for v in vectors]
-        if _is_multipart(request):
-            names = [name for name, _ in images]
-            return JSONResponse(
-                [{"file": n, "embedding": v} for n, v in zip(names, vectors, strict=True)]
-            )
-        return JSONResponse({"embedding": vectors[0]})
+        return _per_file(request, images, [{"embedding": v.tolist()} for v in vectors])
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -368,6 +379,14 @@ def _embedder(predictor: Predictor):
     return embed
 
 
+def _per_file(request: Request, images: list, answers: list[dict]) -> JSONResponse:
+    """One answer for a raw body; for multipart files, a list with each file's name."""
+    if _is_multipart(request):
+        names = [name for name, _ in images]
+        return JSONResponse([{"file": n, **a} for n, a in zip(names, answers, strict=True)])
+    return JSONResponse(answers[0])
+
+
 def _is_multipart(request: Request) -> bool:
     return request.headers.get("content-type", "").startswith("multipart/form-data")
 
@@ -394,6 +413,13 @@ def create_app(
 
 _ROUTES = (  # path, method, handler name, summary (for the OpenAPI docs)
     ("/v1/embed", "POST", "embed", "L2-normalised pooled features of one or several images"),
+    (
+        "/v1/explain",
+        "POST",
+        "explain",
+        "Grad-CAM overlays (PNG data URLs) of one image or several; ?class=NAME, default the "
+        "predicted class",
+    ),
     ("/healthz", "GET", "healthz", "The process is alive"),
     ("/readyz", "GET", "readyz", "The model is loaded and warmed up"),
     ("/metrics", "GET", "prometheus", "Prometheus metrics"),
@@ -417,6 +443,7 @@ def _fastapi_app(service: _Service, run_name: str) -> object:
     app.post("/v1/predict", summary=_PREDICT_SUMMARY)(predict)
     for path, method, name, summary in _ROUTES:
         app.add_api_route(path, getattr(service, name), methods=[method], summary=summary)
+    app.add_api_route("/", index, methods=["GET"], include_in_schema=False)  # the page
     return app
 
 
@@ -428,6 +455,7 @@ def _starlette_app(service: _Service, run_name: str) -> object:
 
     routes = [Route("/v1/predict", service.predict, methods=["POST"])]
     routes += [Route(path, getattr(service, name), methods=[m]) for path, m, name, _ in _ROUTES]
+    routes.append(Route("/", index, methods=["GET"]))  # the page
     routes += _docs_routes(service, run_name)
     return Starlette(
         routes=routes,

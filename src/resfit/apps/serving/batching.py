@@ -113,9 +113,9 @@ def decode_image_bytes(data: bytes, base_size: int, max_pixels: int = MAX_PIXELS
 
 @dataclass
 class _Item:
-    image: Tensor
+    image: Tensor | tuple  # explain: (image, class index or None)
     future: asyncio.Future
-    kind: str = "probabilities"  # or "embed"
+    kind: str = "probabilities"  # or "embed", "explain"
 
 
 class Batcher:
@@ -126,6 +126,9 @@ class Batcher:
     when the queue grows or shrinks (for metrics; in every worker, scraped or not). ``embed``
     (decoded images -> (N, D) tensor) serves :meth:`submit_many` with ``kind="embed"``: the
     embeddings share the queue, its limit and the batching with the predictions.
+    ``run["explain"]``, set by the app ((image, class index) pairs -> one result each), serves
+    ``kind="explain"`` on the same model thread: Grad-CAM's backward pass never runs beside a
+    forward pass of the service.
     """
 
     def __init__(
@@ -145,7 +148,7 @@ class Batcher:
         self.max_queue = max(1, max_queue)
         self.on_batch = on_batch
         self.on_queue = on_queue or (lambda pending: None)  # the queue depth when it changes
-        self.run = {"probabilities": self.probabilities, "embed": embed}
+        self.run = {"probabilities": self.probabilities, "embed": embed, "explain": None}
         self.pending = 0  # images handed over that have not started their forward pass
         self._queue: asyncio.Queue[_Item] | None = None
         self._task: asyncio.Task | None = None
@@ -170,8 +173,9 @@ class Batcher:
         """The probabilities (classes,) for one decoded image, once its batch has run."""
         return (await self.submit_many([image]))[0]
 
-    async def submit_many(self, images: list[Tensor], kind: str = "probabilities") -> list[Tensor]:
-        """One result per image (probabilities, or embeddings with ``kind="embed"``). All the
+    async def submit_many(self, images: list, kind: str = "probabilities") -> list:
+        """One result per image (probabilities, or embeddings with ``kind="embed"``, overlays
+        with ``kind="explain"`` for (image, class index) pairs). All the
         images are queued or none: :class:`QueueFull` if they do not all fit, before any is."""
         if self._queue is None:
             raise RuntimeError("Batcher.start() was not called")

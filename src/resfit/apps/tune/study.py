@@ -67,7 +67,17 @@ _DRIVERS = {
     "mysql": "mysqlclient: pip install mysqlclient (or PyMySQL with a mysql+pymysql:// URL)",
 }
 # Options a study may change between runs (they do not change what a trial computes).
-_FREE = {"progress", "report", "tensorboard", "threads", "device", "workers", "out", "data"}
+_FREE = {
+    "progress",
+    "report",
+    "tensorboard",
+    "track",
+    "threads",
+    "device",
+    "workers",
+    "out",
+    "data",
+}
 
 
 @dataclass
@@ -82,6 +92,7 @@ class Plan:
     deadline: float | None = None  # time.time() after which no trial starts
     enqueue: list[dict[str, Any]] = field(default_factory=list)
     max_retries: int = 1  # runs again of a trial whose process died, before it is a FAIL
+    track_parent: str | None = None  # --track: the study's run, the trials' parent
 
     def config(self) -> TrainConfig:
         return TrainConfig.from_options(data=self.data, **self.fixed).check()
@@ -359,12 +370,15 @@ def work(plan: Plan) -> int:
     many this process ran. Any number of processes may run this on one study."""
     cfg = plan.config()
     study = load_study(plan, cfg)
+    from ...training.tracking import parent_run
+
     ran = 0
-    while (claimed := _claim(study, plan, cfg)) is not None:
-        run_trial(study, *claimed, plan, cfg)
-        ran += 1
-        with _file_lock(_lock_path(plan)):
-            write_trials_csv(study, Path(plan.out) / "trials.csv")
+    with parent_run(plan.track_parent):  # --track: each trial a child run of the study's
+        while (claimed := _claim(study, plan, cfg)) is not None:
+            run_trial(study, *claimed, plan, cfg)
+            ran += 1
+            with _file_lock(_lock_path(plan)):
+                write_trials_csv(study, Path(plan.out) / "trials.csv")
     return ran
 
 
@@ -453,6 +467,10 @@ def tune(
     _optuna()
     Path(out).mkdir(parents=True, exist_ok=True)
     study = load_study(plan, cfg)  # created (and checked) once, before any worker
+    if plan.fixed.get("track"):
+        from .tracking import end_study_run, study_run
+
+        plan.track_parent = study_run(Path(out), plan.fixed, trials)
     failed = []
     if jobs == 1:
         work(plan)
@@ -463,4 +481,6 @@ def tune(
                 _close_interrupted(study, plan.max_retries)
     result = finish(study, Path(plan.out), time.time() - start)
     result.failed_workers = failed
+    if plan.track_parent:
+        end_study_run(plan.track_parent, Path(plan.out), result.best_value)
     return result
