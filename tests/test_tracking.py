@@ -75,6 +75,12 @@ def test_a_tracked_run_reads_back_through_mlflows_client(
     local = Path(client.download_artifacts(run.info.run_id, "model.safetensors", str(tmp_path)))
     assert local.read_bytes() == (out / "model.safetensors").read_bytes()
 
+    # --resume: the same MLflow run goes on with the new epoch.
+    resfit.train(out=str(out), resume=True, epochs=3)
+    assert json.loads((out / "tracking.json").read_text())["run_id"] == run.info.run_id
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
+    assert steps == [1, 2, 3] and client.get_run(run.info.run_id).info.status == "FINISHED"
+
     # resfit export's hook: the run's exports join its MLflow run, under export/.
     from resfit.training.tracking import log_exports
 

@@ -365,15 +365,23 @@ def run_trial(study: Any, trial: Any, params: dict, plan: Plan, cfg: TrainConfig
     return state.name
 
 
+def _trials_of(parent: str | None) -> contextlib.AbstractContextManager:
+    """Trials started inside are child runs of ``parent`` (an MLflow run); nothing is imported
+    for a study that is not tracked (a worker claims its first trial before importing torch)."""
+    if parent is None:
+        return contextlib.nullcontext()
+    from ...training.tracking import parent_run
+
+    return parent_run(parent)
+
+
 def work(plan: Plan) -> int:
     """Claim and run trials until the study has its total or the deadline passes; returns how
     many this process ran. Any number of processes may run this on one study."""
     cfg = plan.config()
     study = load_study(plan, cfg)
-    from ...training.tracking import parent_run
-
     ran = 0
-    with parent_run(plan.track_parent):  # --track: each trial a child run of the study's
+    with _trials_of(plan.track_parent):  # --track: each trial a child run of the study's
         while (claimed := _claim(study, plan, cfg)) is not None:
             run_trial(study, *claimed, plan, cfg)
             ran += 1
