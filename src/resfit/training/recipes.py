@@ -41,6 +41,7 @@ from .callbacks import (
 )
 from .loop import Callback, Loop
 from .step import param_groups
+from .teacher import teacher_callback
 
 log = logging.getLogger("resfit")
 
@@ -96,6 +97,8 @@ def callbacks_for(
         cbs.append(GradScaling(loop.step.device))
     if mix is not None:
         cbs.append(Mixing(mix))
+    if cfg.compress.teacher:
+        cbs.append(teacher_callback(cfg, loop.step.device, precision))
     if r.ema:
         decay = r.ema_decay
         if decay is None:
