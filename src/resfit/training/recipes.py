@@ -40,6 +40,7 @@ from .callbacks import (
     default_ema_decay,
 )
 from .loop import Callback, Loop
+from .qat import QuantizationAware
 from .step import param_groups
 from .teacher import teacher_callback
 
@@ -105,6 +106,8 @@ def callbacks_for(
             decay = default_ema_decay(cfg.optim.epochs * loop.steps_per_epoch)
         log.info("EMA of the weights with decay %.5f per step", decay)
         cbs.append(WeightAveraging(loop.model, decay))
+    if cfg.compress.qat:
+        cbs.append(QuantizationAware(cfg.compress.qat, cfg.optim.epochs, out, main))
     if r.precise_bn:
         limit = cfg.data.limit_train_batches  # a smoke run re-estimates BN on what it trained on
         cbs.append(
