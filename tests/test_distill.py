@@ -77,7 +77,7 @@ def test_distilled_student_is_an_ordinary_run_that_predicts(
 
 
 def test_multilabel_student_distils_from_a_multilabel_teacher(tmp_path: Path) -> None:
-    csv = make_squares(tmp_path / "squares", {"train": 32, "val": 16})
+    csv = make_squares(tmp_path / "squares", {"train": 24, "val": 12})
     t = tmp_path / "teacher"
     resfit.train(data=str(csv), out=str(t), arch="resnet20_cifar", epochs=1, **TINY)
     out = tmp_path / "student"
@@ -102,3 +102,34 @@ def test_a_teacher_of_other_classes_is_refused(
             shutil.copytree(colours / split / c, data / split / c)
     with pytest.raises(ConfigError, match="classes .*red.*same names, same order"):
         resfit.distill(teacher, data, student="resnet20_cifar", out=tmp_path / "s", **TINY)
+
+
+def test_the_cli_reads_teacher_data_and_student() -> None:
+    from resfit.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["distill", "T", "D", "--student", "resnet18", "--out", "o", "--temperature", "2"]
+    )
+    assert (args.teacher, args.data, args.arch, args.out) == ("T", "D", "resnet18", "o")
+    assert args.temperature == 2.0 and args.func.__name__ == "cmd_distill"
+    with pytest.raises(ConfigError, match="--hard-weight must be in"):
+        resfit.TrainConfig.from_options(hard_weight=1.5).check()
+
+
+def test_qat_model_exports_to_int8_that_agrees_with_its_fp32(
+    teacher: Path, colours: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("torchao")
+    pytest.importorskip("onnxruntime")
+    from resfit.export.run import export_run
+
+    out = tmp_path / "qat"
+    resfit.distill(teacher, colours, student="resnet20_cifar", out=out, epochs=2, qat=1, **TINY)
+    assert (out / "model.qat.safetensors").is_file()
+    assert "quantization-aware training" in (out / "train.log").read_text()
+    # The fp32 model is an ordinary one: PyTorch predicts with it.
+    preds, _ = Predictor.from_run(out).predict([str(colours / "val" / "red")])
+    assert len(preds) == 12
+    report = export_run(out, int8=True)  # no --calib: the QAT graph's own ranges
+    assert report["int8_from"] == "qat" and report["calib_images"] == 0
+    assert report["val_images"] == 36 and report["top1_agreement"] >= 0.85
