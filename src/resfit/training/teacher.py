@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.config import TrainConfig
-from ..core.errors import ConfigError, ResfitError
+from ..core.errors import ConfigError, ResfitError, TrainingError
 from ..data.samples import DataSplits
 from ..inference.folding import prepare_for_inference
 from ..inference.predictor import load_run_model
@@ -127,6 +127,8 @@ class TeacherTargets(Callback):
                      ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))  # fmt: skip
 
     def before_step(self, loop: Loop) -> None:
+        if loop.features is not None:  # the step trains on cached features, not images
+            raise TrainingError("distillation shows the teacher the images: give --cache off")
         self.targets = self.teacher(loop.x)
 
     def after_fit(self, loop: Loop) -> None:
