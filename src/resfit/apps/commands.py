@@ -89,8 +89,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     use_cores(args)
     from ..training.distill import distill
 
-    student = given.pop("arch")
-    result = distill(args.teacher, given.pop("data"), student=student, out=given.pop("out"),
+    teacher, student = given.pop("teacher"), given.pop("arch")
+    result = distill(teacher, given.pop("data"), student=student, out=given.pop("out"),
                      **given)  # fmt: skip
     print(f"best val score {result.best_val_accuracy:.4f} (epoch {result.best_epoch}); "
           f"student run in {result.run_dir}")  # fmt: skip
