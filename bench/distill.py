@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -70,6 +71,7 @@ def train_once(run: Path, args: list[str]) -> float | None:
     """Train (or distil) into ``run`` unless it is finished already; its time, or None."""
     if (run / "summary.json").is_file():
         return None
+    shutil.rmtree(run, ignore_errors=True)  # a run the timeout stopped starts afresh
     t = resfit(*args, "--out", str(run))
     print(f"{run.name}: {t:.0f} s", flush=True)
     return t
@@ -85,7 +87,7 @@ def export_int8(run: Path, data: Path, calib: bool) -> dict:
 
 def pair(work: Path, data: Path, size: int, teacher: tuple[str, list[str]],
          student: tuple[str, list[str]], epochs: int, teacher_epochs: int,
-         seeds: list[int]) -> dict:  # fmt: skip
+         seeds: list[int], alt: list[str]) -> dict:  # fmt: skip
     """The teacher, then per seed the student on labels and distilled; QAT on seed 0's."""
     img = ["--img-size", str(size), *COMMON]
     t_run = work / f"teacher-{teacher[0]}-{size}"
@@ -101,6 +103,11 @@ def pair(work: Path, data: Path, size: int, teacher: tuple[str, list[str]],
         out["seeds"][seed] = {"labels": summary(lab)["best_val_accuracy"], "labels_s": lt,
                               "distilled": summary(dis)["best_val_accuracy"], "distilled_s": dt}  # fmt: skip
     seed = seeds[0]
+    if alt:  # another temperature / labels' weight, on the first seed
+        s = ["--epochs", str(epochs), "--seed", str(seed), *img, *mixing, *student[1], *alt]
+        run = work / f"distil-alt-{student[0]}-{size}-s{seed}"
+        train_once(run, ["distill", str(t_run), str(data), "--student", student[0], *s])
+        out["alt"] = {"options": " ".join(alt), "distilled": summary(run)["best_val_accuracy"]}
     dis = work / f"distil-{student[0]}-{size}-s{seed}"
     qat = work / f"qat-{student[0]}-{size}-s{seed}"
     s = ["--epochs", str(epochs), "--seed", str(seed), *img, *mixing, *student[1], "--qat", "2"]
@@ -122,6 +129,9 @@ def show(name: str, r: dict) -> None:
     print(f"  mean: labels {lab:.4f} (baseline)  distilled {dis:.4f}  "
           f"gain {100 * (dis - lab):+.2f} points  ratio {dis / lab:.3f}x  "
           f"distilled - teacher {100 * (dis - r['teacher']):+.2f} points")  # fmt: skip
+    if "alt" in r:
+        a = r["alt"]
+        print(f"  distilled with {a['options']}, seed {next(iter(seeds))}: {a['distilled']:.4f}")
     q = r["int8"]
     print(f"  int8, seed {next(iter(seeds))}: post-training fp32 {q['ptq_fp32']:.4f} -> int8 "
           f"{q['ptq_int8']:.4f} ({100 * (q['ptq_int8'] - q['ptq_fp32']):+.2f}); QAT fp32 "
@@ -137,6 +147,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--large", action="store_true",
                     help="also ResNet-50 -> ResNet-18 at 224 px (hours on 2 cores)")  # fmt: skip
+    ap.add_argument("--alt", default="--temperature 2 --hard-weight 0.5",
+                    help="distill options of one more student, first seed ('' for none)")  # fmt: skip
     a = ap.parse_args()
     if not FLOWERS_ZIP.is_file():
         sys.exit(f"needs {FLOWERS_ZIP}")
@@ -144,11 +156,12 @@ def main() -> None:
     data = extract(a.work)
     cifar = ("resnet56_cifar", ["--weights", str(next(CKPT.glob("resnet56-*.th")))])
     student = ("resnet20_cifar", ["--weights", str(next(CKPT.glob("resnet20-*.th")))])
-    r = pair(a.work, data, 64, cifar, student, a.epochs, a.teacher_epochs, a.seeds)
+    r = pair(a.work, data, 64, cifar, student, a.epochs, a.teacher_epochs, a.seeds,
+             a.alt.split())  # fmt: skip
     show("CIFAR ResNet-56 -> ResNet-20, flowers5 64 px", r)
     if a.large:
         big = pair(a.work, data, 224, ("resnet50", []), ("resnet18", []), a.epochs,
-                   a.teacher_epochs, a.seeds)  # fmt: skip
+                   a.teacher_epochs, a.seeds, a.alt.split())  # fmt: skip
         show("ResNet-50 -> ResNet-18, flowers5 224 px", big)
     (a.work / "results.json").write_text(json.dumps({"cifar64": r}, indent=1))
 
