@@ -20,7 +20,23 @@ the whole bench is about 15 minutes, run in two holds of the CPU lock of at most
 Command (repository root, ../shared/assets present):
   flock /work/cpu.lock timeout 480 python bench/distill.py --epochs 4 --teacher-epochs 4
 
-Last figures: see the table at the end of this docstring (filled from the run below).
+Last figures (2026-12-06, AMD EPYC Zen 4 with AVX512_BF16, 2 cores shared with other jobs,
+bf16 autocast; --epochs 4 --teacher-epochs 4; best val accuracy on the 736 val photos):
+
+  teacher ResNet-56 (4 epochs from the CIFAR checkpoint)      0.7323   195 s
+  student ResNet-20    seed 0    seed 1    mean
+    labels (baseline)  0.6970    0.6943    0.6957            67 s a run
+    distilled          0.6073    0.6236    0.6155           111 s a run (teacher's forward)
+  distilled - labels: -8.0 points (ratio 0.885x); distilled - teacher: -11.7 points.
+  QAT_LINE
+
+At 4 epochs distillation does NOT pay here: the student matching a 73 % teacher's soft outputs
+(temperature 1, no labels, the Beyer et al. recipe) learns more slowly than on the labels
+(train loss 0.17 KL vs 1.29 CE; val accuracy 0.42 / 0.58 / 0.61 / 0.60 by epoch against the
+baseline's 0.48 / 0.65 / 0.69 / 0.70). Beyer et al. reach their gains with schedules of
+hundreds to thousands of epochs ("patient"); this machine allows 4. The issue's +1.5 points is
+not met by this run; --alt (temperature 2, labels' weight 0.5) and longer --epochs are the
+next measurements to make, and --large was not run (hours on 2 cores).
 """
 
 from __future__ import annotations
