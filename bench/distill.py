@@ -14,7 +14,8 @@ epochs quantization-aware, exported as it is), accuracies on the same val photos
 ``--large`` adds the 224 px pair the issue also asks for, ResNet-50 (from scratch: no ImageNet
 weights offline) -> ResNet-18; it was not run on this machine (hours on 2 cores).
 
-Finished runs in --work are reused, so a bench stopped by its timeout continues where it was:
+Finished runs in --work are reused and a stopped one resumes from its last checkpoint, so a
+bench stopped by its timeout continues where it was:
 the whole bench is about 15 minutes, run in two holds of the CPU lock of at most 8 minutes.
 
 Command (repository root, ../shared/assets present):
@@ -87,8 +88,11 @@ def train_once(run: Path, args: list[str]) -> float | None:
     """Train (or distil) into ``run`` unless it is finished already; its time, or None."""
     if (run / "summary.json").is_file():
         return None
-    shutil.rmtree(run, ignore_errors=True)  # a run the timeout stopped starts afresh
-    t = resfit(*args, "--out", str(run))
+    if (run / "checkpoints" / "last.pt").is_file():  # the timeout stopped it: continue it
+        t = resfit("train", "--resume", "--out", str(run), "--no-progress")
+    else:
+        shutil.rmtree(run, ignore_errors=True)
+        t = resfit(*args, "--out", str(run))
     print(f"{run.name}: {t:.0f} s", flush=True)
     return t
 
