@@ -22,6 +22,7 @@ _LAZY = {
     "TrainConfig": "core.config",
     "evaluate": "insight.evaluation",
     "train": "training",
+    "distill": "training",
     "tune": "apps.tune",
     "create_model": "models.weights",
     "get_weights": "models.weights",

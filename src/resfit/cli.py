@@ -30,6 +30,7 @@ from .apps.commands import (
     cmd_augment_preview,
     cmd_bench,
     cmd_demo,
+    cmd_distill,
     cmd_eval,
     cmd_explain,
     cmd_export,
@@ -162,6 +163,8 @@ def _add_training_commands(sub: Any) -> None:
     )
     p.set_defaults(func=cmd_train)
 
+    _add_distill(sub)
+
     p = sub.add_parser(
         "prepare", help="write shards once (pre-resized JPEGs, labels, hashes) for resfit train",
         description="Write DATA's splits as LitData shards with a resfit index; resfit train "
@@ -185,6 +188,20 @@ def _add_training_commands(sub: Any) -> None:
     sweep.add_argument("--end-lr", type=float, default=10.0, help="(default: %(default)g)")
     sweep.add_argument("--steps", type=int, default=100, help="batches in the sweep (default: %(default)d)")  # fmt: skip
     p.set_defaults(func=cmd_lr_find)
+
+
+def _add_distill(sub: Any) -> None:
+    p = sub.add_parser(
+        "distill", help="distil a run into a smaller network (knowledge distillation)",
+        description="Train --student on DATA to match TEACHER_RUN's outputs on the same augmented "
+        "images (MixUp/CutMix on unless --mixup/--cutmix say otherwise); writes an ordinary run "
+        "folder. The other options are train's.",
+    )  # fmt: skip
+    p.add_argument("teacher", metavar="TEACHER_RUN", help="a finished run folder (the teacher)")
+    p.add_argument("--student", dest="arch", required=True, metavar="ARCH",
+                   help="the student's architecture (resnet20_cifar, resnet18 ...; resfit models)")  # fmt: skip
+    add_config_options(p)
+    p.set_defaults(func=cmd_distill)
 
 
 def _add_run_commands(sub: Any) -> None:

@@ -45,6 +45,7 @@ CONFIG = "config.json"
 CLASSES = "classes.json"
 SPLITS = "splits.csv"
 MODEL = "model.safetensors"
+QAT_MODEL = "model.qat.safetensors"  # --qat: the fake-quantized graph's state (export --int8)
 CALIBRATION = "calibration.json"
 THRESHOLDS = "thresholds.json"
 SUMMARY = "summary.json"
@@ -80,6 +81,7 @@ class RunPaths:
     classes = property(lambda self: self.root / CLASSES)
     splits = property(lambda self: self.root / SPLITS)
     model = property(lambda self: self.root / MODEL)
+    qat_model = property(lambda self: self.root / QAT_MODEL)
     calibration = property(lambda self: self.root / CALIBRATION)
     thresholds = property(lambda self: self.root / THRESHOLDS)
     summary = property(lambda self: self.root / SUMMARY)
@@ -227,6 +229,22 @@ def write_model(
 ) -> None:
     """``RUN/model.safetensors``."""
     atomic_save_safetensors(state, RunPaths(run).model, metadata)
+
+
+def write_qat_model(run: str | os.PathLike, state: dict[str, Tensor]) -> None:
+    """``RUN/model.qat.safetensors``: the quantization-aware graph's weights and ranges. Its
+    shared observers (one range for several tensors) are stored once per name: loading writes
+    the same values into the shared tensor."""
+    atomic_save_safetensors({k: v.detach().clone() for k, v in state.items()},
+                            RunPaths(run).qat_model)  # fmt: skip
+
+
+def load_qat_model(run: str | os.PathLike) -> dict[str, Tensor] | None:
+    """The state of ``RUN/model.qat.safetensors``, or None where the run has none."""
+    from safetensors.torch import load_file
+
+    path = RunPaths(run).qat_model
+    return load_file(str(path)) if path.is_file() else None
 
 
 def write_calibration(run: str | os.PathLike, record: Mapping[str, Any]) -> None:

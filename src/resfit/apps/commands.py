@@ -83,6 +83,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    given = given_options(args)
+    TrainConfig.from_options(**given).check()  # bad values answer before torch is imported
+    use_cores(args)
+    from ..training.distill import distill
+
+    teacher, student = given.pop("teacher"), given.pop("arch")
+    result = distill(teacher, given.pop("data"), student=student, out=given.pop("out"),
+                     **given)  # fmt: skip
+    print(f"best val score {result.best_val_accuracy:.4f} (epoch {result.best_epoch}); "
+          f"student run in {result.run_dir}")  # fmt: skip
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     given = given_options(args)
     TrainConfig.from_options(**given).check()  # bad values answer before torch is imported

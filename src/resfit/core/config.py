@@ -240,6 +240,16 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class CompressConfig:
+    """Distillation from a teacher run, and quantization-aware training (smaller, int8 models)."""
+
+    teacher: str | None = option(None, "distil from this run's model (resfit distill TEACHER_RUN DATA)", cli=False)  # fmt: skip
+    temperature: float = option(1.0, "distillation: the temperature that softens teacher and student logits", positive=True)  # fmt: skip
+    hard_weight: float = option(0.0, "distillation: weight of the labels' loss beside the teacher's (0: the teacher alone, as Beyer et al. 2022)", minimum=0.0)  # fmt: skip
+    qat: int = option(0, "quantization-aware training (NNCF) for the last N epochs, so export --int8 keeps the accuracy; needs resfit[openvino]", minimum=0, metavar="N")  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Preprocessing:
     """Filled by :func:`resfit.core.defaults.resolve_config` from the data and the weights."""
 
@@ -250,7 +260,7 @@ class Preprocessing:
     interpolation: str = "bilinear"
 
 
-SECTIONS = ("data", "model", "optim", "augment", "transfer", "runtime", "run")
+SECTIONS = ("data", "model", "optim", "augment", "transfer", "runtime", "run", "compress")
 _SECTION_TYPES = {
     "data": DataConfig,
     "model": ModelConfig,
@@ -258,6 +268,7 @@ _SECTION_TYPES = {
     "transfer": TransferConfig,
     "runtime": RuntimeConfig,
     "run": RunConfig,
+    "compress": CompressConfig,
 }
 # The augmentation knobs a flag sets, with their help; the rest come from --augment's preset.
 AUGMENT_FLAGS: dict[str, str] = {
@@ -364,6 +375,7 @@ class TrainConfig:
     transfer: TransferConfig = TransferConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     run: RunConfig = RunConfig()
+    compress: CompressConfig = CompressConfig()
     pre: Preprocessing = Preprocessing()
 
     # -- building ---------------------------------------------------------------------------
@@ -418,6 +430,8 @@ class TrainConfig:
             raise ConfigError("--stem-lr-ratio must be in (0, 1]")
         if self.run.ema_decay is not None and not self.run.ema_decay < 1:
             raise ConfigError("--ema-decay must be in [0, 1)")
+        if not self.compress.hard_weight <= 1:
+            raise ConfigError("--hard-weight must be in [0, 1]")
         try:
             self.augment.resolved()
         except ValueError as e:

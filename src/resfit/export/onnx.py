@@ -25,7 +25,7 @@ from ..core.atomic import atomic_path
 from ..core.errors import ExportError, MissingExtraError
 from ..inference.engines import ONNX_METADATA_KEY, OnnxClassifier
 
-__all__ = ["DEFAULT_OPSET", "export_onnx", "onnx_parity", "quantize_int8"]
+__all__ = ["DEFAULT_OPSET", "export_int8_graph", "export_onnx", "onnx_parity", "quantize_int8"]
 
 # torch's exporter (torch.export based) emits opset 18 natively; it cannot lower these graphs to
 # 17 (its Pad and ReduceMean version adapters fail, measured with torch 2.14), so an older opset
@@ -245,12 +245,30 @@ def quantize_int8(
     return out
 
 
-def _copy_int8_metadata(onnx: Any, path: Path, meta: dict[str, str], images: int) -> None:
+def export_int8_graph(graph: nn.Module, fp32_path: str | os.PathLike | None,
+                      out_path: str | os.PathLike, example: Tensor) -> Path:  # fmt: skip
+    """Write an int8 graph that PyTorch already quantized (the converted graph of a QAT run,
+    :func:`resfit.models.qat.convert_qat`) as ONNX QDQ, as it is: no calibration. It gets the
+    fp32 file's metadata, its resfit entry saying int8 from quantization-aware training."""
+    onnx = _import_onnx("onnxruntime", "onnxscript")
+    out = Path(out_path)
+    meta = {p.key: p.value for p in onnx.load(str(fp32_path)).metadata_props} if fp32_path else {}
+    with _atomic_target(out) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with contextlib.redirect_stdout(io.StringIO()):
+            _torch_export(graph, example, tmp, DEFAULT_OPSET)
+        _copy_int8_metadata(onnx, tmp, meta, 0, quantization="qat")
+    return out
+
+
+def _copy_int8_metadata(
+    onnx: Any, path: Path, meta: dict[str, str], images: int, quantization: str = "static"
+) -> None:
     """Give the quantized file at ``path`` the fp32 file's metadata ``meta``, its resfit entry
-    saying int8 and how many images calibrated it."""
+    saying int8, how (post-training ``static`` or ``qat``) and how many images calibrated it."""
     qproto = onnx.load(str(path))
     cfg = json.loads(meta.get(METADATA_KEY, "{}"))
-    cfg.update(precision="int8", calibration_images=images)
+    cfg.update(precision="int8", calibration_images=images, quantization=quantization)
     del qproto.metadata_props[:]
     for key, value in {**meta, METADATA_KEY: json.dumps(cfg)}.items():
         prop = qproto.metadata_props.add()

@@ -42,8 +42,8 @@ from ..data.paths import display_path, find_images
 from ..data.samples import DataSplits, Sample
 from ..inference.engines import OnnxClassifier
 from ..inference.predictor import Predictor
-from ..runs import EXPORT_REPORT, RunPaths, load_run
-from .onnx import DEFAULT_OPSET, export_onnx, onnx_parity, quantize_int8
+from ..runs import EXPORT_REPORT, RunPaths, load_qat_model, load_run
+from .onnx import DEFAULT_OPSET, export_int8_graph, export_onnx, onnx_parity, quantize_int8
 
 log = logging.getLogger("resfit")
 
@@ -249,13 +249,35 @@ def _export_onnx_checked(job: ExportJob) -> _OnnxExport:
     return _OnnxExport(report, fp32_path, checked, batches, source)
 
 
+def _qat_int8(job: ExportJob, fp32_path: Path | None, target: Path) -> Path | None:
+    """The int8 ONNX file of a run trained with ``--qat`` (its own learned ranges, no
+    calibration), or None for a run without one."""
+    state = load_qat_model(job.run)
+    if state is None:
+        return None
+    from ..inference.predictor import load_run_model
+    from ..models.qat import convert_qat
+
+    size = int(job.cfg.get("img_size") or 224)
+    example = torch.randn(2, int(job.cfg.get("in_chans", 3)), size, size)
+    graph = convert_qat(load_run_model(job.run)[0], state, example)
+    log.info(
+        "int8 from quantization-aware training (%s), no calibration", RunPaths(job.run).qat_model
+    )
+    return export_int8_graph(graph, fp32_path, target, example)
+
+
 def _int8_checked(job: ExportJob, done: _OnnxExport, target: Path, symmetric: bool) -> Path:
-    """The int8 file quantized on the calibration images, with its accuracy change on the
-    validation images in ``done.report``."""
-    int8_path, n_calib = _quantize_run(job.predictor, done.fp32_path, target, job.calib,
-                                       job.calib_images, symmetric=symmetric)  # fmt: skip
+    """The int8 file (from the run's QAT graph where it has one, else quantized on the
+    calibration images), with its accuracy change on the validation images in ``done.report``."""
+    qat = None if symmetric else _qat_int8(job, done.fp32_path, target)
+    if qat is not None:
+        int8_path, n_calib = qat, 0
+    else:
+        int8_path, n_calib = _quantize_run(job.predictor, done.fp32_path, target, job.calib,
+                                           job.calib_images, symmetric=symmetric)  # fmt: skip
     done.report.update({"tensorrt_int8" if symmetric else "int8": str(int8_path),
-                        "calib_images": n_calib})  # fmt: skip
+                        "calib_images": n_calib, "int8_from": "qat" if qat else "calibration"})  # fmt: skip
     if len(done.checked):
         # For the TensorRT file: its accuracy in ONNX Runtime on the CPU, the same QDQ graph.
         y = done.checked.labels.numpy()
@@ -313,8 +335,10 @@ def _format_openvino(job: ExportJob) -> dict[str, Any]:
     checked = decode_all(_pick(samples, job.val_images if job.int8 else 64),
                          predictor.base_size, progress=False)  # fmt: skip
     batches = list(_batches(predictor, checked))
-    calib_batches = None
-    if job.int8:
+    calib_batches, qat = None, None
+    if job.int8 and RunPaths(job.run).qat_model.is_file():
+        qat = _openvino_qat(job)
+    elif job.int8:
         decoded = predictor.decode(_pick(find_images([str(job.calib)]), job.calib_images))
         if not len(decoded):
             raise DataError(f"--calib {display_path(job.calib)}: none of its images could be read")
@@ -323,11 +347,24 @@ def _format_openvino(job: ExportJob) -> dict[str, Any]:
     report = export_openvino(
         predictor.model, pre.img_size, pre.in_chans, job.out_dir, check=batches,
         labels=checked.labels.numpy() if len(checked) else None, calib=calib_batches,
+        int8_model=qat,
     )  # fmt: skip
     report.update(val_source=source, val_images=len(checked), val_skipped=len(checked.skipped))
     if calib_batches:
         report["calib_images"] = sum(len(b) for b in calib_batches)
     return report
+
+
+def _openvino_qat(job: ExportJob) -> Any:
+    """The OpenVINO int8 model of a ``--qat`` run: its QDQ graph read by OpenVINO (which makes
+    FakeQuantize ops of it), no calibration."""
+    import tempfile
+
+    from ..inference.openvino import _openvino
+
+    with tempfile.TemporaryDirectory(prefix="resfit-qat-") as work:
+        path = _qat_int8(job, None, Path(work) / "model.int8.onnx")
+        return _openvino().convert_model(str(path))
 
 
 ExportFormat = Callable[[ExportJob], dict[str, Any]]
@@ -340,10 +377,12 @@ FORMATS.register("tensorrt", _format_tensorrt)
 assert tuple(FORMATS) == EXPORT_FORMATS, "core.config.EXPORT_FORMATS and FORMATS must agree"
 
 
-def _check_export_options(format: str, int8: bool, calib: str | os.PathLike | None) -> None:
+def _check_export_options(
+    format: str, int8: bool, calib: str | os.PathLike | None, qat: bool = False
+) -> None:
     if format not in EXPORT_FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {format!r}")
-    if int8 and not calib:
+    if int8 and not calib and not (qat and format != "tensorrt"):
         raise ConfigError(
             "--int8 needs --calib DATA: a few hundred of your own images to calibrate on"
         )
@@ -393,7 +432,7 @@ def export_run(
     ``format="triton"`` also writes a Triton model repository, ``OUT/triton/NAME`` (``name``
     defaults to the run folder's name), with dynamic batching up to ``max_batch`` after at most
     ``max_queue_delay_us``; see :mod:`resfit.export.triton`."""
-    _check_export_options(format, int8, calib)
+    _check_export_options(format, int8, calib, RunPaths(run).qat_model.is_file())
     cfg, classes = load_run(run)
     out_dir = Path(out or RunPaths(run).export)
     out_dir.mkdir(parents=True, exist_ok=True)

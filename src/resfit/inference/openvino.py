@@ -261,9 +261,10 @@ def export_openvino(
     check: list[np.ndarray],
     labels: np.ndarray | None = None,
     calib: list[np.ndarray] | None = None,
+    int8_model: Any | None = None,
 ) -> dict[str, Any]:
-    """Write ``out_dir/openvino/model.xml`` (and ``model.int8.xml`` from NNCF calibrated on
-    ``calib``), check the fp32 model against PyTorch on the ``check`` batches (max abs logit
+    """Write ``out_dir/openvino/model.xml`` (and ``model.int8.xml``: ``int8_model``, already
+    quantized by quantization-aware training, else NNCF calibrated on ``calib``), check the fp32 model against PyTorch on the ``check`` batches (max abs logit
     difference) and, with ``labels`` for them, the int8 accuracy change. Returns what was
     measured."""
     folder = Path(out_dir) / FOLDER
@@ -276,8 +277,8 @@ def export_openvino(
     with torch.no_grad():
         reference = copy.deepcopy(model).float().eval()(x)
     report["openvino_max_abs_logit_diff"] = float((fp32 - reference).abs().max())
-    if calib:
-        q = quantize(ov_model, calib)
+    if calib or int8_model is not None:
+        q = int8_model if int8_model is not None else quantize(ov_model, calib or [])
         report["openvino_int8"] = str(save(q, folder / INT8_FILE))
         int8_logits = OpenVinoEngine(q, "int8", source="export check")(x)
         if labels is not None and labels.ndim == 2 and len(labels) == len(x):

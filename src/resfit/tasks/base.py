@@ -60,6 +60,25 @@ class Task:
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def distill_loss(
+        self, logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: float,
+        hard_weight: float,
+    ) -> Tensor:  # fmt: skip
+        """The student's loss against the teacher's outputs on the same (mixed) images at
+        ``temperature`` (scaled by its square, so the gradients keep their size, as Hinton et
+        al. 2015), plus ``hard_weight`` times :meth:`loss` on the labels ``target``."""
+        soft = self.soft_target_loss(logits.float() / temperature,
+                                     teacher_logits.float() / temperature)  # fmt: skip
+        soft = soft * temperature**2
+        if not hard_weight:
+            return soft
+        return (1 - hard_weight) * soft + hard_weight * self.loss(logits, target)
+
+    def soft_target_loss(self, logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        """How far ``logits`` are from ``teacher_logits`` (both already divided by the
+        temperature), averaged over the batch."""
+        raise NotImplementedError
+
     def count_correct(self, logits: Tensor, target: Tensor) -> float:
         """How many of a training batch's (hard) targets the logits get right."""
         raise NotImplementedError

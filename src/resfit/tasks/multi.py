@@ -117,6 +117,13 @@ class MultiLabel(Task):
             return asymmetric_loss(logits, t, pos_weight=self.pos_weight)
         return F.binary_cross_entropy_with_logits(logits, t, pos_weight=self.pos_weight)
 
+    def soft_target_loss(self, logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        """Binary KL(teacher || student) per class (each class is its own sigmoid), averaged
+        over the outputs as the BCE loss is."""
+        p = torch.sigmoid(teacher_logits)
+        entropy = F.binary_cross_entropy_with_logits(teacher_logits, p)  # 0 when they agree
+        return F.binary_cross_entropy_with_logits(logits, p) - entropy
+
     def count_correct(self, logits: Tensor, target: Tensor) -> float:
         """Per image, the share of its classes that the logits decide right (at p = 0.5)."""
         right = (logits.detach().cpu() > 0) == (target.cpu() > 0.5)

@@ -52,6 +52,11 @@ class SingleLabel(Task):
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
         return soft_cross_entropy(logits, target, self.label_smoothing, self.class_weight)
 
+    def soft_target_loss(self, logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        """KL(teacher || student) of the softmax outputs."""
+        return F.kl_div(F.log_softmax(logits, 1), F.log_softmax(teacher_logits, 1),
+                        reduction="batchmean", log_target=True)  # fmt: skip
+
     def count_correct(self, logits: Tensor, target: Tensor) -> float:
         return float((logits.argmax(1).cpu() == target).sum().item())
 

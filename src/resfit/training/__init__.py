@@ -7,6 +7,7 @@ import torch  # noqa: F401  (tests patch training.torch.save)
 from ..core.config import TrainConfig
 from ..core.errors import TrainingError
 from ..tasks.base import soft_cross_entropy
+from .distill import distill
 from .loop import Callback, Loop
 from .run import TrainResult, train
 from .setup import build_transforms, resolve
@@ -20,6 +21,7 @@ __all__ = [
     "TrainStep",
     "TrainingError",
     "build_transforms",
+    "distill",
     "lr_at",
     "make_optimizer",
     "param_groups",

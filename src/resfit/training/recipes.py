@@ -40,7 +40,9 @@ from .callbacks import (
     default_ema_decay,
 )
 from .loop import Callback, Loop
+from .qat import QuantizationAware
 from .step import param_groups
+from .teacher import teacher_callback
 
 log = logging.getLogger("resfit")
 
@@ -96,12 +98,16 @@ def callbacks_for(
         cbs.append(GradScaling(loop.step.device))
     if mix is not None:
         cbs.append(Mixing(mix))
+    if cfg.compress.teacher:
+        cbs.append(teacher_callback(cfg, loop.step.device, precision))
     if r.ema:
         decay = r.ema_decay
         if decay is None:
             decay = default_ema_decay(cfg.optim.epochs * loop.steps_per_epoch)
         log.info("EMA of the weights with decay %.5f per step", decay)
         cbs.append(WeightAveraging(loop.model, decay))
+    if cfg.compress.qat:
+        cbs.append(QuantizationAware(cfg.compress.qat, cfg.optim.epochs, out, main))
     if r.precise_bn:
         limit = cfg.data.limit_train_batches  # a smoke run re-estimates BN on what it trained on
         cbs.append(

@@ -57,6 +57,7 @@ from .setup import (
     warn_imbalance,
 )
 from .step import TrainStep, make_optimizer
+from .teacher import check_teacher
 from .tracking import check_tracker, tracked
 
 log = logging.getLogger("resfit")
@@ -143,6 +144,7 @@ def _prepare_and_run(
     splits = find_data(cfg)
     if resume and splits.classes != cfg.classes:
         raise TrainingError(f"--resume: the classes in {cfg.data.path} differ from those of {out}")
+    check_teacher(cfg, splits)  # before the student is built or anything decoded
     cfg, model = resolve(cfg.replace(task=splits.task), splits)  # the run records its task
     cfg = _choose_data_mode(cfg, splits, dist_info)  # before anything is decoded
     duplicates = check_leakage(splits, cfg.data.leakage, cfg, model) if main or cfg.data.leakage == "remove" else []  # fmt: skip
