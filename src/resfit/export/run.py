@@ -330,6 +330,41 @@ def _format_openvino(job: ExportJob) -> dict[str, Any]:
     return report
 
 
+def _format_edge(format: str) -> Callable[[ExportJob], dict[str, Any]]:
+    """A small-device format (:mod:`resfit.export.edge`): ``OUT/FORMAT/model.*``, fp32 and with
+    int8 the file quantized on the calibration images, each run in its own runtime against
+    PyTorch on the validation images."""
+
+    def export(job: ExportJob) -> dict[str, Any]:
+        from .edge import check_edge_options, export_edge
+
+        check_edge_options(format, job.int8)
+        predictor = job.predictor
+        samples, source = validation_samples(job.run, job.cfg, job.classes, job.val)
+        checked = decode_all(_pick(samples, job.val_images), predictor.base_size, progress=False)
+        batches = list(_batches(predictor, checked))
+        calib = None
+        if job.int8:
+            decoded = predictor.decode(_pick(find_images([str(job.calib)]), job.calib_images))
+            if not len(decoded):
+                raise DataError(
+                    f"--calib {display_path(job.calib)}: none of its images could be read"
+                )
+            calib = list(_batches(predictor, decoded))
+        pre = predictor.preprocessing
+        report = export_edge(
+            format, predictor.model, job.out_dir / format, batches,
+            checked.labels.numpy() if len(checked) else None, calib,
+            (pre.in_chans, pre.img_size, pre.img_size), len(job.classes),
+        )  # fmt: skip
+        report.update(val_source=source, val_images=len(checked), val_skipped=len(checked.skipped))
+        if calib:
+            report["calib_images"] = sum(len(b) for b in calib)
+        return report
+
+    return export
+
+
 ExportFormat = Callable[[ExportJob], dict[str, Any]]
 # `resfit export --format NAME`: each writes its files into job.out_dir and returns its report.
 FORMATS: Registry[str, ExportFormat] = Registry("export format")
@@ -337,6 +372,8 @@ FORMATS.register("onnx", _format_onnx)
 FORMATS.register("triton", _format_triton)
 FORMATS.register("openvino", _format_openvino)
 FORMATS.register("tensorrt", _format_tensorrt)
+for _edge in ("executorch", "litert", "ncnn", "coreml"):  # phones and boards: export/edge.py
+    FORMATS.register(_edge, _format_edge(_edge))
 assert tuple(FORMATS) == EXPORT_FORMATS, "core.config.EXPORT_FORMATS and FORMATS must agree"
 
 
