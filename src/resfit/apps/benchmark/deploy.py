@@ -66,7 +66,8 @@ class DeployReport:
     def format(self) -> str:
         """The table as text, one row per format and precision."""
         head = f"{'format':<12}{'prec':<6}{'MB':>7}{'top-1 Δ':>9}{'ECE Δ':>8}{'agree':>8}"
-        head += f"{'1t ms':>8}{f'{self.threads}t ms':>8}{'img/s':>8}"
+        head += f"{'1t ms':>8}{f'{self.threads}t ms':>8}{'img/s':>8}{'x base':>8}"
+        base = self.rows[0].images_per_s if self.rows else None
         lines = [
             f"deployment table of {self.run}",
             f"machine: {self.machine}, {self.threads} threads",
@@ -78,6 +79,7 @@ class DeployReport:
             cells = [(r.top1_change, "{:+9.2%}"), (r.ece_change, "{:+8.4f}"), (r.agreement, "{:8.1%}"),
                      (r.latency_1t_ms, "{:8.2f}"), (r.latency_all_ms, "{:8.2f}"),
                      (r.images_per_s, "{:8.0f}")]  # fmt: skip
+            cells.append((r.images_per_s / base if r.images_per_s and base else None, "{:8.2f}"))
             text = "".join(
                 f.format(v) if v is not None else " " * len(f.format(0.0)) for v, f in cells
             )
