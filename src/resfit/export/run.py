@@ -1,4 +1,5 @@
-"""Exporting a run: the formats (ONNX fp32 and int8, OpenVINO, TensorRT, Triton), the
+"""Exporting a run: the formats (ONNX fp32 and int8, OpenVINO, TensorRT, Triton; for phones and
+boards ExecuTorch, LiteRT, NCNN and CoreML, :mod:`resfit.export.edge`), the
 validation images that check an int8 model, and ``export.json``.
 
 ONNX Runtime is the CPU engine (``resfit predict --engine onnx``, :mod:`resfit.inference.engines`): on the
@@ -429,7 +430,10 @@ def export_run(
     (``tensorrt_*`` keys; ``tensorrt_check`` says why not where they cannot run).
     ``format="triton"`` also writes a Triton model repository, ``OUT/triton/NAME`` (``name``
     defaults to the run folder's name), with dynamic batching up to ``max_batch`` after at most
-    ``max_queue_delay_us``; see :mod:`resfit.export.triton`."""
+    ``max_queue_delay_us``; see :mod:`resfit.export.triton`.
+    ``format="executorch" | "litert" | "ncnn" | "coreml"`` writes ``OUT/FORMAT/model.*`` for
+    phones and boards, each run in its own runtime against PyTorch on the validation images
+    (CoreML: structure only, it runs on Apple systems alone); see :mod:`resfit.export.edge`."""
     _check_export_options(format, int8, calib)
     cfg, classes = load_run(run)
     out_dir = Path(out or RunPaths(run).export)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -167,8 +166,3 @@ def bench_deploy(run: str | os.PathLike, *, val: str | os.PathLike | None = None
 
             add_deploy_section(paths.report, report.to_dict())
     return report
-
-
-def deploy_table_path(run: str | os.PathLike) -> Path:
-    """Where :func:`bench_deploy` writes its table."""
-    return RunPaths(run).deploy
