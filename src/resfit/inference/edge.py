@@ -41,22 +41,40 @@ def _all_threads() -> int:
 
 
 class ExecutorchRunner:
-    """A ``.pte`` program in the ExecuTorch runtime (its XNNPACK delegate on the CPU)."""
+    """A ``.pte`` program in the ExecuTorch runtime (its XNNPACK delegate on the CPU).
+
+    XNNPACK's thread pool is one per process, and a loaded method keeps a pointer to the pool
+    it was loaded with: so the pool is sized *before* the method is loaded, and a runner whose
+    pool was resized since (another runner with another thread count) loads its method again
+    rather than run on a freed pool."""
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
         runtime = _import("executorch.runtime")
         self.path, self.threads = path, threads or _all_threads()
         self._pool = _import("executorch.extension.pybindings.portable_lib")
-        self.method = runtime.Runtime.get().load_program(str(path)).load_method("forward")
+        self.program = runtime.Runtime.get().load_program(str(path))
+        self.method: Any = None
+        self._generation = -1
+
+    def _ready(self) -> Any:
+        global _POOL_GENERATION
+        if self._pool._threadpool_get_thread_count() != self.threads:
+            self.method = None  # the delegate bound to the old pool goes first
+            self._pool._unsafe_reset_threadpool(self.threads)
+            _POOL_GENERATION += 1
+        if self.method is None or self._generation != _POOL_GENERATION:
+            self.method = None
+            self.method = self.program.load_method("forward")
+            self._generation = _POOL_GENERATION
+        return self.method
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        # The XNNPACK thread pool is one per process: set it for this runner's calls.
-        if self._pool._threadpool_get_thread_count() != self.threads:
-            self._pool._unsafe_reset_threadpool(self.threads)
+        method = self._ready()
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        return np.concatenate(
-            [self.method.execute([t[i : i + 1]])[0].numpy() for i in range(len(t))]
-        )
+        return np.concatenate([method.execute([t[i : i + 1]])[0].numpy() for i in range(len(t))])
+
+
+_POOL_GENERATION = 0  # bumped at each resize of ExecuTorch's process-wide thread pool
 
 
 class LiteRtRunner:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -108,15 +109,18 @@ def _torch_runner(model: torch.nn.Module, threads: int) -> Any:
     return run
 
 
-def _row(fmt: str, precision: str, size: int, runners: tuple[Any, Any], x: np.ndarray,
+def _row(fmt: str, precision: str, size: int, make: Any, threads: int, x: np.ndarray,
          y: np.ndarray, ref: tuple[float, float, np.ndarray], repeats: int) -> DeployRow:  # fmt: skip
-    """One format's row: its logits on every image, then its batch-1 latencies."""
-    one_thread, all_threads = runners
-    logits = np.concatenate([all_threads(x[i : i + 64]) for i in range(0, len(x), 64)])
+    """One format's row: its logits on every image, then its batch-1 latencies. ``make(n)``
+    makes a runner with ``n`` threads; one runner lives at a time (ExecuTorch's thread pool is
+    one per process)."""
+    runner = make(threads)
+    logits = np.concatenate([runner(x[i : i + 64]) for i in range(0, len(x), 64)])
+    tn = _latency(runner, x[:1], repeats)
+    del runner
+    t1 = _latency(make(1), x[:1], repeats)
     acc, ece, ref_pred = ref
     pred = logits.argmax(1)
-    t1 = _latency(one_thread, x[:1], repeats)
-    tn = _latency(all_threads, x[:1], repeats)
     return DeployRow(fmt, precision, size / 1e6, float((pred == y).mean() - acc),
                      expected_calibration_error(_softmax(logits), y) - ece,
                      float((pred == ref_pred).mean()), t1, tn, 1000 / tn)  # fmt: skip
@@ -145,9 +149,8 @@ def bench_deploy(run: str | os.PathLike, *, val: str | os.PathLike | None = None
     report = DeployReport(str(run), cpu_name(), threads, source, len(x), acc, ece)
     ref = (acc, ece, ref_logits.argmax(1))
     torch_size = paths.model.stat().st_size
-    report.rows.append(_row("pytorch", "fp32", torch_size,
-                            (_torch_runner(model, 1), _torch_runner(model, threads)), x, y, ref,
-                            repeats))  # fmt: skip
+    report.rows.append(_row("pytorch", "fp32", torch_size, lambda n: _torch_runner(model, n),
+                            threads, x, y, ref, repeats))  # fmt: skip
     report.rows[-1].note = "baseline: eager PyTorch, model.safetensors"
     for (fmt, precision), _ in EDGE_FILES.items():
         path = paths.edge(fmt, precision)
@@ -157,8 +160,11 @@ def bench_deploy(run: str | os.PathLike, *, val: str | os.PathLike | None = None
             report.rows.append(DeployRow(fmt, precision, file_size(path) / 1e6,
                                          note="runs only on Apple systems: not measured"))  # fmt: skip
             continue
-        runners = (edge_runner(fmt, path, 1), edge_runner(fmt, path, threads))
-        report.rows.append(_row(fmt, precision, file_size(path), runners, x, y, ref, repeats))
+
+        def make(n: int, fmt: str = fmt, path: Path = path) -> Any:
+            return edge_runner(fmt, path, n)
+
+        report.rows.append(_row(fmt, precision, file_size(path), make, threads, x, y, ref, repeats))
     if write:
         atomic_write_json(paths.deploy, report.to_dict(), indent=1)
         if paths.report.is_file():
