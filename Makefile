@@ -10,7 +10,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[export,openvino,qat,serve,embed,tune,audit,shards,mlflow,dev]'
+	$(BIN)/pip install --quiet -e '.[export,openvino,qat,edge,serve,embed,tune,audit,shards,mlflow,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -325,9 +325,14 @@ def _add_bench(sub: Any) -> None:
         "bench", help="time inference engines, a training step and the data pipeline here"
     )
     p.add_argument("what", nargs="?", default="all", choices=BENCH_PARTS)
+    p.add_argument("run", nargs="?", help="deploy: the run folder whose exports to measure")
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--weights", help="inference: weights to load (default: seeded random init)")
-    p.add_argument("--data", help="image folder: real inputs for inference; needed by pipeline")
+    p.add_argument(
+        "--data",
+        help="image folder: real inputs for inference; needed by pipeline; "
+        "deploy: labelled images (default: the run's validation split)",
+    )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--img-size", type=int, help="default: the architecture's (224, CIFAR 32)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (the median is shown)")
@@ -336,7 +341,9 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO engines")
     p.add_argument("--no-tensorrt", action="store_true", help="skip the TensorRT engines (GPU)")
     p.add_argument("--augment", default=OPTIONS["augment"].default, choices=AUGMENT_CHOICES)
-    p.add_argument("--limit", type=int, default=512, help="pipeline: images to read")
+    p.add_argument(
+        "--limit", type=int, default=512, help="pipeline: images to read; deploy: validation images"
+    )
     p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda")
     p.add_argument("--json", help="also write the figures to this file")
     _add_threads(p)

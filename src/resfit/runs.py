@@ -60,6 +60,16 @@ LAST_PREV = "last.prev.pt"
 BEST = "best.safetensors"
 EXPORT = "export"
 EXPORT_REPORT = "export.json"
+DEPLOY_REPORT = "deploy.json"  # in RUN/export/: resfit bench deploy's table
+# The small-device files of `resfit export --format F [--int8]`, in RUN/export/F/.
+EDGE_FILES = {
+    ("executorch", "fp32"): "model.pte",
+    ("executorch", "int8"): "model.int8.pte",
+    ("litert", "fp32"): "model.tflite",
+    ("litert", "int8"): "model.int8.tflite",
+    ("ncnn", "fp32"): "model.ncnn.param",  # with model.ncnn.bin beside it
+    ("coreml", "fp32"): "model.mlpackage",
+}
 EVAL_METRICS = "metrics.json"  # in RUN/eval-NAME/
 LR_FIND_JSON = "lr_find.json"
 LR_FIND_CSV = "lr_find.csv"
@@ -98,6 +108,12 @@ class RunPaths:
     lr_find_json = property(lambda self: self.root / LR_FIND_JSON)
     lr_find_csv = property(lambda self: self.root / LR_FIND_CSV)
     lr_find_plot = property(lambda self: self.root / LR_FIND_PLOT)
+
+    deploy = property(lambda self: self.root / EXPORT / DEPLOY_REPORT)
+
+    def edge(self, format: str, precision: str = "fp32") -> Path:
+        """The exported file of a small-device format, ``RUN/export/FORMAT/model...``."""
+        return self.root / EXPORT / format / EDGE_FILES[(format, precision)]
 
     def eval(self, name: str) -> Path:
         """The folder of an evaluation, ``RUN/eval-NAME``."""

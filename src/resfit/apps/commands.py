@@ -17,7 +17,7 @@ from ..core.config import OPTIONS, TrainConfig
 from ..core.errors import ConfigError
 
 # What `resfit bench` can time; `all` is every part (the CLI's own: its parser's choices).
-BENCH_PARTS = ("all", "inference", "train", "pipeline")
+BENCH_PARTS = ("all", "inference", "train", "pipeline", "deploy")  # all: the first three
 
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -270,9 +270,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def _bench_deploy(args: argparse.Namespace) -> int:
+    """``resfit bench deploy RUN``: the run's small-device exports against its PyTorch model."""
+    if not args.run:
+        raise ConfigError("resfit bench deploy needs the run folder: resfit bench deploy RUN")
+    use_cores(args)
+    from .benchmark.deploy import bench_deploy
 
-    what = list(BENCH_PARTS[1:]) if args.what == "all" else [args.what]
+    rep = bench_deploy(args.run, val=args.data, images=args.limit, repeats=max(args.repeats, 10))
+    print(rep.format())
+    if args.json:
+        from ..core.atomic import atomic_write_json
+
+        atomic_write_json(args.json, rep.to_dict(), indent=1)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "deploy":
+        return _bench_deploy(args)
+
+    what = list(BENCH_PARTS[1:4]) if args.what == "all" else [args.what]
     if "pipeline" in what and not args.data:
         if args.what == "pipeline":
             raise ConfigError("resfit bench pipeline needs --data DIR (a folder of class folders)")

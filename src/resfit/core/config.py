@@ -71,7 +71,16 @@ TASKS: Sequence[str] = _TaskNames()  # what the labels mean
 MULTILABEL_LOSSES = ("bce", "asl")
 LEAKAGE = ("report", "remove", "off")
 LEAKAGE_SIGNALS = ("phash", "both")  # both: pHash and embeddings (resfit.leakage)
-EXPORT_FORMATS = ("onnx", "triton", "openvino", "tensorrt")  # resfit export --format
+EXPORT_FORMATS = (
+    "onnx",
+    "triton",
+    "openvino",
+    "tensorrt",
+    "executorch",
+    "litert",
+    "ncnn",
+    "coreml",
+)  # resfit export --format
 TRACKERS = ("mlflow",)  # --track: experiment trackers (training/tracking.py)
 DATA_MODES = ("auto", "memory", "stream", "shards")  # sources.SOURCES (and auto): where images live
 

@@ -1,4 +1,5 @@
-"""Exporting a run: the formats (ONNX fp32 and int8, OpenVINO, TensorRT, Triton), the
+"""Exporting a run: the formats (ONNX fp32 and int8, OpenVINO, TensorRT, Triton; for phones and
+boards ExecuTorch, LiteRT, NCNN and CoreML, :mod:`resfit.export.edge`), the
 validation images that check an int8 model, and ``export.json``.
 
 ONNX Runtime is the CPU engine (``resfit predict --engine onnx``, :mod:`resfit.inference.engines`): on the
@@ -367,6 +368,41 @@ def _openvino_qat(job: ExportJob) -> Any:
         return _openvino().convert_model(str(path))
 
 
+def _format_edge(format: str) -> Callable[[ExportJob], dict[str, Any]]:
+    """A small-device format (:mod:`resfit.export.edge`): ``OUT/FORMAT/model.*``, fp32 and with
+    int8 the file quantized on the calibration images, each run in its own runtime against
+    PyTorch on the validation images."""
+
+    def export(job: ExportJob) -> dict[str, Any]:
+        from .edge import check_edge_options, export_edge
+
+        check_edge_options(format, job.int8)
+        predictor = job.predictor
+        samples, source = validation_samples(job.run, job.cfg, job.classes, job.val)
+        checked = decode_all(_pick(samples, job.val_images), predictor.base_size, progress=False)
+        batches = list(_batches(predictor, checked))
+        calib = None
+        if job.int8:
+            decoded = predictor.decode(_pick(find_images([str(job.calib)]), job.calib_images))
+            if not len(decoded):
+                raise DataError(
+                    f"--calib {display_path(job.calib)}: none of its images could be read"
+                )
+            calib = list(_batches(predictor, decoded))
+        pre = predictor.preprocessing
+        report = export_edge(
+            format, predictor.model, job.out_dir / format, batches,
+            checked.labels.numpy() if len(checked) else None, calib,
+            (pre.in_chans, pre.img_size, pre.img_size), len(job.classes),
+        )  # fmt: skip
+        report.update(val_source=source, val_images=len(checked), val_skipped=len(checked.skipped))
+        if calib:
+            report["calib_images"] = sum(len(b) for b in calib)
+        return report
+
+    return export
+
+
 ExportFormat = Callable[[ExportJob], dict[str, Any]]
 # `resfit export --format NAME`: each writes its files into job.out_dir and returns its report.
 FORMATS: Registry[str, ExportFormat] = Registry("export format")
@@ -374,6 +410,8 @@ FORMATS.register("onnx", _format_onnx)
 FORMATS.register("triton", _format_triton)
 FORMATS.register("openvino", _format_openvino)
 FORMATS.register("tensorrt", _format_tensorrt)
+for _edge in ("executorch", "litert", "ncnn", "coreml"):  # phones and boards: export/edge.py
+    FORMATS.register(_edge, _format_edge(_edge))
 assert tuple(FORMATS) == EXPORT_FORMATS, "core.config.EXPORT_FORMATS and FORMATS must agree"
 
 
@@ -382,7 +420,8 @@ def _check_export_options(
 ) -> None:
     if format not in EXPORT_FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {format!r}")
-    if int8 and not calib and not (qat and format != "tensorrt"):
+    # A --qat run carries its int8 model for the ONNX-based formats; the others calibrate.
+    if int8 and not calib and not (qat and format in ("onnx", "triton", "openvino")):
         raise ConfigError(
             "--int8 needs --calib DATA: a few hundred of your own images to calibrate on"
         )
@@ -431,7 +470,10 @@ def export_run(
     (``tensorrt_*`` keys; ``tensorrt_check`` says why not where they cannot run).
     ``format="triton"`` also writes a Triton model repository, ``OUT/triton/NAME`` (``name``
     defaults to the run folder's name), with dynamic batching up to ``max_batch`` after at most
-    ``max_queue_delay_us``; see :mod:`resfit.export.triton`."""
+    ``max_queue_delay_us``; see :mod:`resfit.export.triton`.
+    ``format="executorch" | "litert" | "ncnn" | "coreml"`` writes ``OUT/FORMAT/model.*`` for
+    phones and boards, each run in its own runtime against PyTorch on the validation images
+    (CoreML: structure only, it runs on Apple systems alone); see :mod:`resfit.export.edge`."""
     _check_export_options(format, int8, calib, RunPaths(run).qat_model.is_file())
     cfg, classes = load_run(run)
     out_dir = Path(out or RunPaths(run).export)

@@ -468,3 +468,19 @@ register_engine("openvino", _openvino_engine, requires=("openvino",), extra="ope
 register_engine(
     "tensorrt", _tensorrt_engine, requires=("tensorrt", "onnxruntime"), extra="tensorrt"
 )
+
+
+def _edge_factory(format: str) -> EngineFactory:
+    def factory(run_dir: Path | None, model: nn.Module | None, **kw: Any) -> Engine:
+        # Imported when asked for: the small-device runtimes are optional (resfit[edge]).
+        from .edge import make_edge
+
+        return make_edge(format, run_dir, model, **kw)
+
+    return factory
+
+
+# The small-device runtimes, running what `resfit export --format F` wrote (inference/edge.py).
+for _name, _module in {"executorch": "executorch", "litert": "ai_edge_litert",
+                       "ncnn": "ncnn"}.items():  # fmt: skip
+    register_engine(_name, _edge_factory(_name), requires=(_module,), extra="edge")

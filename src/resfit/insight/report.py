@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..core.atomic import atomic_write_text
@@ -117,4 +119,24 @@ def write_report(path: str | os.PathLike, data: ReportData) -> Path:
 """
     # Every user string went through escape; the error handler is the last guard for the report.
     atomic_write_text(out, doc, errors="backslashreplace")  # never half a report
+    return out
+
+
+def add_deploy_section(path: str | os.PathLike, deploy: Mapping) -> Path:
+    """Put ``resfit bench deploy``'s table into an existing report as its "Deploy" section
+    (replacing the one a previous run of the bench left), before the configuration, with a
+    link in the page's navigation."""
+    from .report_sections import deploy_section
+
+    out = Path(path)
+    page = out.read_text(encoding="utf-8")
+    page = re.sub(r'<section id="deploy">.*?</section>\n?', "", page, flags=re.S)
+    new = deploy_section(deploy) + "\n"
+    at = page.find('<section id="config">')
+    page = page[:at] + new + page[at:] if at >= 0 else page.replace("</body>", new + "</body>")
+    if 'href="#deploy"' not in page:
+        page = page.replace(
+            '<a href="#config">', '<a href="#deploy">Deploy</a><a href="#config">', 1
+        )
+    atomic_write_text(out, page)
     return out

@@ -441,3 +441,36 @@ def audit_link(audit: Mapping | None) -> str:
 def config_section(config: Mapping) -> str:
     text = json.dumps(config, indent=2, sort_keys=True, default=str, ensure_ascii=False)
     return section("config", "Resolved configuration", f"<pre>{escape(text)}</pre>")
+
+
+def _cell(v: object, fmt: str) -> str:
+    f = finite(v)
+    return fmt.format(f) if f is not None else "–"
+
+
+def deploy_section(deploy: Mapping) -> str:
+    """``resfit bench deploy``'s table: each small-device format and precision against the
+    run's PyTorch model on the validation split, as measured on the machine it names."""
+    header = ["format", "precision", "size (MB)", "top-1 change", "ECE change", "agreement",
+              "batch 1, 1 thread (ms)", f"batch 1, {deploy.get('threads')} threads (ms)",
+              "images/s"]  # fmt: skip
+    rows = [
+        [escape(str(r.get("format"))), escape(str(r.get("precision"))),
+         _cell(r.get("size_mb"), "{:.2f}"), _cell(r.get("top1_change"), "{:+.2%}"),
+         _cell(r.get("ece_change"), "{:+.4f}"), _cell(r.get("agreement"), "{:.1%}"),
+         _cell(r.get("latency_1t_ms"), "{:.2f}"), _cell(r.get("latency_all_ms"), "{:.2f}"),
+         _cell(r.get("images_per_s"), "{:.0f}")]
+        for r in deploy.get("rows", [])
+    ]  # fmt: skip
+    intro = (
+        f"<p>Measured by <code>resfit bench deploy</code> on {escape(str(deploy.get('machine')))}"
+        f" on {deploy.get('val_images')} images ({escape(str(deploy.get('val_source')))}); "
+        f"changes are against PyTorch fp32 (accuracy {_cell(deploy.get('accuracy'), '{:.2%}')},"
+        f" ECE {_cell(deploy.get('ece'), '{:.4f}')}). CoreML runs only on Apple systems: its "
+        "size is shown, never a measurement.</p>"
+    )
+    notes = "".join(f"<li>{escape(str(r['format']))} {escape(str(r['precision']))}: "
+                    f"{escape(str(r['note']))}</li>" for r in deploy.get("rows", []) if r.get("note"))  # fmt: skip
+    return section(
+        "deploy", "Deploy", intro + table(header, rows) + (f"<ul>{notes}</ul>" if notes else "")
+    )
