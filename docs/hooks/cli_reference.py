@@ -5,6 +5,8 @@ choices and default are written once, in ``core/config.py``), so the reference w
 parser: every command, every argument group, every option with its default, choices and help.
 Nothing is written into ``docs/``: the page is added to the build as a generated file.
 
+It also shows the docstrings' Sphinx roles as code in the API reference.
+
 ``python docs/hooks/cli_reference.py`` prints the page (the test imports :func:`render`).
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -146,6 +149,18 @@ def render() -> str:
     for name, parser, summary in listed:
         out += _command(parser, name, summary)
     return "\n".join(out) + "\n"
+
+
+_ROLE = re.compile(r":(?:func|class|meth|mod|data|attr|exc|obj):<code>(~?)([^<]+)</code>")
+
+
+def on_page_content(html_text: str, **_: Any) -> str:
+    """MkDocs hook: the docstrings' Sphinx roles (``:func:`~resfit.x.y```) shown as code, the
+    short name where the role asks for it (``~``), instead of the role's raw text."""
+    return _ROLE.sub(
+        lambda m: f"<code>{m.group(2).rsplit('.', 1)[-1] if m.group(1) else m.group(2)}</code>",
+        html_text,
+    )
 
 
 def on_files(files: Any, config: Any) -> Any:
