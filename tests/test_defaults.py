@@ -1,5 +1,6 @@
 """The defaults that depend on the recipe, the batch and the image size (issue 16): what
-:func:`resfit.core.defaults.resolve_config` fills in, what it logs, and that the README's table says the same."""
+:func:`resfit.core.defaults.resolve_config` fills in, what it logs, and that the training guide's table
+(docs/guide/training.md) says the same."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from resfit.core.config import AugmentConfig, TrainConfig
 from resfit.core.defaults import SGD_LR_PER_256, defaults_note, resolve_config
 from resfit.core.presets import SHORT_SCRATCH_EPOCHS, SMALL_IMAGE
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULTS_TABLE = ROOT / "docs" / "guide" / "training.md"  # the site's training guide
 PRE = {"mean": [0.5] * 3, "std": [0.2] * 3}
 
 
@@ -95,8 +97,8 @@ def test_finetune_defaults_and_the_log_line() -> None:
     assert defaults_note(explicit, resolve_config(explicit, ["a"], PRE, 224)) == ""
 
 
-def test_the_readme_defaults_table_matches_the_config() -> None:
-    text = README.read_text()
+def test_the_guide_defaults_table_matches_the_config() -> None:
+    text = DEFAULTS_TABLE.read_text()
     table = text[text.index("<!-- defaults-table -->") :]
     table = table[: table.index("\n\n")]
     for kind, per_256 in SGD_LR_PER_256.items():
@@ -174,7 +176,7 @@ def _bench() -> object:
     import importlib.util
     import sys
 
-    path = README.parent / "bench" / "defaults.py"
+    path = ROOT / "bench" / "defaults.py"
     sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location("bench_defaults", path)
     module = importlib.util.module_from_spec(spec)

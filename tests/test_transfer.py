@@ -47,7 +47,7 @@ def test_cache_gives_the_same_weights_as_no_cache_without_augmentation(
     colours: Path, init_weights: Path, tmp_path: Path, freeze: str
 ) -> None:
     states = {}
-    # fp32: under bf16 autocast a partly frozen run drifts (layer3 BN up to 5 %, README).
+    # fp32: under bf16 autocast a partly frozen run drifts (layer3 BN up to 5 %, docs/guide/transfer.md).
     for cache in ("off", "memory", "disk"):
         out = tmp_path / cache
         train(TrainConfig.from_options(data=str(colours), out=str(out), epochs=3, freeze=freeze, augment="none",

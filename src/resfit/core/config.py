@@ -191,7 +191,7 @@ class OptimConfig:
     epochs: int = option(20, "epochs to train", minimum=1, resumable=True)
     batch_size: int = option(64, "global batch (split across ranks under torchrun)", minimum=1)
     optimizer: str = option("sgd", "the optimizer", choices=OPTIMIZERS)
-    lr: float | str | None = option(None, "peak learning rate, or auto: a short LR-finder sweep before training picks it (RUN/lr_find.png); default: by optimizer, batch and recipe (the README's defaults table)", positive=True, parse="lr")  # fmt: skip
+    lr: float | str | None = option(None, "peak learning rate, or auto: a short LR-finder sweep before training picks it (RUN/lr_find.png); default: by optimizer, batch and recipe (the defaults table in docs/guide/training.md)", positive=True, parse="lr")  # fmt: skip
     momentum: float = option(0.9, "SGD momentum", minimum=0.0)
     nesterov: bool = option(True, "Nesterov momentum for SGD")
     weight_decay: float | None = option(None, "weight decay (default: 5e-4 SGD, 0 Adam, 0.05 AdamW)", minimum=0.0)  # fmt: skip

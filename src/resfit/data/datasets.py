@@ -61,7 +61,7 @@ def decode_all(
     much as the forward pass of a small network. ``transform`` (prediction's crop and
     normalise) runs in the same threads, beside the model rather than before it.
     """
-    from tqdm.auto import tqdm
+    from ..core.progress import progress_bar
 
     def work(s: Sample) -> Tensor | str:
         try:
@@ -75,12 +75,8 @@ def decode_all(
     images, labels, paths, skipped = [], [], [], []
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(work, samples, chunksize=16)
-        for s, r in tqdm(
-            zip(samples, results, strict=True),
-            total=len(samples),
-            desc=desc,
-            disable=not progress,
-            leave=False,
+        for s, r in progress_bar(
+            zip(samples, results, strict=True), total=len(samples), desc=desc, enabled=progress
         ):
             if isinstance(r, str):
                 skipped.append((str(s.path), r))

@@ -201,13 +201,12 @@ class Streaming(DataSource):
 
     def open(self, samples: Sequence[Sample], base_size: int, *, progress: bool,
              desc: str) -> DecodedImages:  # fmt: skip
-        from tqdm.auto import tqdm
+        from ..core.progress import progress_bar
 
         with ThreadPoolExecutor(min(8, (os.cpu_count() or 1) + 2)) as pool:
-            problems = list(tqdm(pool.map(header_problem, [s.path for s in samples],
-                                          chunksize=256),
-                                 total=len(samples), desc=desc.replace("decoding", "checking"),
-                                 disable=not progress, leave=False))  # fmt: skip
+            checks = pool.map(header_problem, [s.path for s in samples], chunksize=256)
+            problems = list(progress_bar(checks, total=len(samples), enabled=progress,
+                                         desc=desc.replace("decoding", "checking")))  # fmt: skip
         skipped = [(str(s.path), p) for s, p in zip(samples, problems, strict=True) if p]
         for path, reason in skipped:
             log.warning("skipping %s: %s", display_path(path), reason)

@@ -255,7 +255,7 @@ class Predictor:
     ) -> tuple[list[Prediction], list[tuple[str, str]]]:
         """Predict files, folders (recursively) and globs. Returns the predictions and the
         files that could not be read (path, reason)."""
-        from tqdm.auto import tqdm
+        from ..core.progress import progress_bar
 
         paths = find_images([str(p) for p in inputs])
         k = max(1, min(top_k, len(self.classes)))
@@ -263,7 +263,7 @@ class Predictor:
         chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
         preds: list[Prediction] = []
         skipped: list[tuple[str, str]] = []
-        bar = tqdm(total=len(paths), desc="predicting", disable=not progress, leave=False)
+        bar = progress_bar(total=len(paths), desc="predicting", enabled=progress)
         # Decode, crop and normalise the next chunk (in threads) while the model runs on this
         # one: decoding keeps up with the model, and a folder of any size never sits in memory
         # whole.

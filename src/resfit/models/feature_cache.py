@@ -170,7 +170,7 @@ def compute_features(
 ) -> Tensor:
     """Run the prefix up to ``stage`` over every image ``views`` times (view v seeded by
     ``seed`` and v) and store the outputs, in memory or in a .npy memory map at ``path``."""
-    from tqdm.auto import tqdm
+    from ..core.progress import progress_bar
 
     was_training = model.training
     model.eval()
@@ -181,7 +181,7 @@ def compute_features(
     store: Tensor | None = None
     mapped: np.memmap | None = None
     tmp = temp_path(path) if path is not None else None
-    bar = tqdm(total=n * views, desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(total=n * views, desc=desc, enabled=progress)
     try:
         for v in range(views):
             torch.manual_seed(seed * 1_000_003 + v)  # the random transforms draw from this

@@ -226,10 +226,10 @@ def download_weights(spec: WeightsSpec, progress: bool = True) -> Path:
         digest = hashlib.sha256()
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
-            from tqdm.auto import tqdm
+            from ..core.progress import progress_bar
 
-            with tqdm(
-                total=total, unit="B", unit_scale=True, desc=spec.filename, disable=not progress
+            with progress_bar(
+                total=total, unit="B", unit_scale=True, desc=spec.filename, enabled=progress
             ) as bar:
                 for chunk in iter(lambda: resp.read(1 << 20), b""):
                     out.write(chunk)

@@ -302,10 +302,12 @@ class Progress(Callback):
         self.epochs = epochs
 
     def before_train(self, loop: Loop) -> None:
-        from tqdm.auto import tqdm
+        from ..core.progress import progress_bar
 
-        self.bar = tqdm(loop.batches, total=loop.steps_per_epoch - loop.first_step, leave=False,
-                        desc=f"epoch {loop.epoch + 1}/{self.epochs}")  # fmt: skip
+        # On a terminal a bar; in a file or CI a line every LINE_EVERY_S seconds of a long
+        # epoch (EpochLog writes the epoch's own line).
+        self.bar = progress_bar(loop.batches, total=loop.steps_per_epoch - loop.first_step,
+                                desc=f"epoch {loop.epoch + 1}/{self.epochs}")  # fmt: skip
         loop.batches = self.bar
 
     def after_step(self, loop: Loop) -> None:
