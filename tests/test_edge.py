@@ -73,6 +73,7 @@ def test_int8_stays_within_a_point(run: Path, photos: Path, format: str) -> None
     assert rep["int8_size_bytes"] < rep["size_bytes"] / 2
 
 
+@pytest.mark.slow  # 6 s of conversion: LiteRT fp32 is also checked by the int8 test below
 def test_litert_fp32_round_trips(run: Path) -> None:
     _check_fp32(export_run(run, format="litert"))
     assert (run / "export" / "litert" / "model.tflite").is_file()
