@@ -10,7 +10,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[export,openvino,serve,embed,tune,audit,shards,dev]'
+	$(BIN)/pip install --quiet -e '.[export,openvino,serve,embed,tune,audit,shards,dicom,video,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

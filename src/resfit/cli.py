@@ -169,7 +169,16 @@ def _add_training_commands(sub: Any) -> None:
     )  # fmt: skip
     p.add_argument("data", help="image folder or CSV manifest, as resfit train reads it")
     p.add_argument("--out", required=True, help="the shard folder to write")
-    for name in ("img_size", "val_fraction", "test_fraction", "seed", "task", "progress"):
+    for name in (
+        "img_size",
+        "val_fraction",
+        "test_fraction",
+        "seed",
+        "task",
+        "progress",
+        "window",
+        "group_by",
+    ):
         _add_option(p, OPTIONS[name])
     p.add_argument("--workers", dest="writers", type=int, default=None,
                    help="writer processes (default: one per core)")  # fmt: skip

@@ -86,13 +86,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     given = given_options(args)
     TrainConfig.from_options(**given).check()  # bad values answer before torch is imported
+    from ..data.dicom import set_window
     from ..data.shards import prepare
+
+    set_window(given.get("window"))  # the frames written are the windowed images
 
     index = prepare(args.data, args.out, img_size=given.get("img_size") or 224,
                     workers=args.writers, quality=args.quality,
                     val_fraction=given.get("val_fraction", 0.15),
                     test_fraction=given.get("test_fraction", 0.0), seed=given.get("seed", 0),
-                    task=given.get("task", "auto"), progress=given.get("progress", True))  # fmt: skip
+                    task=given.get("task", "auto"), progress=given.get("progress", True),
+                    group_by=given.get("group_by"))  # fmt: skip
     counts = ", ".join(f"{s} {p['count']}" for s, p in index["splits"].items() if p["count"])
     print(f"prepared {counts} images ({len(index['skipped'])} skipped) in {args.out}: "
           f"resfit train {args.out} --out RUN")  # fmt: skip
