@@ -217,6 +217,8 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--precision", default="auto")
     p.add_argument("--engine", default="auto", metavar="ENGINE",
                    help="as for predict: auto (the default), torch, openvino, onnx or tensorrt")  # fmt: skip
+    p.add_argument("--slice-by", metavar="COLUMN",
+                   help="figures per group of this manifest column or DICOM tag (e.g. Manufacturer)")  # fmt: skip
     _add_threads(p)
     p.set_defaults(func=cmd_eval)
 
@@ -229,6 +231,19 @@ def _add_predict(sub: Any) -> None:
     p.add_argument("inputs", nargs="+", help="files, folders (recursive) or globs")
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--out", help="CSV file to write (default: print)")
+    p.add_argument(
+        "--fps",
+        type=float,
+        default=None,
+        help="video inputs: frames classified per second (default: every frame)",
+    )
+    p.add_argument(
+        "--smooth",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="video inputs: the smoothing window of the events (default: %(default)g s)",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")

@@ -122,7 +122,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     res = evaluate(args.run, args.data, out=args.out, batch_size=args.batch_size,
                    device=args.device, precision=args.precision, progress=not args.json,
-                   engine=args.engine)  # fmt: skip
+                   engine=args.engine, slice_by=args.slice_by)  # fmt: skip
     if args.json:
         print(json.dumps(res.summary()))
         return 0
