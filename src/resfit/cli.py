@@ -183,6 +183,9 @@ def _add_training_commands(sub: Any) -> None:
     p.add_argument("--workers", dest="writers", type=int, default=None,
                    help="writer processes (default: one per core)")  # fmt: skip
     p.add_argument("--quality", type=int, default=93, help="JPEG quality (default: %(default)d)")
+    p.add_argument("--frames-per-second", type=float, default=None, metavar="N",
+                   help="DATA is a folder of labelled videos (DATA/<class>/*.mp4): extract N frames "
+                        "a second into OUT.frames/ and prepare those (a video's frames stay in one split)")  # fmt: skip
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser(

@@ -7,16 +7,20 @@ A file that is not a readable video raises :class:`~resfit.core.errors.DataError
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 
+from ..core.atomic import atomic_csv, atomic_path
 from ..core.errors import DataError
 from .paths import display_path
+from .samples import split_of
 
-__all__ = ["PIP_VIDEO", "VIDEO_SUFFIXES", "is_video", "read_frames"]
+__all__ = ["PIP_VIDEO", "VIDEO_SUFFIXES", "extract_frames", "is_video", "read_frames"]
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 PIP_VIDEO = "pip install 'resfit[video]'"
@@ -35,16 +39,16 @@ def _av():
 
 
 def read_frames(
-    path: str | os.PathLike, fps: float | None = None, max_seconds: float | None = None
+    path: str | os.PathLike | BinaryIO, fps: float | None = None, max_seconds: float | None = None
 ) -> Iterator[tuple[float, Image.Image]]:
     """(time in seconds, RGB frame) of the first video stream, every frame or about ``fps``
     a second (the first frame at or after each tick); stops past ``max_seconds``."""
     av = _av()
-    where = display_path(path)
+    where = "the video" if hasattr(path, "read") else display_path(path)
     if fps is not None and not fps > 0:
         raise DataError(f"--fps must be above 0, not {fps}")
     try:
-        container = av.open(str(path))
+        container = av.open(path if hasattr(path, "read") else str(path))  # a file or its bytes
     except Exception as e:  # PyAV raises its own error types for anything unreadable
         raise DataError(f"{where} is not a readable video: {str(e).splitlines()[0]}") from None
     with container:
@@ -66,3 +70,32 @@ def read_frames(
             raise DataError(
                 f"{where}: the video does not decode: {str(e).splitlines()[0]}"
             ) from None
+
+
+def extract_frames(data: str | os.PathLike, out: str | os.PathLike, fps: float) -> Path:
+    """Frames of a folder of labelled videos (``DATA/<class>/*.mp4``, or
+    ``DATA/<split>/<class>/*.mp4``) as JPEGs under ``out``, ``fps`` a second, and a manifest
+    ``out/frames.csv`` (``path,label,split,group``) whose group is the video: its frames stay
+    in one split when val is carved (see :mod:`resfit.data.groups`). Returns the manifest."""
+    root, out = Path(data), Path(out)
+    videos = sorted(p for p in root.rglob("*") if p.is_file() and is_video(p))
+    if not videos:
+        raise DataError(f"no videos ({', '.join(VIDEO_SUFFIXES)}) under {display_path(root)}")
+    rows = []
+    for video in videos:
+        label, parent = video.parent.name, video.parent.parent
+        split = split_of(parent.name) if parent != root else ""
+        rel = video.relative_to(root)
+        folder = out / rel.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, (_, img) in enumerate(read_frames(video, fps)):
+            frame = folder / f"{video.stem}-{k:05d}.jpg"
+            with atomic_path(frame) as tmp:
+                img.save(tmp, "JPEG", quality=95)
+            rows.append([str(frame), label, split or "", str(rel)])
+    manifest = out / "frames.csv"
+    with atomic_csv(manifest) as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "split", "group"])
+        w.writerows(rows)
+    return manifest

@@ -358,6 +358,7 @@ def _evaluate_one_label(
         _add_slices(res, data, slice_by, predictor.temperature, out_dir)
     if report:
         from .report import ReportData, write_report
+        from .slices import slice_lines
 
         cfg = runs.read_config(run)
         history = []
@@ -375,7 +376,11 @@ def _evaluate_one_label(
                 history=history,
                 config=cfg,
                 temperature=predictor.temperature,
-                data_summary={"counts": {"eval": _counts(res)}, "skipped": res.skipped},
+                data_summary={
+                    "counts": {"eval": _counts(res)},
+                    "skipped": res.skipped,
+                    "notes": slice_lines(res.slice_by, res.slices) if res.slice_by else [],
+                },
                 explain=predictor.explainer(),
                 split=name,
             ),

@@ -218,7 +218,11 @@ class _Service:
                 response = await _answer(call_next, request)
         else:
             response = await _answer(call_next, request)
-        known = path if path in ("/v1/predict", "/v1/embed", "/healthz", "/readyz") else "other"
+        known = (
+            path
+            if path in ("/v1/predict", "/v1/embed", "/v1/predict-video", "/healthz", "/readyz")
+            else "other"
+        )
         self.metrics.requests.labels(known, str(response.status_code)).inc()
         self.metrics.latency.labels(known).observe(time.perf_counter() - start)
         return response
@@ -325,6 +329,14 @@ class _Service:
             )
         return JSONResponse({"embedding": vectors[0]})
 
+    async def predict_video(self, request: Request) -> Response:
+        from .video import predict_video  # PyAV and its decoding: only when a clip comes
+
+        result = await predict_video(self, request)
+        if isinstance(result, Response):
+            return result
+        return JSONResponse(result[1], status_code=result[0])
+
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -394,6 +406,7 @@ def create_app(
 
 _ROUTES = (  # path, method, handler name, summary (for the OpenAPI docs)
     ("/v1/embed", "POST", "embed", "L2-normalised pooled features of one or several images"),
+    ("/v1/predict-video", "POST", "predict_video", "Classify a short clip's frames; its events"),
     ("/healthz", "GET", "healthz", "The process is alive"),
     ("/readyz", "GET", "readyz", "The model is loaded and warmed up"),
     ("/metrics", "GET", "prometheus", "Prometheus metrics"),
