@@ -64,6 +64,7 @@ def test_predict_video_finds_the_events(airplane_frog_run, cifar10_root, tmp_pat
     assert abs(float(events[1]["end"]) - 2 * SWITCH) <= 1.0
     assert all(0.5 < float(e["mean_confidence"]) <= 1 for e in events)
     # --smooth 0 keeps the flickers as events of their own.
+    capsys.readouterr()
     assert main(["predict", str(airplane_frog_run), str(clip), "--smooth", "0", "--fps", "5"]) == 0
     plain = [r for r in csv.DictReader(capsys.readouterr().out.splitlines())]
     assert len(plain) > 2
