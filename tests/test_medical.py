@@ -115,3 +115,22 @@ def test_no_patient_data_in_the_splits_or_errors(cifar10_root: Path, tmp_path: P
     assert "Test^Person" not in text
     rows = list(csv.DictReader(text.splitlines()))
     assert {r["group"] for r in rows} == {f"P{i}" for i in range(6)}
+
+
+def test_serve_takes_a_dicom_body(airplane_frog_run, cifar10_root, tmp_path) -> None:
+    """A DICOM upload is decoded as the file is (predict's label); a broken one is a 4xx."""
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from resfit.apps.serving.app import ServeOptions, create_app
+    from resfit.inference.predictor import Predictor
+
+    photo = sorted((cifar10_root / "test" / "frog").glob("*.jpg"))[0]
+    d = photo_as_dicom(photo, tmp_path / "frog.dcm", monochrome1=True)
+    predictor = Predictor.from_run(airplane_frog_run)
+    offline = predictor.predict([d])[0][0]
+    with TestClient(create_app(predictor, ServeOptions(), framework="starlette")) as c:
+        r = c.post("/v1/predict", content=d.read_bytes())
+        assert r.status_code == 200 and r.json()["label"] == offline.label
+        r = c.post("/v1/predict", content=d.read_bytes()[:200])
+        assert 400 <= r.status_code < 500

@@ -139,7 +139,7 @@ def _load_dicom(path: Path, data: bytes | None) -> Image.Image:
     """A DICOM file as RGB (see :mod:`resfit.data.dicom`); a missing pydicom is a reason to
     skip it that says what to install."""
     try:
-        pixels = read_dicom(path, data)
+        pixels = read_dicom(path, data, MAX_PIXELS)
     except ImportError as e:
         raise DecodeError(str(e)) from None
     img = Image.fromarray(pixels)

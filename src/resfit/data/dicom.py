@@ -26,6 +26,7 @@ from ..core.windows import WINDOW_PRESETS, parse_window
 __all__ = [
     "DICOM_SUFFIXES",
     "WINDOW_PRESETS",
+    "dicom_pixels",
     "dicom_tags",
     "is_dicom",
     "parse_window",
@@ -36,6 +37,7 @@ __all__ = [
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 _ENV = "RESFIT_WINDOW"
+_PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # The packages pydicom's pixel handlers need for the compressed transfer syntaxes.
 _DECODERS = "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"
 PIP_DICOM = "pip install 'resfit[dicom]'"
@@ -71,10 +73,13 @@ def window_array(values: np.ndarray, window: tuple[float, float] | None) -> np.n
 
 def is_dicom(path: Path, data: bytes | None = None) -> bool:
     """A DICOM file by its suffix or its ``DICM`` preamble (many scanners write no suffix)."""
-    if Path(path).suffix.lower() in DICOM_SUFFIXES:
+    suffix = Path(path).suffix.lower()
+    if suffix in DICOM_SUFFIXES:
         return True
     if data is not None:
         return data[128:132] == b"DICM"
+    if suffix in _PHOTO_SUFFIXES:  # a photo by its name: no extra read per image
+        return False
     try:
         with open(path, "rb") as f:
             return f.read(132)[128:132] == b"DICM"
@@ -102,6 +107,12 @@ def dicom_tags(path: Path, names: tuple[str, ...]) -> dict[str, str]:
     return {n: str(getattr(ds, n, "") or "").strip() for n in names}
 
 
+def dicom_pixels(data: bytes) -> int:
+    """Rows x Columns from a DICOM body's header, no pixel data decoded (the service's limit)."""
+    ds = _open(Path("upload.dcm"), data, pixels=False)
+    return int(getattr(ds, "Rows", 0) or 0) * int(getattr(ds, "Columns", 0) or 0)
+
+
 def _first(value) -> float | None:
     """A window tag's value (it may be multi-valued: the first is the default view)."""
     if value is None or value == "":
@@ -114,7 +125,7 @@ def _first(value) -> float | None:
         return None
 
 
-def read_dicom(path: Path, data: bytes | None = None) -> np.ndarray:
+def read_dicom(path: Path, data: bytes | None = None, max_pixels: int | None = None) -> np.ndarray:
     """A single-frame DICOM image as uint8 grey (H, W): rescaled, windowed (the chosen window,
     else the file's, else its range) and MONOCHROME1 inverted. Raises ``ValueError`` with a
     one-line reason (no pixel data, several frames, a decoder missing)."""
@@ -124,6 +135,9 @@ def read_dicom(path: Path, data: bytes | None = None) -> np.ndarray:
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if frames > 1:
         raise ValueError(f"multi-frame DICOM ({frames} frames): only single-frame files are read")
+    rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+    if max_pixels and rows * cols > max_pixels:  # from the header, before decoding
+        raise ValueError(f"{cols}x{rows} pixels exceeds the {max_pixels:,} limit")
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     try:
         pixels = ds.pixel_array
