@@ -1,6 +1,7 @@
 """Video files decoded to frames with PyAV (the ``video`` extra): each frame as an RGB PIL image
-with its time in seconds, optionally thinned to ``fps`` frames per second. bench/video.py
-measured PyAV against torchvision's video reader (see there); PyAV is the one kept.
+with its time in seconds, optionally thinned to ``fps`` frames per second. PyAV, because the
+pinned torchvision (0.29) has no video reader left; bench/video.py measures its decoding speed
+(one thread and frame threads) beside the model's.
 
 A file that is not a readable video raises :class:`~resfit.core.errors.DataError` naming it.
 """
