@@ -10,7 +10,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[export,openvino,qat,edge,serve,embed,tune,audit,shards,mlflow,docs,dev]'
+	$(BIN)/pip install --quiet -e '.[export,openvino,qat,edge,serve,embed,tune,audit,shards,mlflow,dicom,video,docs,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

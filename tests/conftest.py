@@ -80,3 +80,22 @@ def cifar_mirror(file_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     cache = tmp_path / "cache"
     monkeypatch.setenv("RESFIT_CACHE_DIR", str(cache))
     return cache
+
+
+@pytest.fixture(scope="session")
+def airplane_frog_run(cifar10_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run that tells cifar10-jpg's airplanes from its frogs: resnet20 from the CIFAR-10
+    checkpoint, its head trained 3 epochs on 100 photos of each (the slices and video tests share it)."""
+    from resfit.training import train
+
+    data = tmp_path_factory.mktemp("airfrog")
+    for cls in ("airplane", "frog"):
+        (data / cls).mkdir()
+        for p in sorted((cifar10_root / "train" / cls).glob("*.jpg"))[:100]:
+            (data / cls / p.name).symlink_to(p)
+    run = data.parent / (data.name + "-run")
+    train(data=str(data), out=str(run), arch="resnet20_cifar", img_size=32, epochs=3,
+          weights=str(need(CIFAR_CKPTS / "resnet20-12fca82f.th")), freeze="backbone",
+          warmup_epochs=0, batch_size=32, progress=False, report=False, leakage="off",
+          precise_bn=0, augment="none")  # fmt: skip
+    return run

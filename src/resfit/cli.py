@@ -172,11 +172,23 @@ def _add_training_commands(sub: Any) -> None:
     )  # fmt: skip
     p.add_argument("data", help="image folder or CSV manifest, as resfit train reads it")
     p.add_argument("--out", required=True, help="the shard folder to write")
-    for name in ("img_size", "val_fraction", "test_fraction", "seed", "task", "progress"):
+    for name in (
+        "img_size",
+        "val_fraction",
+        "test_fraction",
+        "seed",
+        "task",
+        "progress",
+        "window",
+        "group_by",
+    ):
         _add_option(p, OPTIONS[name])
     p.add_argument("--workers", dest="writers", type=int, default=None,
                    help="writer processes (default: one per core)")  # fmt: skip
     p.add_argument("--quality", type=int, default=93, help="JPEG quality (default: %(default)d)")
+    p.add_argument("--frames-per-second", type=float, default=None, metavar="N",
+                   help="DATA is a folder of labelled videos (DATA/<class>/*.mp4): extract N frames "
+                        "a second into OUT.frames/ and prepare those (a video's frames stay in one split)")  # fmt: skip
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser(
@@ -225,6 +237,8 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--precision", default="auto")
     p.add_argument("--engine", default="auto", metavar="ENGINE",
                    help="as for predict: auto (the default), torch, openvino, onnx or tensorrt")  # fmt: skip
+    p.add_argument("--slice-by", metavar="COLUMN",
+                   help="figures per group of this manifest column or DICOM tag (e.g. Manufacturer)")  # fmt: skip
     _add_threads(p)
     p.set_defaults(func=cmd_eval)
 
@@ -237,6 +251,19 @@ def _add_predict(sub: Any) -> None:
     p.add_argument("inputs", nargs="+", help="files, folders (recursive) or globs")
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--out", help="CSV file to write (default: print)")
+    p.add_argument(
+        "--fps",
+        type=float,
+        default=None,
+        help="video inputs: frames classified per second (default: every frame)",
+    )
+    p.add_argument(
+        "--smooth",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="video inputs: the smoothing window of the events (default: %(default)g s)",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")

@@ -100,13 +100,22 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     given = given_options(args)
     TrainConfig.from_options(**given).check()  # bad values answer before torch is imported
+    from ..data.dicom import set_window
     from ..data.shards import prepare
 
-    index = prepare(args.data, args.out, img_size=given.get("img_size") or 224,
+    set_window(given.get("window"))  # the frames written are the windowed images
+    data = args.data
+    if args.frames_per_second:  # a folder of labelled videos: their frames, grouped by video
+        from ..data.video import extract_frames
+
+        data = extract_frames(args.data, f"{args.out.rstrip('/')}.frames", args.frames_per_second)
+        print(f"frames of the videos in {args.data}: {data}")
+    index = prepare(data, args.out, img_size=given.get("img_size") or 224,
                     workers=args.writers, quality=args.quality,
                     val_fraction=given.get("val_fraction", 0.15),
                     test_fraction=given.get("test_fraction", 0.0), seed=given.get("seed", 0),
-                    task=given.get("task", "auto"), progress=given.get("progress", True))  # fmt: skip
+                    task=given.get("task", "auto"), progress=given.get("progress", True),
+                    group_by=given.get("group_by"))  # fmt: skip
     counts = ", ".join(f"{s} {p['count']}" for s, p in index["splits"].items() if p["count"])
     print(f"prepared {counts} images ({len(index['skipped'])} skipped) in {args.out}: "
           f"resfit train {args.out} --out RUN")  # fmt: skip
@@ -132,7 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     res = evaluate(args.run, args.data, out=args.out, batch_size=args.batch_size,
                    device=args.device, precision=args.precision, progress=not args.json,
-                   engine=args.engine)  # fmt: skip
+                   engine=args.engine, slice_by=args.slice_by)  # fmt: skip
     if args.json:
         print(json.dumps(res.summary()))
         return 0
@@ -148,6 +157,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.run, device=args.device, precision=args.precision, engine=args.engine,
         tta=args.tta, compile=args.compile,
     )  # fmt: skip
+    from ..data.video import is_video
+
+    videos = [p for p in args.inputs if is_video(p)]
+    if videos:
+        return _predict_videos(predictor, videos, args)
     preds, skipped = predictor.predict(args.inputs, top_k=args.top_k, batch_size=args.batch_size)
     text = write_predictions_csv(args.out, preds, args.top_k)
     if args.out:
@@ -159,6 +173,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
         sys.stdout.buffer.flush()
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
+    return 0
+
+
+def _predict_videos(predictor: Any, videos: list[str], args: argparse.Namespace) -> int:
+    """``resfit predict RUN clip.mp4``: per-frame answers and events; with ``--out F.csv``
+    the frames go to F.csv and the events to F.events.csv, else the events are printed."""
+    from ..inference.video import predict_video, write_video_result
+
+    if len(videos) != len(args.inputs):
+        raise ConfigError("give videos or images to one resfit predict, not both")
+    for i, video in enumerate(videos):
+        res = predict_video(predictor, video, fps=args.fps, smooth_seconds=args.smooth,
+                            batch_size=args.batch_size)  # fmt: skip
+        if args.out:
+            out = args.out if len(videos) == 1 else f"{Path(args.out).with_suffix('')}-{i}.csv"
+            frames, events = write_video_result(res, out)
+            print(f"{Path(video).name}: {len(res.times)} frames to {frames}, "
+                  f"{len(res.events)} events to {events}")  # fmt: skip
+        else:
+            sys.stdout.write(res.events_csv())
     return 0
 
 

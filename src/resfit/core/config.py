@@ -35,6 +35,7 @@ from .presets import (
     SMALL_IMAGE_CROP,
     auto_preset,
 )
+from .windows import parse_window, window_value
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -172,6 +173,9 @@ class DataConfig:
     workers: int = option(0, "processes for decoding (stream) and augmentation (0 keeps the cores for the model)", minimum=0, resumable=True)  # fmt: skip
     limit_train_batches: int | None = option(None, "train on at most this many batches per epoch (smoke runs)", minimum=1, metavar="N")  # fmt: skip
     limit_val_batches: int | None = option(None, "validate on at most this many batches (a seeded subset of val; smoke runs)", minimum=1, metavar="N")  # fmt: skip
+    window: str | None = option(None, "DICOM and 16-bit PNG/TIFF: the intensity window LEVEL,WIDTH (e.g. 40,400) or a preset: lung, bone, soft-tissue, brain (default: the DICOM file's own window, else the whole range)", parse="window", metavar="L,W")  # fmt: skip
+    group_by: str | None = option(None, "keep each group in one split: a manifest column or a DICOM tag (default: PatientID when the files are DICOM and carry it)", metavar="COLUMN")  # fmt: skip
+    slice_by: str | None = option(None, "report metrics per group of this manifest column or DICOM tag (e.g. Manufacturer) for val/test", metavar="COLUMN", resumable=True)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -315,7 +319,8 @@ def lr_value(text: str) -> float | str:
 
 
 lr_value.__name__ = "a number or auto"  # argparse names the type in its error message
-PARSERS = {"lr": lr_value}
+
+PARSERS = {"lr": lr_value, "window": window_value}
 
 
 def _base_type(tp: Any) -> Any:
@@ -437,6 +442,7 @@ class TrainConfig:
             raise ConfigError("--val-fraction and --test-fraction must be in [0, 1)")
         if not self.transfer.stem_lr_ratio <= 1:
             raise ConfigError("--stem-lr-ratio must be in (0, 1]")
+        parse_window(d.window)
         if self.run.ema_decay is not None and not self.run.ema_decay < 1:
             raise ConfigError("--ema-decay must be in [0, 1)")
         if not self.compress.hard_weight <= 1:

@@ -17,6 +17,8 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from .dicom import current_window, is_dicom, read_dicom, window_array
+
 __all__ = ["DecodeError", "load_image", "pil_to_rgb", "resize_shorter", "to_tensor"]
 # PIL's own decompression-bomb limit; a larger image is refused before it is decoded.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
@@ -49,6 +51,9 @@ def _scaled_to_l(img: Image.Image, scale: Callable[[np.ndarray], np.ndarray]) ->
 
 
 def _sixteen_bit_to_rgb(img: Image.Image) -> Image.Image:
+    window = current_window()  # --window: the chosen window of the raw values, not their range
+    if window is not None:
+        return _scaled_to_l(img, lambda a: window_array(a, window)).convert("RGB")
     # 16-bit data: scale to 8 bits instead of letting convert() clip it to white. In integers:
     # round(x * 255 / 65535) = round(x / 257) = (x + 128) // 257 (x / 257 is never a half).
     peak = 65535 if img.getextrema()[1] > 255 else 255
@@ -105,6 +110,8 @@ def load_image(
     try:
         if (len(data) if data is not None else path.stat().st_size) == 0:
             raise DecodeError("empty file")
+        if is_dicom(path, data):
+            return _load_dicom(path, data)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path if data is None else io.BytesIO(data)) as img:
@@ -126,6 +133,19 @@ def load_image(
     except Exception as e:  # PIL raises many types for broken files
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DecodeError(reason) from None
+
+
+def _load_dicom(path: Path, data: bytes | None) -> Image.Image:
+    """A DICOM file as RGB (see :mod:`resfit.data.dicom`); a missing pydicom is a reason to
+    skip it that says what to install."""
+    try:
+        pixels = read_dicom(path, data, MAX_PIXELS)
+    except ImportError as e:
+        raise DecodeError(str(e)) from None
+    img = Image.fromarray(pixels)
+    if img.width * img.height > MAX_PIXELS:
+        raise DecodeError(f"{img.width}x{img.height} pixels exceeds the {MAX_PIXELS:,} limit")
+    return img.convert("RGB")
 
 
 def resize_shorter(img: Image.Image, size: int) -> Image.Image:

@@ -30,6 +30,7 @@ from pathlib import Path
 from ..core.atomic import atomic_csv
 from ..core.errors import DataError
 from ..core.labels import CODINGS, LabelCoding, coding_for
+from .groups import CARVED, regroup
 from .manifests import (
     as_task,
     discover_multilabel_csv,
@@ -131,12 +132,15 @@ def discover(
     test_fraction: float = 0.0,
     seed: int = 0,
     task: str = "auto",
+    group_by: str | None = None,
 ) -> DataSplits:
     """Find the labelled images under ``data`` (see the module doc for the layouts).
 
     ``task``: ``"auto"`` takes it from the data (a ``labels`` column is multi-label),
     ``"multilabel"`` reads one-label data as multi-label, ``"single"`` refuses an image with
-    other than one label. Logs (INFO, logger ``"resfit"``) where each split comes from, and
+    other than one label. ``group_by``: a manifest column or DICOM tag whose groups never
+    straddle the carved splits (default: a manifest's ``group`` column, else DICOM PatientID
+    where the files carry it; see :mod:`resfit.data.groups`). Logs (INFO, logger ``"resfit"``) where each split comes from, and
     warns about folders and images that it does not use.
     """
     if task != "auto" and task not in CODINGS:  # a registered task is known here by its coding
@@ -169,6 +173,8 @@ def discover(
         else:
             splits = _discover_flat(root, val_fraction, test_fraction, seed)
     splits = as_task(splits, task)
+    fractions = {"val": val_fraction, "test": test_fraction}
+    splits = regroup(splits, root, group_by, fractions, seed, CODINGS.get(splits.task).classes_of)
     for split in SPLITS:
         log.info("data: %s <- %s", split, splits.origins.get(split, "none"))
     return splits
@@ -183,7 +189,7 @@ def _refuse_shards(root: Path, what: str) -> None:
 
 
 def _carve_note(fraction: float, seed: int, what: str) -> str:
-    return f"{fraction:.0%} of {what}, stratified, seed {seed}"
+    return f"{fraction:.0%} of {what}, {CARVED} {seed}"
 
 
 def _discover_split_folders(
@@ -319,13 +325,16 @@ def write_splits(path: str | os.PathLike[str], splits: DataSplits) -> None:
     ``resfit train splits.csv``) can reproduce it. Odd file names keep their bytes."""
     path = Path(path)
     coding = CODINGS.get(splits.task)
+    every = [(s, split) for split in SPLITS for s in getattr(splits, split)]
+    grouped = any(s.group for s, _ in every)  # the group column, where groups are known
     with atomic_csv(path) as f:
         w = csv.writer(f)
-        w.writerow(["path", coding.column, "split"])
-        for split in SPLITS:
-            for s in getattr(splits, split):
-                label = coding.text(s.label, splits.classes)
-                w.writerow([str(Path(s.path).absolute()), label, split])
+        w.writerow(["path", coding.column, "split"] + (["group"] if grouped else []))
+        for s, split in every:
+            label = coding.text(s.label, splits.classes)
+            w.writerow(
+                [str(Path(s.path).absolute()), label, split] + ([s.group] if grouped else [])
+            )
 
 
 def read_splits(path: str | os.PathLike[str]) -> DataSplits:

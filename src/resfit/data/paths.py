@@ -27,7 +27,18 @@ __all__ = [
     "write_skipped",
 ]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+IMAGE_SUFFIXES = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".webp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".dcm",
+    ".dicom",
+)
 
 
 # ---------------------------------------------------------------------------------------------

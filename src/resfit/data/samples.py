@@ -29,6 +29,7 @@ class Sample:
 
     path: Path
     label: int | tuple[int, ...]
+    group: str = ""  # the patient/study/camera it belongs to (--group-by), "" if none known
 
 
 @dataclass

@@ -157,6 +157,7 @@ def prepare(
     seed: int = 0,
     task: str = "auto",
     progress: bool = True,
+    group_by: str | None = None,
 ) -> dict[str, Any]:
     """Write the shards of ``data`` into ``out`` (see the module doc) and return the index.
     Run again on the same ``out``, it continues where a killed run stopped."""
@@ -169,7 +170,7 @@ def prepare(
         log.info("%s is already prepared", display_path(out))
         return json.loads((out / SHARD_INDEX).read_text())
     splits = discover(data, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-                      task=task)  # fmt: skip
+                      task=task, group_by=group_by)  # fmt: skip
     plan = _plan(splits, base_size_for(img_size), quality)
     work = out / _WORK
     workers = _start_or_resume(out, work, plan, workers or max(1, os.cpu_count() or 1))

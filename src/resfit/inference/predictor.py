@@ -36,6 +36,7 @@ from ..core.atomic import atomic_csv
 from ..core.errors import ConfigError, RunError
 from ..data.datasets import DecodedImages, TransformedImages, decode_all, iter_batches
 from ..data.decode import load_image, resize_shorter, to_tensor
+from ..data.dicom import set_window
 from ..data.paths import find_images
 from ..data.preprocessing import EvalPreprocessing, base_size_for
 from ..data.samples import Sample
@@ -82,6 +83,7 @@ class Prediction:
 def load_run_model(run: str | os.PathLike) -> tuple[nn.Module, dict, list[str]]:
     """The trained model of a run (eval mode, CPU), its config and class names."""
     cfg, classes = load_run(run)
+    set_window(cfg.get("window"))  # images decode through the window the run trained with
     model = build_model(cfg["arch"], num_classes=len(classes), in_chans=cfg.get("in_chans", 3))
     state = load_weights(run)
     try:

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .. import runs
 from ..core.atomic import atomic_csv, atomic_path, atomic_write_json
+from ..core.errors import ConfigError
 from ..core.labels import ClassIndex, MultiHot
 from ..data.datasets import DecodedImages, decode_all
 from ..data.discovery import eval_samples
@@ -48,6 +49,8 @@ class EvalResult:
     confusion: np.ndarray
     skipped: list[tuple[str, str]] = field(default_factory=list)
     task_scores: dict[str, float] = field(default_factory=dict)  # the task's own (Task.eval_scores)
+    slice_by: str | None = None  # --slice-by: the column or tag, and its slices' figures
+    slices: list[dict] = field(default_factory=list)
 
     @property
     def y_pred(self) -> np.ndarray:
@@ -64,6 +67,7 @@ class EvalResult:
             "skipped": len(self.skipped),
             "per_class": self.per_class,
             **self.task_scores,
+            **({"slice_by": self.slice_by, "slices": self.slices} if self.slice_by else {}),
         }
 
     def text_lines(self) -> list[str]:
@@ -72,6 +76,10 @@ class EvalResult:
                  f"{self.balanced_accuracy:.4f}  macro-F1 {self.macro_f1:.4f}  n={self.n}"]  # fmt: skip
         lines += [f"  {r['class']:20s} precision {r['precision']:.3f} recall {r['recall']:.3f} "
                   f"f1 {r['f1']:.3f} n={r['support']}" for r in self.per_class]  # fmt: skip
+        if self.slice_by:
+            from .slices import slice_lines
+
+            lines += slice_lines(self.slice_by, self.slices)
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} unreadable file(s)")
         return lines
@@ -307,17 +315,20 @@ def evaluate(
     progress: bool = False,
     report: bool = True,
     engine: str = "auto",
+    slice_by: str | None = None,
 ) -> EvalResult:
     """Score a run on labelled images it has not seen; writes RUN/eval-<data name>/.
 
     ``engine`` computes the logits, as for :meth:`Predictor.from_run` (``auto``: the fastest
     installed here). A multi-label run is scored on a ``path,labels[,split]`` manifest (its
-    test rows, else all rows) or class folders, and returns a :class:`MultiLabelEvalResult`."""
+    test rows, else all rows) or class folders, and returns a :class:`MultiLabelEvalResult`.
+    ``slice_by``: a manifest column or DICOM tag; the figures per value go in ``slices``
+    (``eval --json``), ``slices.csv`` and the text (one-label runs)."""
     predictor = Predictor.from_run(run, device=device, precision=precision, engine=engine)
     # How the labels are held picks the scores and files (one class per image, or label sets);
     # the task adds its own scores to either.
     how = _EVALUATIONS[type(predictor.task.coding)]
-    return how(predictor, run, data, out, batch_size, progress, report)
+    return how(predictor, run, data, out, batch_size, progress, report, slice_by)
 
 
 def _images_and_logits(
@@ -332,8 +343,9 @@ def _images_and_logits(
 
 
 def _evaluate_one_label(
-    predictor: Predictor, run, data, out, batch_size: int, progress: bool, report: bool
-) -> EvalResult:
+    predictor: Predictor, run, data, out, batch_size: int, progress: bool, report: bool,
+    slice_by: str | None = None,
+) -> EvalResult:  # fmt: skip
     decoded, logits, skipped = _images_and_logits(predictor, data, batch_size, progress)
     res = compute_metrics(
         logits, decoded.labels, predictor.classes, [str(p) for p in decoded.paths]
@@ -342,8 +354,11 @@ def _evaluate_one_label(
     res.task_scores = predictor.task.eval_scores(logits, decoded.labels)
     name = Path(data).name or "data"
     out_dir = write_eval(res, out or runs.RunPaths(run).eval(name), predictor.temperature)
+    if slice_by:
+        _add_slices(res, data, slice_by, predictor.temperature, out_dir)
     if report:
         from .report import ReportData, write_report
+        from .slices import slice_lines
 
         cfg = runs.read_config(run)
         history = []
@@ -361,7 +376,11 @@ def _evaluate_one_label(
                 history=history,
                 config=cfg,
                 temperature=predictor.temperature,
-                data_summary={"counts": {"eval": _counts(res)}, "skipped": res.skipped},
+                data_summary={
+                    "counts": {"eval": _counts(res)},
+                    "skipped": res.skipped,
+                    "notes": slice_lines(res.slice_by, res.slices) if res.slice_by else [],
+                },
                 explain=predictor.explainer(),
                 split=name,
             ),
@@ -370,8 +389,11 @@ def _evaluate_one_label(
 
 
 def _evaluate_multilabel(
-    predictor: Predictor, run, data, out, batch_size: int, progress: bool, report: bool
-) -> MultiLabelEvalResult:
+    predictor: Predictor, run, data, out, batch_size: int, progress: bool, report: bool,
+    slice_by: str | None = None,
+) -> MultiLabelEvalResult:  # fmt: skip
+    if slice_by:
+        raise ConfigError("--slice-by gives one-label figures; this run predicts label sets")
     decoded, logits, skipped = _images_and_logits(predictor, data, batch_size, progress)
     res = compute_multilabel_metrics(
         logits, decoded.labels, predictor.classes, [str(p) for p in decoded.paths],
@@ -390,6 +412,21 @@ def _evaluate_multilabel(
             MultiLabelReportData(f"{cfg['arch']} evaluated on {name}", res, predictor.explainer()),
         )
     return res
+
+
+def _add_slices(
+    res: EvalResult, data, column: str, temperature: float | None, out_dir: Path
+) -> None:
+    """``res``'s figures per value of ``column`` (in ``res.slices`` and ``slices.csv``), from
+    the calibrated probabilities that ``predictions.csv`` holds."""
+    from ..data.groups import read_values
+    from .slices import slice_metrics, write_slices
+
+    values = read_values(data, [Path(p) for p in res.paths], column)
+    probs = torch.softmax(torch.from_numpy(res.logits) / (temperature or 1.0), dim=1).numpy()
+    res.slice_by, res.slices = column, slice_metrics(values, res.y_true, probs, res.classes)
+    write_slices(out_dir / "slices.csv", column, res.slices)
+    atomic_write_json(out_dir / runs.EVAL_METRICS, res.summary())
 
 
 _EVALUATIONS = {ClassIndex: _evaluate_one_label, MultiHot: _evaluate_multilabel}

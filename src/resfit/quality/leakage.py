@@ -217,6 +217,17 @@ def _embedding_duplicates(
     return found
 
 
+def shared_groups(groups: dict[str, Sequence[str]]) -> dict[str, list[str]]:
+    """The groups (patients, studies, cameras: ``--group-by``) found in more than one split,
+    each with its splits in order; ``groups`` holds each split's samples' groups ("" for an
+    image of no known group, never shared)."""
+    where: dict[str, list[str]] = {}
+    for split, values in groups.items():
+        for g in dict.fromkeys(v for v in values if v):
+            where.setdefault(g, []).append(split)
+    return {g: splits for g, splits in sorted(where.items()) if len(splits) > 1}
+
+
 def remove_leaks(
     splits: dict[str, list[Path]],
     duplicates: list[Duplicate] | None = None,

@@ -137,7 +137,8 @@ def _write_report(
             "counts": splits.counts(),
             "skipped": skipped,
             "duplicates": duplicates,
-            "notes": [f"{s}: {o}" for s, o in splits.origins.items()],
+            "notes": [f"{s}: {o}" for s, o in splits.origins.items()]
+            + _slice_notes(cfg, val.paths, val.labels.numpy(), val_logits, cal.temperature),
             "audit": audit,
         },  # fmt: skip
         explain=make_explainer(
@@ -153,6 +154,25 @@ def _write_report(
     log.info("report: %s", path)
 
 
+def _slice_notes(cfg, paths, y_true, logits: Tensor, temperature: float | None) -> list[str]:
+    """``--slice-by``: the figures per group as lines (the report's notes, the log); a column
+    that cannot be read is a warning here, never a lost run."""
+    if not cfg.data.slice_by:
+        return []
+    import torch
+
+    from ..data.groups import read_values
+    from ..insight.slices import slice_lines, slice_metrics
+
+    try:
+        values = read_values(cfg.data.path, [Path(p) for p in paths], cfg.data.slice_by)
+    except DataError as e:
+        log.warning("--slice-by: %s", e)
+        return []
+    probs = torch.softmax(logits.float() / (temperature or 1.0), dim=1).numpy()
+    return slice_lines(cfg.data.slice_by, slice_metrics(values, y_true, probs, cfg.classes))
+
+
 def _evaluate_test(cfg, loop, splits, ev_tf, show, temperature) -> dict:
     from ..insight.evaluation import compute_metrics, write_eval
 
@@ -165,6 +185,8 @@ def _evaluate_test(cfg, loop, splits, ev_tf, show, temperature) -> dict:
     res.task_scores = loop.task.eval_scores(logits, test_data.labels)  # none for built-in tasks
     write_eval(res, RunPaths(cfg.run.out).eval("test"), temperature)
     log.info("test accuracy %.4f on %d images", res.accuracy, res.n)
+    for line in _slice_notes(cfg, test_data.paths, res.y_true, logits, temperature):
+        log.info("test %s", line)
     return {"accuracy": res.accuracy, "n": res.n, "top5": res.top5, **res.task_scores}
 
 

@@ -19,6 +19,7 @@ from ..core.errors import ConfigError, TrainingError
 from ..core.hashing import file_sha256
 from ..core.resume import resume_changes
 from ..data.augmentation import eval_transform, train_transform
+from ..data.dicom import set_window
 from ..data.discovery import discover
 from ..data.preprocessing import base_size_for, for_channels
 from ..data.samples import DataSplits
@@ -39,11 +40,12 @@ __all__ = ["build_transforms", "resolve"]
 def find_data(cfg: TrainConfig) -> DataSplits:
     """The splits of the run's data: a folder written by ``resfit prepare`` (its index, no file
     read), else the folder layout or manifest that :func:`resfit.data.discovery.discover` finds."""
+    set_window(cfg.data.window)  # every image of the run decodes through this window
     if is_prepared(cfg.data.path):
         return read_splits(cfg.data.path, task=cfg.data.task)
     return discover(cfg.data.path, val_fraction=cfg.data.val_fraction,
                     test_fraction=cfg.data.test_fraction, seed=cfg.runtime.seed,
-                    task=cfg.data.task)  # fmt: skip
+                    task=cfg.data.task, group_by=cfg.data.group_by)  # fmt: skip
 
 
 def _choose_data_mode(cfg: TrainConfig, splits: DataSplits, dist_info: Dist) -> TrainConfig:
@@ -170,12 +172,29 @@ def check_leakage(
             len(dups), ", ".join(sorted({f"{d.split_a}/{d.split_b}" for d in dups})),
             "; removing them from val/test" if mode == "remove" else "; --leakage remove drops them",
         )  # fmt: skip
+    _warn_shared_groups(splits)
     if mode == "remove" and dups:
         _, dropped = remove_leaks(groups, dups)
         for name, paths in dropped.items():
             gone = set(paths)
             setattr(splits, name, [x for x in getattr(splits, name) if x.path not in gone])
     return dups
+
+
+def _warn_shared_groups(splits: DataSplits) -> dict[str, list[str]]:
+    """Warn about groups (patients ...) in two splits: the hand-made splits can share them."""
+    from ..quality.leakage import shared_groups
+
+    shared = shared_groups(
+        {n: [x.group for x in getattr(splits, n)] for n in ("train", "val", "test")}
+    )
+    if shared:
+        log.warning(
+            "%d group(s) have images in more than one split (%s): scores on val/test are "
+            "optimistic; keep each group in one split (or let --group-by carve val)",
+            len(shared), ", ".join(f"{g}: {'/'.join(s)}" for g, s in list(shared.items())[:5]),
+        )  # fmt: skip
+    return shared
 
 
 def _leakage_embedder(cfg: TrainConfig, model: nn.Module | None) -> Any:

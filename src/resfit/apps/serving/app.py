@@ -59,7 +59,15 @@ log = logging.getLogger("resfit")
 # Every path needs the token when one is set, but the page at / (static HTML, no data of the
 # run): a browser opening a URL cannot send the token, so the page asks for it and sends it.
 _OPEN_PATHS = ("/",)
-_KNOWN_PATHS = ("/", "/v1/predict", "/v1/embed", "/v1/explain", "/healthz", "/readyz")
+_KNOWN_PATHS = (
+    "/",
+    "/v1/predict",
+    "/v1/embed",
+    "/v1/explain",
+    "/v1/predict-video",
+    "/healthz",
+    "/readyz",
+)
 
 
 @dataclass(frozen=True)
@@ -336,6 +344,14 @@ class _Service:
             return vectors
         return _per_file(request, images, [{"embedding": v.tolist()} for v in vectors])
 
+    async def predict_video(self, request: Request) -> Response:
+        from .video import predict_video  # PyAV and its decoding: only when a clip comes
+
+        result = await predict_video(self, request)
+        if isinstance(result, Response):
+            return result
+        return JSONResponse(result[1], status_code=result[0])
+
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -420,6 +436,7 @@ _ROUTES = (  # path, method, handler name, summary (for the OpenAPI docs)
         "Grad-CAM overlays (PNG data URLs) of one image or several; ?class=NAME, default the "
         "predicted class",
     ),
+    ("/v1/predict-video", "POST", "predict_video", "Classify a short clip's frames; its events"),
     ("/healthz", "GET", "healthz", "The process is alive"),
     ("/readyz", "GET", "readyz", "The model is loaded and warmed up"),
     ("/metrics", "GET", "prometheus", "Prometheus metrics"),

@@ -27,7 +27,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from ...data.datasets import DecodedImages
-from ...data.decode import MAX_PIXELS, pil_to_rgb, resize_shorter, to_tensor
+from ...data.decode import (
+    MAX_PIXELS,
+    DecodeError,
+    load_image,
+    pil_to_rgb,
+    resize_shorter,
+    to_tensor,
+)
+from ...data.dicom import dicom_pixels, is_dicom
 from ...inference.predictor import Predictor
 
 __all__ = ["BadImage", "Batcher", "QueueFull", "decode_image_bytes", "image_pixels"]
@@ -67,6 +75,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 def image_pixels(data: bytes, max_pixels: int = MAX_PIXELS) -> int:
     """Width x height from the image's header, without decoding it; :class:`BadImage` as
     :func:`decode_image_bytes` for an empty body, an unknown format or too many pixels."""
+    if is_dicom(Path("body"), data):
+        return _dicom_pixels(data, max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -80,6 +90,18 @@ def image_pixels(data: bytes, max_pixels: int = MAX_PIXELS) -> int:
         raise BadImage(422, f"broken image: {_reason(e)}") from None
 
 
+def _dicom_pixels(data: bytes, max_pixels: int) -> int:
+    try:
+        n = dicom_pixels(data)
+    except ImportError as e:
+        raise BadImage(415, str(e)) from None
+    except Exception as e:  # pydicom's errors for a broken header
+        raise BadImage(422, f"broken DICOM header: {_reason(e)}") from None
+    if n > max_pixels:
+        raise BadImage(413, f"{n:,} pixels is over the --max-pixels limit of {max_pixels:,}")
+    return n
+
+
 def _reason(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
@@ -91,7 +113,14 @@ def decode_image_bytes(data: bytes, base_size: int, max_pixels: int = MAX_PIXELS
 
     ``max_pixels`` is checked from the header, before decoding. Raises :class:`BadImage`: 400
     empty, 415 not an image, 413 over ``max_pixels`` (or PIL's bomb guard), 422 broken.
+    A DICOM body (its ``DICM`` preamble) decodes as a ``.dcm`` file does, at the run's window.
     """
+    if is_dicom(Path("body"), data):
+        _dicom_pixels(data, max_pixels)
+        try:
+            return to_tensor(resize_shorter(load_image("body.dcm", data=data), base_size))
+        except DecodeError as e:
+            raise BadImage(422, f"broken DICOM: {e}") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # ours is the limit

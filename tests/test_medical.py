@@ -1,0 +1,136 @@
+"""DICOM input on real pixel data: files made from cifar10-jpg photos (16-bit, rescale slope and
+intercept, window tags, MONOCHROME1 and 2) decode to the photo's grey values, train/eval/predict
+as well as the PNG originals; --window for DICOM and 16-bit PNG; and the bad inputs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("pydicom")
+
+from dicoms import photo_as_dicom, write_dicom  # noqa: E402
+
+from resfit.core.config import TrainConfig  # noqa: E402
+from resfit.core.errors import ConfigError  # noqa: E402
+from resfit.data.decode import DecodeError, load_image  # noqa: E402
+from resfit.data.dicom import set_window  # noqa: E402
+
+CLASSES = ("airplane", "frog")
+FAST = dict(arch="resnet20_cifar", img_size=32, batch_size=32, progress=False, augment="none",
+            epochs=3, report=False, leakage="off", precise_bn=0)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _no_window():
+    set_window(None)
+    yield
+    set_window(None)
+
+
+def _grey_pairs(cifar10_root: Path, out: Path, n_train: int, n_test: int) -> tuple[Path, Path]:
+    """The same photos as grey PNGs and as DICOM files (half MONOCHROME1): two data roots."""
+    png, dcm = out / "png", out / "dcm"
+    for split, n in (("train", n_train), ("test", n_test)):
+        for cls in CLASSES:
+            photos = sorted((cifar10_root / split / cls).glob("*.jpg"))[:n]
+            for d in (png / split / cls, dcm / split / cls):
+                d.mkdir(parents=True)
+            for i, p in enumerate(photos):
+                Image.open(p).convert("L").save(png / split / cls / f"{p.stem}.png")
+                photo_as_dicom(p, dcm / split / cls / f"{p.stem}.dcm", monochrome1=i % 2 == 1,
+                               tags={"PatientID": f"P{i}", "Manufacturer": "AB"[i % 2]})  # fmt: skip
+    return png, dcm
+
+
+def test_dicom_decodes_to_the_photo(cifar10_root: Path, tmp_path: Path) -> None:
+    photo = sorted((cifar10_root / "test" / "cat").glob("*.jpg"))[0]
+    grey = np.asarray(Image.open(photo).convert("L"), dtype=int)
+    for mono1 in (False, True):
+        d = photo_as_dicom(photo, tmp_path / f"m{int(mono1)}.dcm", monochrome1=mono1)
+        seen = np.asarray(load_image(d), dtype=int)
+        assert seen.shape == (*grey.shape, 3)
+        assert np.abs(seen[..., 0] - grey).max() <= 1  # rescale, window and inversion applied
+
+
+def test_dicom_trains_evaluates_and_predicts_like_png(cifar10_root: Path, tmp_path: Path) -> None:
+    from resfit.inference.predictor import Predictor
+    from resfit.insight.evaluation import evaluate
+    from resfit.training import train
+
+    png, dcm = _grey_pairs(cifar10_root, tmp_path, n_train=120, n_test=40)
+    scores = {}
+    for name, root in (("png", png), ("dcm", dcm)):
+        run = tmp_path / f"run-{name}"
+        train(TrainConfig.from_options(data=str(root / "train"), out=str(run), **FAST))
+        scores[name] = evaluate(run, root / "test").accuracy
+    assert scores["png"] > 0.6  # it learned something from these photos
+    assert abs(scores["png"] - scores["dcm"]) <= 0.05, scores
+    preds, skipped = Predictor.from_run(tmp_path / "run-dcm").predict([dcm / "test"])
+    assert not skipped and len(preds) == 2 * 40
+    hits = [p.label == Path(p.path).parent.name for p in preds]
+    assert abs(np.mean(hits) - scores["dcm"]) < 1e-9
+
+
+def test_window_option_for_dicom_and_16bit_png(tmp_path: Path) -> None:
+    ramp = np.tile(np.arange(0, 4000, 10, dtype=np.uint16), (8, 1))  # 0..3990
+    d = write_dicom(tmp_path / "ramp.dcm", ramp, window=(2000.0, 4000.0))
+    p = tmp_path / "ramp.png"
+    Image.fromarray(ramp.astype(np.uint16)).save(p)
+    own = np.asarray(load_image(d))[0, :, 0]
+    assert own[0] == 0 and own[-1] == 254  # the file's window: the whole ramp
+    for f in (d, p):
+        set_window("1000,200")  # values 900..1100 spread over 0..255
+        narrow = np.asarray(load_image(f))[0, :, 0]
+        assert narrow[ramp[0] <= 900].max() == 0 and narrow[ramp[0] >= 1100].min() == 255
+        assert len(np.unique(narrow[(ramp[0] > 900) & (ramp[0] < 1100)])) == 19  # every step
+    set_window("brain")  # 40 +/- 40: 0..80 of the ramp
+    assert np.asarray(load_image(d))[0, 9, 0] == 255
+    with pytest.raises(ConfigError, match="--window"):
+        TrainConfig.from_options(data="x", window="wide").check()
+
+
+def test_dicom_bad_inputs_name_the_problem(tmp_path: Path) -> None:
+    ramp = np.zeros((4, 4), np.uint16)
+    empty = write_dicom(tmp_path / "nopixels.dcm", ramp, pixels=False)
+    with pytest.raises(DecodeError, match="without pixel data"):
+        load_image(empty)
+    jpeg = write_dicom(tmp_path / "jpeg.dcm", ramp, syntax="1.2.840.10008.1.2.4.80")  # JPEG-LS
+    with pytest.raises(DecodeError, match="pip install pylibjpeg"):
+        load_image(jpeg)
+
+
+def test_no_patient_data_in_the_splits_or_errors(cifar10_root: Path, tmp_path: Path) -> None:
+    """The splits file and a skip reason carry paths and group ids, never a patient's name."""
+    from resfit.data.discovery import discover, write_splits
+
+    _, dcm = _grey_pairs(cifar10_root, tmp_path, n_train=6, n_test=1)
+    splits = discover(dcm / "train", val_fraction=0.34)
+    write_splits(tmp_path / "splits.csv", splits)
+    text = (tmp_path / "splits.csv").read_text()
+    assert "Test^Person" not in text
+    rows = list(csv.DictReader(text.splitlines()))
+    assert {r["group"] for r in rows} == {f"P{i}" for i in range(6)}
+
+
+def test_serve_takes_a_dicom_body(airplane_frog_run, cifar10_root, tmp_path) -> None:
+    """A DICOM upload is decoded as the file is (predict's label); a broken one is a 4xx."""
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from resfit.apps.serving.app import ServeOptions, create_app
+    from resfit.inference.predictor import Predictor
+
+    photo = sorted((cifar10_root / "test" / "frog").glob("*.jpg"))[0]
+    d = photo_as_dicom(photo, tmp_path / "frog.dcm", monochrome1=True)
+    predictor = Predictor.from_run(airplane_frog_run)
+    offline = predictor.predict([d])[0][0]
+    with TestClient(create_app(predictor, ServeOptions(), framework="starlette")) as c:
+        r = c.post("/v1/predict", content=d.read_bytes())
+        assert r.status_code == 200 and r.json()["label"] == offline.label
+        r = c.post("/v1/predict", content=d.read_bytes()[:200])
+        assert 400 <= r.status_code < 500
