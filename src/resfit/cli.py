@@ -25,10 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .apps.benchmark.cli import add_bench_parser
 from .apps.commands import (
-    BENCH_PARTS,
     cmd_augment_preview,
-    cmd_bench,
     cmd_demo,
     cmd_distill,
     cmd_eval,
@@ -57,7 +56,6 @@ from .core.config import (
     flag,
 )
 from .core.errors import ResfitError
-from .core.presets import AUGMENT_CHOICES
 
 __all__ = [
     "add_config_options",
@@ -347,36 +345,6 @@ def _add_augment_preview(sub: Any) -> None:
     p.set_defaults(func=cmd_augment_preview)
 
 
-def _add_bench(sub: Any) -> None:
-    p = sub.add_parser(
-        "bench", help="time inference engines, a training step and the data pipeline here"
-    )
-    p.add_argument("what", nargs="?", default="all", choices=BENCH_PARTS)
-    p.add_argument("run", nargs="?", help="deploy: the run folder whose exports to measure")
-    p.add_argument("--arch", default="resnet50")
-    p.add_argument("--weights", help="inference: weights to load (default: seeded random init)")
-    p.add_argument(
-        "--data",
-        help="image folder: real inputs for inference; needed by pipeline; "
-        "deploy: labelled images (default: the run's validation split)",
-    )
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--img-size", type=int, help="default: the architecture's (224, CIFAR 32)")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (the median is shown)")
-    p.add_argument("--compile", action="store_true", help="add torch.compile rows (slow start)")
-    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime engines")
-    p.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO engines")
-    p.add_argument("--no-tensorrt", action="store_true", help="skip the TensorRT engines (GPU)")
-    p.add_argument("--augment", default=OPTIONS["augment"].default, choices=AUGMENT_CHOICES)
-    p.add_argument(
-        "--limit", type=int, default=512, help="pipeline: images to read; deploy: validation images"
-    )
-    p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda")
-    p.add_argument("--json", help="also write the figures to this file")
-    _add_threads(p)
-    p.set_defaults(func=cmd_bench)
-
-
 def _add_demo(sub: Any) -> None:
     p = sub.add_parser(
         "demo", help="the main job, offline: train, transfer and compare on real digits"
@@ -392,7 +360,7 @@ def _add_tool_commands(sub: Any) -> None:
     """gradient-flow, augment-preview, bench and demo; serve, embed, similar, tune, audit."""
     _add_gradient_flow(sub)
     _add_augment_preview(sub)
-    _add_bench(sub)
+    add_bench_parser(sub, _add_threads)
     _add_demo(sub)
     add_serve_parser(sub)
     _add_embed_parsers(sub)

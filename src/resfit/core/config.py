@@ -21,12 +21,31 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .choices import (  # re-exported: the options' choice lists
+    BALANCE,
+    CACHE_CHOICES,
+    CACHE_DTYPES,
+    DATA_MODES,
+    FREEZE_CHOICES,
+    LEAKAGE,
+    LEAKAGE_SIGNALS,
+    MULTILABEL_LOSSES,
+    OPTIMIZERS,
+    RECIPES,
+    SCHEDULES,
+    TASKS,
+    TRACKERS,
+    TRAIN_PRECISIONS,
+    UNFREEZE,
+)
+from .choices import (
+    EXPORT_FORMATS as EXPORT_FORMATS,  # for resfit export (not an option here)
+)
 from .errors import ConfigError
-from .labels import CODINGS
 from .presets import (
     AUGMENT_CHOICES,
     PRESET_VALUES,
@@ -36,54 +55,6 @@ from .presets import (
     auto_preset,
 )
 from .windows import parse_window, window_value
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("cosine", "onecycle", "constant")
-FREEZE_CHOICES = ("none", "stem", "layer1", "layer2", "layer3", "layer4", "backbone")
-RECIPES = ("auto", "finetune", "plain")
-UNFREEZE = ("all", "gradual")
-CACHE_CHOICES = ("auto", "memory", "disk", "off")
-CACHE_DTYPES = ("auto", "fp32", "fp16", "bf16")
-TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-BALANCE = ("weights", "sampler")
-
-
-class _TaskNames(Sequence[str]):
-    """``--task``'s choices: ``auto`` and every registered task, read when asked, so a task
-    registered with ``tasks.registry.register_task`` is a valid ``--task`` at once."""
-
-    def _names(self) -> tuple[str, ...]:
-        return ("auto", *CODINGS.names())
-
-    def __getitem__(self, i):  # type: ignore[override]
-        return self._names()[i]
-
-    def __len__(self) -> int:
-        return len(self._names())
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._names()
-
-    def __repr__(self) -> str:
-        return repr(self._names())
-
-
-TASKS: Sequence[str] = _TaskNames()  # what the labels mean
-MULTILABEL_LOSSES = ("bce", "asl")
-LEAKAGE = ("report", "remove", "off")
-LEAKAGE_SIGNALS = ("phash", "both")  # both: pHash and embeddings (resfit.leakage)
-EXPORT_FORMATS = (
-    "onnx",
-    "triton",
-    "openvino",
-    "tensorrt",
-    "executorch",
-    "litert",
-    "ncnn",
-    "coreml",
-)  # resfit export --format
-TRACKERS = ("mlflow",)  # --track: experiment trackers (training/tracking.py)
-DATA_MODES = ("auto", "memory", "stream", "shards")  # sources.SOURCES (and auto): where images live
 
 
 @dataclass(frozen=True)
