@@ -27,6 +27,7 @@ from typing import Any
 
 from .apps.commands import (
     BENCH_PARTS,
+    add_trust_arguments,
     cmd_augment_preview,
     cmd_bench,
     cmd_demo,
@@ -235,6 +236,7 @@ def _add_predict(sub: Any) -> None:
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the model (pays off on large folders)"
     )
+    add_trust_arguments(p)
     _add_threads(p)
     p.set_defaults(func=cmd_predict)
 

@@ -299,7 +299,7 @@ class _Service:
         probs = await self._queued(images, "probabilities")
         if isinstance(probs, JSONResponse):
             return probs
-        answers = [self.predictor.answer(p, k) for p in probs]  # the task's JSON
+        answers = [self.predictor.answer_row(p, k) for p in probs]  # the task's JSON + trust
         if _is_multipart(request):
             names = [name for name, _ in images]
             return JSONResponse([{"file": n, **a} for n, a in zip(names, answers, strict=True)])
