@@ -79,7 +79,8 @@ class Prediction:
     labels: list[tuple[str, float]] | None = None
     probabilities: dict[str, float] | None = None
     # Where the run has an unknown score (RUN/unknown.json): ``unknown`` is whether the score
-    # is over its threshold; then ``label`` is "" and ``best_guess`` keeps the top class.
+    # is over its threshold. ``label`` stays the top class here (check ``unknown``); the CSV
+    # writes "" for an unknown image, and ``best_guess`` (the top class) beside it.
     unknown: bool | None = None
     unknown_score: float | None = None
     best_guess: str | None = None
@@ -327,7 +328,6 @@ class Predictor:
             pred = Prediction(str(p), *a, **extra)
             if pred.unknown is not None:
                 pred.best_guess = pred.label
-                pred.label = "" if pred.unknown else pred.label
             preds.append(pred)
         return preds
 
@@ -397,7 +397,7 @@ def write_predictions_csv(
     extra = _trust_columns(preds)
     w.writerow(header + [name for name, _ in extra])
     for p in preds:
-        row = [p.path, p.label, f"{p.confidence:.6f}"]
+        row = [p.path, "" if p.unknown else p.label, f"{p.confidence:.6f}"]
         for lab, c in p.top_k[1:top_k]:
             row += [lab, f"{c:.6f}"]
         w.writerow(row + [cell(p) for _, cell in extra])
