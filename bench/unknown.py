@@ -17,8 +17,33 @@ takes ~4 min on 2 busy cores; every comparison after that reruns in seconds.
 
     flock /work/cpu.lock python bench/unknown.py
 
-Last figures (2-core AMD EPYC Zen 4 with AVX512_BF16, shared; torch 2.14.1, CPU):
-(see the end of this docstring, filled from the run)
+Last figures (2-core AMD EPYC Zen 4 with AVX512_BF16, shared; torch 2.14.1; under
+/work/cpu.lock; feature extraction 250 s, the rest 11 s; checkpoint accuracy on the JPEG test
+set 0.832):
+
+    score         flowers5 AUROC   FPR@95    digits AUROC   FPR@95  fit s  ms/1k
+    msp                   0.7705    0.843          0.7991    0.878   0.00    0.1
+    energy                0.8084    0.726          0.9430    0.401   0.00    0.1
+    maxlogit              0.8076    0.733          0.9381    0.448   0.00    0.0
+    mahalanobis           0.7964    0.681          0.9984    0.000   0.10   51.9
+    knn                   0.8685    0.528          0.9967    0.015   0.01  134.2
+    vim                   0.8700    0.549          0.9971    0.010   0.07    1.2
+
+    baseline msp vs default vim:
+      flowers5: AUROC 0.7705 -> 0.8700 (+10.0 points, x1.129); FPR@95TPR 0.843 -> 0.549
+      digits: AUROC 0.7991 -> 0.9971 (+19.8 points, x1.248); FPR@95TPR 0.878 -> 0.010
+      default threshold (95 % of held-out train accepted) accepts: test 94.4%,
+      flowers5 52.6%, digits 0.6%
+    conformal aps 0.9: coverage 0.9079 (min 0.8986, max 0.9154), mean set size 1.31
+    conformal aps 0.95: coverage 0.9506 (min 0.9426, max 0.9576), mean set size 1.75
+    conformal raps 0.9: coverage 0.9060 (min 0.8976, max 0.9140), mean set size 1.29
+    conformal raps 0.95: coverage 0.9498 (min 0.9410, max 0.9554), mean set size 2.17
+    selective max-risk 0.05: realised error <= 5 % in 18/20 splits (mean 0.0426, max
+      0.0532); accepted 64.6% (baseline: answering all, error 0.1680)
+
+Not reached: 0.95 AUROC on flowers5 (best score 0.870); the 64 px fine-tuned run (flowers5
+in, cifar10 out) is not measured yet. APS is the default conformal method: the same coverage
+as RAPS with smaller sets at 0.95 (1.75 against 2.17) and about the same at 0.9.
 """
 
 from __future__ import annotations

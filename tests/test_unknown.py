@@ -127,6 +127,11 @@ def test_conformal_sets_and_max_risk_through_predict(run, images) -> None:
     assert all(p.accepted is not None for p in preds)
     rows = list(csv.DictReader(io.StringIO(write_predictions_csv(None, preds, 1))))
     assert [r["set"].split(";") for r in rows] == [p.set for p in preds]
+    # serve's JSON (the batcher's rows): the set as a list, the same as predict's.
+    row = pred.scored_probabilities(pred.decode(images[:1]))[0]
+    answer = pred.answer_row(row, 3)
+    assert answer["set"] == preds[0].set and answer["accepted"] is preds[0].accepted
+    assert answer["unknown"] is preds[0].unknown
 
 
 def test_bad_values_give_clear_errors(run) -> None:
