@@ -245,8 +245,16 @@ class Predictor:
     ) -> tuple[Tensor, Tensor | None]:
         """Logits and the unknown score of each image (higher = less like the training
         data; None for a run without a fitted score): the Python API's score."""
+        from ..models.adapters import adapt
+
         logits, feats = self.outputs(decoded, batch_size, ready=ready)
-        s = self.trust.scores(None if feats is None else feats.numpy(), logits.numpy())
+        if feats is None:
+            s = self.trust.scores(None, logits.numpy())
+        else:  # the fp32 model's logits from the same features: the same in every engine
+            with torch.inference_mode():
+                head = adapt(self.model).head
+                fp32 = head(feats.to(head.weight.device)).float().cpu()
+            s = self.trust.scores(feats.numpy(), fp32.numpy())
         return logits, None if s is None else torch.from_numpy(s)
 
     @torch.inference_mode()
