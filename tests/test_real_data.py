@@ -50,9 +50,11 @@ def test_flowers_from_the_resnet56_checkpoint_end_to_end(
 ) -> None:
     """Transfer at 32 px with the head replaced: train, validate, test (on val) and predict."""
     run = tmp_path / "run"
+    # --unknown-score none: every CSV label answered (the unknown flags: tests/test_unknown.py).
     res = _cli("train", str(flowers_root), "--out", str(run), "--arch", "resnet56_cifar",
                "--weights", "pretrained", "--epochs", "1", "--batch-size", "64", "--no-progress",
-               "--no-report", "--leakage", "off", "--precision", "fp32")  # fmt: skip
+               "--no-report", "--leakage", "off", "--precision", "fp32",
+               "--unknown-score", "none")  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     assert "new 5-class head" in res.stderr
     cfg = json.loads((run / "config.json").read_text())

@@ -223,7 +223,7 @@ def odd_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
                 colour_image(rgb, rng, 24).save(folder / f"{i}.png")
     out = tmp_path_factory.mktemp("odd-run") / "run"
     resfit.train(data=str(root), out=str(out), arch="resnet20_cifar", img_size=16, epochs=1,
-                 progress=False, report=False, leakage="off")  # fmt: skip
+                 progress=False, report=False, leakage="off", unknown_score="none")  # fmt: skip
     return out, (root / "val" / os.fsdecode(b"caf\xe9") / "0.png").read_bytes()
 
 

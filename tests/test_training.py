@@ -44,8 +44,10 @@ def colours(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained_run(colours: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "run"
+    # --unknown-score none: the columns as before (the unknown ones: tests/test_unknown.py).
     res = _cli("train", str(colours), "--out", str(out), "--arch", "resnet20_cifar", "--img-size", "16",
-               "--epochs", "6", "--batch-size", "16", "--lr", "0.1", "--augment", "light", "--no-progress")  # fmt: skip
+               "--epochs", "6", "--batch-size", "16", "--lr", "0.1", "--augment", "light", "--no-progress",
+               "--unknown-score", "none")  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert "test accuracy" in res.stdout
     return out

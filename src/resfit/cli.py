@@ -27,6 +27,7 @@ from typing import Any
 
 from .apps.benchmark.cli import add_bench_parser
 from .apps.commands import (
+    add_trust_arguments,
     cmd_augment_preview,
     cmd_demo,
     cmd_distill,
@@ -277,6 +278,7 @@ def _add_predict(sub: Any) -> None:
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the model (pays off on large folders)"
     )
+    add_trust_arguments(p)
     _add_threads(p)
     p.set_defaults(func=cmd_predict)
 

@@ -6,6 +6,9 @@
     RUN/model.safetensors  the best weights (by the task's validation score)
     RUN/calibration.json   temperature(s) fitted on validation; multi-label adds
     RUN/thresholds.json    a decision threshold per class ({class: threshold}, editable)
+    RUN/unknown.json       the unknown-input score, its threshold and how it was chosen
+    RUN/unknown.safetensors  that score's fitted arrays, and the validation probabilities and
+                           labels that conformal sets and --max-risk are calibrated on
     RUN/summary.json       best epoch, best validation score, test score
     RUN/metrics.csv        one row per epoch
     RUN/train.log          the log
@@ -32,7 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .core.atomic import atomic_save_safetensors, atomic_write_json, remove_stale_temps
+from .core.atomic import (
+    atomic_open,
+    atomic_save_safetensors,
+    atomic_write_json,
+    remove_stale_temps,
+)
 from .core.errors import RunError, TrainingError
 from .core.hashing import file_sha256
 
@@ -48,6 +56,8 @@ MODEL = "model.safetensors"
 QAT_MODEL = "model.qat.safetensors"  # --qat: the fake-quantized graph's state (export --int8)
 CALIBRATION = "calibration.json"
 THRESHOLDS = "thresholds.json"
+UNKNOWN = "unknown.json"
+UNKNOWN_ARRAYS = "unknown.safetensors"
 SUMMARY = "summary.json"
 METRICS = "metrics.csv"
 LOG = "train.log"
@@ -94,6 +104,8 @@ class RunPaths:
     qat_model = property(lambda self: self.root / QAT_MODEL)
     calibration = property(lambda self: self.root / CALIBRATION)
     thresholds = property(lambda self: self.root / THRESHOLDS)
+    unknown = property(lambda self: self.root / UNKNOWN)
+    unknown_arrays = property(lambda self: self.root / UNKNOWN_ARRAYS)
     summary = property(lambda self: self.root / SUMMARY)
     metrics = property(lambda self: self.root / METRICS)
     log = property(lambda self: self.root / LOG)
@@ -187,6 +199,20 @@ def read_thresholds(run: str | os.PathLike, classes: Sequence[str]) -> list[floa
         return [float(by_class.get(c, 0.5)) for c in classes]
     except (ValueError, AttributeError, TypeError) as e:
         raise RunError(f"{path}: expected {{class: threshold}}, {e}") from None
+
+
+def read_unknown(run: str | os.PathLike) -> tuple[dict, dict[str, Any]] | None:
+    """``RUN/unknown.json`` and the numpy arrays of ``RUN/unknown.safetensors``; None for a
+    run trained before resfit fitted an unknown score (or one that has none)."""
+    paths = RunPaths(run)
+    if not (paths.unknown.is_file() and paths.unknown_arrays.is_file()):
+        return None
+    from safetensors.numpy import load_file
+
+    try:
+        return json.loads(paths.unknown.read_text()), load_file(str(paths.unknown_arrays))
+    except (ValueError, OSError) as e:
+        raise RunError(f"{paths.unknown_arrays}: cannot be read ({e}); train again") from None
 
 
 def load_checkpoint(run: str | os.PathLike) -> tuple[dict, Path] | None:
@@ -291,6 +317,18 @@ def artifact_paths(run: str | os.PathLike) -> list[Path]:
     root = Path(run)
     files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
     return files + [root / EXPORT] if (root / EXPORT).is_dir() else files
+
+
+def write_unknown(
+    run: str | os.PathLike, record: Mapping[str, Any], arrays: Mapping[str, Any]
+) -> None:
+    """``RUN/unknown.safetensors`` (numpy arrays), then ``RUN/unknown.json`` (the record)."""
+    from safetensors.numpy import save
+
+    paths = RunPaths(run)
+    with atomic_open(paths.unknown_arrays, "wb") as f:
+        f.write(save(dict(arrays)))
+    atomic_write_json(paths.unknown, dict(record))
 
 
 def write_summary(run: str | os.PathLike, summary: Mapping[str, Any]) -> None:

@@ -155,7 +155,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     predictor = Predictor.from_run(
         args.run, device=args.device, precision=args.precision, engine=args.engine,
-        tta=args.tta, compile=args.compile,
+        tta=args.tta, compile=args.compile, **trust_options(args),
     )  # fmt: skip
     from ..data.video import is_video
 
@@ -362,3 +362,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         atomic_write_json(args.json, reports, indent=1, default=str)
     return 0
+
+
+def add_trust_arguments(p: Any) -> None:
+    """``--conformal``, ``--conformal-method`` and ``--max-risk`` (predict and serve)."""
+    p.add_argument("--conformal", type=float, metavar="COVERAGE",
+                   help="add a prediction set (column/field 'set') that holds the true class for "
+                        "this fraction of images like the validation set, e.g. 0.9")  # fmt: skip
+    p.add_argument("--conformal-method", choices=("aps", "raps"), default="aps",
+                   help="the conformal score (default: %(default)s; see the guide)")  # fmt: skip
+    p.add_argument("--unknown-folder", metavar="DIR",
+                   help="images known to be out of scope: the unknown threshold lets "
+                        "--false-accept of them through (default: 95%% of validation accepted)")  # fmt: skip
+    p.add_argument("--false-accept", type=float, default=0.05, metavar="RATE",
+                   help="with --unknown-folder (default: %(default)s)")  # fmt: skip
+    p.add_argument("--max-risk", type=float, metavar="RISK",
+                   help="answer only where the error among answered images stays at most RISK "
+                        "(e.g. 0.02; column/field 'accepted')")  # fmt: skip
+
+
+def trust_options(args: Any) -> dict[str, Any]:
+    """The keyword arguments of :meth:`Predictor.from_run` that those flags give."""
+    return {"conformal": args.conformal, "max_risk": args.max_risk,
+            "conformal_method": args.conformal_method, "unknown_folder": args.unknown_folder,
+            "false_accept": args.false_accept}  # fmt: skip

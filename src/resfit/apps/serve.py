@@ -65,6 +65,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
                         "here), torch, openvino, onnx (after resfit export), or tensorrt (GPUs)")  # fmt: skip
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
+    from .commands import add_trust_arguments  # argparse only: no torch
+
+    add_trust_arguments(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; any other needs --token)")  # fmt: skip
     p.add_argument("--port", type=int, default=8000)
@@ -152,6 +155,7 @@ def _serve_one(args: argparse.Namespace, token: str | None) -> int:
 
     from ..core import threads
     from ..inference.predictor import Predictor
+    from .commands import trust_options
     from .serving.app import ServeOptions, create_app
 
     if args.fd is not None:  # a --workers process: the supervisor sends SIGTERM, once
@@ -159,7 +163,11 @@ def _serve_one(args: argparse.Namespace, token: str | None) -> int:
     threads.configure(args.threads)
     Image.MAX_IMAGE_PIXELS = None  # the limit is --max-pixels, checked before decoding
     predictor = Predictor.from_run(
-        args.run, engine=args.engine, device=args.device, precision=args.precision
+        args.run,
+        engine=args.engine,
+        device=args.device,
+        precision=args.precision,
+        **trust_options(args),
     )
     options = ServeOptions(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,

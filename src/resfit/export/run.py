@@ -43,7 +43,7 @@ from ..data.paths import display_path, find_images
 from ..data.samples import DataSplits, Sample
 from ..inference.engines import OnnxClassifier
 from ..inference.predictor import Predictor
-from ..runs import EXPORT_REPORT, RunPaths, load_qat_model, load_run
+from ..runs import EXPORT_REPORT, RunPaths, load_qat_model, load_run, read_unknown
 from .onnx import DEFAULT_OPSET, export_int8_graph, export_onnx, onnx_parity, quantize_int8
 
 log = logging.getLogger("resfit")
@@ -482,5 +482,11 @@ def export_run(
     job = ExportJob(Path(run), cfg, classes, predictor, out_dir, int8, calib, val, calib_images,
                     val_images, opset, name, max_batch, max_queue_delay_us)  # fmt: skip
     report = FORMATS.get(format)(job)
+    unknown = read_unknown(run)
+    if unknown is not None:  # predict with any engine flags the same images (its features)
+        report["unknown"] = {
+            **unknown[0],
+            "features": "the pooled features of RUN/model.safetensors",
+        }
     atomic_write_json(out_dir / EXPORT_REPORT, report)
     return report

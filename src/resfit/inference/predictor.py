@@ -47,6 +47,7 @@ from ..tasks.multi import MultiLabel
 from ..tasks.registry import task_for
 from ..tasks.single import SingleLabel
 from .engines import Engine, create_engine
+from .trust import Trust, json_answer
 
 __all__ = [
     "Prediction",
@@ -78,6 +79,14 @@ class Prediction:
     top_k: list[tuple[str, float]]
     labels: list[tuple[str, float]] | None = None
     probabilities: dict[str, float] | None = None
+    # Where the run has an unknown score (RUN/unknown.json): ``unknown`` is whether the score
+    # is over its threshold. ``label`` stays the top class here (check ``unknown``); the CSV
+    # writes "" for an unknown image, and ``best_guess`` (the top class) beside it.
+    unknown: bool | None = None
+    unknown_score: float | None = None
+    best_guess: str | None = None
+    set: list[str] | None = None  # --conformal: the prediction set, most probable first
+    accepted: bool | None = None  # --max-risk: whether the confidence clears its threshold
 
 
 def load_run_model(run: str | os.PathLike) -> tuple[nn.Module, dict, list[str]]:
@@ -134,6 +143,7 @@ class Predictor:
         engine: str | Engine = "torch",
         run_dir: str | os.PathLike | None = None,
         engine_options: Mapping[str, Any] | None = None,
+        trust: Trust | None = None,
     ) -> None:
         self.preprocessing = EvalPreprocessing(
             img_size, tuple(mean), tuple(std), in_chans, resize_size, interpolation
@@ -162,6 +172,8 @@ class Predictor:
         # Multi-label decisions: p >= threshold, per class (tuned on validation by training).
         self.thresholds = list(thresholds) if thresholds is not None else [0.5] * len(classes)
         self.tta = tta  # test-time augmentation: average the logits of the image and its mirror
+        # The unknown score, conformal sets and --max-risk (resfit.inference.trust).
+        self.trust: Trust = trust or Trust()
 
     @classmethod
     def from_run(
@@ -173,17 +185,29 @@ class Predictor:
         engine: str = "auto",
         tta: bool = False,
         compile: bool = False,
+        conformal: float | None = None,
+        max_risk: float | None = None,
+        conformal_method: str = "aps",
+        unknown_folder: str | os.PathLike | None = None,
+        false_accept: float = 0.05,
         **engine_options: Any,
     ) -> Predictor:
         """Load a run. ``engine="auto"`` picks the fastest installed engine here
         (:func:`resfit.inference.engines.choose_engine`); ``engine="onnx"`` runs ``RUN/export/model.onnx`` (or ``model.int8.onnx``
         with ``precision="int8"``) in ONNX Runtime; ``resfit export`` writes them. ``compile``
         adds ``torch.compile`` to the PyTorch engine (its first batch compiles: pays off on
-        large folders only). ``engine_options`` go to the engine (onnx: ``threads``)."""
+        large folders only). ``engine_options`` go to the engine (onnx: ``threads``).
+        ``conformal`` (a coverage such as 0.9) adds prediction sets, ``max_risk`` (such as
+        0.02) the selective-prediction decision, both calibrated on the run's validation
+        images (docs/guide/trust-unknown.md); ``unknown_folder`` (images known to be out of
+        scope) moves the unknown threshold to let ``false_accept`` of them through."""
         model, cfg, classes = load_run_model(run)
+        task = task_for(cfg)
+        trust = Trust.from_run(run).configure(task, conformal=conformal, max_risk=max_risk,
+                                              method=conformal_method)  # fmt: skip
         pre = run_preprocessing(run, cfg)
         temperature = read_temperature(run)
-        return cls(
+        predictor = cls(
             model,
             classes,
             **asdict(pre),
@@ -191,13 +215,17 @@ class Predictor:
             precision=precision,
             temperature=temperature,
             thresholds=read_thresholds(run, classes),
-            task=task_for(cfg),
+            task=task,
             tta=tta,
             compile=compile,
             engine=engine,
             run_dir=run,
             engine_options=engine_options,
+            trust=trust,
         )
+        if unknown_folder is not None:
+            predictor.set_unknown_folder(unknown_folder, false_accept)
+        return predictor
 
     def decode(
         self, paths: Sequence[str | os.PathLike], progress: bool = False, *, ready: bool = False
@@ -207,13 +235,41 @@ class Predictor:
         return decode_all([Sample(Path(p), -1) for p in paths], self.base_size, progress=progress,
                           transform=self.transform if ready else None)  # fmt: skip
 
-    @torch.inference_mode()
     def logits(
         self, decoded: DecodedImages, batch_size: int = 64, *, ready: bool = False
     ) -> Tensor:
         """fp32 logits (N, classes) on the CPU for decoded images, in their order (``ready``:
         images that :meth:`decode` already preprocessed)."""
-        out = []
+        return self.outputs(decoded, batch_size, ready=ready, features=False)[0]
+
+    def unknown_scores(
+        self, decoded: DecodedImages, batch_size: int = 64, *, ready: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logits and the unknown score of each image (higher = less like the training
+        data; None for a run without a fitted score): the Python API's score."""
+        from ..models.adapters import adapt
+
+        logits, feats = self.outputs(decoded, batch_size, ready=ready)
+        if feats is None:
+            s = self.trust.scores(None, logits.numpy())
+        else:  # the fp32 model's logits from the same features: the same in every engine
+            with torch.inference_mode():
+                head = adapt(self.model).head
+                fp32 = head(feats.to(head.weight.device)).float().cpu()
+            s = self.trust.scores(feats.numpy(), fp32.numpy())
+        return logits, None if s is None else torch.from_numpy(s)
+
+    @torch.inference_mode()
+    def outputs(
+        self, decoded: DecodedImages, batch_size: int = 64, *, ready: bool = False,
+        features: bool = True,
+    ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+        """Logits and, where the unknown score needs them (and ``features``), the pooled
+        fp32 features of the PyTorch model: the score does not depend on the engine."""
+        from ..models.adapters import adapt
+
+        want = features and self.trust.needs_features
+        out, feats = [], []
         n = len(decoded)
         if ready:
             batches = ((torch.stack(decoded.images[i : i + batch_size]), None)
@@ -226,7 +282,10 @@ class Predictor:
         for x, _ in batches:
             views = [x, x.flip(-1)] if self.tta else [x]
             out.append(torch.stack([self.engine(v) for v in views]).mean(0))
-        return torch.cat(out) if out else torch.empty(0, len(self.classes))
+            if want:
+                feats.append(adapt(self.model).features(x.to(self.device)).float().cpu())
+        logits = torch.cat(out) if out else torch.empty(0, len(self.classes))
+        return logits, (torch.cat(feats) if feats else None) if want else None
 
     def probabilities(self, logits: Tensor) -> Tensor:
         """Calibrated probabilities: the task's post-processing at the run's temperature(s)."""
@@ -241,12 +300,46 @@ class Predictor:
         k = max(1, min(top_k, len(self.classes)))
         return self.task.answer(probs, self.classes, k, self.thresholds)
 
+    def set_unknown_folder(self, folder: str | os.PathLike, false_accept: float = 0.05) -> None:
+        """Move the unknown threshold so that a fraction ``false_accept`` of the images in
+        ``folder`` (known to be out of scope) is accepted; logs their AUROC against the
+        validation images."""
+        self.trust = self.trust.with_unknown_images(self.unknown_scores, self.decode(
+            find_images([str(folder)])), folder, false_accept)  # fmt: skip
+
+    def scored_probabilities(self, decoded: DecodedImages, batch_size: int = 64) -> Tensor:
+        """Probabilities (N, classes), with the unknown score as one more column where the
+        run has one: what :meth:`answer_row` takes (``resfit serve``'s batches)."""
+        logits, scores = self.unknown_scores(decoded, batch_size)
+        probs = self.probabilities(logits)
+        # float64: a score that rounds across the threshold would flip the flag
+        return probs if scores is None else torch.cat([probs.double(), scores[:, None]], 1)
+
+    def answer_row(self, row: Tensor, top_k: int = 5) -> dict[str, Any]:
+        """Serve's JSON for one row of :meth:`scored_probabilities`: the task's answer plus
+        ``unknown`` and ``score`` (unknown: ``label`` null, ``best_guess`` kept), ``set``
+        (``--conformal``) and ``accepted`` (``--max-risk``)."""
+        has_score = self.trust.detector is not None
+        probs = row[:-1].float() if has_score else row
+        scores = row[-1:].double().numpy() if has_score else None
+        extra = self.trust.fields(probs[None].numpy(), scores, self.classes)[0]
+        return json_answer(self.task, self.answer(probs, top_k), extra)
+
     def _label(
         self, decoded: DecodedImages, batch_size: int, k: int, ready: bool = False
     ) -> list[Prediction]:
-        probs = self.probabilities(self.logits(decoded, batch_size, ready=ready))
+        logits, scores = self.unknown_scores(decoded, batch_size, ready=ready)
+        probs = self.probabilities(logits)
         answers = self.task.answers(probs, self.classes, k, self.thresholds)
-        return [Prediction(str(p), *a) for p, a in zip(decoded.paths, answers, strict=True)]
+        extras = self.trust.fields(probs.numpy(), None if scores is None else scores.numpy(),
+                                   self.classes)  # fmt: skip
+        preds = []
+        for p, a, extra in zip(decoded.paths, answers, extras, strict=True):
+            pred = Prediction(str(p), *a, **extra)
+            if pred.unknown is not None:
+                pred.best_guess = pred.label
+            preds.append(pred)
+        return preds
 
     def predict(
         self,
@@ -316,13 +409,32 @@ def write_predictions_csv(
     header = ["path", "label", "confidence"]
     for r in range(2, top_k + 1):
         header += [f"label_{r}", f"confidence_{r}"]
-    w.writerow(header)
+    extra = _trust_columns(preds)
+    w.writerow(header + [name for name, _ in extra])
     for p in preds:
-        row = [p.path, p.label, f"{p.confidence:.6f}"]
+        row = [p.path, "" if p.unknown else p.label, f"{p.confidence:.6f}"]
         for lab, c in p.top_k[1:top_k]:
             row += [lab, f"{c:.6f}"]
-        w.writerow(row)
+        w.writerow(row + [cell(p) for _, cell in extra])
     return _write_text(path, buf.getvalue())
+
+
+def _trust_columns(preds: Sequence[Prediction]) -> list[tuple[str, Callable]]:
+    """The unknown / set / accepted columns that these predictions carry (none for a run
+    without them): ``unknown`` true/false, ``unknown_score``, ``best_guess``, ``set`` (labels
+    joined by ``;``), ``accepted`` true/false."""
+    if not preds:
+        return []
+    first, cols = preds[0], []
+    if first.unknown is not None:
+        cols += [("unknown", lambda p: str(p.unknown).lower()),
+                 ("unknown_score", lambda p: f"{p.unknown_score:.6f}"),
+                 ("best_guess", lambda p: p.best_guess)]  # fmt: skip
+    if first.set is not None:
+        cols.append(("set", lambda p: ";".join(p.set or [])))
+    if first.accepted is not None:
+        cols.append(("accepted", lambda p: str(p.accepted).lower()))
+    return cols
 
 
 def _write_text(path: str | os.PathLike | None, text: str) -> str:

@@ -47,6 +47,7 @@ from .report_sections import (
     per_class_section,
     summary_section,
 )
+from .report_trust import trust_section
 
 __all__ = ["IMBALANCE_RATIO", "SECTION_IDS", "TOP_WRONG", "ReportData", "write_report"]
 
@@ -58,6 +59,7 @@ SECTION_IDS = (
     "accuracy",
     "errors",
     "calibration",
+    "trust",
     "data",
     "config",
 )
@@ -82,13 +84,14 @@ def write_report(path: str | os.PathLike, data: ReportData) -> Path:
         accuracy_section(data, m),
         errors_section(data, m),
         calibration_section(data, m),
+        trust_section(data.unknown, m.probs, m.y_true, data.class_names),
         data_section(data),
         config_section(data.config),
     ]
     titles = {
         "summary": "Summary", "curves": "Curves", "per-class": "Per class",
         "confusion": "Confusion", "accuracy": "Accuracy", "errors": "Mistakes",
-        "calibration": "Calibration", "data": "Data", "config": "Config",
+        "calibration": "Calibration", "trust": "When not to answer", "data": "Data", "config": "Config",
     }  # fmt: skip
     nav = "".join(f'<a href="#{sid}">{titles[sid]}</a>' for sid in SECTION_IDS)
     try:

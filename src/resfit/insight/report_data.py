@@ -65,6 +65,9 @@ class ReportData:
     explain: Callable[[str, int], Image.Image] | None = None
     split: str = "validation"
     calibration: Calibration | None = None
+    # RUN/unknown.json's record with the validation scores ("val_scores"): the "When not to
+    # answer" section; None: the run has no unknown score.
+    unknown: Mapping | None = None
 
 
 @dataclass

@@ -42,6 +42,8 @@ class Task:
     monitor: ClassVar[str]  # the validation metric that picks the best epoch (higher is better)
     metric_label: ClassVar[str] = "score"  # how the CLI names the monitored metric
     coding: ClassVar[LabelCoding]  # how a sample's label is held (resfit.core.labels)
+    # Why conformal sets / --max-risk do not apply to this task (None: they do); said as is.
+    sets_note: ClassVar[str | None] = None
 
     @classmethod
     def from_config(
@@ -102,6 +104,10 @@ class Task:
     ) -> dict[str, Any]:
         """One image's answer as JSON (what ``resfit serve`` returns for it)."""
         raise NotImplementedError
+
+    def abstain(self, answer: dict[str, Any]) -> dict[str, Any]:
+        """An answer for an image called unknown: no label, the best guess kept beside it."""
+        return {**answer, "label": None, "best_guess": answer.get("label")}
 
     def eval_scores(self, logits: Tensor, targets: Tensor) -> dict[str, float]:
         """Scores of this task's own that an evaluation reports besides the usual ones of its

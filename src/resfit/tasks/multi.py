@@ -142,6 +142,15 @@ class MultiLabel(Task):
         t = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device)
         return torch.sigmoid(logits.float() / t)
 
+    sets_note: ClassVar[str | None] = (
+        "--conformal and --max-risk are for single-label runs; a multi-label run already "
+        "answers with the set of labels at or above their thresholds (RUN/thresholds.json)"
+    )
+
+    def abstain(self, answer: dict[str, Any]) -> dict[str, Any]:
+        """No labels for an unknown image; the labels it would have had kept beside them."""
+        return {**answer, "labels": [], "best_guess": answer.get("labels")}
+
     def answer(
         self, probs: Tensor, classes: Sequence[str], k: int, thresholds: Sequence[float]
     ) -> dict[str, Any]:

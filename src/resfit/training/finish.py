@@ -26,6 +26,7 @@ from ..tasks.registry import TASKS
 from .callbacks import BestModel
 from .loop import Loop
 from .step import predict_logits
+from .trust import fit_unknown
 
 log = logging.getLogger("resfit")
 
@@ -117,7 +118,7 @@ def _audit_training_labels(cfg: TrainConfig, loop: Loop, splits, ev_tf, show: bo
 
 
 def _write_report(
-    cfg, loop, splits, val_logits, cal, skipped, duplicates, ev_tf, audit=None
+    cfg, loop, splits, val_logits, cal, skipped, duplicates, ev_tf, audit=None, unknown=None
 ) -> None:
     from ..inference.predictor import make_explainer
     from ..insight.report import ReportData, write_report
@@ -149,6 +150,7 @@ def _write_report(
             base_size=eval_decode_size(cfg),
         ),  # fmt: skip
         split="validation",
+        unknown=unknown,
     )
     path = write_report(RunPaths(cfg.run.out).report, data)
     log.info("report: %s", path)
@@ -209,9 +211,13 @@ def _finish_one_label(
 ) -> dict | None:
     """One label per image: temperature scaling on validation, report, score the test split."""
     cal = calibrate(Path(cfg.run.out), val_logits, loop.data.val.decoded.labels)
+    unknown = fit_unknown(Path(cfg.run.out), cfg.run.unknown_score, loop.eval_model,
+                getattr(loop.data.train, "decoded", None), loop.data.val.decoded, ev_tf,
+                loop.step.device, cal.temperature)  # fmt: skip
     audit = _audit_training_labels(cfg, loop, splits, ev_tf, show) if cfg.run.audit else None
     if cfg.run.report:
-        _write_report(cfg, loop, splits, val_logits, cal, skipped, duplicates, ev_tf, audit)
+        _write_report(cfg, loop, splits, val_logits, cal, skipped, duplicates, ev_tf, audit,
+                      unknown)  # fmt: skip
     return _evaluate_test(cfg, loop, splits, ev_tf, show, cal.temperature) if splits.test else None
 
 

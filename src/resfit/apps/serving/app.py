@@ -313,7 +313,7 @@ class _Service:
         probs = await self._queued(images, "probabilities")
         if isinstance(probs, JSONResponse):
             return probs
-        answers = [self.predictor.answer(p, k) for p in probs]  # the task's JSON
+        answers = [self.predictor.answer_row(p, k) for p in probs]  # the task's JSON + trust
         return _per_file(request, images, answers)
 
     async def explain(self, request: Request) -> Response:

@@ -227,7 +227,8 @@ class Batcher:
         decoded = DecodedImages(
             images, torch.full((n,), -1), [Path("")] * n, [], self.predictor.base_size
         )
-        return self.predictor.probabilities(self.predictor.logits(decoded, batch_size=n))
+        # With the unknown score as a last column where the run has one (Predictor.answer_row).
+        return self.predictor.scored_probabilities(decoded, batch_size=n)
 
     async def _gather(self) -> list[_Item]:
         assert self._queue is not None
