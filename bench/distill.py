@@ -29,12 +29,14 @@ bf16 autocast; --epochs 4 --teacher-epochs 4; best val accuracy on the 736 val p
     labels (baseline)  0.6970    0.6943    0.6957            67 s a run
     distilled          0.6073    0.6236    0.6155           111 s a run (teacher's forward)
   distilled - labels: -8.0 points (ratio 0.885x); distilled - teacher: -11.7 points.
-  QAT (--qat 2 of the 4 epochs, seed 0): its QAT epochs ran at 13 img/s against 76 img/s for
-  the same run's bf16 epochs (fp32, fake quantization, BatchNorm folding simulated), so the
-  QAT run did not finish within the session's CPU-lock holds; val accuracy after its first QAT
-  epoch 0.6019 against 0.6073 at the same epoch without QAT. The int8 comparison (post-training
-  vs QAT vs fp32) is the next run of this bench: its code path is tested on small data
-  (tests/test_distill.py: QAT int8 export agrees with its fp32 model).
+  int8, seed 0 (ONNX Runtime, the 736 val photos):
+    post-training (256 calibration photos)  fp32 0.6060 -> int8 0.6046  (-0.14 points)
+    QAT (--qat 2 of the 4 epochs)            fp32 0.6019 -> int8 0.5978  (-0.41 points)
+  Post-training int8 already loses under 0.5 points on this small network, and QAT keeps the
+  loss under 0.5 points too, without being closer (-0.41 against -0.14): the issue's "QAT at
+  least 0.5 points closer" has nothing to win here. The QAT epochs ran at 13 img/s (the first,
+  with the graph's preparation, under contention) and 42 img/s, the bf16 epochs at 76 img/s:
+  QAT runs in fp32 with the rounding simulated.
 
 At 4 epochs distillation does NOT pay here: the student matching a 73 % teacher's soft outputs
 (temperature 1, no labels, the Beyer et al. recipe) learns more slowly than on the labels
