@@ -13,12 +13,12 @@ from PIL import Image
 
 pytest.importorskip("pydicom")
 
-from .dicoms import photo_as_dicom, write_dicom  # noqa: E402
-
 from resfit.core.config import TrainConfig  # noqa: E402
 from resfit.core.errors import ConfigError  # noqa: E402
 from resfit.data.decode import DecodeError, load_image  # noqa: E402
 from resfit.data.dicom import set_window  # noqa: E402
+
+from .dicoms import photo_as_dicom, write_dicom  # noqa: E402
 
 CLASSES = ("airplane", "frog")
 FAST = dict(arch="resnet20_cifar", img_size=32, batch_size=32, progress=False, augment="none",
