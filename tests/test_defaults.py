@@ -226,7 +226,9 @@ def test_the_tune_defaults_trial_gets_the_augmentation_auto_picks() -> None:
 @pytest.mark.parametrize(
     "options, recipe",
     [({}, "plain"), ({"weights": "w.pth"}, "finetune"), ({"weights": "w.pth", "recipe": "plain"}, "plain"),
-     ({"weights": "w.pth", "freeze": "backbone"}, "finetune"), ({"recipe": "finetune"}, "finetune")],
+     ({"weights": "w.pth", "freeze": "backbone"}, "finetune"), ({"recipe": "finetune"}, "finetune"),
+     ({"weights": "w.pth", "epochs": 1}, "plain"),  # no epoch after the head phase
+     ({"weights": "w.pth", "epochs": 2}, "finetune")],
 )  # fmt: skip
 def test_recipe_auto_is_settled_and_recorded(options: dict, recipe: str) -> None:
     given = TrainConfig.from_options(data="d", **options)

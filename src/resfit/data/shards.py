@@ -349,7 +349,9 @@ def read_splits(path: str | os.PathLike[str], task: str = "auto") -> DataSplits:
                 continue
             # The index holds a class index, or the list of a multi-hot label's classes.
             label = coding.from_classes(_as_list(s["label"]), len(classes))
-            found[split].append(ShardSample(Path(s["path"]), label, split, i, root))
+            found[split].append(
+                ShardSample(Path(s["path"]), label, split=split, index=i, root=root)
+            )
             ph = s.get("phash")
             fingerprints[s["path"]] = (s["sha256"], None if ph is None else int(ph, 16))
     origins = {s: f"{o} (prepared in {display_path(root)})" for s, o in index["origins"].items()}
