@@ -83,7 +83,8 @@ async def predict_video(service, request: Request) -> Response | tuple[int, dict
     if isinstance(probs, Response):
         return probs
     classes = service.predictor.classes
-    p = np.stack([np.asarray(x, dtype=np.float64) for x in probs])
+    # A run with an unknown score answers it as one more column: frames keep the classes'.
+    p = np.stack([np.asarray(x, dtype=np.float64)[: len(classes)] for x in probs])
     t = np.asarray(times)
     labels = smooth(t, p, seconds)
     frames = [{"time": round(float(ti), 3), "label": classes[int(pi.argmax())],
