@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..core.errors import DataError
-from .dicom import DICOM_SUFFIXES, dicom_tags
+from .dicom import dicom_tags, is_dicom
 from .paths import display_path, open_csv
 from .samples import DataSplits, Sample
 
@@ -49,15 +49,11 @@ def _manifest_column(manifest: Path, column: str) -> dict[Path, str]:
     return out
 
 
-def _is_dicom_name(path: Path) -> bool:
-    return Path(path).suffix.lower() in DICOM_SUFFIXES
-
-
 def _dicom_values(paths: Sequence[Path], tags: Sequence[str]) -> list[str]:
     """The first of ``tags`` present in each DICOM file's header ("" for other files or none)."""
     out = []
     for p in paths:
-        if not _is_dicom_name(p):
+        if not is_dicom(p):
             out.append("")
             continue
         try:
@@ -80,7 +76,7 @@ def read_values(data: str | Path, paths: Sequence[Path], column: str | None) -> 
     if is_csv and (column or _has_column(data, "group")):
         by_path = _manifest_column(data, column or "group")
         return [by_path.get(Path(p).resolve(), "") for p in paths]
-    if not any(_is_dicom_name(p) for p in paths):
+    if not any(is_dicom(p) for p in paths):
         if column:
             raise DataError(
                 f"--group-by/--slice-by {column}: {display_path(data)} is not a CSV manifest "

@@ -94,7 +94,8 @@ def extract_frames(data: str | os.PathLike, out: str | os.PathLike, fps: float) 
             frame = folder / f"{video.stem}-{k:05d}.jpg"
             with atomic_path(frame) as tmp:
                 img.save(tmp, "JPEG", quality=95)
-            rows.append([str(frame), label, split or "", str(rel)])
+            # Relative to the manifest's folder, which is how manifests are read back.
+            rows.append([str(frame.relative_to(out)), label, split or "", str(rel)])
     manifest = out / "frames.csv"
     with atomic_csv(manifest) as f:
         w = csv.writer(f)

@@ -94,7 +94,12 @@ def export_edge(format: str, model: nn.Module, out_dir: Path, batches: list[np.n
     example = torch.from_numpy(batches[0][:1]) if batches else torch.zeros(1, *input_shape)
     x = np.concatenate(batches) if batches else np.zeros((0, *input_shape), np.float32)
     with torch.inference_mode():
-        reference = model(torch.from_numpy(x)).numpy() if len(x) else None
+        # Batch by batch: the whole validation set at once can be GBs of activations.
+        reference = (
+            np.concatenate([model(torch.from_numpy(b)).numpy() for b in batches])
+            if len(x)
+            else None
+        )
     report: dict[str, Any] = {"format": format}
     precisions = ["fp32"] + (["int8"] if calib is not None else [])
     for precision in precisions:

@@ -62,7 +62,7 @@ def _batches(predictor: Predictor, decoded: DecodedImages, size: int = 32) -> It
         yield x.numpy().astype(np.float32)
 
 
-def _pick(items: Sequence, limit: int, seed: int = 0) -> list:
+def pick_samples(items: Sequence, limit: int, seed: int = 0) -> list:
     """Up to ``limit`` of ``items``, drawn evenly at random (in their order)."""
     if len(items) <= limit:
         return list(items)
@@ -142,7 +142,7 @@ def _quantize_run(
     predictor: Predictor, fp32_path: Path, target: Path, calib: str | os.PathLike, limit: int,
     symmetric: bool = False,
 ) -> tuple[Path, int]:  # fmt: skip
-    paths = _pick(find_images([str(calib)]), limit)
+    paths = pick_samples(find_images([str(calib)]), limit)
     decoded = predictor.decode(paths)
     if not len(decoded):
         raise DataError(f"--calib {display_path(calib)}: none of its images could be read")
@@ -244,7 +244,7 @@ def _export_onnx_checked(job: ExportJob) -> _OnnxExport:
     # Decoded with their labels: a file that cannot be read drops out with its label. Without
     # int8 only the parity check needs images, and 64 are enough for it.
     limit = job.val_images if job.int8 else 64
-    checked = decode_all(_pick(samples, limit), job.predictor.base_size, progress=False)
+    checked = decode_all(pick_samples(samples, limit), job.predictor.base_size, progress=False)
     report.update(val_source=source, val_images=len(checked), val_skipped=len(checked.skipped))
     batches = _parity_check(job.predictor, fp32_path, checked, job.calib, report)
     return _OnnxExport(report, fp32_path, checked, batches, source)
@@ -259,8 +259,8 @@ def _qat_int8(job: ExportJob, fp32_path: Path | None, target: Path) -> Path | No
     from ..inference.predictor import load_run_model
     from ..models.qat import convert_qat
 
-    size = int(job.cfg.get("img_size") or 224)
-    example = torch.randn(2, int(job.cfg.get("in_chans", 3)), size, size)
+    pre = job.predictor.preprocessing
+    example = torch.randn(2, pre.in_chans, pre.img_size, pre.img_size)
     graph = convert_qat(load_run_model(job.run)[0], state, example)
     log.info(
         "int8 from quantization-aware training (%s), no calibration", RunPaths(job.run).qat_model
@@ -325,6 +325,22 @@ def _format_triton(job: ExportJob) -> dict[str, Any]:
     return report
 
 
+def _checked_batches(job: ExportJob, limit: int) -> tuple[DecodedImages, list, str]:
+    """Up to ``limit`` validation images with their labels, as the engine's batches, and where
+    they came from (the formats that run their file against PyTorch check on these)."""
+    samples, source = validation_samples(job.run, job.cfg, job.classes, job.val)
+    checked = decode_all(pick_samples(samples, limit), job.predictor.base_size, progress=False)
+    return checked, list(_batches(job.predictor, checked)), source
+
+
+def _calib_batches(job: ExportJob) -> list:
+    """The ``--calib`` images as the engine's batches; a folder with none readable is an error."""
+    decoded = job.predictor.decode(pick_samples(find_images([str(job.calib)]), job.calib_images))
+    if not len(decoded):
+        raise DataError(f"--calib {display_path(job.calib)}: none of its images could be read")
+    return list(_batches(job.predictor, decoded))
+
+
 def _format_openvino(job: ExportJob) -> dict[str, Any]:
     """OpenVINO IR converted from the run's model (no ONNX step), the parity check, and with
     int8 NNCF quantization and its accuracy change on validation images (as the ONNX path
@@ -332,18 +348,12 @@ def _format_openvino(job: ExportJob) -> dict[str, Any]:
     from ..inference.openvino import export_openvino
 
     predictor = job.predictor
-    samples, source = validation_samples(job.run, job.cfg, job.classes, job.val)
-    checked = decode_all(_pick(samples, job.val_images if job.int8 else 64),
-                         predictor.base_size, progress=False)  # fmt: skip
-    batches = list(_batches(predictor, checked))
+    checked, batches, source = _checked_batches(job, job.val_images if job.int8 else 64)
     calib_batches, qat = None, None
     if job.int8 and RunPaths(job.run).qat_model.is_file():
         qat = _openvino_qat(job)
     elif job.int8:
-        decoded = predictor.decode(_pick(find_images([str(job.calib)]), job.calib_images))
-        if not len(decoded):
-            raise DataError(f"--calib {display_path(job.calib)}: none of its images could be read")
-        calib_batches = list(_batches(predictor, decoded))
+        calib_batches = _calib_batches(job)
     pre = predictor.preprocessing
     report = export_openvino(
         predictor.model, pre.img_size, pre.in_chans, job.out_dir, check=batches,
@@ -378,17 +388,8 @@ def _format_edge(format: str) -> Callable[[ExportJob], dict[str, Any]]:
 
         check_edge_options(format, job.int8)
         predictor = job.predictor
-        samples, source = validation_samples(job.run, job.cfg, job.classes, job.val)
-        checked = decode_all(_pick(samples, job.val_images), predictor.base_size, progress=False)
-        batches = list(_batches(predictor, checked))
-        calib = None
-        if job.int8:
-            decoded = predictor.decode(_pick(find_images([str(job.calib)]), job.calib_images))
-            if not len(decoded):
-                raise DataError(
-                    f"--calib {display_path(job.calib)}: none of its images could be read"
-                )
-            calib = list(_batches(predictor, decoded))
+        checked, batches, source = _checked_batches(job, job.val_images)
+        calib = _calib_batches(job) if job.int8 else None
         pre = predictor.preprocessing
         report = export_edge(
             format, predictor.model, job.out_dir / format, batches,
@@ -434,7 +435,9 @@ def _parity_check(predictor: Predictor, fp32_path: Path, checked: Any,
     (``max_abs_logit_diff``)."""
     batches = list(_batches(predictor, checked))
     if not batches and calib:
-        batches = list(_batches(predictor, predictor.decode(_pick(find_images([str(calib)]), 64))))
+        batches = list(
+            _batches(predictor, predictor.decode(pick_samples(find_images([str(calib)]), 64)))
+        )
     if batches:
         images = torch.from_numpy(np.concatenate(batches)[:64])
         report["max_abs_logit_diff"] = onnx_parity(predictor.model, fp32_path, images)

@@ -12,7 +12,6 @@ every core), which is what ``resfit bench deploy`` times. The runtimes are optio
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.errors import ConfigError, MissingExtraError, RunError
+from ..core.threads import available_cpus
 from ..runs import EDGE_FILES, RunPaths
 
 __all__ = ["EDGE_RUNTIMES", "EdgeEngine", "edge_runner", "make_edge"]
@@ -37,7 +37,7 @@ def _import(module: str) -> Any:
 
 
 def _all_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return available_cpus()  # the cgroup's quota and RESFIT_CPUS too
 
 
 class ExecutorchRunner:

@@ -92,7 +92,6 @@ class Prediction:
 def load_run_model(run: str | os.PathLike) -> tuple[nn.Module, dict, list[str]]:
     """The trained model of a run (eval mode, CPU), its config and class names."""
     cfg, classes = load_run(run)
-    set_window(cfg.get("window"))  # images decode through the window the run trained with
     model = build_model(cfg["arch"], num_classes=len(classes), in_chans=cfg.get("in_chans", 3))
     state = load_weights(run)
     try:
@@ -202,6 +201,9 @@ class Predictor:
         images (docs/guide/trust-unknown.md); ``unknown_folder`` (images known to be out of
         scope) moves the unknown threshold to let ``false_accept`` of them through."""
         model, cfg, classes = load_run_model(run)
+        # Images decode through the window the run trained with. Set here, not when loading a
+        # model: a distillation's teacher must not replace the student's window.
+        set_window(cfg.get("window"))
         task = task_for(cfg)
         trust = Trust.from_run(run).configure(task, conformal=conformal, max_risk=max_risk,
                                               method=conformal_method)  # fmt: skip

@@ -100,9 +100,9 @@ class Task:
         raise NotImplementedError
 
     def answer(
-        self, probs: Tensor, classes: Sequence[str], thresholds: Sequence[float]
+        self, probs: Tensor, classes: Sequence[str], k: int, thresholds: Sequence[float]
     ) -> dict[str, Any]:
-        """One image's answer as JSON (what ``resfit serve`` returns for it)."""
+        """One image's answer as JSON (what ``resfit serve`` returns for it): ``k`` best."""
         raise NotImplementedError
 
     def abstain(self, answer: dict[str, Any]) -> dict[str, Any]:

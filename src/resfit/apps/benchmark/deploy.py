@@ -23,9 +23,10 @@ import torch
 
 from ...core.atomic import atomic_write_json
 from ...core.errors import DataError
+from ...core.threads import available_cpus
 from ...data.datasets import decode_all
 from ...export.edge import file_size
-from ...export.run import validation_samples
+from ...export.run import pick_samples, validation_samples
 from ...inference.edge import edge_runner
 from ...inference.predictor import Predictor
 from ...runs import EDGE_FILES, RunPaths, load_run
@@ -133,17 +134,16 @@ def bench_deploy(run: str | os.PathLike, *, val: str | os.PathLike | None = None
     paths = RunPaths(run)
     predictor = Predictor.from_run(run, device="cpu", precision="fp32", engine="torch")
     samples, source = validation_samples(run, cfg, classes, val)
-    checked = decode_all(samples[:images], predictor.base_size, progress=False)
+    checked = decode_all(pick_samples(samples, images), predictor.base_size, progress=False)
     y = checked.labels.numpy() if len(checked) else np.zeros(0)
     if not len(checked) or y.ndim != 1:
         raise DataError(f"resfit bench deploy needs labelled validation images with one class "
                         f"each; found {len(checked)} ({source}): pass --data VAL")  # fmt: skip
     x = torch.stack([predictor.transform(img) for img in checked.images]).numpy()
     model = predictor.model.float().eval().cpu()
-    threads = (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    )
-    ref_logits = _torch_runner(model, threads)(x)
+    threads = available_cpus()  # the cgroup's quota and RESFIT_CPUS too
+    reference = _torch_runner(model, threads)  # 64 at a time: not every activation at once
+    ref_logits = np.concatenate([reference(x[i : i + 64]) for i in range(0, len(x), 64)])
     acc = float((ref_logits.argmax(1) == y).mean())
     ece = expected_calibration_error(_softmax(ref_logits), y)
     report = DeployReport(str(run), cpu_name(), threads, source, len(x), acc, ece)

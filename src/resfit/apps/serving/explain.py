@@ -45,7 +45,8 @@ def overlay_runner(
         out = []
         for img, idx in items:
             if idx is None:
-                idx = int(probabilities([img])[0].argmax())
+                # The class columns only: a run with an unknown score answers it as one more.
+                idx = int(probabilities([img])[0][: len(predictor.classes)].argmax())
             buf = io.BytesIO()
             made[0](img, idx).save(buf, format="PNG")
             out.append((predictor.classes[idx], buf.getvalue()))
