@@ -239,7 +239,7 @@ def test_recipe_auto_is_settled_and_recorded(options: dict, recipe: str) -> None
     assert ("(auto)" in note) == ("recipe" not in options and "weights" in options)
 
 
-def test_recipe_auto_from_weights_without_lr_names_it_in_the_log() -> None:
+def test_recipe_auto_from_weights_with_lr_given_names_it_in_the_log() -> None:
     given = TrainConfig.from_options(data="d", weights="w.pth", lr=0.05)
     note = defaults_note(given, resolve_config(given, ["a"], PRE, 224))
     assert "recipe finetune (auto, from weights)" in note

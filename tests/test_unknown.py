@@ -202,3 +202,11 @@ def test_every_score_ranks_points_between_the_classes_above_them(name: str) -> N
     # (which is all that msp, energy and maxlogit see; far out along a class they miss).
     odd = rng.normal(0, 0.3, (100, 16))
     assert np.median(det.score(odd, odd @ w.T)) > np.median(near), name
+
+
+def test_the_option_lists_every_score_once() -> None:
+    from resfit.core.config import UNKNOWN_SCORES
+    from resfit.inference.unknown import SCORES
+
+    assert len(UNKNOWN_SCORES) == len(set(UNKNOWN_SCORES))
+    assert set(UNKNOWN_SCORES) == set(SCORES.names()) | {"none"}

@@ -48,3 +48,12 @@ EXPORT_FORMATS = (  # resfit export --format
 )  # fmt: skip
 TRACKERS = ("mlflow",)  # --track: experiment trackers (training/tracking.py)
 DATA_MODES = ("auto", "memory", "stream", "shards")  # sources.SOURCES (and auto): where images live
+UNKNOWN_SCORES = (
+    "vim",
+    "knn",
+    "msp",
+    "energy",
+    "maxlogit",
+    "mahalanobis",
+    "none",
+)  # inference.unknown.SCORES

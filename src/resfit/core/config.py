@@ -41,6 +41,7 @@ from .choices import (  # re-exported: the options' choice lists
     TRACKERS,
     TRAIN_PRECISIONS,
     UNFREEZE,
+    UNKNOWN_SCORES,
 )
 from .choices import (
     EXPORT_FORMATS as EXPORT_FORMATS,  # for resfit export (not an option here)
@@ -207,7 +208,6 @@ class RuntimeConfig:
 
 
 # resfit.inference.unknown.SCORES (named here: this module imports no torch or numpy).
-UNKNOWN_SCORES = ("vim", "knn", "msp", "energy", "maxlogit", "mahalanobis", "vim", "none")
 
 
 @dataclass(frozen=True)

@@ -59,8 +59,8 @@ def settle_recipe(cfg: TrainConfig) -> TrainConfig:
 
     Measured (issue 27, 2-core Zen 4): with ``--weights`` alone the plain recipe at the
     transfer rate reached 69.9 % on two insect classes (CIFAR ResNet-56, 64 px, 30 epochs) where
-    finetune reached 81.7 %, and 0.590 mAP where finetune reached 0.822 on a multi-label set;
-    bench/defaults.py keeps the suite that compares them. A frozen backbone trains the head
+    finetune reached 81.7 %, and 0.590 mAP where finetune reached 0.822 on a multi-label set
+    (the issue's measurements; bench/defaults.py does not yet run a plain-vs-auto arm). A frozen backbone trains the head
     alone either way; finetune with ``--freeze layerN`` unfreezes down to that stage."""
     if cfg.transfer.recipe != "auto":
         return cfg
