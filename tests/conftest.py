@@ -23,6 +23,20 @@ CIFAR_ZIP = ASSETS / "datasets" / "cifar10-jpg.zip"
 FLOWERS_ZIP = ASSETS / "datasets" / "flowers5-256.zip"
 
 
+@pytest.fixture(autouse=True)
+def _signal_stack_stays_sound():
+    """Every test leaves the main thread's alternate signal stack mapped: a library that frees it
+    (OpenVINO's CPU plugin did) makes a later test die with SIGSEGV far from the cause."""
+    yield
+    if threading.current_thread() is threading.main_thread():
+        from resfit.core.sigstack import signal_stack, signal_stack_is_sound
+
+        assert signal_stack_is_sound(), (
+            f"this test left the alternate signal stack {signal_stack()} unmapped: the next "
+            "signal handler would crash the process (see resfit.core.sigstack)"
+        )
+
+
 def need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"needs {path} (the shared real assets, absent on this checkout)")

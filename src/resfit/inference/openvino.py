@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import threading
 import time
 import warnings
 from collections.abc import Iterable
@@ -45,6 +46,7 @@ from ..core import runtime
 from ..core.atomic import atomic_dir
 from ..core.errors import ConfigError, MissingExtraError, RunError
 from ..core.hashing import weights_digest
+from ..core.sigstack import mend_signal_stack
 from ..runs import RunPaths, read_saved_config
 
 log = logging.getLogger("resfit")
@@ -61,6 +63,24 @@ def _openvino() -> Any:
     except ImportError:
         raise MissingExtraError("openvino", "openvino") from None
     return openvino
+
+
+_core: Any = None
+_core_lock = threading.Lock()
+
+
+def shared_core() -> Any:
+    """This process's one ``ov.Core``, made on first use and kept until the process ends.
+
+    Why one: each Core's CPU plugin swaps the calling thread's alternate signal stack and frees it
+    when the Core goes; Cores freed in the order they were made leave a dangling stack and the
+    next signal kills the process (:mod:`resfit.core.sigstack`). One Core also loads the plugin
+    once (0.1-0.2 s per Core here)."""
+    global _core
+    with _core_lock:
+        if _core is None:
+            _core = _openvino().Core()
+        return _core
 
 
 def convert(model: nn.Module, img_size: int, in_chans: int = 3) -> Any:
@@ -84,7 +104,10 @@ def quantize(ov_model: Any, batches: Iterable[np.ndarray]) -> Any:
     items = [b[i : i + 1] for b in batches for i in range(len(b))]
     if not items:
         raise ConfigError("int8 calibration needs at least one image")
-    return nncf.quantize(ov_model, nncf.Dataset(items), subset_size=len(items))
+    try:
+        return nncf.quantize(ov_model, nncf.Dataset(items), subset_size=len(items))
+    finally:  # NNCF makes and drops Cores of its own
+        mend_signal_stack()
 
 
 def save(ov_model: Any, path: Path) -> Path:
@@ -143,11 +166,12 @@ class OpenVinoEngine:
         folder = cache_folder() if cache else None
         if folder is not None:
             self.config["CACHE_DIR"] = str(folder / "compiled")
-        self.core = ov.Core()
+        self.core = shared_core()
         if isinstance(ov_model, (str, Path)):  # a cached compile skips reading the IR
             self.compiled = self.core.compile_model(str(ov_model), "CPU", self.config)
         else:
             self.compiled = self.core.compile_model(ov_model, "CPU", self.config)
+        mend_signal_stack()  # in case Cores made elsewhere (NNCF, the caller) left it dangling
         self._model, self._single = ov_model, None
         self.precision, self.hint, self.source = precision, hint, source
         self.device = torch.device("cpu")
