@@ -149,12 +149,18 @@ def test_export_writes_the_models_and_what_it_measured(
     assert abs(rep["openvino_int8_accuracy_change"]) <= 0.06
 
 
+@pytest.mark.parametrize(
+    ("per_class", "margin"),
+    [(200, 1.0), pytest.param(1000, 0.5, marks=pytest.mark.slow, id="all-10000")],
+)
 def test_cifar_resnet56_int8_loses_at_most_half_a_point_on_the_10000_test_photos(
-    tmp_path: Path,
+    tmp_path: Path, per_class: int, margin: float
 ) -> None:
-    """The real checkpoint on all of cifar10-jpg's test photos, calibrated on 300 train photos:
-    OpenVINO int8 (NNCF) and ONNX Runtime int8 each within 0.5 points of fp32. Measured on a
-    Zen 4: fp32 83.20 %, OpenVINO int8 83.32 %, ONNX Runtime int8 83.13 %."""
+    """The real checkpoint on cifar10-jpg's test photos, calibrated on 300 train photos: OpenVINO
+    int8 (NNCF) and ONNX Runtime int8 each within 0.5 points of fp32 on all 10,000 (`make
+    test-slow`; measured on a Zen 4: fp32 83.20 %, OpenVINO int8 83.32 %, ONNX Runtime int8
+    83.13 %), within 1 point on 2,000 in the default run (the paired difference's standard
+    error there is about 0.3 points)."""
     pytest.importorskip("onnxruntime", reason="the optional export extra is not installed")
     from resfit.export.onnx import export_onnx, quantize_int8
     from resfit.inference.engines import OnnxClassifier
@@ -169,7 +175,7 @@ def test_cifar_resnet56_int8_loses_at_most_half_a_point_on_the_10000_test_photos
         mp.setenv("RESFIT_WEIGHTS_MIRROR", str(CIFAR_CKPTS))
         mp.setenv("RESFIT_CACHE_DIR", str(tmp_path / "cache"))
         model = create_model("resnet56_cifar", weights="pretrained", progress=False).eval()
-    x, y = cifar_batch("test", 1000)
+    x, y = cifar_batch("test", per_class)
     calib = [cifar_batch("train", 30)[0].numpy()]
     with torch.inference_mode():
         fp32 = torch.cat([model(x[i : i + 500]) for i in range(0, len(x), 500)]).argmax(1)
@@ -180,8 +186,9 @@ def test_cifar_resnet56_int8_loses_at_most_half_a_point_on_the_10000_test_photos
     acc = {k: 100 * float((v == y).float().mean()) for k, v in
            {"fp32": fp32, "openvino int8": ov_int8, "onnx int8": ort_int8}.items()}  # fmt: skip
     print(acc)
-    assert len(y) == 10_000 and acc["fp32"] > 80
-    assert acc["openvino int8"] >= acc["fp32"] - 0.5 and acc["onnx int8"] >= acc["fp32"] - 0.5
+    assert len(y) == 10 * per_class and acc["fp32"] > 80
+    assert acc["openvino int8"] >= acc["fp32"] - margin
+    assert acc["onnx int8"] >= acc["fp32"] - margin
 
 
 def test_export_format_openvino_through_the_cli(run: Path, colours: Path) -> None:

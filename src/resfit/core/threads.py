@@ -360,7 +360,10 @@ def is_configured() -> bool:
     return _state is not None and _state.pid == os.getpid()
 
 
-def _apply(n: int, user_omp: bool) -> None:
+def _apply(n: int, user_omp: bool, export: bool = True) -> None:
+    """Set torch's count and (``export``) the environment children inherit. The environment is
+    written only where a value changes: glibc's ``setenv`` may move the ``environ`` array while a
+    native thread (OpenMP, oneDNN, OpenVINO) reads it with ``getenv``."""
     global _interop_done
     torch.set_num_threads(n)
     if not _interop_done:
@@ -371,13 +374,16 @@ def _apply(n: int, user_omp: bool) -> None:
             log.debug(
                 "resfit: inter-op threads already fixed at %d", torch.get_num_interop_threads()
             )
-    for var in LIBRARY_ENV:
-        if not (user_omp and var == "OMP_NUM_THREADS"):  # keep the user's value as written
-            os.environ[var] = str(n)
-    if user_omp:
-        os.environ.pop(_EXPORTED_ENV, None)
-    else:
-        os.environ[_EXPORTED_ENV] = str(n)
+    if not export:
+        return
+    wanted = {var: str(n) for var in LIBRARY_ENV if not (user_omp and var == "OMP_NUM_THREADS")}
+    if not user_omp:  # keep the user's OMP_NUM_THREADS as written
+        wanted[_EXPORTED_ENV] = str(n)
+    elif _EXPORTED_ENV in os.environ:
+        del os.environ[_EXPORTED_ENV]
+    for var, value in wanted.items():
+        if os.environ.get(var) != value:
+            os.environ[var] = value
 
 
 def rebalance() -> int:
@@ -398,7 +404,9 @@ def rebalance() -> int:
         if n == state.threads:
             return n
         reason = _share_reason(state.cpus, len(others) + 1)
-        _apply(n, user_omp=False)
+        # Mid-run, native pools are live: torch's count moves, the environment stays (children
+        # get theirs from child_env).
+        _apply(n, user_omp=False, export=False)
         if state.entry is not None:
             state.entry.write_text(f"{n}\n")
         _state = dataclasses.replace(state, threads=n, reason=reason)
