@@ -281,11 +281,20 @@ class Predictor:
             batches = iter_batches(
                 data, [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
             )
+        # One pass for both where the engine offers it (PyTorch): the features are read on the
+        # way to the logits. Other runtimes (ONNX, OpenVINO) give logits only, so the features
+        # there come from the PyTorch model.
+        joint = getattr(self.engine, "features_and_logits", None) if want else None
         for x, _ in batches:
-            views = [x, x.flip(-1)] if self.tta else [x]
-            out.append(torch.stack([self.engine(v) for v in views]).mean(0))
-            if want:
-                feats.append(adapt(self.model).features(x.to(self.device)).float().cpu())
+            if joint is not None:
+                f, first = joint(x)
+                feats.append(f)
+            else:
+                first = self.engine(x)
+                if want:
+                    feats.append(adapt(self.model).features(x.to(self.device)).float().cpu())
+            views = [first, self.engine(x.flip(-1))] if self.tta else [first]
+            out.append(torch.stack(views).mean(0))
         logits = torch.cat(out) if out else torch.empty(0, len(self.classes))
         return logits, (torch.cat(feats) if feats else None) if want else None
 
