@@ -329,3 +329,42 @@ def test_a_dead_worker_is_restarted_logged_and_its_gauges_cleared(
         assert f"worker {victim} exited with code -9; starting another" in err
     finally:
         s.stop()
+
+
+def _in_process(run: Path, **options):
+    """An in-process app of a random tiny run, and its service (the handlers' owner)."""
+    from resfit.apps.serving.app import ServeOptions, create_app
+    from resfit.inference.predictor import Predictor
+
+    app = create_app(Predictor.from_run(run, engine="torch"), ServeOptions(**options))
+    service = next(r.endpoint.__self__ for r in app.routes if r.path == "/v1/predict")
+    return app, service
+
+
+def _png(rgb: tuple[int, int, int]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_explain_takes_the_queue_and_one_pass_per_batch(tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from tests.test_inference import make_run
+
+    app, service = _in_process(make_run(tmp_path), max_queue=4, max_wait_ms=50)
+    passes, predictor = [], service.predictor
+    real = predictor.scored_probabilities
+    with TestClient(app) as c:  # counted after the warm-up
+        predictor.scored_probabilities = lambda d, **kw: passes.append(len(d)) or real(d, **kw)
+        files = [("f", (f"{i}.png", _png((60 * i, 90, 200)), "image/png")) for i in range(3)]
+        many = c.post("/v1/explain", files=files)
+        assert many.status_code == 200, many.text
+        assert [m["file"] for m in many.json()] == ["0.png", "1.png", "2.png"]
+        assert passes == [3]  # the predicted classes of the 3 images: one forward pass
+        service.batcher.pending = 4  # the queue is full: one more image does not fit
+        r = c.post("/v1/explain", content=_png((1, 2, 3)))
+        assert r.status_code == 503 and "--max-queue" in r.json()["error"], r.text
+        service.batcher.pending = 0
