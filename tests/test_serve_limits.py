@@ -368,3 +368,31 @@ def test_explain_takes_the_queue_and_one_pass_per_batch(tmp_path: Path) -> None:
         r = c.post("/v1/explain", content=_png((1, 2, 3)))
         assert r.status_code == 503 and "--max-queue" in r.json()["error"], r.text
         service.batcher.pending = 0
+
+
+def test_a_bad_file_is_named_and_cancels_the_other_decodes(tmp_path: Path, monkeypatch) -> None:
+    from starlette.testclient import TestClient
+
+    from resfit.apps.serving import app as serving
+    from tests.test_inference import make_run
+
+    calls = []
+    real = serving.image_pixels
+
+    def counted(data: bytes, *args):
+        calls.append(data[:4])
+        if data.startswith(b"\x89PNG"):
+            time.sleep(0.2)  # a good file takes a while: the bad one fails first
+        return real(data, *args)
+
+    monkeypatch.setattr(serving, "image_pixels", counted)
+    app, _ = _in_process(make_run(tmp_path), decode_threads=1)
+    good = _png((10, 200, 30))
+    files = [("f", ("bad.png", b"not an image", "image/png"))]
+    files += [("f", (f"{i}.png", good, "image/png")) for i in range(10)]
+    with TestClient(app) as c:
+        r = c.post("/v1/predict", files=files)
+        assert r.status_code == 415 and r.json()["error"].startswith("bad.png: not an image")
+        assert len(calls) <= 3, f"{len(calls)} of 11 files read after the bad one failed"
+        calls.clear()  # and a request of good files reads each once
+        assert c.post("/v1/predict", files=files[1:4]).status_code == 200 and len(calls) == 3
