@@ -396,3 +396,28 @@ def test_a_bad_file_is_named_and_cancels_the_other_decodes(tmp_path: Path, monke
         assert len(calls) <= 3, f"{len(calls)} of 11 files read after the bad one failed"
         calls.clear()  # and a request of good files reads each once
         assert c.post("/v1/predict", files=files[1:4]).status_code == 200 and len(calls) == 3
+
+
+def test_the_queue_gauge_has_one_owner(tmp_path: Path, monkeypatch) -> None:
+    """Set by the batcher when its queue grows and shrinks: twice per request, never by the
+    handlers or a scrape, and back at 0 after the request."""
+    import prometheus_client
+    from starlette.testclient import TestClient
+
+    from tests.test_inference import make_run
+
+    sets = []
+    real = prometheus_client.Gauge.set
+
+    def recorded(gauge, value: float) -> None:
+        if gauge._name == "resfit_queue_depth":
+            sets.append(value)
+        real(gauge, value)
+
+    monkeypatch.setattr(prometheus_client.Gauge, "set", recorded)
+    app, _ = _in_process(make_run(tmp_path))
+    with TestClient(app) as c:
+        sets.clear()
+        assert c.post("/v1/predict", content=_png((10, 20, 200))).status_code == 200
+        assert "resfit_queue_depth 0.0" in c.get("/metrics").text
+    assert sets == [1, 0]

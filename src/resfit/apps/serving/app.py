@@ -193,7 +193,7 @@ class _Service:
             max_queue=options.max_queue,
             on_batch=self.metrics.on_batch,
             embed=_embedder(predictor),
-            on_queue=self.metrics.queue_depth.set,
+            on_queue=self.metrics.queue_depth.set,  # the gauge's one owner
         )
         self.batcher.run["explain"] = overlay_runner(predictor, self.batcher.probabilities)
         self.decode_pool = ThreadPoolExecutor(
@@ -305,10 +305,8 @@ class _Service:
         """The batcher's results for the decoded ``images``, or 503 when the queue is full."""
         try:
             return await self.batcher.submit_many([img for _, img in images], kind)
-        except QueueFull as e:
+        except QueueFull as e:  # nothing was queued: the gauge (the batcher's) is unchanged
             return _error(503, f"server busy: {e}; retry shortly", **{"Retry-After": "1"})
-        finally:
-            self.metrics.queue_depth.set(self.batcher.pending)
 
     async def predict(self, request: Request, top_k: int | None = None) -> Response:
         if top_k is None:  # plain Starlette: FastAPI has checked and passed it already
@@ -375,7 +373,7 @@ class _Service:
         return JSONResponse(ready)
 
     async def prometheus(self, request: Request) -> Response:
-        self.metrics.queue_depth.set(self.batcher.pending)
+        # The queue-depth gauge has one owner, the batcher: set whenever its queue changes.
         return Response(self.metrics.scrape(), media_type=CONTENT_TYPE_LATEST)
 
 
