@@ -475,10 +475,21 @@ def tune(
     _optuna()
     Path(out).mkdir(parents=True, exist_ok=True)
     study = load_study(plan, cfg)  # created (and checked) once, before any worker
+    tracked: Any = contextlib.nullcontext()
     if plan.fixed.get("track"):
-        from .tracking import end_study_run, study_run
+        from .tracking import end_study_run, study_run, study_tracked
 
         plan.track_parent = study_run(Path(out), plan.fixed, trials)
+        tracked = study_tracked(plan.track_parent)  # KILLED / FAILED when it stops early
+    with tracked:
+        result = _run_trials(plan, study, jobs, start)
+        if plan.track_parent:
+            end_study_run(plan.track_parent, Path(plan.out), result.best_value)
+    return result
+
+
+def _run_trials(plan: Plan, study: Any, jobs: int, start: float) -> TuneResult:
+    """The study's trials here (``jobs`` processes), then its result."""
     failed = []
     if jobs == 1:
         work(plan)
@@ -489,6 +500,4 @@ def tune(
                 _close_interrupted(study, plan.max_retries)
     result = finish(study, Path(plan.out), time.time() - start)
     result.failed_workers = failed
-    if plan.track_parent:
-        end_study_run(plan.track_parent, Path(plan.out), result.best_value)
     return result
