@@ -47,7 +47,14 @@ from starlette.responses import Response
 from ...data.decode import MAX_PIXELS
 from ...data.paths import display_text
 from ...inference.predictor import Predictor
-from .batching import BadImage, Batcher, QueueFull, decode_image_bytes, image_pixels
+from .batching import (
+    BadImage,
+    Batcher,
+    QueueFull,
+    decode_each,
+    decode_image_bytes,
+    image_pixels,
+)
 from .explain import class_index, data_url, overlay_runner
 from .page import index
 
@@ -259,28 +266,12 @@ class _Service:
         return files
 
     async def _each(self, files: list[tuple[str, bytes]], fn, *args) -> list | JSONResponse:
-        """``fn(data, *args)`` for every file in the decode threads, or the first error (a
-        4xx naming the bad file). After one failure the jobs that have not started are
-        cancelled: a bad file never costs the decoding of the others."""
-        loop = asyncio.get_running_loop()
-        jobs = [loop.run_in_executor(self.decode_pool, fn, data, *args) for _, data in files]
+        """``fn(data, *args)`` for every file in the decode threads, or the 4xx of the first
+        bad file (:func:`~.batching.decode_each`: the others are cancelled)."""
         try:
-            await asyncio.wait(jobs, return_when=asyncio.FIRST_EXCEPTION)
-        finally:  # also when the client has gone (this task cancelled)
-            for job in jobs:
-                job.cancel()  # a no-op for the finished ones
-            # Every job's outcome retrieved (no "exception never retrieved"); a cancelled
-            # one answers at once, its thread's result (if it had started) is dropped.
-            out = await asyncio.gather(*jobs, return_exceptions=True)
-        for (name, _), result in zip(files, out, strict=True):
-            if isinstance(result, asyncio.CancelledError):
-                continue  # cancelled after another file failed: that one is answered
-            if isinstance(result, BadImage):
-                prefix = f"{name}: " if len(files) > 1 or name != "body" else ""
-                return _error(result.status, prefix + result.reason)
-            if isinstance(result, BaseException):
-                raise result
-        return out
+            return await decode_each(self.decode_pool, files, fn, *args)
+        except BadImage as e:
+            return _error(e.status, e.reason)
 
     async def images_of(self, request: Request) -> list[tuple[str, object]] | JSONResponse:
         """(name, decoded tensor) per image of the request, or the error response. Every
