@@ -244,7 +244,7 @@ def load_checkpoint(run: str | os.PathLike) -> tuple[dict, Path] | None:
 
 def clean_leftovers(run: str | os.PathLike) -> None:
     """Remove the temporary files that a killed run left in its folder and the folders in it
-    (``.NAME.tmp-<pid>`` of writers that are gone): called when a run starts or resumes."""
+    (``.NAME.tmp-<pid>-<start>`` of writers that are gone): called when a run starts or resumes."""
     root = Path(run)
     if not root.is_dir():
         return
