@@ -51,6 +51,7 @@ from typing import Any
 
 from ...core.config import OPTIONS, AugmentConfig, TrainConfig, flag
 from ...core.errors import ConfigError, DataError, MissingExtraError
+from ...core.procs import alive, start_time  # torch-free: a worker claims before importing it
 from ...runs import RunPaths
 from .results import TuneResult, counted, finish, write_trials_csv
 from .signals import no_interrupt, stop_workers
@@ -227,7 +228,6 @@ def _close_interrupted(study: Any, max_retries: int) -> None:
     """Trials left RUNNING by a process of this machine that is gone: closed as FAIL with the
     reason ``interrupted`` (not counted) and their parameters queued to run again, or, once
     they were run again ``max_retries`` times, closed as FAIL (counted) with the reason."""
-    from ...core.threads import alive
 
     optuna = _optuna()
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -271,7 +271,9 @@ def _claim(study: Any, plan: Plan, cfg: TrainConfig) -> tuple[Any, dict] | None:
         trial = study.ask()
         trial.set_user_attr("host", HOST)
         trial.set_user_attr("pid", os.getpid())
-        trial.set_user_attr("pid_start", _own_start())  # a reused pid is not this process
+        trial.set_user_attr(
+            "pid_start", start_time(os.getpid())
+        )  # a reused pid is not this process
         before = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
         if counted(before) >= plan.trials:  # another machine filled the study meanwhile
             trial.set_user_attr("excluded", "surplus: the study had its trials already")
@@ -388,12 +390,6 @@ def work(plan: Plan) -> int:
             with _file_lock(_lock_path(plan)):
                 write_trials_csv(study, Path(plan.out) / "trials.csv")
     return ran
-
-
-def _own_start() -> str:
-    from ...core.threads import start_time
-
-    return start_time(os.getpid())
 
 
 # -- the study from start to end ------------------------------------------------------------------
