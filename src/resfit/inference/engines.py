@@ -312,20 +312,6 @@ class TorchEngine:
     def __call__(self, batch: Tensor) -> Tensor:
         return self.runner(batch).float().cpu()
 
-    def features_and_logits(self, batch: Tensor) -> tuple[Tensor, Tensor]:
-        """Pooled features and logits of ``batch`` from one forward pass, both fp32 on the
-        CPU: what an unknown score that reads features (vim, mahalanobis, knn) needs, without
-        a second pass of the model. fp32 whatever the engine's precision, so that the score
-        and its flags are those of every other engine (they read the fp32 model's features);
-        one fp32 pass of the folded copy still costs less than a bf16 pass plus an fp32 one."""
-        from ..models.adapters import adapt  # the layout of the folded copy: the model's
-
-        a = adapt(self.runner.module)
-        x = batch.to(self.device).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            feats = a.features(x).float()
-            return feats.cpu(), a.head(feats).float().cpu()
-
     def describe(self) -> str:
         steps = ["BN folded" if self.runner.folded else "", "channels-last"]
         steps.append("torch.compile" if self.runner.compiled else "")

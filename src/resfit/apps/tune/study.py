@@ -455,7 +455,7 @@ def _run_trials(plan: Plan, study: Any, jobs: int, start: float) -> TuneResult:
     # the queued ones run now (a live worker may have found the total reached and left while
     # the crashing trial still ran): workers again while a retry waits.
     for _ in range(plan.max_retries + 1 if jobs > 1 else 0):
-        from .worker import spawn_workers  # the worker module imports this one
+        from .spawn import spawn_workers
 
         codes = spawn_workers(plan, jobs)
         failed += codes
