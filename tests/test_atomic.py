@@ -86,7 +86,11 @@ def test_failure_in_the_middle_keeps_the_old_file_and_leaves_no_temp(tmp_path, f
 def test_temporary_name_is_recognisable(tmp_path):
     tmp = atomic.temp_path(tmp_path / "model.safetensors")
     assert tmp.parent == tmp_path
-    assert tmp.name == f".model.safetensors.tmp-{os.getpid()}"
+    from resfit.core.procs import start_time
+
+    start = start_time(os.getpid())  # the writer's start time, where /proc tells it
+    tail = f"{os.getpid()}" if start == "0" else f"{os.getpid()}-{start}"
+    assert tmp.name == f".model.safetensors.tmp-{tail}"
 
 
 def test_path_writer_for_libraries(tmp_path, fsyncs):

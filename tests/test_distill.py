@@ -3,6 +3,7 @@ runs (single- and multi-label) that are ordinary run folders, and the teacher's 
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -130,11 +131,66 @@ def test_qat_model_exports_to_int8_that_agrees_with_its_fp32(
 
     out = tmp_path / "qat"
     resfit.distill(teacher, colours, student="resnet20_cifar", out=out, epochs=2, qat=1, **TINY)
-    assert (out / "model.qat.safetensors").is_file()
-    assert "quantization-aware training" in (out / "train.log").read_text()
+    log = (out / "train.log").read_text()
+    assert "quantization-aware training" in log
     # The fp32 model is an ordinary one: PyTorch predicts with it.
     preds, _ = Predictor.from_run(out).predict([str(colours / "val" / "red")])
     assert len(preds) == 12
+    best = json.loads((out / "summary.json").read_text())["best_epoch"]
+    if best == 1:  # the fp32 epoch stayed the best: no int8 state of another epoch is kept
+        assert not (out / "model.qat.safetensors").exists()
+        assert "no quantization-aware epoch beat epoch 1" in log
+        return
+    from safetensors import safe_open
+
+    for name in ("model.safetensors", "model.qat.safetensors"):
+        with safe_open(str(out / name), "pt") as f:
+            assert f.metadata()["epoch"] == "2", name  # the int8 state of the model's epoch
     report = export_run(out, int8=True)  # no --calib: the QAT graph's own ranges
     assert report["int8_from"] == "qat" and report["calib_images"] == 0
     assert report["val_images"] == 36 and report["top1_agreement"] >= 0.85
+
+
+def test_qat_state_is_kept_only_from_the_models_epoch(tmp_path: Path, caplog) -> None:
+    """model.safetensors keeps the best epoch: the QAT state is written only by a QAT epoch
+    that is the best so far; a best epoch before QAT leaves none (and says so), and a state
+    of another epoch than the model's is refused at export."""
+    import logging
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+    from torch import nn
+
+    from resfit.core.errors import RunError
+    from resfit.runs import load_qat_model
+    from resfit.training.callbacks import BestModel
+    from resfit.training.qat import QuantizationAware
+
+    qat = QuantizationAware(qat_epochs=2, epochs=3, run=tmp_path, main=True)  # epochs 2 and 3
+    qat.graph = nn.Linear(2, 2)  # stands for the fake-quantized graph: its state is written
+    best = BestModel("val_acc")
+    best.best_epoch = 1
+
+    def try_write(path, write) -> bool:
+        write()
+        return True
+
+    loop = SimpleNamespace(improved=False, epoch=1, try_write=try_write, net=None,
+                           step=SimpleNamespace(precision="fp32"),
+                           callback=lambda kind: best if kind is BestModel else None)  # fmt: skip
+    qat._plain = (None, "bf16")
+    for epoch in (1, 2):  # neither QAT epoch beats epoch 1
+        loop.epoch = epoch
+        qat.after_epoch(loop)
+    assert not (tmp_path / "model.qat.safetensors").exists()
+    with caplog.at_level(logging.WARNING, logger="resfit"):
+        qat.after_fit(loop)
+    assert "no quantization-aware epoch beat epoch 1" in caplog.text
+    assert loop.step.precision == "bf16"  # the plain step is back
+    # A QAT state from epoch 3 beside a model of epoch 1 (a run of an older resfit): refused.
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "model.safetensors"), {"epoch": "1"})
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "model.qat.safetensors"), {"epoch": "3"})
+    with pytest.raises(RunError, match="state of epoch 3, model.safetensors is epoch 1's"):
+        load_qat_model(tmp_path)
+    save_file({"w": torch.ones(1)}, str(tmp_path / "model.qat.safetensors"), {"epoch": "1"})
+    assert float(load_qat_model(tmp_path)["w"]) == 1.0

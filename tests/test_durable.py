@@ -138,7 +138,8 @@ def test_a_run_that_fails_mid_epoch_ends_its_data_workers_at_once(
 def test_a_temporary_file_of_a_reused_pid_is_stale_and_a_live_writers_is_not(
     tmp_path: Path,
 ) -> None:
-    from resfit.core.atomic import remove_stale_temps
+    from resfit.core.atomic import remove_stale_temps, temp_path
+    from resfit.core.procs import start_time
 
     live, reused = tmp_path / ".a.pt.tmp-1", tmp_path / ".b.pt.tmp-1"  # pid 1 runs all along
     live.write_bytes(b"x")
@@ -146,3 +147,16 @@ def test_a_temporary_file_of_a_reused_pid_is_stale_and_a_live_writers_is_not(
     os.utime(reused, (1, 1))  # written before pid 1's process started: another process's
     assert remove_stale_temps(tmp_path) == [reused]
     assert live.exists() and not reused.exists()
+    # Today's names carry the writer's start time: a pid reused moments after its writer was
+    # killed (no time for the file's mtime to tell) is told by the start time alone.
+    own = temp_path(tmp_path / "c.pt")
+    assert own.name == f".c.pt.tmp-{os.getpid()}-{start_time(os.getpid())}"
+    start = int(start_time(1))
+    writer = tmp_path / f".d.pt.tmp-1-{start}"  # pid 1's own, however old
+    other = tmp_path / f".e.pt.tmp-1-{start + 1}"  # a writer that held pid 1 before
+    gone = tmp_path / f".f.pt.old-999999999-{start}"  # no such pid
+    for p in (writer, other, gone):
+        p.write_bytes(b"x")
+    os.utime(writer, (1, 1))
+    assert sorted(remove_stale_temps(tmp_path)) == sorted([other, gone])
+    assert writer.exists() and live.exists()

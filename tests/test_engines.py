@@ -169,3 +169,42 @@ def test_help_answers_in_less_than_half_the_time_of_importing_torch() -> None:
 
     help_s, torch_s = seconds("-m", "resfit", "--help"), seconds("-c", "import torch")
     assert help_s < 0.5 * torch_s, f"resfit --help {help_s:.2f} s, import torch {torch_s:.2f} s"
+
+
+def test_a_feature_score_costs_one_forward_pass_per_batch(tmp_path) -> None:
+    """vim (serve's default score) reads features and logits: the PyTorch engine gives both
+    from one pass, and the score is that of the fp32 model's features."""
+    import numpy as np
+    from torch.nn.modules.module import register_module_forward_hook
+
+    from resfit.data.datasets import DecodedImages
+    from resfit.inference.trust import Trust
+    from resfit.inference.unknown import fit_detector
+    from resfit.models.adapters import adapt
+
+    run = make_run(tmp_path)
+    plain = Predictor.from_run(run, engine="torch", device="cpu", precision="bf16")
+    head = adapt(plain.model).head
+    rng = np.random.default_rng(0)
+    det = fit_detector(rng.normal(size=(40, head.in_features)), np.arange(40) % len(CLASSES),
+                       head.weight.detach().numpy(), head.bias.detach().numpy(), "vim")  # fmt: skip
+    p = Predictor.from_run(run, engine="torch", device="cpu", precision="bf16")
+    p.trust = Trust(det)
+    n = 6
+    imgs = [torch.randint(0, 256, (3, 18, 18), dtype=torch.uint8) for _ in range(n)]
+    decoded = DecodedImages(imgs, torch.full((n,), -1), [Path("")] * n, [], p.base_size)
+    stems = []  # the first convolution runs once per forward pass of any copy of the model
+    hook = register_module_forward_hook(
+        lambda m, i, o: stems.append(1) if getattr(m, "in_channels", 0) == 3 else None
+    )
+    try:
+        probs = p.scored_probabilities(decoded, batch_size=3)
+    finally:
+        hook.remove()
+    assert len(stems) == 2 and probs.shape == (n, len(CLASSES) + 1)  # 2 batches, one pass each
+    # The score is the fp32 model's, whatever the engine's precision.
+    x = torch.stack([p.transform(img) for img in imgs])
+    with torch.no_grad():
+        feats = adapt(p.model).features(x)
+        want = det.score(feats.numpy(), head(feats).numpy())
+    np.testing.assert_allclose(probs[:, -1].numpy(), want, rtol=1e-4, atol=1e-4)

@@ -76,7 +76,7 @@ class Server:
             start_new_session=True,  # stop() ends --workers processes with their supervisor
         )  # fmt: skip
         self.client = httpx.Client(base_url=self.url, headers=self.headers, timeout=30)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120  # a loaded machine: minutes to import torch and warm up
         while time.monotonic() < deadline:  # /readyz is the server's own readiness signal
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited: {self.proc.communicate()}")
@@ -86,7 +86,7 @@ class Server:
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-        raise AssertionError("server not ready after 60 s")
+        raise AssertionError("server not ready after 120 s")
 
     def metric(self, name: str) -> float:
         for line in self.client.get("/metrics").text.splitlines():

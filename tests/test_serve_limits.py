@@ -308,24 +308,132 @@ def test_a_dead_worker_is_restarted_logged_and_its_gauges_cleared(
     tmp_path: Path,
 ) -> None:
     s = Server(run_dir, "--workers", "2", env={"TMPDIR": str(tmp_path)})
+
+    def until(condition, what: str, timeout: float = 120) -> None:
+        """Wait on a condition (a worker starts in seconds, or minutes on a loaded machine)."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
     try:
         (metrics,) = tmp_path.glob("resfit-metrics-*")
         victim, other = _worker_pids(s)
-        assert (metrics / f"gauge_livesum_{victim}.db").exists()
+        gauge = metrics / f"gauge_livesum_{victim}.db"
+        until(gauge.exists, "the worker never made its metrics")  # /readyz was the other's
         os.kill(victim, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while victim in (pids := _worker_pids(s)) or len(pids) < 2:
-            assert time.monotonic() < deadline, "no new worker"
-            time.sleep(0.1)
-        assert other in pids and not (metrics / f"gauge_livesum_{victim}.db").exists()
-        s.wait_for_metric("resfit_queue_depth", 0)
+        pids: list[int] = []
+
+        def replaced() -> bool:
+            pids[:] = _worker_pids(s)
+            return victim not in pids and len(pids) >= 2
+
+        until(replaced, "no new worker")
+        assert other in pids and not gauge.exists()
+        (new,) = set(pids) - {other}
+        until((metrics / f"gauge_livesum_{new}.db").exists, "the new worker never started")
+        s.client.close()  # its kept-alive connection may have been the victim's
+        s.client = httpx.Client(base_url=s.url, timeout=60)
+        s.wait_for_metric("resfit_queue_depth", 0, timeout=60)
         for _ in range(4):  # both workers answer (each connection may reach either)
-            with httpx.Client(base_url=s.url, timeout=60) as c:
+            with httpx.Client(base_url=s.url, timeout=120) as c:
                 r = c.post("/v1/predict", content=images[0].read_bytes())
                 assert r.status_code == 200, r.text
         s.proc.send_signal(signal.SIGTERM)
-        assert s.proc.wait(timeout=30) == 0
+        assert s.proc.wait(timeout=60) == 0
         err = s.proc.communicate()[1]
         assert f"worker {victim} exited with code -9; starting another" in err
     finally:
         s.stop()
+
+
+def _in_process(run: Path, **options):
+    """An in-process app of a random tiny run, and its service (the handlers' owner)."""
+    from resfit.apps.serving.app import ServeOptions, create_app
+    from resfit.inference.predictor import Predictor
+
+    app = create_app(Predictor.from_run(run, engine="torch"), ServeOptions(**options))
+    service = next(r.endpoint.__self__ for r in app.routes if r.path == "/v1/predict")
+    return app, service
+
+
+def _png(rgb: tuple[int, int, int]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_explain_takes_the_queue_and_one_pass_per_batch(tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from tests.test_inference import make_run
+
+    app, service = _in_process(make_run(tmp_path), max_queue=4, max_wait_ms=50)
+    passes, predictor = [], service.predictor
+    real = predictor.scored_probabilities
+    with TestClient(app) as c:  # counted after the warm-up
+        predictor.scored_probabilities = lambda d, **kw: passes.append(len(d)) or real(d, **kw)
+        files = [("f", (f"{i}.png", _png((60 * i, 90, 200)), "image/png")) for i in range(3)]
+        many = c.post("/v1/explain", files=files)
+        assert many.status_code == 200, many.text
+        assert [m["file"] for m in many.json()] == ["0.png", "1.png", "2.png"]
+        assert passes == [3]  # the predicted classes of the 3 images: one forward pass
+        service.batcher.pending = 4  # the queue is full: one more image does not fit
+        r = c.post("/v1/explain", content=_png((1, 2, 3)))
+        assert r.status_code == 503 and "--max-queue" in r.json()["error"], r.text
+        service.batcher.pending = 0
+
+
+def test_a_bad_file_is_named_and_cancels_the_other_decodes(tmp_path: Path, monkeypatch) -> None:
+    from starlette.testclient import TestClient
+
+    from resfit.apps.serving import app as serving
+    from tests.test_inference import make_run
+
+    calls = []
+    real = serving.image_pixels
+
+    def counted(data: bytes, *args):
+        calls.append(data[:4])
+        if data.startswith(b"\x89PNG"):
+            time.sleep(0.2)  # a good file takes a while: the bad one fails first
+        return real(data, *args)
+
+    monkeypatch.setattr(serving, "image_pixels", counted)
+    app, _ = _in_process(make_run(tmp_path), decode_threads=1)
+    good = _png((10, 200, 30))
+    files = [("f", ("bad.png", b"not an image", "image/png"))]
+    files += [("f", (f"{i}.png", good, "image/png")) for i in range(10)]
+    with TestClient(app) as c:
+        r = c.post("/v1/predict", files=files)
+        assert r.status_code == 415 and r.json()["error"].startswith("bad.png: not an image")
+        assert len(calls) <= 3, f"{len(calls)} of 11 files read after the bad one failed"
+        calls.clear()  # and a request of good files reads each once
+        assert c.post("/v1/predict", files=files[1:4]).status_code == 200 and len(calls) == 3
+
+
+def test_the_queue_gauge_has_one_owner(tmp_path: Path, monkeypatch) -> None:
+    """Set by the batcher when its queue grows and shrinks: twice per request, never by the
+    handlers or a scrape, and back at 0 after the request."""
+    import prometheus_client
+    from starlette.testclient import TestClient
+
+    from tests.test_inference import make_run
+
+    sets = []
+    real = prometheus_client.Gauge.set
+
+    def recorded(gauge, value: float) -> None:
+        if gauge._name == "resfit_queue_depth":
+            sets.append(value)
+        real(gauge, value)
+
+    monkeypatch.setattr(prometheus_client.Gauge, "set", recorded)
+    app, _ = _in_process(make_run(tmp_path))
+    with TestClient(app) as c:
+        sets.clear()
+        assert c.post("/v1/predict", content=_png((10, 20, 200))).status_code == 200
+        assert "resfit_queue_depth 0.0" in c.get("/metrics").text
+    assert sets == [1, 0]

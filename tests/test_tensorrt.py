@@ -340,3 +340,41 @@ def test_real_int8_engine_keeps_the_answers(run: Path, colours: Path, tmp_path: 
     assert abs(info["tensorrt_int8_accuracy_change"]) <= 0.1
     name, _ = choose_engine(run, precision="int8")
     assert name == "tensorrt"
+
+
+def test_the_tensorrt_checks_measure_as_the_edge_checks_do(monkeypatch) -> None:
+    """export's TensorRT checks and the edge formats' share one metric function (compare):
+    the same keys and values for the same logits."""
+    from torch import nn
+
+    from resfit.export.edge import compare
+    from resfit.export.run import _tensorrt_checks
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    batches = [np.random.default_rng(i).normal(size=(4, 3, 2, 2)).astype(np.float32)
+               for i in range(2)]  # fmt: skip
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    shift = {"fp32": 0.0, "fp16": 0.01, "int8": 0.5}
+
+    class Engine:  # stands for TensorRT: the model's logits, a little off per precision
+        def __init__(self, path, precision, **kw) -> None:
+            self.precision = precision
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                out = model(x)
+            return out + shift[self.precision] * torch.arange(3.0)
+
+    monkeypatch.setattr(trt, "probe", lambda: (True, "a fake GPU"))
+    monkeypatch.setattr(trt, "TensorRtEngine", Engine)
+    report = _tensorrt_checks(model, Path("m.onnx"), Path("q.onnx"), batches, labels, (3, 2, 2))
+    x = torch.from_numpy(np.concatenate(batches))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    for precision in ("fp32", "fp16", "int8"):
+        want = compare(Engine(None, precision)(x).numpy(), ref, labels)
+        got = {k.removeprefix(f"tensorrt_{precision}_"): v for k, v in report.items()
+               if k.startswith(f"tensorrt_{precision}_")}  # fmt: skip
+        assert got == pytest.approx(want), precision
+    assert report["tensorrt_int8_max_abs_logit_diff"] == pytest.approx(1.0, abs=1e-5)

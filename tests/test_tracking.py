@@ -129,3 +129,28 @@ def test_without_mlflow_one_line_says_what_to_install(colours: Path, tmp_path: P
     assert res.returncode != 0
     assert "pip install 'resfit[mlflow]'" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("error, status", [(KeyboardInterrupt, "KILLED"), (OSError, "FAILED")])
+def test_a_stopped_study_ends_its_parent_run(
+    colours: Path, tmp_path: Path, tracked_env: str, monkeypatch, error, status
+) -> None:
+    pytest.importorskip("optuna")
+    from resfit.apps.tune import study, tune
+
+    def stopped(plan) -> None:
+        raise error("stopped in the first trial")
+
+    monkeypatch.setattr(study, "work", stopped)
+    out = tmp_path / "study"
+    with pytest.raises(error, match="stopped in the first trial"):
+        tune(colours, 2, out, epochs=1, report=False, **TINY)
+    parent_id = json.loads((out / "tracking.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(tracked_env)
+    assert client.get_run(parent_id).info.status == status
+    assert client.get_run(parent_id).info.end_time is not None
+    # Run again to finish it: the same parent, running again.
+    from resfit.apps.tune.tracking import study_run
+
+    assert study_run(out, {"track": "mlflow"}, 2) == parent_id
+    assert client.get_run(parent_id).info.status == "RUNNING"

@@ -209,11 +209,23 @@ def test_an_rdb_url_holds_the_study_and_a_missing_driver_is_named(
 
 _CRASH_HOOK = """
 import os
+import time
 if os.environ.get("RESFIT_TEST_CRASH_FROM"):  # trials from this number on kill their process
+    import psutil
     import resfit.training as _training
     _real = _training.train
+    def _siblings():
+        me = psutil.Process()
+        return [p for p in me.parent().children()
+                if p.pid != me.pid and p.status() != psutil.STATUS_ZOMBIE]
     def _train(cfg=None, **kw):
         if int(os.path.basename(str(cfg.run.out))) >= int(os.environ["RESFIT_TEST_CRASH_FROM"]):
+            # One order of events, whatever the load: the other worker ends first (it finds
+            # the total reached, this trial RUNNING), then this one dies: no live worker is
+            # left to claim the retry. A condition waited on, not a sleep.
+            deadline = time.monotonic() + 300
+            while _siblings() and time.monotonic() < deadline:
+                time.sleep(0.05)
             os._exit(9)  # as the kernel's OOM killer or a native crash would end it
         return _real(cfg, **kw)
     _training.train = _train
@@ -223,7 +235,9 @@ if os.environ.get("RESFIT_TEST_CRASH_FROM"):  # trials from this number on kill 
 def test_a_trial_that_kills_its_process_runs_once_more_then_fails(
     colours: Path, tmp_path: Path
 ) -> None:
-    """Issue 26: such a trial was re-queued forever, and `resfit tune --jobs` exited 0."""
+    """Issue 26: such a trial was re-queued forever, and `resfit tune --jobs` exited 0. Its
+    retry runs in the same `resfit tune` even when the other worker had already left."""
+    pytest.importorskip("psutil")
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(_CRASH_HOOK)  # in the workers too (PYTHONPATH)

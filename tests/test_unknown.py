@@ -210,3 +210,43 @@ def test_the_option_lists_every_score_once() -> None:
 
     assert len(UNKNOWN_SCORES) == len(set(UNKNOWN_SCORES))
     assert set(UNKNOWN_SCORES) == set(SCORES.names()) | {"none"}
+
+
+def test_the_fitted_score_reads_the_one_feature_extractor(tmp_path, monkeypatch) -> None:
+    """training/trust.py takes its features from quality's extract_features (the feature
+    cache's computation), for some images or all, and leaves the model and RNG as they were."""
+    import torch
+
+    from resfit.data.datasets import DecodedImages
+    from resfit.inference.predictor import load_run_model
+    from resfit.models.adapters import adapt
+    from resfit.quality import out_of_fold
+    from resfit.training.trust import features_and_logits
+
+    from .test_inference import make_run
+
+    model, _, _ = load_run_model(make_run(tmp_path))
+    model.train()
+    p = Predictor.from_run(tmp_path / "run", engine="torch", device="cpu")
+    n = 7
+    imgs = [torch.randint(0, 256, (3, 18, 18), dtype=torch.uint8) for _ in range(n)]
+    decoded = DecodedImages(imgs, torch.arange(n) % 3, [Path(f"{i}") for i in range(n)], [],
+                            p.base_size)  # fmt: skip
+    calls = []
+    real = out_of_fold.extract_features
+    monkeypatch.setattr(out_of_fold, "extract_features",
+                        lambda *a, **kw: calls.append(len(a[1])) or real(*a, **kw))  # fmt: skip
+    before = torch.random.get_rng_state()
+    feats, logits = features_and_logits(model, decoded, p.transform, torch.device("cpu"),
+                                        [0, 3, 6], batch_size=2)  # fmt: skip
+    assert calls == [3] and model.training
+    assert torch.equal(torch.random.get_rng_state(), before)
+    x = torch.stack([p.transform(imgs[i]) for i in (0, 3, 6)])
+    with torch.no_grad():
+        model.eval()
+        want = adapt(model).features(x)
+        np.testing.assert_allclose(feats, want.numpy(), atol=1e-4)
+        np.testing.assert_allclose(logits, adapt(model).head(want).numpy(), atol=1e-4)
+    all_feats, _ = features_and_logits(model, decoded, p.transform, torch.device("cpu"))
+    assert all_feats.shape == (n, feats.shape[1]) and calls == [3, n]
+    np.testing.assert_allclose(all_feats[[0, 3, 6]], feats, atol=1e-5)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 av = pytest.importorskip("av")
 
@@ -130,3 +131,42 @@ def test_prepare_frames_keep_a_video_in_one_split(cifar10_root, tmp_path) -> Non
     assert len(splits.train) + len(splits.val) == 4 * 16
     video_of = {s.path: s.group for s in splits.train + splits.val}
     assert not {video_of[s.path] for s in splits.train} & {video_of[s.path] for s in splits.val}
+
+
+def test_video_frames_take_the_predictors_batch_path_with_tta(tmp_path) -> None:
+    """Frames are classified as images are: the Predictor's preprocessing, test-time
+    augmentation and temperature (a random tiny run, a synthetic clip)."""
+    from PIL import Image
+
+    from resfit.data.datasets import DecodedImages
+    from resfit.data.decode import resize_shorter, to_tensor
+    from resfit.data.video import read_frames
+    from resfit.inference.predictor import Predictor
+    from resfit.inference.video import predict_video
+
+    from .test_inference import make_run
+
+    rng = np.random.default_rng(0)
+    clip = tmp_path / "clip.mp4"
+    with av.open(str(clip), "w") as out:
+        stream = out.add_stream("libx264", rate=FPS)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        for _ in range(6):
+            img = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+            for packet in stream.encode(av.VideoFrame.from_image(img)):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    run = make_run(tmp_path)
+    p = Predictor.from_run(run, engine="torch", device="cpu", precision="fp32", tta=True)
+    p.temperature = 2.0
+    got = predict_video(p, clip, smooth_seconds=0, batch_size=4).probs
+    frames = [to_tensor(resize_shorter(img, p.base_size)) for _, img in read_frames(clip)]
+    n = len(frames)
+    decoded = DecodedImages(frames, torch.full((n,), -1), [clip] * n, [], p.base_size)
+    want = p.probabilities(p.logits(decoded)).numpy()
+    assert got.shape == want.shape == (6, 3)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    p.tta = False  # the mirror counts: without it the answers differ
+    assert not np.allclose(p.probabilities(p.logits(decoded)).numpy(), want, atol=1e-5)

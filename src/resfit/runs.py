@@ -244,7 +244,7 @@ def load_checkpoint(run: str | os.PathLike) -> tuple[dict, Path] | None:
 
 def clean_leftovers(run: str | os.PathLike) -> None:
     """Remove the temporary files that a killed run left in its folder and the folders in it
-    (``.NAME.tmp-<pid>`` of writers that are gone): called when a run starts or resumes."""
+    (``.NAME.tmp-<pid>-<start>`` of writers that are gone): called when a run starts or resumes."""
     root = Path(run)
     if not root.is_dir():
         return
@@ -273,20 +273,46 @@ def write_model(
     atomic_save_safetensors(state, RunPaths(run).model, metadata)
 
 
-def write_qat_model(run: str | os.PathLike, state: dict[str, Tensor]) -> None:
-    """``RUN/model.qat.safetensors``: the quantization-aware graph's weights and ranges. Its
-    shared observers (one range for several tensors) are stored once per name: loading writes
-    the same values into the shared tensor."""
+def write_qat_model(
+    run: str | os.PathLike, state: dict[str, Tensor], epoch: int | None = None
+) -> None:
+    """``RUN/model.qat.safetensors``: the quantization-aware graph's weights and ranges, of
+    ``epoch`` (1-based, kept in the file's metadata as ``model.safetensors`` keeps its own).
+    Its shared observers (one range for several tensors) are stored once per name: loading
+    writes the same values into the shared tensor."""
+    meta = None if epoch is None else {"epoch": str(epoch)}
     atomic_save_safetensors({k: v.detach().clone() for k, v in state.items()},
-                            RunPaths(run).qat_model)  # fmt: skip
+                            RunPaths(run).qat_model, meta)  # fmt: skip
+
+
+def _epoch_of(path: Path) -> str | None:
+    """The ``epoch`` a safetensors file's metadata names (None: not recorded, or no file)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        return (f.metadata() or {}).get("epoch")
 
 
 def load_qat_model(run: str | os.PathLike) -> dict[str, Tensor] | None:
-    """The state of ``RUN/model.qat.safetensors``, or None where the run has none."""
+    """The state of ``RUN/model.qat.safetensors``, or None where the run has none. A
+    :class:`RunError` where it is of another epoch than ``model.safetensors``: its int8 model
+    would not be the run's model."""
     from safetensors.torch import load_file
 
-    path = RunPaths(run).qat_model
-    return load_file(str(path)) if path.is_file() else None
+    paths = RunPaths(run)
+    if not paths.qat_model.is_file():
+        return None
+    qat, model = _epoch_of(paths.qat_model), _epoch_of(paths.model)
+    if qat is not None and model is not None and qat != model:
+        raise RunError(
+            f"{paths.qat_model} is the quantization-aware state of epoch {qat}, "
+            f"{paths.model.name} is epoch {model}'s: its int8 would not be this model. "
+            f"Delete {paths.qat_model.name} and export --int8 with --calib DATA (calibrated), "
+            f"or train again with more --qat epochs"
+        )
+    return load_file(str(paths.qat_model))
 
 
 def write_calibration(run: str | os.PathLike, record: Mapping[str, Any]) -> None:

@@ -1,11 +1,12 @@
 """Atomic, durable writes: the one way resfit writes a file that must never be half there.
 
 Every writer goes the same way: the bytes go to a temporary file in the target's folder
-(``.NAME.tmp-<pid>``, see :func:`temp_path`), which is flushed and fsynced, renamed over the
+(``.NAME.tmp-<pid>-<start>``, see :func:`temp_path`), which is flushed and fsynced, renamed over the
 target (``os.replace``), and then the folder itself is fsynced so the rename survives a power
 cut. A crash, a full disk or an exception in the middle leaves the previous file in place and
-no temporary file behind (a killed process may leave a ``.NAME.tmp-<pid>``, recognisable by
-its name).
+no temporary file behind (a killed process may leave a ``.NAME.tmp-<pid>-<start>``,
+recognisable by its name: the writer's pid and its start time, so that a pid reused by another
+process does not pass for the writer).
 
 - :func:`atomic_open`: a file object (``with atomic_open(path, "w", newline="") as f``)
 - :func:`atomic_path`: a temporary path for libraries that write to a path themselves
@@ -24,16 +25,29 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from .procs import alive, start_time
+
 if TYPE_CHECKING:
     from torch import Tensor
 
-TMP_MARK = ".tmp-"  # a temporary file is ".NAME.tmp-<pid>"
+TMP_MARK = ".tmp-"  # a temporary file is ".NAME.tmp-<pid>-<start>"
+_OWN_START: dict[int, str] = {}  # pid -> its start time (a forked child has another pid)
+
+
+def _writer() -> str:
+    """``<pid>-<start>`` of this process (``<pid>`` where there is no /proc): who wrote a
+    temporary file, told apart from a later process that got the same pid."""
+    pid = os.getpid()
+    if pid not in _OWN_START:
+        _OWN_START[pid] = start_time(pid)
+    start = _OWN_START[pid]
+    return str(pid) if start == "0" else f"{pid}-{start}"
 
 
 def temp_path(path: str | os.PathLike) -> Path:
     """The temporary file a write of ``path`` goes through, in the same folder."""
     path = Path(path)
-    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    return path.with_name(f".{path.name}{TMP_MARK}{_writer()}")
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -169,7 +183,7 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     import shutil
 
     path = Path(path)
-    tmp, old = temp_path(path), path.with_name(f".{path.name}.old-{os.getpid()}")
+    tmp, old = temp_path(path), path.with_name(f".{path.name}.old-{_writer()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -184,20 +198,23 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-_TEMP_NAME = re.compile(r"^\..+\.(?:tmp|old)-(\d+)$")  # .NAME.tmp-<pid>, atomic_dir's .old-<pid>
+# .NAME.tmp-<pid>[-<start>], atomic_dir's .old-<pid>[-<start>] (no start: an older resfit's)
+_TEMP_NAME = re.compile(r"^\..+\.(?:tmp|old)-(\d+)(?:-(\d+))?$")
 
 
-def _stale(entry: Path, pid: int) -> bool:
-    """Whether the writer of a temporary file is gone: its pid is dead, or the process that
-    holds the pid now started after the file was last written (the pid was reused)."""
-    from .threads import alive, start_time
-
+def _stale(entry: Path, pid: int, start: str | None = None) -> bool:
+    """Whether the writer of a temporary file is gone: its pid is dead (or a zombie), or the
+    pid now runs another process: one with another start time than the writer's ``start``
+    (recorded in the name), or, for a name without it, one started after the file was last
+    written."""
     if pid == os.getpid():
         return False  # this process may be writing it now
-    start = start_time(pid)
-    if not alive(pid, start):
+    now = start_time(pid)  # of whatever process holds the pid now ('0': none, or no /proc)
+    if not alive(pid, now):  # dead, or a zombie
         return True
-    started = _started_at(start)
+    if start is not None and now != "0":
+        return now != start  # the writer's own start time against the pid's holder's
+    started = _started_at(now)
     return started is not None and entry.lstat().st_mtime < started - 1.0
 
 
@@ -216,7 +233,7 @@ def _started_at(start: str) -> float | None:
 
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     """Remove the temporary files and folders that killed writers left in ``folder`` (only
-    resfit's own names, ``.NAME.tmp-<pid>`` and ``.NAME.old-<pid>``, and only those whose
+    resfit's own names, ``.NAME.tmp-<pid>-<start>`` and ``.NAME.old-<pid>-<start>``, and only those whose
     writer is gone: see :func:`_stale`). Returns what was removed."""
     import shutil
 
@@ -228,7 +245,7 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     for entry in entries:
         m = _TEMP_NAME.match(entry.name)
         try:
-            if not m or not _stale(entry, int(m.group(1))):
+            if not m or not _stale(entry, int(m.group(1)), m.group(2)):
                 continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)

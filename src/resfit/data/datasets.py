@@ -23,7 +23,7 @@ from .samples import Sample
 
 log = logging.getLogger("resfit")
 
-__all__ = ["DecodedImages", "TransformedImages", "decode_all", "iter_batches"]
+__all__ = ["DecodedImages", "TransformedImages", "decode_all", "iter_batches", "subset"]
 
 
 @dataclass
@@ -43,6 +43,39 @@ class DecodedImages:
     def item(self, i: int) -> tuple[Tensor, Tensor]:
         """Image ``i`` and its label (a streamed split decodes it here)."""
         return self.images[i], self.labels[i]
+
+
+class _Subset(DecodedImages):
+    """Some images of ``parent``, read through its ``item`` (a streamed split decodes, and
+    skips a broken file, as it does for the whole split)."""
+
+    def __init__(self, parent: DecodedImages, index: Sequence[int]) -> None:
+        index = [int(i) for i in index]
+        super().__init__(_Positions(parent, index), parent.labels[index],
+                         [parent.paths[i] for i in index], [], parent.base_size)  # fmt: skip
+        self.parent, self.index = parent, index
+
+    def item(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.parent.item(self.index[i])
+
+
+class _Positions:
+    """The images of a subset, by position: its length, and each image on demand."""
+
+    def __init__(self, parent: DecodedImages, index: list[int]) -> None:
+        self.parent, self.index = parent, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.parent.item(self.index[i])[0]
+
+
+def subset(decoded: DecodedImages, index: Sequence[int]) -> DecodedImages:
+    """The images of ``decoded`` at positions ``index``, in that order, without copying or
+    decoding any of them."""
+    return _Subset(decoded, index)
 
 
 def decode_all(

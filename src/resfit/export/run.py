@@ -158,28 +158,21 @@ def _tensorrt_checks(
     PyTorch fp32 on the check images (max logit difference, top-1 agreement and, with labels,
     the accuracy change), on this machine's GPU; skipped, with the reason, without one."""
     from ..inference.tensorrt import TensorRtEngine, probe
+    from .edge import compare  # the edge formats' checks: one computation of the metrics
 
     usable, why = probe()
     if not usable or not batches:
         return {"tensorrt_check": f"skipped: {why if not usable else 'no check images'}"}
-    x = torch.from_numpy(np.concatenate(batches))
+    x = np.concatenate(batches)
     with torch.inference_mode():
-        reference = model.float().eval().cpu()(x)
+        reference = model.float().eval().cpu()(torch.from_numpy(x)).numpy()
     report: dict[str, Any] = {"tensorrt_check": why}
     runs = [("fp32", fp32_path), ("fp16", fp32_path)] + ([("int8", int8_path)] if int8_path else [])
     for precision, path in runs:
         engine = TensorRtEngine(path, precision, input_shape=input_shape, source="export check")
-        logits = engine(x)
-        report[f"tensorrt_{precision}_max_abs_logit_diff"] = float((logits - reference).abs().max())
-        report[f"tensorrt_{precision}_top1_agreement"] = float(
-            (logits.argmax(1) == reference.argmax(1)).float().mean()
-        )
-        if labels is not None and labels.ndim == 1 and len(labels) == len(x):
-            y = torch.from_numpy(labels)
-            change = (logits.argmax(1) == y).float().mean() - (
-                reference.argmax(1) == y
-            ).float().mean()
-            report[f"tensorrt_{precision}_accuracy_change"] = float(change)
+        logits = engine(torch.from_numpy(x)).float().numpy()
+        got = compare(logits, reference, labels)
+        report.update({f"tensorrt_{precision}_{k}": v for k, v in got.items()})
     return report
 
 

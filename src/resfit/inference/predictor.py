@@ -46,7 +46,7 @@ from ..tasks.base import Task
 from ..tasks.multi import MultiLabel
 from ..tasks.registry import task_for
 from ..tasks.single import SingleLabel
-from .engines import Engine, create_engine
+from .engines import Engine, TorchEngine, create_engine
 from .trust import Trust, json_answer
 
 __all__ = [
@@ -281,11 +281,18 @@ class Predictor:
             batches = iter_batches(
                 data, [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
             )
+        # With the PyTorch engine one fp32 pass of the model gives both: the features, then
+        # the logits through its head (the computation the score and the conformal sets were
+        # fitted with at training, so an image on a threshold stays on the same side). Other
+        # runtimes (ONNX, OpenVINO) give logits only: the features are one more pass.
+        a, joint = adapt(self.model), want and isinstance(self.engine, TorchEngine)
         for x, _ in batches:
-            views = [x, x.flip(-1)] if self.tta else [x]
-            out.append(torch.stack([self.engine(v) for v in views]).mean(0))
             if want:
-                feats.append(adapt(self.model).features(x.to(self.device)).float().cpu())
+                f = a.features(x.to(self.device)).float()
+                feats.append(f.cpu())
+            first = a.head(f).float().cpu() if joint else self.engine(x)
+            views = [first, self.engine(x.flip(-1))] if self.tta else [first]
+            out.append(torch.stack(views).mean(0))
         logits = torch.cat(out) if out else torch.empty(0, len(self.classes))
         return logits, (torch.cat(feats) if feats else None) if want else None
 

@@ -14,12 +14,14 @@ import io
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ..core.atomic import atomic_write_text
+from ..data.datasets import DecodedImages
 from ..data.decode import resize_shorter, to_tensor
 from ..data.video import read_frames
 
@@ -98,19 +100,20 @@ def events(times: np.ndarray, probs: np.ndarray, labels: Sequence[int], classes)
     return out
 
 
-def _batches(frames: Iterable[tuple[float, Image.Image]], predictor, batch_size: int):
+def _batches(frames: Iterable[tuple[float, Image.Image]], base_size: int, batch_size: int):
+    """(times, decoded frames) of at most ``batch_size`` frames: uint8 tensors at the run's
+    decode size, as :meth:`Predictor.decode` gives images (a clip never sits whole in memory)."""
     times, batch = [], []
     for t, img in frames:
         times.append(t)
-        batch.append(predictor.transform(to_tensor(resize_shorter(img, predictor.base_size))))
+        batch.append(to_tensor(resize_shorter(img, base_size)))
         if len(batch) == batch_size:
-            yield times, torch.stack(batch)
+            yield times, batch
             times, batch = [], []
     if batch:
-        yield times, torch.stack(batch)
+        yield times, batch
 
 
-@torch.inference_mode()
 def predict_video(
     predictor,
     path: str | os.PathLike,
@@ -121,11 +124,17 @@ def predict_video(
     max_seconds: float | None = None,
 ) -> VideoResult:
     """Classify a video's frames (every frame, or ``fps`` a second) with a
-    :class:`~resfit.inference.predictor.Predictor` and find its events."""
+    :class:`~resfit.inference.predictor.Predictor` and find its events. The frames go through
+    the Predictor's own batch path (:meth:`~resfit.inference.predictor.Predictor.logits`): its
+    preprocessing, engine, test-time augmentation and temperature, as images do."""
     times, logits = [], []
-    for t, x in _batches(read_frames(path, fps, max_seconds), predictor, batch_size):
+    for t, frames in _batches(read_frames(path, fps, max_seconds), predictor.base_size,
+                              batch_size):  # fmt: skip
         times += t
-        logits.append(predictor.engine(x).float())
+        n = len(frames)
+        decoded = DecodedImages(frames, torch.full((n,), -1), [Path(str(path))] * n, [],
+                                predictor.base_size)  # fmt: skip
+        logits.append(predictor.logits(decoded, batch_size=n))
     classes = list(predictor.classes)
     all_logits = torch.cat(logits) if logits else torch.empty(0, len(classes))
     probs = predictor.probabilities(all_logits).numpy()

@@ -4,10 +4,12 @@ From epoch ``epochs - N`` the step trains the fake-quantized graph of
 :func:`resfit.models.qat.prepare_qat` instead of the network. That graph shares the network's
 parameters and buffers, so nothing else changes: the optimizer, the schedule, the teacher of a
 distillation, validation and ``model.safetensors`` (plain fp32, loadable as ever) all see the
-same tensors. After each QAT epoch the graph's state (weights and learned int8 ranges) is
-written to ``RUN/model.qat.safetensors`` when the epoch improved the validation score (and
-after every QAT epoch until one does); ``resfit export --int8`` converts it as is instead of
-calibrating after training. The QAT epochs run in fp32: fake quantization under bf16 autocast
+same tensors. After a QAT epoch that improved the validation score, the epoch
+``model.safetensors`` keeps, the graph's state (weights and learned int8 ranges) is written to
+``RUN/model.qat.safetensors`` with that epoch in its metadata; ``resfit export --int8`` converts
+it as is instead of calibrating after training. Where no QAT epoch beats the fp32 epochs
+before them there is no such state (a warning says so) and export calibrates; a state of
+another epoch than the model's is refused (:func:`resfit.runs.load_qat_model`). The QAT epochs run in fp32: fake quantization under bf16 autocast
 would round the ranges it learns.
 """
 
@@ -22,6 +24,7 @@ from torch import nn
 from ..core.errors import ConfigError, TrainingError
 from ..models.qat import prepare_qat, qat_available
 from ..runs import write_qat_model
+from .callbacks import BestModel
 from .loop import Callback, Loop
 
 log = logging.getLogger("resfit")
@@ -38,7 +41,7 @@ class QuantizationAware(Callback):
         self.first = max(0, epochs - qat_epochs)
         self.run, self.main = run, main
         self.graph: nn.Module | None = None
-        self.kept_improved = False
+        self.kept_epoch: int | None = None  # the epoch of the QAT state written (the best)
         self._plain: tuple[nn.Module, str] | None = None
 
     def before_fit(self, loop: Loop) -> None:
@@ -69,14 +72,22 @@ class QuantizationAware(Callback):
             self.graph.train()
 
     def after_epoch(self, loop: Loop) -> None:
-        if self.graph is None or not self.main:
+        # Only an epoch that improved: model.safetensors keeps the best epoch's weights, and
+        # the QAT state must be of the same epoch (an int8 of other weights is another model).
+        if self.graph is None or not self.main or not loop.improved:
             return
-        if loop.improved or not self.kept_improved:
-            state = self.graph.state_dict()
-            if loop.try_write(self.run, lambda: write_qat_model(self.run, state)):
-                self.kept_improved |= loop.improved
+        state, epoch = self.graph.state_dict(), loop.epoch + 1
+        if loop.try_write(self.run, lambda: write_qat_model(self.run, state, epoch)):
+            self.kept_epoch = epoch
 
     def after_fit(self, loop: Loop) -> None:
         if self._plain is not None:
             loop.net, loop.step.precision = self._plain
             self._plain = None
+            best = loop.callback(BestModel)
+            if self.main and best is not None and best.best_epoch <= self.first:
+                log.warning(
+                    "--qat: no quantization-aware epoch beat epoch %d (fp32), which "
+                    "model.safetensors keeps: no int8 state from training; resfit export "
+                    "--int8 calibrates it (--calib DATA)", best.best_epoch,
+                )  # fmt: skip

@@ -47,7 +47,14 @@ from starlette.responses import Response
 from ...data.decode import MAX_PIXELS
 from ...data.paths import display_text
 from ...inference.predictor import Predictor
-from .batching import BadImage, Batcher, QueueFull, decode_image_bytes, image_pixels
+from .batching import (
+    BadImage,
+    Batcher,
+    QueueFull,
+    decode_each,
+    decode_image_bytes,
+    image_pixels,
+)
 from .explain import class_index, data_url, overlay_runner
 from .page import index
 
@@ -193,7 +200,7 @@ class _Service:
             max_queue=options.max_queue,
             on_batch=self.metrics.on_batch,
             embed=_embedder(predictor),
-            on_queue=self.metrics.queue_depth.set,
+            on_queue=self.metrics.queue_depth.set,  # the gauge's one owner
         )
         self.batcher.run["explain"] = overlay_runner(predictor, self.batcher.probabilities)
         self.decode_pool = ThreadPoolExecutor(
@@ -259,17 +266,12 @@ class _Service:
         return files
 
     async def _each(self, files: list[tuple[str, bytes]], fn, *args) -> list | JSONResponse:
-        """``fn(data, *args)`` for every file in the decode threads, or the first error."""
-        loop = asyncio.get_running_loop()
-        jobs = [loop.run_in_executor(self.decode_pool, fn, data, *args) for _, data in files]
-        out = await asyncio.gather(*jobs, return_exceptions=True)
-        for (name, _), result in zip(files, out, strict=True):
-            if isinstance(result, BadImage):
-                prefix = f"{name}: " if len(files) > 1 or name != "body" else ""
-                return _error(result.status, prefix + result.reason)
-            if isinstance(result, BaseException):
-                raise result
-        return out
+        """``fn(data, *args)`` for every file in the decode threads, or the 4xx of the first
+        bad file (:func:`~.batching.decode_each`: the others are cancelled)."""
+        try:
+            return await decode_each(self.decode_pool, files, fn, *args)
+        except BadImage as e:
+            return _error(e.status, e.reason)
 
     async def images_of(self, request: Request) -> list[tuple[str, object]] | JSONResponse:
         """(name, decoded tensor) per image of the request, or the error response. Every
@@ -294,10 +296,8 @@ class _Service:
         """The batcher's results for the decoded ``images``, or 503 when the queue is full."""
         try:
             return await self.batcher.submit_many([img for _, img in images], kind)
-        except QueueFull as e:
+        except QueueFull as e:  # nothing was queued: the gauge (the batcher's) is unchanged
             return _error(503, f"server busy: {e}; retry shortly", **{"Retry-After": "1"})
-        finally:
-            self.metrics.queue_depth.set(self.batcher.pending)
 
     async def predict(self, request: Request, top_k: int | None = None) -> Response:
         if top_k is None:  # plain Starlette: FastAPI has checked and passed it already
@@ -364,7 +364,7 @@ class _Service:
         return JSONResponse(ready)
 
     async def prometheus(self, request: Request) -> Response:
-        self.metrics.queue_depth.set(self.batcher.pending)
+        # The queue-depth gauge has one owner, the batcher: set whenever its queue changes.
         return Response(self.metrics.scrape(), media_type=CONTENT_TYPE_LATEST)
 
 

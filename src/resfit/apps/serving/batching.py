@@ -18,7 +18,7 @@ import io
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from ...data.decode import (
 from ...data.dicom import dicom_pixels, is_dicom
 from ...inference.predictor import Predictor
 
-__all__ = ["BadImage", "Batcher", "QueueFull", "decode_image_bytes", "image_pixels"]
+__all__ = ["BadImage", "Batcher", "QueueFull", "decode_each", "decode_image_bytes", "image_pixels"]
 
 
 class BadImage(Exception):
@@ -138,6 +138,32 @@ def decode_image_bytes(data: bytes, base_size: int, max_pixels: int = MAX_PIXELS
     except Exception as e:  # PIL raises many types for truncated or corrupt data
         raise BadImage(422, f"broken image: {_reason(e)}") from None
     return to_tensor(resize_shorter(rgb, base_size))
+
+
+async def decode_each(pool: Executor, files: list[tuple[str, bytes]], fn, *args) -> list:
+    """``fn(data, *args)`` for every ``(name, data)`` of ``files`` in ``pool``, in order.
+    After one job fails the jobs that have not started are cancelled (a bad file never costs
+    the decoding of the others) and the first failure in file order is raised: a
+    :class:`BadImage` with the file's name in front of its reason (a raw body's: none)."""
+    loop = asyncio.get_running_loop()
+    jobs = [loop.run_in_executor(pool, fn, data, *args) for _, data in files]
+    try:
+        await asyncio.wait(jobs, return_when=asyncio.FIRST_EXCEPTION)
+    finally:  # also when the client has gone (this task cancelled)
+        for job in jobs:
+            job.cancel()  # a no-op for the finished ones
+        # Every job's outcome retrieved (no "exception never retrieved"); a cancelled one
+        # answers at once, its thread's result (if it had started) is dropped.
+        out = await asyncio.gather(*jobs, return_exceptions=True)
+    for (name, _), result in zip(files, out, strict=True):
+        if isinstance(result, asyncio.CancelledError):
+            continue  # cancelled after another file failed: that one is raised
+        if isinstance(result, BadImage):
+            prefix = f"{name}: " if len(files) > 1 or name != "body" else ""
+            raise BadImage(result.status, prefix + result.reason)
+        if isinstance(result, BaseException):
+            raise result
+    return out
 
 
 @dataclass

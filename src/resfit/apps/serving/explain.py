@@ -42,11 +42,16 @@ def overlay_runner(
     def run(items: list[tuple]) -> list[tuple[str, bytes]]:
         if not made:
             made.append(predictor.overlayer())
+        unnamed = [i for i, (_, idx) in enumerate(items) if idx is None]
+        top: dict[int, int] = {}
+        if unnamed:  # one forward pass for the whole batch, not one per image
+            probs = probabilities([items[i][0] for i in unnamed])
+            # The class columns only: a run with an unknown score answers it as one more.
+            n = len(predictor.classes)
+            top = {i: int(p[:n].argmax()) for i, p in zip(unnamed, probs, strict=True)}
         out = []
-        for img, idx in items:
-            if idx is None:
-                # The class columns only: a run with an unknown score answers it as one more.
-                idx = int(probabilities([img])[0][: len(predictor.classes)].argmax())
+        for i, (img, idx) in enumerate(items):
+            idx = top.get(i, idx)
             buf = io.BytesIO()
             made[0](img, idx).save(buf, format="PNG")
             out.append((predictor.classes[idx], buf.getvalue()))

@@ -39,8 +39,6 @@ import logging
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import time
 import traceback
 import warnings
@@ -51,9 +49,10 @@ from typing import Any
 
 from ...core.config import OPTIONS, AugmentConfig, TrainConfig, flag
 from ...core.errors import ConfigError, DataError, MissingExtraError
+from ...core.procs import alive, start_time  # torch-free: a worker claims before importing it
 from ...runs import RunPaths
 from .results import TuneResult, counted, finish, write_trials_csv
-from .signals import no_interrupt, stop_workers
+from .signals import no_interrupt
 from .space import defaults_of, head_only, options_for, search_space, suggest
 
 log = logging.getLogger("resfit")
@@ -227,8 +226,6 @@ def _close_interrupted(study: Any, max_retries: int) -> None:
     """Trials left RUNNING by a process of this machine that is gone: closed as FAIL with the
     reason ``interrupted`` (not counted) and their parameters queued to run again, or, once
     they were run again ``max_retries`` times, closed as FAIL (counted) with the reason."""
-    from ...core.threads import alive
-
     optuna = _optuna()
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         pid, start = t.user_attrs.get("pid"), str(t.user_attrs.get("pid_start", "0"))
@@ -271,7 +268,9 @@ def _claim(study: Any, plan: Plan, cfg: TrainConfig) -> tuple[Any, dict] | None:
         trial = study.ask()
         trial.set_user_attr("host", HOST)
         trial.set_user_attr("pid", os.getpid())
-        trial.set_user_attr("pid_start", _own_start())  # a reused pid is not this process
+        trial.set_user_attr(
+            "pid_start", start_time(os.getpid())
+        )  # a reused pid is not this process
         before = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
         if counted(before) >= plan.trials:  # another machine filled the study meanwhile
             trial.set_user_attr("excluded", "surplus: the study had its trials already")
@@ -390,48 +389,7 @@ def work(plan: Plan) -> int:
     return ran
 
 
-def _own_start() -> str:
-    from ...core.threads import start_time
-
-    return start_time(os.getpid())
-
-
 # -- the study from start to end ------------------------------------------------------------------
-
-
-def _spawn_workers(plan: Plan, jobs: int) -> list[int]:
-    """``jobs`` worker processes on this machine, each with its share of the cores; returns
-    the exit codes of those that failed (a crash, a kill)."""
-    from ...core import threads
-
-    n = threads.child_threads(jobs, plan.fixed.get("threads"))
-    env = threads.child_env(n)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[2]),
-                                                      env.get("PYTHONPATH")]))  # fmt: skip
-    log.info("resfit tune: %d trials at once, %d CPU thread(s) each", jobs, n)
-    procs: list[subprocess.Popen] = []
-    try:
-        for _ in range(jobs):
-            # Their own process group: a terminal's Ctrl-C reaches this process only, which
-            # forwards it once (twice would cut a worker's requeue write short).
-            procs.append(subprocess.Popen([sys.executable, "-m", "resfit.apps.tune.worker"],
-                                          stdin=subprocess.PIPE, env=env, text=True,
-                                          process_group=0))  # fmt: skip
-            procs[-1].stdin.write(plan.to_json())
-            procs[-1].stdin.close()
-        codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:
-        stop_workers(procs)
-        raise
-    except BaseException:  # a worker that could not be started or fed: stop the others
-        for p in procs:
-            p.terminate()
-        raise
-    failed = [c for c in codes if c]
-    if failed:
-        log.error("resfit tune: %d worker(s) failed, exit codes %s (their trials are in "
-                  "trials.csv)", len(failed), failed)  # fmt: skip
-    return failed
 
 
 def tune(
@@ -475,20 +433,38 @@ def tune(
     _optuna()
     Path(out).mkdir(parents=True, exist_ok=True)
     study = load_study(plan, cfg)  # created (and checked) once, before any worker
+    tracked: Any = contextlib.nullcontext()
     if plan.fixed.get("track"):
-        from .tracking import end_study_run, study_run
+        from .tracking import end_study_run, study_run, study_tracked
 
         plan.track_parent = study_run(Path(out), plan.fixed, trials)
-    failed = []
+        tracked = study_tracked(plan.track_parent)  # KILLED / FAILED when it stops early
+    with tracked:
+        result = _run_trials(plan, study, jobs, start)
+        if plan.track_parent:
+            end_study_run(plan.track_parent, Path(plan.out), result.best_value)
+    return result
+
+
+def _run_trials(plan: Plan, study: Any, jobs: int, start: float) -> TuneResult:
+    """The study's trials here (``jobs`` processes), then its result."""
+    failed: list[int] = []
     if jobs == 1:
         work(plan)
-    else:
-        failed = _spawn_workers(plan, jobs)
-        if failed:  # what a crashed worker left RUNNING: run again or FAIL, as the next start would
-            with _file_lock(_lock_path(plan)), no_interrupt():
-                _close_interrupted(study, plan.max_retries)
+    # What a crashed worker left RUNNING: queued again or FAIL, as the next start would, and
+    # the queued ones run now (a live worker may have found the total reached and left while
+    # the crashing trial still ran): workers again while a retry waits.
+    for _ in range(plan.max_retries + 1 if jobs > 1 else 0):
+        from .spawn import spawn_workers
+
+        codes = spawn_workers(plan, jobs)
+        failed += codes
+        if not codes:
+            break
+        with _file_lock(_lock_path(plan)), no_interrupt():
+            _close_interrupted(study, plan.max_retries)
+        if not study.get_trials(deepcopy=False, states=(_optuna().trial.TrialState.WAITING,)):
+            break
     result = finish(study, Path(plan.out), time.time() - start)
     result.failed_workers = failed
-    if plan.track_parent:
-        end_study_run(plan.track_parent, Path(plan.out), result.best_value)
     return result

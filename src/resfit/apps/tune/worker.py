@@ -1,5 +1,6 @@
 """A worker process of ``resfit tune --jobs K``: reads its plan (JSON) on stdin and runs
-trials of the shared study until it has its total. Started by :mod:`resfit.apps.tune.study`."""
+trials of the shared study until it has its total. Started by
+:func:`resfit.apps.tune.spawn.spawn_workers`."""
 
 from __future__ import annotations
 
