@@ -12,7 +12,7 @@ threshold's acceptance on the test set and the unknown sets; conformal coverage 
 over 20 random 50/50 calibration/test splits of the test set (APS and RAPS, at 0.9 and 0.95,
 and per class for one split); selective prediction at max-risk 0.05 over the same 20 splits.
 
-Features are cached (``--cache``, default /tmp/resfit-bench-unknown.npz): extracting them
+Features are cached (``--cache``, default /tmp/resfit-bench-unknown-stages.npz): extracting them
 takes ~4 min on 2 busy cores; every comparison after that reruns in seconds.
 
     flock /work/cpu.lock python bench/unknown.py
@@ -113,11 +113,13 @@ def _digits() -> np.ndarray:
 
 
 def extract(cache: Path) -> dict[str, np.ndarray]:
-    """Pooled features and logits of every set (cached)."""
+    """The unknown score's features (pooled, then the stages' statistics) and logits of
+    every set (cached)."""
     if cache.exists():
         return dict(np.load(cache))
     import torch
 
+    from resfit.inference.stagestats import score_features
     from resfit.models.adapters import adapt
     from resfit.models.weights import IMAGENET_MEAN, IMAGENET_STD, create_model
 
@@ -131,9 +133,9 @@ def extract(cache: Path) -> dict[str, np.ndarray]:
         feats = []
         with torch.inference_mode():
             for i in range(0, len(x), 500):
-                feats.append(ad.features(torch.from_numpy(x[i : i + 500])))
-            f = torch.cat(feats)
-            return f.numpy(), ad.head(f).numpy()
+                feats.append(score_features(ad, torch.from_numpy(x[i : i + 500])))
+            f = torch.cat(feats)  # pooled (64), then the stages' statistics
+            return f.numpy(), ad.head(f[:, : ad.num_features]).numpy()
 
     out: dict[str, np.ndarray] = {}
     classes = None
@@ -158,7 +160,7 @@ def compare_scores(d: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
           + f"{'fit s':>7}{'ms/1k':>7}")  # fmt: skip
     for name in SCORES.names():
         t = time.perf_counter()
-        det = fit_detector(fit_f, fit_y, w, b, name)
+        det = fit_detector(fit_f, fit_y, w, b, name, val=(d["train_f"][held], d["train_l"][held]))
         fit_s = time.perf_counter() - t
         t = time.perf_counter()
         known = det.score(d["test_f"], d["test_l"])
@@ -177,7 +179,9 @@ def compare_scores(d: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
         print(f"  {s}: AUROC {a:.4f} -> {o:.4f} (+{100 * (o - a):.1f} points, x{o / a:.3f}); "
               f"FPR@95TPR {base[s + '_fpr95']:.3f} -> {ours[s + '_fpr95']:.3f}")  # fmt: skip
     # The default threshold as training sets it: 95 % of the held-out "validation" accepted.
-    det = fit_detector(fit_f, fit_y, w, b, DEFAULT_SCORE)
+    det = fit_detector(
+        fit_f, fit_y, w, b, DEFAULT_SCORE, val=(d["train_f"][held], d["train_l"][held])
+    )
     det = det.with_threshold(det.score(d["train_f"][held], d["train_l"][held]), 0.95)
     parts = [f"test {np.mean(det.score(d['test_f'], d['test_l']) <= det.threshold):.1%}"]
     parts += [f"{s} {np.mean(det.score(d[s + '_f'], d[s + '_l']) <= det.threshold):.1%}"
@@ -241,7 +245,7 @@ def conformal_and_selective(d: dict[str, np.ndarray], splits: int = 20) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cache", default="/tmp/resfit-bench-unknown.npz")
+    p.add_argument("--cache", default="/tmp/resfit-bench-unknown-stages.npz")
     args = p.parse_args()
     if not CKPT.exists():
         sys.exit(f"needs {ASSETS} (the shared assets)")

@@ -196,12 +196,18 @@ def test_every_score_ranks_points_between_the_classes_above_them(name: str) -> N
     y = rng.integers(0, 3, 600)
     f = means[y] + rng.normal(0, 0.3, (600, 16))
     w = means / 3
-    det = fit_detector(f, y, w, np.zeros(3), name)
-    near = det.score(f[:100], f[:100] @ w.T)
+    # Stand-ins for the stages' statistics after the pooled features (multistage reads them;
+    # every other score must read the first 16 columns alone, whatever follows).
+    with_stats = lambda x: np.concatenate([x, np.abs(x[:, :8]) + x[:, 8:] ** 2], 1)  # noqa: E731
+    det = fit_detector(with_stats(f), y, w, np.zeros(3), name)
+    near = det.score(with_stats(f[:100]), f[:100] @ w.T)
     # Between the classes, near the origin: no class's cloud, and no confident logit either
     # (which is all that msp, energy and maxlogit see; far out along a class they miss).
     odd = rng.normal(0, 0.3, (100, 16))
-    assert np.median(det.score(odd, odd @ w.T)) > np.median(near), name
+    assert np.median(det.score(with_stats(odd), odd @ w.T)) > np.median(near), name
+    if not SCORES.get(name).stages:  # the pooled features alone give the same scores
+        alone = fit_detector(f, y, w, np.zeros(3), name).score(odd, odd @ w.T)
+        assert np.allclose(alone, det.score(with_stats(odd), odd @ w.T)), name
 
 
 def test_the_option_lists_every_score_once() -> None:
@@ -210,3 +216,21 @@ def test_the_option_lists_every_score_once() -> None:
 
     assert len(UNKNOWN_SCORES) == len(set(UNKNOWN_SCORES))
     assert set(UNKNOWN_SCORES) == set(SCORES.names()) | {"none"}
+
+
+def test_score_features_start_with_the_pooled_features_and_bound_the_statistics() -> None:
+    import torch
+
+    from resfit.inference import stagestats
+    from resfit.models.adapters import adapt
+    from resfit.models.resnet import build_model
+
+    ad = adapt(build_model("resnet20_cifar", num_classes=3).eval())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        f = stagestats.score_features(ad, x)
+        assert torch.allclose(f[:, : ad.num_features], ad.features(x), atol=1e-6)
+    # stem 16, layer1 16, layer2 32, layer3 64 channels: a mean and a std each
+    assert f.shape == (2, 64 + 2 * (16 + 16 + 32 + 64))
+    wide = stagestats.channel_stats(torch.randn(2, 300, 1, 1))  # one pixel: std 0, not NaN
+    assert wide.shape == (2, 2 * stagestats.MAX_CHANNELS) and torch.isfinite(wide).all()

@@ -47,6 +47,7 @@ from ..tasks.multi import MultiLabel
 from ..tasks.registry import task_for
 from ..tasks.single import SingleLabel
 from .engines import Engine, create_engine
+from .stagestats import score_features
 from .trust import Trust, json_answer
 
 __all__ = [
@@ -257,7 +258,7 @@ class Predictor:
         else:  # the fp32 model's logits from the same features: the same in every engine
             with torch.inference_mode():
                 head = adapt(self.model).head
-                fp32 = head(feats.to(head.weight.device)).float().cpu()
+                fp32 = head(feats[:, : head.in_features].to(head.weight.device)).float().cpu()
             s = self.trust.scores(feats.numpy(), fp32.numpy())
         return logits, None if s is None else torch.from_numpy(s)
 
@@ -266,8 +267,10 @@ class Predictor:
         self, decoded: DecodedImages, batch_size: int = 64, *, ready: bool = False,
         features: bool = True,
     ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
-        """Logits and, where the unknown score needs them (and ``features``), the pooled
-        fp32 features of the PyTorch model: the score does not depend on the engine."""
+        """Logits and, where the unknown score needs them (and ``features``), the fp32
+        features of the PyTorch model (pooled, then the stages' statistics:
+        :func:`resfit.inference.stagestats.score_features`): the score does not depend on
+        the engine."""
         from ..models.adapters import adapt
 
         want = features and self.trust.needs_features
@@ -285,7 +288,7 @@ class Predictor:
             views = [x, x.flip(-1)] if self.tta else [x]
             out.append(torch.stack([self.engine(v) for v in views]).mean(0))
             if want:
-                feats.append(adapt(self.model).features(x.to(self.device)).float().cpu())
+                feats.append(score_features(adapt(self.model), x.to(self.device)).cpu())
         logits = torch.cat(out) if out else torch.empty(0, len(self.classes))
         return logits, (torch.cat(feats) if feats else None) if want else None
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..core.runtime import autocast
 from ..data.datasets import DecodedImages, TransformedImages, iter_batches
+from ..inference.stagestats import score_features
 from ..inference.unknown import KNN_BANK, fit_detector
 from ..models.adapters import adapt
 from ..runs import write_unknown
@@ -27,7 +28,9 @@ def features_and_logits(
     model: nn.Module, decoded: DecodedImages, transform, device: torch.device,
     indices: list[int] | None = None, batch_size: int = 128,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Pooled features (N, D) and logits (N, C), fp32, of ``decoded`` images (or some)."""
+    """The unknown score's features (N, D + S: pooled, then the stages' statistics, see
+    :func:`resfit.inference.stagestats.score_features`) and logits (N, C), fp32, of
+    ``decoded`` images (or some)."""
     was_training = model.training
     model.eval()
     ad, idx = adapt(model), indices if indices is not None else list(range(len(decoded)))
@@ -37,9 +40,9 @@ def features_and_logits(
         data, [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
     ):
         with autocast(device, "fp32"):
-            f = ad.features(x.to(device)).float()
+            f = score_features(ad, x.to(device))
             feats.append(f.cpu())
-            logits.append(ad.head(f).float().cpu())
+            logits.append(ad.head(f[:, : ad.num_features]).float().cpu())
     model.train(was_training)
     if not feats:
         return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
@@ -68,9 +71,9 @@ def fit_unknown(
     tr_f, _ = features_and_logits(model, train, transform, device, list(range(0, len(train), step)))
     tr_y = train.labels[::step].numpy()
     head = adapt(model).head
-    det = fit_detector(tr_f, tr_y, head.weight.detach().cpu().numpy(),
-                       head.bias.detach().cpu().numpy(), name)  # fmt: skip
     va_f, va_l = features_and_logits(model, val, transform, device)
+    det = fit_detector(tr_f, tr_y, head.weight.detach().cpu().numpy(),
+                       head.bias.detach().cpu().numpy(), name, val=(va_f, va_l))  # fmt: skip
     val_scores = det.score(va_f, va_l)
     det = det.with_threshold(val_scores, ACCEPT)
     probs = torch.softmax(torch.from_numpy(va_l) / temperature, 1).numpy()
