@@ -243,18 +243,106 @@ def conformal_and_selective(d: dict[str, np.ndarray], splits: int = 20) -> None:
           f"(baseline: answering all, error {1 - correct.mean():.4f})")  # fmt: skip
 
 
+def _unpack_flowers(root: Path) -> tuple[Path, list[Path]]:
+    """flowers5 as a run's data (train/ less every 5th image, val/) and the held-out every
+    5th training image: the known test images, seen neither in training nor in validation."""
+    data, held = root / "data", []
+    with zipfile.ZipFile(FLOWERS) as z:
+        names = sorted(n for n in z.namelist() if n.endswith(".jpg"))
+        for i, n in enumerate(names):
+            split, cls, file = n.split("/")
+            out = data / n
+            if split == "train" and i % 5 == 0:
+                out = root / "held" / cls / file
+                held.append(out)
+            if not out.exists():
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(z.read(n))
+    return data, held
+
+
+def _cifar_photos(root: Path, n: int) -> list[Path]:
+    """``n`` cifar10-jpg test photos, an even spread over the set (the unknown images)."""
+    out = []
+    with zipfile.ZipFile(CIFAR) as z:
+        names = sorted(x for x in z.namelist() if x.startswith("test/") and x.endswith(".jpg"))
+        for name in names[:: max(1, len(names) // n)][:n]:
+            path = root / "cifar" / name.replace("/", "_")
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(z.read(name))
+            out.append(path)
+    return out
+
+
+def finetuned(work: Path, epochs: int) -> None:
+    """A run fine-tuned at 64 px from the ResNet-20 CIFAR checkpoint on flowers5 (``--recipe
+    auto``: finetune): the run's own stored score, and every score refitted as training fits
+    it (training features, validation split), on held-out flowers against cifar10 photos."""
+    from resfit import train
+    from resfit.inference.predictor import Predictor
+    from resfit.models.adapters import adapt
+
+    data, held = _unpack_flowers(work)
+    cifar = _cifar_photos(work, 2000)
+    run = work / f"run-{epochs}"
+    t = time.perf_counter()
+    if not (run / "unknown.json").exists():
+        train(data=str(data), out=str(run), arch="resnet20_cifar",
+              weights=str(CKPT.parent / "resnet20-12fca82f.th"), img_size=64, epochs=epochs,
+              progress=False, report=False, leakage="off", seed=0)  # fmt: skip
+    print(
+        f"\nfine-tuned run at 64 px ({epochs} epochs, {time.perf_counter() - t:.0f} s): "
+        f"flowers5 held-out {len(held)} in, {len(cifar)} cifar10 photos out"
+    )
+    pred = Predictor.from_run(run, engine="torch")
+    t = time.perf_counter()
+    sets = {"train": sorted((data / "train").rglob("*.jpg")),
+            "val": sorted((data / "val").rglob("*.jpg")), "held": held, "cifar": cifar}  # fmt: skip
+    feats = {k: pred.outputs(pred.decode(v)) for k, v in sets.items()}
+    acc = np.mean([pred.classes[i] == p.parent.name
+                   for i, p in zip(feats["held"][0].argmax(1).tolist(), held, strict=True)])  # fmt: skip
+    _, stored_known = pred.unknown_scores(pred.decode(held))
+    _, stored_unknown = pred.unknown_scores(pred.decode(cifar))
+    print(f"  features {time.perf_counter() - t:.0f} s; held-out accuracy {acc:.3f}; the "
+          f"run's stored {pred.trust.detector.name}: AUROC "
+          f"{auroc(stored_known.numpy(), stored_unknown.numpy()):.4f}, FPR@95 "
+          f"{fpr_at_95(stored_known.numpy(), stored_unknown.numpy()):.3f}")  # fmt: skip
+    head = adapt(pred.model).head
+    w, b = head.weight.detach().numpy(), head.bias.detach().numpy()
+    y = np.array([pred.classes.index(p.parent.name) for p in sets["train"]])
+    val = tuple(x.numpy() for x in feats["val"][::-1])  # (features, logits)
+    res = {}
+    for name in SCORES.names():
+        det = fit_detector(feats["train"][1].numpy(), y, w, b, name, val=val)
+        k, u = (det.score(feats[s][1].numpy(), feats[s][0].numpy()) for s in ("held", "cifar"))
+        res[name] = auroc(k, u)
+        print(f"  {name:<12} AUROC {res[name]:.4f}  FPR@95 {fpr_at_95(k, u):.3f}")
+    a, o = res["msp"], res[DEFAULT_SCORE]
+    print(
+        f"  baseline msp vs default {DEFAULT_SCORE}: AUROC {a:.4f} -> {o:.4f} "
+        f"(+{100 * (o - a):.1f} points, x{o / a:.3f})"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cache", default="/tmp/resfit-bench-unknown-stages.npz")
+    p.add_argument("--part", choices=("all", "cifar", "finetuned"), default="all")
+    p.add_argument("--epochs", type=int, default=3, help="the fine-tuned run's epochs")
+    p.add_argument("--work", default="/tmp/resfit-bench-unknown-ft")
     args = p.parse_args()
     if not CKPT.exists():
         sys.exit(f"needs {ASSETS} (the shared assets)")
-    t = time.perf_counter()
-    d = extract(Path(args.cache))
-    print(f"features: {', '.join(f'{k} {len(v)}' for k, v in d.items() if k.endswith('_f'))} "
-          f"({time.perf_counter() - t:.1f} s)")  # fmt: skip
-    compare_scores(d)
-    conformal_and_selective(d)
+    if args.part in ("all", "cifar"):
+        t = time.perf_counter()
+        d = extract(Path(args.cache))
+        print(f"features: {', '.join(f'{k} {len(v)}' for k, v in d.items() if k.endswith('_f'))}"
+              f" ({time.perf_counter() - t:.1f} s)")  # fmt: skip
+        compare_scores(d)
+        conformal_and_selective(d)
+    if args.part in ("all", "finetuned"):
+        finetuned(Path(args.work), args.epochs)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import logging
@@ -89,6 +90,38 @@ def test_unknown_flags_agree_in_csv_serve_api_and_onnx(run, images) -> None:
     assert info["unknown"]["threshold"] == record["threshold"]
     onnx_preds, _ = Predictor.from_run(out, engine="onnx").predict(images)
     assert [p.unknown for p in onnx_preds] == flags
+    # Real photos too (flowers5, cifar10-jpg; where the shared assets are here), in every
+    # engine that runs on this machine: the score reads the run's fp32 features, so the
+    # engines' flags and scores are the torch engine's.
+    photos = _real_photos(out.parent / "photos") + images
+    ref, _ = pred.predict(photos)
+    for engine in ("onnx", "openvino"):
+        if engine == "openvino" and importlib.util.find_spec("openvino") is None:
+            continue
+        got, _ = Predictor.from_run(out, engine=engine).predict(photos)
+        assert [p.unknown for p in got] == [p.unknown for p in ref], engine
+        assert np.allclose([p.unknown_score for p in got], [p.unknown_score for p in ref],
+                           rtol=1e-5, atol=1e-5), engine  # fmt: skip
+
+
+def _real_photos(folder: Path, per_set: int = 4) -> list[Path]:
+    """A few flowers5 and cifar10-jpg photos from the shared assets (none without them)."""
+    import zipfile
+
+    from .conftest import CIFAR_ZIP, FLOWERS_ZIP
+
+    out = []
+    for zip_path in (FLOWERS_ZIP, CIFAR_ZIP):
+        if not zip_path.exists():
+            continue
+        with zipfile.ZipFile(zip_path) as z:
+            names = [n for n in z.namelist() if n.endswith(".jpg")][::997][:per_set]
+            for n in names:
+                path = folder / n.replace("/", "_")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(z.read(n))
+                out.append(path)
+    return out
 
 
 def test_a_run_without_the_score_still_predicts_with_a_note(run, images, tmp_path, caplog) -> None:
