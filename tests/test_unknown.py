@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import logging
@@ -89,6 +90,38 @@ def test_unknown_flags_agree_in_csv_serve_api_and_onnx(run, images) -> None:
     assert info["unknown"]["threshold"] == record["threshold"]
     onnx_preds, _ = Predictor.from_run(out, engine="onnx").predict(images)
     assert [p.unknown for p in onnx_preds] == flags
+    # Real photos too (flowers5, cifar10-jpg; where the shared assets are here), in every
+    # engine that runs on this machine: the score reads the run's fp32 features, so the
+    # engines' flags and scores are the torch engine's.
+    photos = _real_photos(out.parent / "photos") + images
+    ref, _ = pred.predict(photos)
+    for engine in ("onnx", "openvino"):
+        if engine == "openvino" and importlib.util.find_spec("openvino") is None:
+            continue
+        got, _ = Predictor.from_run(out, engine=engine).predict(photos)
+        assert [p.unknown for p in got] == [p.unknown for p in ref], engine
+        assert np.allclose([p.unknown_score for p in got], [p.unknown_score for p in ref],
+                           rtol=1e-5, atol=1e-5), engine  # fmt: skip
+
+
+def _real_photos(folder: Path, per_set: int = 4) -> list[Path]:
+    """A few flowers5 and cifar10-jpg photos from the shared assets (none without them)."""
+    import zipfile
+
+    from .conftest import CIFAR_ZIP, FLOWERS_ZIP
+
+    out = []
+    for zip_path in (FLOWERS_ZIP, CIFAR_ZIP):
+        if not zip_path.exists():
+            continue
+        with zipfile.ZipFile(zip_path) as z:
+            names = [n for n in z.namelist() if n.endswith(".jpg")][::997][:per_set]
+            for n in names:
+                path = folder / n.replace("/", "_")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(z.read(n))
+                out.append(path)
+    return out
 
 
 def test_a_run_without_the_score_still_predicts_with_a_note(run, images, tmp_path, caplog) -> None:
@@ -196,12 +229,18 @@ def test_every_score_ranks_points_between_the_classes_above_them(name: str) -> N
     y = rng.integers(0, 3, 600)
     f = means[y] + rng.normal(0, 0.3, (600, 16))
     w = means / 3
-    det = fit_detector(f, y, w, np.zeros(3), name)
-    near = det.score(f[:100], f[:100] @ w.T)
+    # Stand-ins for the stages' statistics after the pooled features (multistage reads them;
+    # every other score must read the first 16 columns alone, whatever follows).
+    with_stats = lambda x: np.concatenate([x, np.abs(x[:, :8]) + x[:, 8:] ** 2], 1)  # noqa: E731
+    det = fit_detector(with_stats(f), y, w, np.zeros(3), name)
+    near = det.score(with_stats(f[:100]), f[:100] @ w.T)
     # Between the classes, near the origin: no class's cloud, and no confident logit either
     # (which is all that msp, energy and maxlogit see; far out along a class they miss).
     odd = rng.normal(0, 0.3, (100, 16))
-    assert np.median(det.score(odd, odd @ w.T)) > np.median(near), name
+    assert np.median(det.score(with_stats(odd), odd @ w.T)) > np.median(near), name
+    if not SCORES.get(name).stages:  # the pooled features alone give the same scores
+        alone = fit_detector(f, y, w, np.zeros(3), name).score(odd, odd @ w.T)
+        assert np.allclose(alone, det.score(with_stats(odd), odd @ w.T)), name
 
 
 def test_the_option_lists_every_score_once() -> None:
@@ -212,41 +251,19 @@ def test_the_option_lists_every_score_once() -> None:
     assert set(UNKNOWN_SCORES) == set(SCORES.names()) | {"none"}
 
 
-def test_the_fitted_score_reads_the_one_feature_extractor(tmp_path, monkeypatch) -> None:
-    """training/trust.py takes its features from quality's extract_features (the feature
-    cache's computation), for some images or all, and leaves the model and RNG as they were."""
+def test_score_features_start_with_the_pooled_features_and_bound_the_statistics() -> None:
     import torch
 
-    from resfit.data.datasets import DecodedImages
-    from resfit.inference.predictor import load_run_model
+    from resfit.inference import stagestats
     from resfit.models.adapters import adapt
-    from resfit.quality import out_of_fold
-    from resfit.training.trust import features_and_logits
+    from resfit.models.resnet import build_model
 
-    from .test_inference import make_run
-
-    model, _, _ = load_run_model(make_run(tmp_path))
-    model.train()
-    p = Predictor.from_run(tmp_path / "run", engine="torch", device="cpu")
-    n = 7
-    imgs = [torch.randint(0, 256, (3, 18, 18), dtype=torch.uint8) for _ in range(n)]
-    decoded = DecodedImages(imgs, torch.arange(n) % 3, [Path(f"{i}") for i in range(n)], [],
-                            p.base_size)  # fmt: skip
-    calls = []
-    real = out_of_fold.extract_features
-    monkeypatch.setattr(out_of_fold, "extract_features",
-                        lambda *a, **kw: calls.append(len(a[1])) or real(*a, **kw))  # fmt: skip
-    before = torch.random.get_rng_state()
-    feats, logits = features_and_logits(model, decoded, p.transform, torch.device("cpu"),
-                                        [0, 3, 6], batch_size=2)  # fmt: skip
-    assert calls == [3] and model.training
-    assert torch.equal(torch.random.get_rng_state(), before)
-    x = torch.stack([p.transform(imgs[i]) for i in (0, 3, 6)])
-    with torch.no_grad():
-        model.eval()
-        want = adapt(model).features(x)
-        np.testing.assert_allclose(feats, want.numpy(), atol=1e-4)
-        np.testing.assert_allclose(logits, adapt(model).head(want).numpy(), atol=1e-4)
-    all_feats, _ = features_and_logits(model, decoded, p.transform, torch.device("cpu"))
-    assert all_feats.shape == (n, feats.shape[1]) and calls == [3, n]
-    np.testing.assert_allclose(all_feats[[0, 3, 6]], feats, atol=1e-5)
+    ad = adapt(build_model("resnet20_cifar", num_classes=3).eval())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        f = stagestats.score_features(ad, x)
+        assert torch.allclose(f[:, : ad.num_features], ad.features(x), atol=1e-6)
+    # stem 16, layer1 16, layer2 32, layer3 64 channels: a mean and a std each
+    assert f.shape == (2, 64 + 2 * (16 + 16 + 32 + 64))
+    wide = stagestats.channel_stats(torch.randn(2, 300, 1, 1))  # one pixel: std 0, not NaN
+    assert wide.shape == (2, 2 * stagestats.MAX_CHANNELS) and torch.isfinite(wide).all()

@@ -49,6 +49,7 @@ EXPORT_FORMATS = (  # resfit export --format
 TRACKERS = ("mlflow",)  # --track: experiment trackers (training/tracking.py)
 DATA_MODES = ("auto", "memory", "stream", "shards")  # sources.SOURCES (and auto): where images live
 UNKNOWN_SCORES = (
+    "multistage",
     "vim",
     "knn",
     "msp",

@@ -222,7 +222,7 @@ class RunConfig:
     precise_bn: int = option(2048, "re-estimate BN statistics on this many train images per epoch (0 = off)", minimum=0)  # fmt: skip
     report: bool = option(True, "write report.html", resumable=True)
     audit: bool = option(False, "after training, find the training labels that look wrong (resfit audit, frozen backbone): RUN/audit/, linked from the report; needs resfit[audit]", resumable=True)  # fmt: skip
-    unknown_score: str = option("vim", "the unknown-input score fitted after training (RUN/unknown.json; docs/guide/trust-unknown.md), or none", choices=UNKNOWN_SCORES, resumable=True)  # fmt: skip
+    unknown_score: str = option("multistage", "the unknown-input score fitted after training (RUN/unknown.json; docs/guide/trust-unknown.md), or none", choices=UNKNOWN_SCORES, resumable=True)  # fmt: skip
     tensorboard: bool = option(False, "log to RUN/tensorboard", resumable=True)
     track: str | None = option(None, "log the run to an experiment tracker: parameters, each epoch's metrics, the model, report and exports (mlflow: MLFLOW_TRACKING_URI, default sqlite:///mlflow.db here; needs resfit[mlflow])", choices=TRACKERS, resumable=True)  # fmt: skip
     progress: bool = option(True, "progress bars", resumable=True)

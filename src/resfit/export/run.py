@@ -482,7 +482,7 @@ def export_run(
     if unknown is not None:  # predict with any engine flags the same images (its features)
         report["unknown"] = {
             **unknown[0],
-            "features": "the pooled features of RUN/model.safetensors",
+            "features": "the pooled features and stage statistics of RUN/model.safetensors",
         }
     atomic_write_json(out_dir / EXPORT_REPORT, report)
     return report

@@ -47,6 +47,7 @@ from ..tasks.multi import MultiLabel
 from ..tasks.registry import task_for
 from ..tasks.single import SingleLabel
 from .engines import Engine, TorchEngine, create_engine
+from .stagestats import score_features
 from .trust import Trust, json_answer
 
 __all__ = [
@@ -257,7 +258,7 @@ class Predictor:
         else:  # the fp32 model's logits from the same features: the same in every engine
             with torch.inference_mode():
                 head = adapt(self.model).head
-                fp32 = head(feats.to(head.weight.device)).float().cpu()
+                fp32 = head(feats[:, : head.in_features].to(head.weight.device)).float().cpu()
             s = self.trust.scores(feats.numpy(), fp32.numpy())
         return logits, None if s is None else torch.from_numpy(s)
 
@@ -266,8 +267,10 @@ class Predictor:
         self, decoded: DecodedImages, batch_size: int = 64, *, ready: bool = False,
         features: bool = True,
     ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
-        """Logits and, where the unknown score needs them (and ``features``), the pooled
-        fp32 features of the PyTorch model: the score does not depend on the engine."""
+        """Logits and, where the unknown score needs them (and ``features``), the fp32
+        features of the PyTorch model (pooled, then the stages' statistics:
+        :func:`resfit.inference.stagestats.score_features`): the score does not depend on
+        the engine."""
         from ..models.adapters import adapt
 
         want = features and self.trust.needs_features
@@ -288,9 +291,9 @@ class Predictor:
         a, joint = adapt(self.model), want and isinstance(self.engine, TorchEngine)
         for x, _ in batches:
             if want:
-                f = a.features(x.to(self.device)).float()
+                f = score_features(a, x.to(self.device))
                 feats.append(f.cpu())
-            first = a.head(f).float().cpu() if joint else self.engine(x)
+            first = a.head(f[:, : a.num_features]).float().cpu() if joint else self.engine(x)
             views = [first, self.engine(x.flip(-1))] if self.tta else [first]
             out.append(torch.stack(views).mean(0))
         logits = torch.cat(out) if out else torch.empty(0, len(self.classes))

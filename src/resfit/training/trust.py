@@ -11,10 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.datasets import DecodedImages, subset
+from ..core.runtime import autocast
+from ..data.datasets import DecodedImages, TransformedImages, iter_batches
+from ..inference.stagestats import score_features
 from ..inference.unknown import KNN_BANK, fit_detector
 from ..models.adapters import adapt
-from ..quality import out_of_fold
 from ..runs import write_unknown
 
 log = logging.getLogger("resfit")
@@ -22,25 +23,30 @@ log = logging.getLogger("resfit")
 ACCEPT = 0.95  # the default threshold accepts this fraction of the validation images
 
 
+@torch.inference_mode()
 def features_and_logits(
     model: nn.Module, decoded: DecodedImages, transform, device: torch.device,
     indices: list[int] | None = None, batch_size: int = 128,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Pooled features (N, D) and logits (N, C), fp32, of ``decoded`` images (or some): the
-    features from :func:`resfit.quality.out_of_fold.extract_features` (the feature cache's
-    computation, resfit's one), the logits from them through the classifier."""
-    data = decoded if indices is None else subset(decoded, indices)
-    if len(data) == 0:
+    """The unknown score's features (N, D + S: pooled, then the stages' statistics, see
+    :func:`resfit.inference.stagestats.score_features`) and logits (N, C), fp32, of
+    ``decoded`` images (or some)."""
+    was_training = model.training
+    model.eval()
+    ad, idx = adapt(model), indices if indices is not None else list(range(len(decoded)))
+    feats, logits = [], []
+    data = TransformedImages(decoded, transform)
+    for x, _ in iter_batches(
+        data, [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    ):
+        with autocast(device, "fp32"):
+            f = score_features(ad, x.to(device))
+            feats.append(f.cpu())
+            logits.append(ad.head(f[:, : ad.num_features]).float().cpu())
+    model.train(was_training)
+    if not feats:
         return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
-    # channels_last off: the trained model is left as it is (Module.to changes it in place);
-    # the random state too (the feature cache seeds its views).
-    with torch.random.fork_rng(devices=[]):
-        feats = out_of_fold.extract_features(model, data, transform, device, "fp32",
-                                             channels_last=False, batch_size=batch_size)  # fmt: skip
-    with torch.inference_mode():
-        head = adapt(model).head
-        logits = head(torch.from_numpy(feats).to(head.weight.device)).float().cpu().numpy()
-    return feats, logits
+    return torch.cat(feats).numpy(), torch.cat(logits).numpy()
 
 
 def fit_unknown(
@@ -65,9 +71,9 @@ def fit_unknown(
     tr_f, _ = features_and_logits(model, train, transform, device, list(range(0, len(train), step)))
     tr_y = train.labels[::step].numpy()
     head = adapt(model).head
-    det = fit_detector(tr_f, tr_y, head.weight.detach().cpu().numpy(),
-                       head.bias.detach().cpu().numpy(), name)  # fmt: skip
     va_f, va_l = features_and_logits(model, val, transform, device)
+    det = fit_detector(tr_f, tr_y, head.weight.detach().cpu().numpy(),
+                       head.bias.detach().cpu().numpy(), name, val=(va_f, va_l))  # fmt: skip
     val_scores = det.score(va_f, va_l)
     det = det.with_threshold(val_scores, ACCEPT)
     probs = torch.softmax(torch.from_numpy(va_l) / temperature, 1).numpy()
