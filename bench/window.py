@@ -51,7 +51,6 @@ def make_data(root: Path, n_train: int = 300, n_test: int = 100) -> None:
 
 
 def score(root: Path, window: str | None) -> tuple[float, float]:
-    from resfit.data.dicom import set_window
     from resfit.insight.evaluation import evaluate
     from resfit.training import train
 
@@ -60,7 +59,6 @@ def score(root: Path, window: str | None) -> tuple[float, float]:
     train(data=str(root / "train"), out=str(run), arch="resnet20_cifar", img_size=32, epochs=8,
           batch_size=64, progress=False, report=False, leakage="off", window=window, seed=0)  # fmt: skip
     acc = evaluate(run, root / "test", report=False).accuracy
-    set_window(None)
     return acc, time.perf_counter() - start
 
 

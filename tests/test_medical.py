@@ -15,21 +15,14 @@ pytest.importorskip("pydicom")
 
 from resfit.core.config import TrainConfig  # noqa: E402
 from resfit.core.errors import ConfigError  # noqa: E402
+from resfit.core.windows import parse_window  # noqa: E402
 from resfit.data.decode import DecodeError, load_image  # noqa: E402
-from resfit.data.dicom import set_window  # noqa: E402
 
 from .dicoms import photo_as_dicom, write_dicom  # noqa: E402
 
 CLASSES = ("airplane", "frog")
 FAST = dict(arch="resnet20_cifar", img_size=32, batch_size=32, progress=False, augment="none",
             epochs=3, report=False, leakage="off", precise_bn=0)  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _no_window():
-    set_window(None)
-    yield
-    set_window(None)
 
 
 def _grey_pairs(cifar10_root: Path, out: Path, n_train: int, n_test: int) -> tuple[Path, Path]:
@@ -52,9 +45,9 @@ def test_dicom_decodes_to_the_photo(cifar10_root: Path, tmp_path: Path) -> None:
     grey = np.asarray(Image.open(photo).convert("L"), dtype=int)
     for mono1 in (False, True):
         d = photo_as_dicom(photo, tmp_path / f"m{int(mono1)}.dcm", monochrome1=mono1)
-        seen = np.asarray(load_image(d), dtype=int)
-        assert seen.shape == (*grey.shape, 3)
-        assert np.abs(seen[..., 0] - grey).max() <= 1  # rescale, window and inversion applied
+        seen = np.asarray(load_image(d), dtype=np.float32) * 255  # float grey in [0, 1]
+        assert seen.shape == grey.shape
+        assert np.abs(seen - grey).max() <= 1  # rescale, window and inversion applied
 
 
 def test_dicom_trains_evaluates_and_predicts_like_png(cifar10_root: Path, tmp_path: Path) -> None:
@@ -81,15 +74,14 @@ def test_window_option_for_dicom_and_16bit_png(tmp_path: Path) -> None:
     d = write_dicom(tmp_path / "ramp.dcm", ramp, window=(2000.0, 4000.0))
     p = tmp_path / "ramp.png"
     Image.fromarray(ramp.astype(np.uint16)).save(p)
-    own = np.asarray(load_image(d))[0, :, 0]
-    assert own[0] == 0 and own[-1] == 254  # the file's window: the whole ramp
+    own = np.asarray(load_image(d))[0]
+    assert own[0] == 0 and abs(own[-1] - 3990 / 4000) < 1e-6  # the file's window: the ramp
+    narrow_window = parse_window("1000,200")  # values 900..1100 spread over 0..1
     for f in (d, p):
-        set_window("1000,200")  # values 900..1100 spread over 0..255
-        narrow = np.asarray(load_image(f))[0, :, 0]
-        assert narrow[ramp[0] <= 900].max() == 0 and narrow[ramp[0] >= 1100].min() == 255
+        narrow = np.asarray(load_image(f, window=narrow_window))[0]
+        assert narrow[ramp[0] <= 900].max() == 0 and narrow[ramp[0] >= 1100].min() == 1
         assert len(np.unique(narrow[(ramp[0] > 900) & (ramp[0] < 1100)])) == 19  # every step
-    set_window("brain")  # 40 +/- 40: 0..80 of the ramp
-    assert np.asarray(load_image(d))[0, 9, 0] == 255
+    assert np.asarray(load_image(d, window=parse_window("brain")))[0, 9] == 1  # 40 +/- 40
     with pytest.raises(ConfigError, match="--window"):
         TrainConfig.from_options(data="x", window="wide").check()
 
@@ -137,3 +129,58 @@ def test_serve_takes_a_dicom_body(airplane_frog_run, cifar10_root, tmp_path) -> 
         assert (answer["label"] or answer["best_guess"]) == offline.label
         r = c.post("/v1/predict", content=d.read_bytes()[:200])
         assert 400 <= r.status_code < 500
+
+
+def _gradient_png(path: Path) -> Path:
+    """A 64x64 16-bit PNG whose 4,096 pixels each have their own value (0..4095)."""
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)).save(path)
+    return path
+
+
+def _predictor(window: str | None):
+    import torch
+
+    from resfit.inference.predictor import Predictor
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 32, 32))
+    return Predictor(model, ["a", "b"], img_size=32, mean=(0.5,) * 3, std=(0.25,) * 3,
+                     window=window, device="cpu", engine="torch")  # fmt: skip
+
+
+def test_two_windows_in_one_process_do_not_interfere(tmp_path: Path) -> None:
+    """The window is each predictor's value (from its run's config.json), no process state:
+    two runs with their own windows, used in alternation, each decode through their own."""
+    ramp = np.tile(np.arange(0, 4000, 10, dtype=np.uint16), (8, 1))
+    d = write_dicom(tmp_path / "ramp.dcm", ramp, window=(2000.0, 4000.0))
+    narrow, wide = _predictor("1000,200"), _predictor("2000,4000")
+    assert narrow.window == (1000.0, 200.0) and wide.window == (2000.0, 4000.0)
+    first = {}
+    for _ in range(2):
+        for name, p in (("narrow", narrow), ("wide", wide)):
+            img = p.decode([d]).images[0]
+            assert first.setdefault(name, img).equal(img)  # the same every time
+    # 900..1100 spread over 0..1 in one, the whole ramp in the other.
+    assert (first["narrow"] == 1).float().mean() > 0.6 > (first["wide"] == 1).float().mean()
+
+
+def test_windowed_values_reach_the_model_at_full_precision(tmp_path: Path) -> None:
+    """A window wider than 256 raw levels keeps them: the model's input tensor has far more
+    than the 256 values an 8-bit step would leave (predict, serve and training's decoding)."""
+    import torch
+
+    from resfit.apps.serving.batching import decode_image_bytes
+    from resfit.data.samples import Sample
+    from resfit.data.sources import Streaming
+
+    png = _gradient_png(tmp_path / "gradient.png")
+    p = _predictor("2048,4096")
+    x = p.decode([png], ready=True).images[0]  # resized to 32 px, cropped, normalised
+    assert x.dtype == torch.float32 and x.shape == (3, 32, 32)
+    assert len(x[0].unique()) > 800  # 1,024 pixels, each its own value (8 bits: at most 256)
+    served = p.transform(decode_image_bytes(png.read_bytes(), p.base_size, window=p.window))
+    assert served.equal(x)  # serve decodes as predict does
+    opened = Streaming(window=p.window).open([Sample(png, 0)], 32, progress=False, desc="x")
+    assert opened.item(0)[0].dtype == torch.float32 and len(opened.item(0)[0].unique()) > 800
+    Image.new("RGB", (40, 40), (9, 99, 199)).save(tmp_path / "photo.jpg")
+    assert p.decode([tmp_path / "photo.jpg"]).images[0].dtype == torch.uint8  # photos: 8 bits

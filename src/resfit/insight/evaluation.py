@@ -338,7 +338,7 @@ def _images_and_logits(
     every file skipped on the way (decoded with their labels: an unreadable file drops out
     together with its label)."""
     samples, skipped = eval_samples(data, predictor.classes, task=predictor.task.coding)
-    decoded = decode_all(samples, predictor.base_size, progress=progress)
+    decoded = decode_all(samples, predictor.base_size, progress=progress, window=predictor.window)
     return decoded, predictor.logits(decoded, batch_size), skipped + decoded.skipped
 
 

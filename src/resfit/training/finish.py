@@ -148,6 +148,7 @@ def _write_report(
             ev_tf,
             loop.step.device,
             base_size=eval_decode_size(cfg),
+            window=loop.source.window,
         ),  # fmt: skip
         split="validation",
         unknown=unknown,
@@ -253,7 +254,7 @@ def _write_multilabel_report(cfg, loop, res, ev_tf, note: str, audit: dict | Non
     from ..insight.report_multilabel import MultiLabelReportData, write_multilabel_report
 
     explain = make_explainer(loop.eval_model, cfg.model.img_size, ev_tf, loop.step.device,
-                             base_size=eval_decode_size(cfg))  # fmt: skip
+                             base_size=eval_decode_size(cfg), window=loop.source.window)  # fmt: skip
     title = f"{cfg.model.arch} on {Path(cfg.data.path).name}: validation"
     data = MultiLabelReportData(title, res, explain, history=loop.history, notes=[note],
                                 audit=audit)  # fmt: skip
