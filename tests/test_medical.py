@@ -184,3 +184,31 @@ def test_windowed_values_reach_the_model_at_full_precision(tmp_path: Path) -> No
     assert opened.item(0)[0].dtype == torch.float32 and len(opened.item(0)[0].unique()) > 800
     Image.new("RGB", (40, 40), (9, 99, 199)).save(tmp_path / "photo.jpg")
     assert p.decode([tmp_path / "photo.jpg"]).images[0].dtype == torch.uint8  # photos: 8 bits
+
+
+def test_shards_record_the_window(tmp_path: Path) -> None:
+    """prepare stores DICOM files through --window and records it; a run on the shards takes
+    it, and another --window is one error naming the recorded one."""
+    pytest.importorskip("litdata")
+    from resfit.data.shards import ShardImages, prepare, read_index, read_splits, shard_window
+
+    ramp = np.tile(np.arange(0, 4000, 10, dtype=np.uint16), (40, 1))[:, :40] * 25  # 0..9750
+    for cls in ("a", "b"):
+        (tmp_path / "d" / cls).mkdir(parents=True)
+        for i in range(3):
+            write_dicom(tmp_path / "d" / cls / f"{i}.dcm", ramp, window=(5000.0, 10000.0))
+    out = tmp_path / "shards"
+    prepare(tmp_path / "d", out, img_size=32, workers=1, progress=False, window="500,1000",
+            val_fraction=0.34)  # fmt: skip
+    assert read_index(out)["window"] == "500,1000"
+    assert shard_window(out, None) == "500,1000" == shard_window(out, "500, 1000")
+    with pytest.raises(ConfigError, match="prepared with --window 500,1000"):
+        shard_window(out, "lung")
+    from resfit.training.setup import resolve
+
+    cfg = TrainConfig.from_options(data=str(out), arch="resnet20_cifar", img_size=32)
+    assert resolve(cfg, read_splits(out))[0].data.window == "500,1000"  # config.json's window
+    first = read_splits(out).train[0]
+    img = ShardImages(out, "train", [first.index], 32)[0]
+    # The stored pixels are windowed: 0..1000 of the ramp (its first 4 columns) black to white.
+    assert img[0, 0, 0] < 40 and img[0, 0, 8:].min() > 235  # the file's own window: 51 at 8

@@ -49,6 +49,7 @@ from ..core.errors import ConfigError, DataError, MissingExtraError
 from ..core.labels import CODINGS
 from ..core.windows import parse_window, window_value
 from .decode import displayable, load_image, resize_shorter
+from .dicom import is_dicom
 from .discovery import discover
 from .paths import display_path, write_skipped
 from .samples import SHARD_INDEX, SPLITS, DataSplits, Sample
@@ -122,10 +123,12 @@ class _Encoder:
     def encode(self, path: str, data: bytes) -> bytes:
         from PIL import Image
 
-        with Image.open(io.BytesIO(data)) as probe:
-            as_is = (probe.format == "JPEG" and probe.mode == "RGB"
-                     and min(probe.size) == self.base_size
-                     and probe.getexif().get(0x0112, 1) == 1)  # fmt: skip
+        as_is = False
+        if not is_dicom(Path(path), data):  # PIL cannot open a DICOM file: it is decoded below
+            with Image.open(io.BytesIO(data)) as probe:
+                as_is = (probe.format == "JPEG" and probe.mode == "RGB"
+                         and min(probe.size) == self.base_size
+                         and probe.getexif().get(0x0112, 1) == 1)  # fmt: skip
         img = load_image(path, max_side=self.base_size * 2, data=data, window=self.window)
         if as_is:  # decoded all the same: a file that does not decode is listed, not stored
             return data
