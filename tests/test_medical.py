@@ -40,6 +40,11 @@ def _grey_pairs(cifar10_root: Path, out: Path, n_train: int, n_test: int) -> tup
     return png, dcm
 
 
+def _odd(dcm: Path) -> set[str]:
+    """The stems of the test files _grey_pairs made with Manufacturer B (odd positions)."""
+    return {p.stem for c in CLASSES for p in sorted((dcm / "test" / c).glob("*.dcm"))[1::2]}
+
+
 def test_dicom_decodes_to_the_photo(cifar10_root: Path, tmp_path: Path) -> None:
     photo = sorted((cifar10_root / "test" / "cat").glob("*.jpg"))[0]
     grey = np.asarray(Image.open(photo).convert("L"), dtype=int)
@@ -59,10 +64,23 @@ def test_dicom_trains_evaluates_and_predicts_like_png(cifar10_root: Path, tmp_pa
     scores = {}
     for name, root in (("png", png), ("dcm", dcm)):
         run = tmp_path / f"run-{name}"
-        train(TrainConfig.from_options(data=str(root / "train"), out=str(run), **FAST))
+        # The data root: val carved from train/, test/ scored by training (per Manufacturer).
+        train(TrainConfig.from_options(data=str(root), out=str(run), slice_by="Manufacturer",
+                                       **FAST))  # fmt: skip
         scores[name] = evaluate(run, root / "test").accuracy
     assert scores["png"] > 0.6  # it learned something from these photos
     assert abs(scores["png"] - scores["dcm"]) <= 0.05, scores
+    # --slice-by writes slices.csv for every evaluated split (PNGs carry no tag: a warning).
+    evaluated = tmp_path / "run-dcm" / "eval-test"
+    preds = list(csv.DictReader(open(evaluated / "predictions.csv")))
+    slices = list(csv.DictReader(open(evaluated / "slices.csv")))
+    assert (tmp_path / "run-dcm" / "eval-val" / "slices.csv").is_file()
+    assert not (tmp_path / "run-png" / "eval-test" / "slices.csv").exists()
+    maker = {r["path"]: "AB"[int(Path(r["path"]).stem in _odd(dcm))] for r in preds}
+    for row in slices:
+        mine = [int(r["correct"]) for r in preds if maker[r["path"]] == row["Manufacturer"]]
+        assert int(row["n"]) == len(mine) == 40
+        assert float(row["accuracy"]) == pytest.approx(np.mean(mine), abs=1e-6)
     preds, skipped = Predictor.from_run(tmp_path / "run-dcm").predict([dcm / "test"])
     assert not skipped and len(preds) == 2 * 40
     hits = [p.label == Path(p.path).parent.name for p in preds]
