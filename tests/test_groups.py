@@ -102,3 +102,19 @@ def test_missing_group_column_is_one_error(cifar10_root, tmp_path) -> None:
         discover(manifest, group_by="PatientID")
     with pytest.raises(DataError, match="PatientID"):
         discover(cifar10_root / "test", group_by="PatientID")
+
+
+def test_group_by_keeps_groups_whole_in_a_multilabel_manifest(tmp_path: Path) -> None:
+    """A path,labels manifest carves its val split by groups too (it was carved at random)."""
+    rows = [(f"img{i}.jpg", ["a;b", "a", "b"][i % 3], f"g{i // 4}") for i in range(120)]
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "labels", "patient"])
+        w.writerows(rows)
+    for name, _, _ in rows:
+        (tmp_path / name).write_bytes(b"x")  # discovery reads no pixel
+    splits = discover(tmp_path / "m.csv", val_fraction=0.25, seed=0, group_by="patient")
+    assert splits.task == "multilabel" and "by patient groups" in splits.origins["val"]
+    groups = {n: [s.group for s in getattr(splits, n)] for n in ("train", "val")}
+    assert len(set(groups["train"])) + len(set(groups["val"])) == 30  # no group in both
+    assert shared_groups(groups) == {} and 20 <= len(splits.val) <= 40

@@ -180,9 +180,9 @@ def test_two_ranks_in_stream_mode_read_disjoint_files(colours: Path, monkeypatch
     real_load = sources.load_image
     rank = 0
 
-    def load(path, max_side=None):
+    def load(path, max_side=None, **kw):
         read[rank].add(str(path))
-        return real_load(path, max_side)
+        return real_load(path, max_side, **kw)
 
     monkeypatch.setattr(sources, "load_image", load)
     tf = train_transform(AugmentConfig("light"), 16, (0.5,) * 3, (0.25,) * 3)

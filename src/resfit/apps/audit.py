@@ -35,6 +35,7 @@ from typing import Any
 
 from ..core.errors import ConfigError
 from ..core.labels import CODINGS
+from ..core.windows import parse_window, window_value
 
 log = logging.getLogger("resfit")
 
@@ -82,11 +83,13 @@ def audit(
     precision: str = "auto",
     max_distance: int = 4,
     progress: bool = True,
+    window: str | None = None,
 ) -> Any:
     """Audit the labels of the images under ``data`` (a folder of class folders, a data root
     with train/ val/ test/, or a ``path,label[,split]`` CSV; a ``path,labels[,split]``
     multi-label manifest gets its missing and extra labels per image); write the files into
-    ``out``.
+    ``out``. ``window``: the intensity window of DICOM and 16-bit images (``--window``: LEVEL,WIDTH
+    or a preset), as training takes it.
 
     ``weights``: the backbone's pretrained weights (a registered name, ``pretrained`` or a
     file; None is a random backbone, useless here except with ``full_finetune``). ``head``:
@@ -108,13 +111,13 @@ def audit(
     samples = splits.train + splits.val + splits.test
     where = display_path(data)
     _check_labels(splits, samples, full_finetune, folds, where)
-    cfg, model = _seeded_model(
-        _config(data, out, arch, weights, img_size, seed, device, precision, progress), splits, seed
-    )
+    options = (data, out, arch, weights, img_size, seed, device, precision, progress, window)
+    cfg, model = _seeded_model(_config(*options), splits, seed)
     _, ev_tf = build_transforms(cfg)
-    decoded = decode_all(samples, eval_decode_size(cfg), progress=progress, desc="audit: decoding")
+    decoded = decode_all(samples, eval_decode_size(cfg), progress=progress, desc="audit: decoding",
+                         window=parse_window(cfg.data.window))  # fmt: skip
     dev, prec = _device(device, precision)
-    meta = _meta(data, arch, weights, full_finetune, splits.skipped + decoded.skipped)
+    meta = _meta(data, arch, weights, full_finetune, splits.skipped + decoded.skipped, window)
     common = dict(device=dev, precision=prec, folds=folds, seed=seed, max_distance=max_distance,
                   channels_last=cfg.runtime.channels_last, progress=progress, meta=meta,
                   where=where)  # fmt: skip
@@ -127,11 +130,12 @@ def audit(
 
 
 def _meta(data: str | os.PathLike, arch: str, weights: str | None, full_finetune: bool,
-          skipped: list) -> dict[str, Any]:  # fmt: skip
-    """What the audit's summary says about how it was made."""
+          skipped: list, window: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """What the audit's summary says about how it was made (``window``: the --window the
+    DICOM/16-bit images were decoded through, None for each file's own)."""
     return {"data": str(data), "model": f"{arch} ({weights or 'random init'})",
             "mode": "full-finetune" if full_finetune else "frozen backbone",
-            "skipped": [list(s) for s in skipped]}  # fmt: skip
+            "window": window, "skipped": [list(s) for s in skipped]}  # fmt: skip
 
 
 def _seeded_model(cfg: Any, splits: Any, seed: int) -> tuple[Any, Any]:
@@ -174,6 +178,7 @@ def _labels(samples: list) -> Any:
 def _config(
     data: str | os.PathLike, out: str | os.PathLike, arch: str, weights: str | None,
     img_size: int | None, seed: int, device: str, precision: str, progress: bool,
+    window: str | None = None,
 ) -> Any:  # fmt: skip
     from ..core.config import TrainConfig
 
@@ -181,6 +186,8 @@ def _config(
                    device=device, precision=precision, progress=progress)  # fmt: skip
     if img_size is not None:
         options["img_size"] = img_size
+    if window:
+        options["window"] = window
     return TrainConfig.from_options(**options).check()
 
 
@@ -255,6 +262,10 @@ def add_audit_parser(subparsers: Any) -> None:
                    help="logistic-regression head on the frozen features")  # fmt: skip
     p.add_argument("--max-distance", type=int, default=4,
                    help="pHash bits within which two images are the same picture (-1: skip)")  # fmt: skip
+    p.add_argument("--window", type=window_value, metavar="L,W",
+                   help="DICOM and 16-bit PNG/TIFF: the intensity window LEVEL,WIDTH or a preset "
+                        "(lung, bone, soft-tissue, brain), as for train (default: the DICOM "
+                        "file's own window, else the whole range)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -269,7 +280,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         args.data, args.out, arch=args.arch, weights=args.weights, img_size=args.img_size,
         folds=args.folds, full_finetune=args.full_finetune, epochs=args.epochs, head=args.head,
         seed=args.seed, device=args.device, max_distance=args.max_distance,
-        progress=args.progress,
+        progress=args.progress, window=args.window,
     )  # fmt: skip
     s = result.summary
     print(f"{s['label_issues']} label issue(s) in {s['images']} images (out-of-fold accuracy "

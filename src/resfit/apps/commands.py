@@ -100,10 +100,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     given = given_options(args)
     TrainConfig.from_options(**given).check()  # bad values answer before torch is imported
-    from ..data.dicom import set_window
     from ..data.shards import prepare
 
-    set_window(given.get("window"))  # the frames written are the windowed images
     data = args.data
     if args.frames_per_second:  # a folder of labelled videos: their frames, grouped by video
         from ..data.video import extract_frames
@@ -115,7 +113,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                     val_fraction=given.get("val_fraction", 0.15),
                     test_fraction=given.get("test_fraction", 0.0), seed=given.get("seed", 0),
                     task=given.get("task", "auto"), progress=given.get("progress", True),
-                    group_by=given.get("group_by"))  # fmt: skip
+                    group_by=given.get("group_by"), window=given.get("window"))  # fmt: skip
     counts = ", ".join(f"{s} {p['count']}" for s, p in index["splits"].items() if p["count"])
     print(f"prepared {counts} images ({len(index['skipped'])} skipped) in {args.out}: "
           f"resfit train {args.out} --out RUN")  # fmt: skip

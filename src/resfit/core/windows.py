@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from .errors import ConfigError
 
-__all__ = ["WINDOW_PRESETS", "parse_window", "window_value"]
+__all__ = ["WINDOW_PRESETS", "Window", "parse_window", "window_value"]
+
+# A chosen window (level, width), or None: the DICOM file's own, else the whole range.
+Window = tuple[float, float] | None
 
 # Common CT windows (level, width) in Hounsfield units, as radiology viewers name them.
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
@@ -17,7 +20,7 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
 }
 
 
-def parse_window(spec: str | None) -> tuple[float, float] | None:
+def parse_window(spec: str | None) -> Window:
     """``"40,400"`` or a preset name as (level, width); None or ``""``: the file's own."""
     if not spec:
         return None

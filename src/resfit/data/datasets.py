@@ -1,6 +1,7 @@
 """Decoded images held ready for training: decode every sample once, in threads
-(:func:`decode_all`), keep them as uint8 tensors (:class:`DecodedImages`), and serve augmented
-batches from them (:class:`TransformedImages`, :func:`iter_batches`).
+(:func:`decode_all`), keep them as uint8 tensors (windowed DICOM/16-bit images: float32 in
+[0, 1], see :mod:`resfit.data.decode`) (:class:`DecodedImages`), and serve augmented batches from
+them (:class:`TransformedImages`, :func:`iter_batches`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from ..core.labels import coding_of
 from ..core.threads import worker_init
+from ..core.windows import Window
 from .decode import DecodeError, load_image, resize_shorter, to_tensor
 from .paths import display_path
 from .samples import Sample
@@ -28,7 +30,8 @@ __all__ = ["DecodedImages", "TransformedImages", "decode_all", "iter_batches", "
 
 @dataclass
 class DecodedImages:
-    """Images decoded once, shorter side resized to ``base_size``, as uint8 (3, H, W) tensors."""
+    """Images decoded once, shorter side resized to ``base_size``, as (3, H, W) tensors: uint8,
+    or float32 in [0, 1] for windowed images."""
 
     images: list[Tensor]
     labels: Tensor
@@ -86,19 +89,21 @@ def decode_all(
     progress: bool = True,
     desc: str = "decoding",
     transform: Callable[[Tensor], Tensor] | None = None,
+    window: Window = None,
 ) -> DecodedImages:
     """Decode every sample once (in threads: PIL releases the GIL while decoding).
 
     Done up front so that broken files are known and listed before training starts, and so
     that no epoch pays for JPEG decoding again: on a 2-core machine decoding otherwise costs as
     much as the forward pass of a small network. ``transform`` (prediction's crop and
-    normalise) runs in the same threads, beside the model rather than before it.
+    normalise) runs in the same threads, beside the model rather than before it. ``window``:
+    the intensity window of DICOM and 16-bit images (the run's ``--window``).
     """
     from ..core.progress import progress_bar
 
     def work(s: Sample) -> Tensor | str:
         try:
-            img = load_image(s.path, max_side=base_size * 2)
+            img = load_image(s.path, max_side=base_size * 2, window=window)
             tensor = to_tensor(resize_shorter(img, base_size))
         except DecodeError as e:
             return str(e)

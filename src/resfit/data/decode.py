@@ -2,6 +2,12 @@
 converted, 16-bit scaled (not clipped), transparency composited on white, the first frame of a
 GIF; a file that cannot be decoded raises :class:`DecodeError`, which callers turn into a skip
 with its reason, never a crash.
+
+Windowed images (DICOM grey, and 16-bit PNG/TIFF with a chosen ``window``) decode to a PIL
+``F`` image (float32 grey in [0, 1]) instead of RGB: :func:`resize_shorter` keeps it float and
+:func:`to_tensor` gives a float32 (3, H, W) tensor in [0, 1] (one plane seen three times, so it
+takes 4 bytes a pixel, not 12), which the eval and training transforms take as it is. Ordinary
+photos keep their uint8 path untouched.
 """
 
 from __future__ import annotations
@@ -17,9 +23,17 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from .dicom import current_window, is_dicom, read_dicom, window_array
+from ..core.windows import Window
+from .dicom import is_dicom, read_dicom, to_uint8, window_array
 
-__all__ = ["DecodeError", "load_image", "pil_to_rgb", "resize_shorter", "to_tensor"]
+__all__ = [
+    "DecodeError",
+    "displayable",
+    "load_image",
+    "pil_to_rgb",
+    "resize_shorter",
+    "to_tensor",
+]
 # PIL's own decompression-bomb limit; a larger image is refused before it is decoded.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
@@ -50,10 +64,17 @@ def _scaled_to_l(img: Image.Image, scale: Callable[[np.ndarray], np.ndarray]) ->
     return Image.fromarray(out)
 
 
-def _sixteen_bit_to_rgb(img: Image.Image) -> Image.Image:
-    window = current_window()  # --window: the chosen window of the raw values, not their range
-    if window is not None:
-        return _scaled_to_l(img, lambda a: window_array(a, window)).convert("RGB")
+def _windowed(img: Image.Image, window: tuple[float, float]) -> Image.Image:
+    """A one-band image through ``window``, strip by strip, as a float32 ``F`` image."""
+    out = np.empty((img.height, img.width), dtype=np.float32)
+    for top, bottom in _strips(img):
+        out[top:bottom] = window_array(np.asarray(img.crop((0, top, img.width, bottom))), window)
+    return Image.fromarray(out)  # float32: mode F
+
+
+def _sixteen_bit_to_rgb(img: Image.Image, window: Window = None) -> Image.Image:
+    if window is not None:  # --window: the chosen window of the raw values, at full precision
+        return _windowed(img, window)
     # 16-bit data: scale to 8 bits instead of letting convert() clip it to white. In integers:
     # round(x * 255 / 65535) = round(x / 257) = (x + 128) // 257 (x / 257 is never a half).
     peak = 65535 if img.getextrema()[1] > 255 else 255
@@ -85,11 +106,12 @@ def _composite_on_white(img: Image.Image) -> Image.Image:
     return out
 
 
-def pil_to_rgb(img: Image.Image) -> Image.Image:
+def pil_to_rgb(img: Image.Image, window: Window = None) -> Image.Image:
     """Any PIL mode as RGB. 16-bit, float and transparent images are converted in strips of
-    rows: the extra memory is a strip, not float64 or RGBA copies of the whole image."""
+    rows: the extra memory is a strip, not float64 or RGBA copies of the whole image. With a
+    ``window``, a 16-bit image comes back as a float ``F`` image in [0, 1] (see the module)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        return _sixteen_bit_to_rgb(img)
+        return _sixteen_bit_to_rgb(img, window)
     if img.mode == "F":
         return _float_to_rgb(img).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -98,11 +120,17 @@ def pil_to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(
-    path: str | os.PathLike, max_side: int | None = None, data: bytes | None = None
+    path: str | os.PathLike,
+    max_side: int | None = None,
+    data: bytes | None = None,
+    *,
+    window: Window = None,
 ) -> Image.Image:
     """Decode one image to RGB as a person sees it. ``max_side`` lets JPEG decoding downscale
     in the DCT domain (PIL's draft mode), several times faster for large photos. ``data``: the
-    file's bytes, already read (``path`` then only names it).
+    file's bytes, already read (``path`` then only names it). ``window`` (level, width): the
+    intensity window of DICOM and 16-bit images (None: a DICOM file's own); those come back as
+    float ``F`` images in [0, 1] (the module's doc).
 
     Raises :class:`DecodeError` with a short reason for anything unreadable.
     """
@@ -111,7 +139,7 @@ def load_image(
         if (len(data) if data is not None else path.stat().st_size) == 0:
             raise DecodeError("empty file")
         if is_dicom(path, data):
-            return _load_dicom(path, data)
+            return _load_dicom(path, data, window)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path if data is None else io.BytesIO(data)) as img:
@@ -125,7 +153,7 @@ def load_image(
                 img.seek(0)  # first frame of an animation
                 img = ImageOps.exif_transpose(img)
                 img.load()
-                return pil_to_rgb(img)
+                return pil_to_rgb(img, window)
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -135,17 +163,24 @@ def load_image(
         raise DecodeError(reason) from None
 
 
-def _load_dicom(path: Path, data: bytes | None) -> Image.Image:
-    """A DICOM file as RGB (see :mod:`resfit.data.dicom`); a missing pydicom is a reason to
-    skip it that says what to install."""
+def _load_dicom(path: Path, data: bytes | None, window: Window) -> Image.Image:
+    """A DICOM file as a float ``F`` image (grey) or RGB (colour; see :mod:`resfit.data.dicom`);
+    a missing pydicom is a reason to skip it that says what to install."""
     try:
-        pixels = read_dicom(path, data, MAX_PIXELS)
+        pixels = read_dicom(path, data, MAX_PIXELS, window=window)
     except ImportError as e:
         raise DecodeError(str(e)) from None
-    img = Image.fromarray(pixels)
-    if img.width * img.height > MAX_PIXELS:
-        raise DecodeError(f"{img.width}x{img.height} pixels exceeds the {MAX_PIXELS:,} limit")
-    return img.convert("RGB")
+    if pixels.ndim == 2:
+        return Image.fromarray(pixels)  # float32: mode F
+    return Image.fromarray(pixels).convert("RGB")
+
+
+def displayable(img: Image.Image) -> Image.Image:
+    """An image as 8-bit RGB for a person or a JPEG (a windowed float image rounded to 8 bits);
+    never on the way to the model."""
+    if img.mode == "F":
+        return Image.fromarray(to_uint8(np.asarray(img, dtype=np.float32))).convert("RGB")
+    return img
 
 
 def resize_shorter(img: Image.Image, size: int) -> Image.Image:
@@ -159,5 +194,9 @@ def resize_shorter(img: Image.Image, size: int) -> Image.Image:
 
 
 def to_tensor(img: Image.Image) -> Tensor:
-    """PIL RGB -> uint8 tensor (3, H, W)."""
+    """PIL RGB -> uint8 tensor (3, H, W); a windowed ``F`` image -> float32 (3, H, W) in
+    [0, 1], its one plane expanded (a view: the three channels share memory)."""
+    if img.mode == "F":
+        plane = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
+        return plane[None].expand(3, -1, -1)
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()

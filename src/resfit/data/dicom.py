@@ -4,24 +4,25 @@ window (level and width) the way a radiologist's viewer shows them, MONOCHROME1 
 
 The window is the file's own (Window Center / Window Width) unless one is chosen: ``"L,W"`` or a
 named preset (:data:`WINDOW_PRESETS`, in Hounsfield units). The same choice applies to 16-bit PNG
-and TIFF files (:func:`window_array`). The window is applied to the raw values in float32, so no
-contrast inside the window is lost to an earlier 8-bit conversion.
+and TIFF files (:func:`window_array`). The window is applied to the raw values in float32 and
+its result stays float32 in [0, 1] on its way to the model (resize, crop and normalisation in
+float): no contrast inside the window is lost to an 8-bit step.
 
-The chosen window travels as the ``RESFIT_WINDOW`` environment variable (:func:`set_window`):
-every decoding place (training, data workers, eval, predict, serve) reads it there, and worker
-processes inherit it. Patient data never leaves this module: errors name the file, not the
-patient.
+The chosen window is a value (``(level, width)`` or None), passed explicitly to every decoding
+function (:func:`resfit.data.decode.load_image` and the sources and datasets built on it); a run
+records it in its config.json and the Predictor reads it there. No process-wide state: two runs
+with different windows in one process (a notebook, a server) do not interfere. Patient data never
+leaves this module: errors name the file, not the patient.
 """
 
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 
-from ..core.windows import WINDOW_PRESETS, parse_window
+from ..core.windows import WINDOW_PRESETS, Window, parse_window
 
 __all__ = [
     "DICOM_SUFFIXES",
@@ -31,44 +32,33 @@ __all__ = [
     "is_dicom",
     "parse_window",
     "read_dicom",
-    "set_window",
+    "to_uint8",
     "window_array",
 ]
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
-_ENV = "RESFIT_WINDOW"
 _PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # The packages pydicom's pixel handlers need for the compressed transfer syntaxes.
 _DECODERS = "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"
 PIP_DICOM = "pip install 'resfit[dicom]'"
 
 
-def set_window(spec: str | None) -> None:
-    """Choose the window for every image decoded from now on, in this process and the
-    processes it starts (``None``: each file's own, else today's whole-range scaling)."""
-    parse_window(spec)  # a bad spec fails here, not in a data worker
-    if spec:
-        os.environ[_ENV] = spec
-    else:
-        os.environ.pop(_ENV, None)
-
-
-def current_window() -> tuple[float, float] | None:
-    return parse_window(os.environ.get(_ENV))
-
-
-def window_array(values: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
-    """Values (any numeric type) to uint8 grey through ``(level, width)``: below the window is
-    black, above it white, linear between (DICOM PS3.3 C.11.2.1.2, simplified); with no window,
-    the values' own minimum to maximum."""
+def window_array(values: np.ndarray, window: Window) -> np.ndarray:
+    """Values (any numeric type) to float32 grey in [0, 1] through ``(level, width)``: below the
+    window is black, above it white, linear between (DICOM PS3.3 C.11.2.1.2, simplified); with
+    no window, the values' own minimum to maximum. Full precision: no 8-bit step."""
     v = values.astype(np.float32, copy=False)
     if window is None:
         lo, hi = float(v.min()), float(v.max())
     else:
         lo, hi = window[0] - window[1] / 2, window[0] + window[1] / 2
     span = (hi - lo) or 1.0
-    out = (v - lo) * (255.0 / span)
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    return np.clip((v - lo) * np.float32(1.0 / span), 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def to_uint8(grey: np.ndarray) -> np.ndarray:
+    """Float grey in [0, 1] as uint8 (rounded): for a display, a JPEG shard, never the model."""
+    return np.clip(grey * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def is_dicom(path: Path, data: bytes | None = None) -> bool:
@@ -125,10 +115,13 @@ def _first(value) -> float | None:
         return None
 
 
-def read_dicom(path: Path, data: bytes | None = None, max_pixels: int | None = None) -> np.ndarray:
-    """A single-frame DICOM image as uint8 grey (H, W): rescaled, windowed (the chosen window,
-    else the file's, else its range) and MONOCHROME1 inverted. Raises ``ValueError`` with a
-    one-line reason (no pixel data, several frames, a decoder missing)."""
+def read_dicom(
+    path: Path, data: bytes | None = None, max_pixels: int | None = None, *, window: Window = None
+) -> np.ndarray:
+    """A single-frame DICOM image: grey as float32 (H, W) in [0, 1], rescaled, windowed
+    (``window``, else the file's own, else its range) and MONOCHROME1 inverted; colour as uint8
+    (H, W, 3). Raises ``ValueError`` with a one-line reason (no pixel data, several frames, a
+    decoder missing)."""
     ds = _open(path, data, pixels=True)
     if "PixelData" not in ds:
         raise ValueError("DICOM file without pixel data (no PixelData element)")
@@ -153,12 +146,11 @@ def read_dicom(path: Path, data: bytes | None = None, max_pixels: int | None = N
     slope = _first(getattr(ds, "RescaleSlope", None)) or 1.0
     intercept = _first(getattr(ds, "RescaleIntercept", None)) or 0.0
     values = pixels.astype(np.float32) * slope + intercept
-    window = current_window()
     if window is None:
         level, width = (_first(getattr(ds, t, None)) for t in ("WindowCenter", "WindowWidth"))
         window = (level, width) if level is not None and width else None
     grey = window_array(values, window)
-    return 255 - grey if photometric == "MONOCHROME1" else grey
+    return np.subtract(1.0, grey, out=grey) if photometric == "MONOCHROME1" else grey
 
 
 def _colour(pixels: np.ndarray) -> np.ndarray:
@@ -166,5 +158,5 @@ def _colour(pixels: np.ndarray) -> np.ndarray:
     if pixels.ndim != 3 or pixels.shape[-1] != 3:
         raise ValueError(f"DICOM pixel data of shape {pixels.shape} is not one image")
     if pixels.dtype != np.uint8:
-        return window_array(pixels, None)
+        return to_uint8(window_array(pixels, None))
     return pixels

@@ -21,11 +21,21 @@ from .dicom import dicom_tags, is_dicom
 from .paths import display_path, open_csv
 from .samples import DataSplits, Sample
 
-__all__ = ["CARVED", "DEFAULT_GROUP_TAGS", "group_split", "read_values", "regroup"]
+__all__ = [
+    "CARVED",
+    "CARVED_AT_RANDOM",
+    "DEFAULT_GROUP_TAGS",
+    "group_split",
+    "read_values",
+    "regroup",
+]
 
-# What the origin of a split carved out of train says (discovery's note), so regrouping knows
-# which splits it may redraw and which the user made by hand.
+# What the origin of a split carved out of train says (discovery's note; a multi-label
+# manifest's carve is at random), so regrouping knows which splits it may redraw and which the
+# user made by hand.
 CARVED = "stratified, seed"
+CARVED_AT_RANDOM = "at random, seed"
+_CARVED_MARKS = (CARVED, CARVED_AT_RANDOM)
 
 # What groups DICOM images when no --group-by is given: the patient, else the study.
 DEFAULT_GROUP_TAGS = ("PatientID", "StudyInstanceUID")
@@ -150,7 +160,7 @@ def regroup(
         return splits
     for s, v in zip(everything, values, strict=True):
         s.group = v
-    carved = [n for n in ("val", "test") if CARVED in splits.origins.get(n, "")]
+    carved = [n for n in ("val", "test") if any(m in splits.origins.get(n, "") for m in _CARVED_MARKS)]  # fmt: skip
     if not carved:
         return splits
     pool = splits.train + [s for n in carved for s in getattr(splits, n)]
@@ -159,5 +169,6 @@ def regroup(
     what = group_by or "the group column or DICOM PatientID"
     for name, part in zip(carved, parts[1:], strict=True):
         setattr(splits, name, part)
-        splits.origins[name] = splits.origins[name].replace(CARVED, f"by {what} groups, {CARVED}")
+        for mark in _CARVED_MARKS:  # the group split is stratified, single- or multi-label
+            splits.origins[name] = splits.origins[name].replace(mark, f"by {what} groups, {CARVED}")
     return splits

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..core.errors import DataError
 from ..core.labels import CODINGS, LabelCoding, coding_for
+from .groups import CARVED_AT_RANDOM
 from .paths import display_path, display_text, open_csv
 from .samples import SPLIT_FOLDER_NAMES, SPLITS, DataSplits, Sample, split_of
 
@@ -170,7 +171,7 @@ def discover_multilabel_csv(
         fractions = [val_fraction] + ([test_fraction] if test_fraction > 0 and not test else [])
         parts = _carve_multilabel(train, fractions, seed)
         train, val = parts[0], parts[1]
-        note = f"{val_fraction:.0%} of the train rows of {where}, at random, seed {seed}"
+        note = f"{val_fraction:.0%} of the train rows of {where}, {CARVED_AT_RANDOM} {seed}"
         origins["val"] = note
         if len(parts) > 2:
             test = parts[2]

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..core.errors import ConfigError
+from ..core.windows import Window, parse_window
 
 __all__ = [
     "INTERPOLATION_NAMES",
@@ -86,7 +87,9 @@ def _resized(height: int, width: int, shorter: int) -> tuple[int, int]:
 class EvalTransform:
     """uint8 (C, H, W) image -> normalised float32 (C, img_size, img_size), equal bit for bit
     to torchvision's eval pipeline (:func:`resfit.data.augmentation.eval_transform`) for the same
-    arguments. Thread-safe: decode threads call it on their own images."""
+    arguments. A windowed float32 image in [0, 1] (DICOM, 16-bit with ``--window``) takes the
+    same steps without the division by 255. Thread-safe: decode threads call it on their own
+    images."""
 
     def __init__(
         self,
@@ -125,10 +128,13 @@ class EvalTransform:
         h, w = image.shape[-2:]
         size = self.img_size
         resize = self.shorter is not None and _resized(h, w, self.shorter) != (h, w)
-        if resize or image.dtype != torch.uint8 or size > h or size > w or image.numel() == 0:
+        known = image.dtype in (torch.uint8, torch.float32)
+        if resize or not known or size > h or size > w or image.numel() == 0:
             return self.torchvision_pipeline()(image)
         top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
         crop = image[..., top : top + size, left : left + size]
+        if image.dtype == torch.float32:  # already in [0, 1] (ToDtype leaves floats alone)
+            return crop.sub(self._mean).div_(self._std)  # sub: a new tensor, the image intact
         # ToDtype(float32, scale=True), then Normalize: the same operations, in this order.
         x = crop.to(torch.float32).mul_(1.0 / 255)
         return x.sub(self._mean).div_(self._std)
@@ -146,6 +152,8 @@ def for_channels(
 
     def luminance(img: Tensor) -> Tensor:
         grey = 0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2]
+        if img.is_floating_point():  # a windowed image: its grey at full precision
+            return transform(grey.clamp(0, 1)[None])
         return transform(grey.round().clamp(0, 255).to(torch.uint8)[None])
 
     return luminance
@@ -168,10 +176,12 @@ class EvalPreprocessing:
     in_chans: int = 3
     resize_size: int | None = None
     interpolation: str = "bilinear"
+    window: str | None = None  # --window of DICOM and 16-bit images (None: a DICOM file's own)
 
     def __post_init__(self) -> None:
         check_interpolation(self.interpolation)  # refuse an unknown filter now, not per image
         decode_size(self.img_size, self.resize_size)
+        parse_window(self.window)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> EvalPreprocessing:
@@ -183,11 +193,17 @@ class EvalPreprocessing:
             in_chans=int(cfg.get("in_chans") or 3),
             resize_size=int(resize) if resize is not None else None,
             interpolation=str(cfg.get("interpolation") or "bilinear"),
+            window=cfg.get("window") or None,
         )
 
     @property
     def decode_size(self) -> int:
         return decode_size(self.img_size, self.resize_size)
+
+    @property
+    def window_values(self) -> Window:
+        """The window as (level, width), what the decoding functions take."""
+        return parse_window(self.window)
 
     def eval_transform(self) -> Callable[[Tensor], Tensor]:
         """:class:`EvalTransform` for this run, adapted to its input channels."""

@@ -23,6 +23,11 @@ Resuming: the plan (every split's files, labels and the options) is written firs
 ``prepare`` checks that the plan is the same, skips the splits that are done and lets LitData
 continue a split from its last checkpoint. The fingerprints go to one small JSON-lines file
 per worker process; a sample done twice across a restart writes the same line twice.
+
+Windows: DICOM and 16-bit images are stored through ``prepare``'s ``window`` (the ``--window``
+text, recorded in the index as ``window``), in 8 bits (JPEG), so a run on shards loses the
+full precision that training on the original files keeps. A run on a prepared folder takes the
+recorded window as its own (:func:`shard_window`); asking for another one is an error.
 """
 
 from __future__ import annotations
@@ -40,9 +45,11 @@ from pathlib import Path
 from typing import Any
 
 from ..core.atomic import atomic_write_text
-from ..core.errors import DataError, MissingExtraError
+from ..core.errors import ConfigError, DataError, MissingExtraError
 from ..core.labels import CODINGS
-from .decode import load_image, resize_shorter
+from ..core.windows import parse_window, window_value
+from .decode import displayable, load_image, resize_shorter
+from .dicom import is_dicom
 from .discovery import discover
 from .paths import display_path, write_skipped
 from .samples import SHARD_INDEX, SPLITS, DataSplits, Sample
@@ -86,13 +93,15 @@ def is_prepared(path: str | os.PathLike[str]) -> bool:
 class _Encoder:
     """LitData's ``fn``: one (position, path) -> the stored item; fingerprints on the side."""
 
-    def __init__(self, base_size: int, quality: int, meta_dir: Path, split: str) -> None:
+    def __init__(self, base_size: int, quality: int, meta_dir: Path, split: str,
+                 window: str | None = None) -> None:  # fmt: skip
         self.base_size, self.quality, self.meta_dir, self.split = (
             base_size,
             quality,
             meta_dir,
             split,
         )
+        self.window = parse_window(window)
 
     def __call__(self, item: tuple[int, str]) -> dict[str, Any]:
         pos, path = item
@@ -114,15 +123,18 @@ class _Encoder:
     def encode(self, path: str, data: bytes) -> bytes:
         from PIL import Image
 
-        with Image.open(io.BytesIO(data)) as probe:
-            as_is = (probe.format == "JPEG" and probe.mode == "RGB"
-                     and min(probe.size) == self.base_size
-                     and probe.getexif().get(0x0112, 1) == 1)  # fmt: skip
-        img = load_image(path, max_side=self.base_size * 2, data=data)  # checks it decodes
-        if as_is:
+        as_is = False
+        if not is_dicom(Path(path), data):  # PIL cannot open a DICOM file: it is decoded below
+            with Image.open(io.BytesIO(data)) as probe:
+                as_is = (probe.format == "JPEG" and probe.mode == "RGB"
+                         and min(probe.size) == self.base_size
+                         and probe.getexif().get(0x0112, 1) == 1)  # fmt: skip
+        img = load_image(path, max_side=self.base_size * 2, data=data, window=self.window)
+        if as_is:  # decoded all the same: a file that does not decode is listed, not stored
             return data
         buf = io.BytesIO()
-        resize_shorter(img, self.base_size).save(buf, "JPEG", quality=self.quality)
+        # A windowed image is stored windowed, in 8 bits (a JPEG): the index records the window.
+        displayable(resize_shorter(img, self.base_size)).save(buf, "JPEG", quality=self.quality)
         return buf.getvalue()
 
 
@@ -133,12 +145,13 @@ def _phash(data: bytes) -> str | None:
     return None if ph is None else f"{ph:016x}"
 
 
-def _plan(splits: DataSplits, base_size: int, quality: int) -> dict[str, Any]:
+def _plan(splits: DataSplits, base_size: int, quality: int, window: str | None) -> dict[str, Any]:
     def label(s: Sample) -> Any:
         return [i for i, on in enumerate(s.label) if on] if isinstance(s.label, tuple) else s.label
 
     return {
         "format": FORMAT, "version": VERSION, "base_size": base_size, "quality": quality,
+        "window": window,
         "classes": splits.classes, "task": splits.task, "source": splits.source,
         "origins": splits.origins, "skipped": [list(x) for x in splits.skipped],
         "splits": {s: [[str(x.path), label(x)] for x in getattr(splits, s)] for s in SPLITS},
@@ -158,9 +171,12 @@ def prepare(
     task: str = "auto",
     progress: bool = True,
     group_by: str | None = None,
+    window: str | None = None,
 ) -> dict[str, Any]:
     """Write the shards of ``data`` into ``out`` (see the module doc) and return the index.
-    Run again on the same ``out``, it continues where a killed run stopped."""
+    Run again on the same ``out``, it continues where a killed run stopped. ``window`` (the
+    ``--window`` text): DICOM and 16-bit images are stored through it, and the index records
+    it (:func:`shard_window`)."""
     from .preprocessing import base_size_for
 
     if not 1 <= quality <= 100:
@@ -171,7 +187,8 @@ def prepare(
         return json.loads((out / SHARD_INDEX).read_text())
     splits = discover(data, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                       task=task, group_by=group_by)  # fmt: skip
-    plan = _plan(splits, base_size_for(img_size), quality)
+    window = window_value(window) if window else None  # checked, as the CLI keeps it
+    plan = _plan(splits, base_size_for(img_size), quality, window)
     work = out / _WORK
     workers = _start_or_resume(out, work, plan, workers or max(1, os.cpu_count() or 1))
     for split in SPLITS:
@@ -179,7 +196,7 @@ def prepare(
         items = [[i, p] for i, (p, _) in enumerate(plan["splits"][split])]
         if items and not (out / split / "index.json").is_file():
             log.info("prepare: %s, %d images", split, len(items))
-            _write_split(out / split, items, _Encoder(plan["base_size"], quality, work, split),
+            _write_split(out / split, items, _Encoder(plan["base_size"], quality, work, split, window),
                          workers, progress)  # fmt: skip
     index = _index(plan, work)
     write_skipped(out / "skipped.csv", [tuple(x) for x in index["skipped"]])
@@ -332,6 +349,23 @@ def check_chunk_format(folder: Path) -> None:
         )
 
 
+def shard_window(path: str | os.PathLike[str], asked: str | None) -> str | None:
+    """The window a prepared folder's images were stored through (its index's ``window``),
+    which a run on it records as its own, so that predict and serve decode the original DICOM
+    files as the run saw them. The pixels are windowed already: asking for another window is a
+    :class:`ConfigError` that says which one they have, not a silent double windowing."""
+    root = Path(path).expanduser()
+    recorded = read_index(root).get("window") or None
+    if asked and parse_window(asked) != parse_window(recorded):
+        have = f"--window {recorded}" if recorded else "no --window (each file's own)"
+        raise ConfigError(
+            f"{display_path(root)} was prepared with {have}: its images are stored windowed, "
+            f"so --window {asked} cannot apply. Train without --window (the run takes the "
+            f"prepared one), or run resfit prepare again with --window {asked}"
+        )
+    return recorded
+
+
 def read_splits(path: str | os.PathLike[str], task: str = "auto") -> DataSplits:
     """The splits of a prepared folder, as :func:`resfit.data.discovery.discover` gives them for the
     original data, with each sample's fingerprints in ``DataSplits.fingerprints``."""
@@ -404,4 +438,5 @@ __all__ = [
     "prepare",
     "read_index",
     "read_splits",
+    "shard_window",
 ]

@@ -24,6 +24,9 @@ the files, and each rank owns the slots of its local batch. The global batches a
 any number of ranks, so a 2-process run equals a 1-process run, while each rank reads (stream)
 or holds (memory) only its own files.
 
+A source carries the run's intensity ``window`` (DICOM and 16-bit images, ``--window``) and
+decodes every image through it: a value held by the source, not a process-wide setting.
+
 Add a source: subclass :class:`DataSource`, add it to ``SOURCES`` and its name to
 ``config.DATA_MODES`` (the CLI's ``--data-mode`` choices).
 """
@@ -45,6 +48,7 @@ from torch import Tensor
 from ..core.config import DATA_MODES
 from ..core.errors import ConfigError
 from ..core.registry import Registry
+from ..core.windows import Window
 from .datasets import DecodedImages, decode_all, iter_batches
 from .decode import MAX_PIXELS, DecodeError, load_image, resize_shorter, to_tensor
 from .paths import display_path
@@ -65,6 +69,9 @@ class DataSource:
     """Opens a split's samples and serves batches of a dataset built on them."""
 
     mode: ClassVar[str]
+
+    def __init__(self, window: Window = None) -> None:
+        self.window = window  # the run's --window, for DICOM and 16-bit images
 
     def open(self, samples: Sequence[Sample], base_size: int, *, progress: bool,
              desc: str) -> DecodedImages:  # fmt: skip
@@ -93,7 +100,7 @@ class InMemory(DataSource):
 
     def open(self, samples: Sequence[Sample], base_size: int, *, progress: bool,
              desc: str) -> DecodedImages:  # fmt: skip
-        return decode_all(samples, base_size, progress=progress, desc=desc)
+        return decode_all(samples, base_size, progress=progress, desc=desc, window=self.window)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,9 +111,15 @@ def header_problem(path: Path) -> str | None:
     """Why ``path`` is not an image, from its header alone (no pixel is decoded), or None."""
     from PIL import Image
 
+    from .dicom import dicom_pixels, is_dicom
+
     try:
         if os.stat(path).st_size == 0:
             return "empty file"
+        if is_dicom(path):  # PIL cannot open it: its header through pydicom
+            with open(path, "rb") as f:
+                pixels = dicom_pixels(f.read())
+            return None if 0 < pixels <= MAX_PIXELS else f"{pixels:,} pixels (DICOM header)"
         with Image.open(path) as img:
             if img.width <= 0 or img.height <= 0 or img.width * img.height > MAX_PIXELS:
                 return f"{img.width}x{img.height} pixels (the limit is {MAX_PIXELS:,})"
@@ -118,16 +131,16 @@ def header_problem(path: Path) -> str | None:
 class LazyImages(Sequence[Tensor]):
     """Images that are decoded (and resized to ``base_size``) when indexed, each time."""
 
-    def __init__(self, paths: Sequence[Path], base_size: int) -> None:
-        self.paths, self.base_size = list(paths), base_size
+    def __init__(self, paths: Sequence[Path], base_size: int, window: Window = None) -> None:
+        self.paths, self.base_size, self.window = list(paths), base_size, window
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
-            return LazyImages(self.paths[i], self.base_size)
-        img = load_image(self.paths[i], max_side=self.base_size * 2)
+            return LazyImages(self.paths[i], self.base_size, self.window)
+        img = load_image(self.paths[i], max_side=self.base_size * 2, window=self.window)
         return to_tensor(resize_shorter(img, self.base_size))
 
 
@@ -137,10 +150,12 @@ class StreamedImages(DecodedImages):
     ``skip_log`` (a CSV; every worker appends its own lines) with the reason."""
 
     def __init__(self, samples: Sequence[Sample], base_size: int,
-                 skipped: list[tuple[str, str]], skip_log: Path | None = None) -> None:  # fmt: skip
+                 skipped: list[tuple[str, str]], skip_log: Path | None = None,
+                 window: Window = None) -> None:  # fmt: skip
         paths = [s.path for s in samples]
         labels = torch.tensor([s.label for s in samples], dtype=torch.long)
-        super().__init__(LazyImages(paths, base_size), labels, paths, skipped, base_size)  # type: ignore[arg-type]
+        images = LazyImages(paths, base_size, window)
+        super().__init__(images, labels, paths, skipped, base_size)  # type: ignore[arg-type]
         self.skip_log, self.failed = skip_log, set()
 
     def item(self, i: int) -> tuple[Tensor, Tensor]:
@@ -196,7 +211,8 @@ class Streaming(DataSource):
 
     mode: ClassVar[str] = "stream"
 
-    def __init__(self, skip_log: Path | None = None) -> None:
+    def __init__(self, skip_log: Path | None = None, window: Window = None) -> None:
+        super().__init__(window)
         self.skip_log = skip_log
 
     def open(self, samples: Sequence[Sample], base_size: int, *, progress: bool,
@@ -211,7 +227,7 @@ class Streaming(DataSource):
         for path, reason in skipped:
             log.warning("skipping %s: %s", display_path(path), reason)
         readable = [s for s, p in zip(samples, problems, strict=True) if not p]
-        return StreamedImages(readable, base_size, skipped, self.skip_log)
+        return StreamedImages(readable, base_size, skipped, self.skip_log, self.window)
 
     def batches(
         self,
@@ -263,7 +279,9 @@ def get_source(mode: str, **kwargs: object) -> DataSource:
     if mode not in SOURCES:
         raise ConfigError(f"--data-mode must be one of {', '.join(SOURCES)}, not {mode!r}")
     cls = SOURCES.get(mode)
-    return cls(**kwargs) if issubclass(cls, Streaming) else cls()
+    if not issubclass(cls, Streaming):
+        kwargs.pop("skip_log", None)
+    return cls(**kwargs)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -237,7 +237,8 @@ def _export_onnx_checked(job: ExportJob) -> _OnnxExport:
     # Decoded with their labels: a file that cannot be read drops out with its label. Without
     # int8 only the parity check needs images, and 64 are enough for it.
     limit = job.val_images if job.int8 else 64
-    checked = decode_all(pick_samples(samples, limit), job.predictor.base_size, progress=False)
+    pred = job.predictor
+    checked = decode_all(pick_samples(samples, limit), pred.base_size, progress=False, window=pred.window)  # fmt: skip
     report.update(val_source=source, val_images=len(checked), val_skipped=len(checked.skipped))
     batches = _parity_check(job.predictor, fp32_path, checked, job.calib, report)
     return _OnnxExport(report, fp32_path, checked, batches, source)
@@ -322,7 +323,8 @@ def _checked_batches(job: ExportJob, limit: int) -> tuple[DecodedImages, list, s
     """Up to ``limit`` validation images with their labels, as the engine's batches, and where
     they came from (the formats that run their file against PyTorch check on these)."""
     samples, source = validation_samples(job.run, job.cfg, job.classes, job.val)
-    checked = decode_all(pick_samples(samples, limit), job.predictor.base_size, progress=False)
+    pred = job.predictor
+    checked = decode_all(pick_samples(samples, limit), pred.base_size, progress=False, window=pred.window)  # fmt: skip
     return checked, list(_batches(job.predictor, checked)), source
 
 

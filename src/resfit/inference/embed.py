@@ -182,7 +182,10 @@ class Embedder:
         from ..data.samples import Sample
 
         decoded = decode_all(
-            [Sample(Path(p), -1) for p in paths], self.preprocessing.decode_size, progress=False
+            [Sample(Path(p), -1) for p in paths],
+            self.preprocessing.decode_size,
+            progress=False,
+            window=self.preprocessing.window_values,  # a run's --window (DICOM, 16-bit images)
         )
         out = [
             embed_batch(

@@ -34,9 +34,9 @@ from torch import Tensor, nn
 
 from ..core.atomic import atomic_csv
 from ..core.errors import ConfigError, RunError
+from ..core.windows import Window
 from ..data.datasets import DecodedImages, TransformedImages, decode_all, iter_batches
 from ..data.decode import load_image, resize_shorter, to_tensor
-from ..data.dicom import set_window
 from ..data.paths import find_images
 from ..data.preprocessing import EvalPreprocessing, base_size_for
 from ..data.samples import Sample
@@ -133,6 +133,7 @@ class Predictor:
         in_chans: int = 3,
         resize_size: int | None = None,
         interpolation: str = "bilinear",
+        window: str | None = None,
         device: str = "auto",
         precision: str = "auto",
         temperature: float | Sequence[float] | None = None,
@@ -146,8 +147,11 @@ class Predictor:
         trust: Trust | None = None,
     ) -> None:
         self.preprocessing = EvalPreprocessing(
-            img_size, tuple(mean), tuple(std), in_chans, resize_size, interpolation
+            img_size, tuple(mean), tuple(std), in_chans, resize_size, interpolation, window
         )
+        # The window this run's DICOM/16-bit images decode through (its config.json's): a value
+        # of this predictor, so predictors of runs with other windows live side by side.
+        self.window = self.preprocessing.window_values
         if isinstance(engine, str):
             engine = create_engine(
                 engine,
@@ -202,9 +206,6 @@ class Predictor:
         images (docs/guide/trust-unknown.md); ``unknown_folder`` (images known to be out of
         scope) moves the unknown threshold to let ``false_accept`` of them through."""
         model, cfg, classes = load_run_model(run)
-        # Images decode through the window the run trained with. Set here, not when loading a
-        # model: a distillation's teacher must not replace the student's window.
-        set_window(cfg.get("window"))
         task = task_for(cfg)
         trust = Trust.from_run(run).configure(task, conformal=conformal, max_risk=max_risk,
                                               method=conformal_method)  # fmt: skip
@@ -236,7 +237,7 @@ class Predictor:
         """Decode images at the run's decode size; with ``ready`` also crop and normalise them
         in the decoding threads (model inputs, for :meth:`logits` with ``ready=True``)."""
         return decode_all([Sample(Path(p), -1) for p in paths], self.base_size, progress=progress,
-                          transform=self.transform if ready else None)  # fmt: skip
+                          transform=self.transform if ready else None, window=self.window)  # fmt: skip
 
     def logits(
         self, decoded: DecodedImages, batch_size: int = 64, *, ready: bool = False
@@ -389,7 +390,12 @@ class Predictor:
     def explainer(self) -> Callable:
         """A Grad-CAM overlay maker (path, class index -> PIL image) with this preprocessing."""
         return make_explainer(
-            self.model, self.img_size, self.transform, self.device, base_size=self.base_size
+            self.model,
+            self.img_size,
+            self.transform,
+            self.device,
+            base_size=self.base_size,
+            window=self.window,
         )
 
     def overlayer(self) -> Callable:
@@ -463,18 +469,19 @@ def make_explainer(
     device: torch.device,
     *,
     base_size: int | None = None,
+    window: Window = None,
 ) -> Callable:
     """A Grad-CAM overlay maker for the report: path, class -> PIL image of what the model saw.
 
     ``base_size`` is the shorter side images are decoded at (a run's ``decode_size``; default
     :func:`~resfit.data.augmentation.base_size_for` ``(img_size)``), so the overlay shows the crop
-    the model was given.
+    the model was given. ``window``: the run's intensity window (DICOM and 16-bit images).
     """
     size = base_size or base_size_for(img_size)
     overlay = make_overlay(model, img_size, transform, device)
 
     def explain(path: str, class_idx: int):
-        return overlay(to_tensor(resize_shorter(load_image(path), size)), class_idx)
+        return overlay(to_tensor(resize_shorter(load_image(path, window=window), size)), class_idx)
 
     return explain
 

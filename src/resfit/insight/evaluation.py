@@ -301,6 +301,10 @@ def write_eval(
             w.writerow([path, res.classes[int(t)], res.classes[j], f"{pr[j]:.6f}", int(j == t)])
     if res.skipped:
         write_skipped(out / runs.SKIPPED, res.skipped)
+    if res.slice_by:  # --slice-by: the figures per group (also in metrics.json)
+        from .slices import SLICES_CSV, write_slices
+
+        write_slices(out / SLICES_CSV, res.slice_by, res.slices)
     return out
 
 
@@ -338,7 +342,7 @@ def _images_and_logits(
     every file skipped on the way (decoded with their labels: an unreadable file drops out
     together with its label)."""
     samples, skipped = eval_samples(data, predictor.classes, task=predictor.task.coding)
-    decoded = decode_all(samples, predictor.base_size, progress=progress)
+    decoded = decode_all(samples, predictor.base_size, progress=progress, window=predictor.window)
     return decoded, predictor.logits(decoded, batch_size), skipped + decoded.skipped
 
 
@@ -353,9 +357,9 @@ def _evaluate_one_label(
     res.skipped = skipped
     res.task_scores = predictor.task.eval_scores(logits, decoded.labels)
     name = Path(data).name or "data"
+    if slice_by:  # before write_eval, which writes them with the rest (metrics.json once)
+        _add_slices(res, data, slice_by, predictor.temperature)
     out_dir = write_eval(res, out or runs.RunPaths(run).eval(name), predictor.temperature)
-    if slice_by:
-        _add_slices(res, data, slice_by, predictor.temperature, out_dir)
     if report:
         from .report import ReportData, write_report
         from .slices import slice_lines
@@ -414,19 +418,15 @@ def _evaluate_multilabel(
     return res
 
 
-def _add_slices(
-    res: EvalResult, data, column: str, temperature: float | None, out_dir: Path
-) -> None:
-    """``res``'s figures per value of ``column`` (in ``res.slices`` and ``slices.csv``), from
-    the calibrated probabilities that ``predictions.csv`` holds."""
+def _add_slices(res: EvalResult, data, column: str, temperature: float | None) -> None:
+    """``res``'s figures per value of ``column`` (in ``res.slices``; :func:`write_eval` writes
+    them), from the calibrated probabilities that ``predictions.csv`` holds."""
     from ..data.groups import read_values
-    from .slices import slice_metrics, write_slices
+    from .slices import slice_metrics
 
     values = read_values(data, [Path(p) for p in res.paths], column)
     probs = torch.softmax(torch.from_numpy(res.logits) / (temperature or 1.0), dim=1).numpy()
     res.slice_by, res.slices = column, slice_metrics(values, res.y_true, probs, res.classes)
-    write_slices(out_dir / "slices.csv", column, res.slices)
-    atomic_write_json(out_dir / runs.EVAL_METRICS, res.summary())
 
 
 _EVALUATIONS = {ClassIndex: _evaluate_one_label, MultiHot: _evaluate_multilabel}

@@ -16,7 +16,9 @@ import numpy as np
 from ..core.atomic import atomic_csv
 from ..tasks.calibration import expected_calibration_error
 
-__all__ = ["SMALL_SLICE", "slice_lines", "slice_metrics", "write_slices"]
+__all__ = ["SLICES_CSV", "SMALL_SLICE", "slice_lines", "slice_metrics", "write_slices"]
+
+SLICES_CSV = "slices.csv"  # in each evaluated split's folder (RUN/eval-NAME/)
 
 # Below this many images a slice's accuracy has a 95% interval wider than about +/-18 points.
 SMALL_SLICE = 30

@@ -14,6 +14,7 @@ from ..core.labels import ClassIndex, MultiHot
 from ..data.datasets import TransformedImages
 from ..data.preprocessing import decode_size
 from ..data.samples import DataSplits
+from ..insight.slices import SLICES_CSV, slice_lines, write_slices
 from ..runs import (
     RunPaths,
     write_calibration,
@@ -118,8 +119,9 @@ def _audit_training_labels(cfg: TrainConfig, loop: Loop, splits, ev_tf, show: bo
 
 
 def _write_report(
-    cfg, loop, splits, val_logits, cal, skipped, duplicates, ev_tf, audit=None, unknown=None
-) -> None:
+    cfg, loop, splits, val_logits, cal, skipped, duplicates, ev_tf, audit=None, unknown=None,
+    slices: list[dict] | None = None,
+) -> None:  # fmt: skip
     from ..inference.predictor import make_explainer
     from ..insight.report import ReportData, write_report
 
@@ -139,7 +141,7 @@ def _write_report(
             "skipped": skipped,
             "duplicates": duplicates,
             "notes": [f"{s}: {o}" for s, o in splits.origins.items()]
-            + _slice_notes(cfg, val.paths, val.labels.numpy(), val_logits, cal.temperature),
+            + (slice_lines(cfg.data.slice_by, slices) if slices else []),
             "audit": audit,
         },  # fmt: skip
         explain=make_explainer(
@@ -148,6 +150,7 @@ def _write_report(
             ev_tf,
             loop.step.device,
             base_size=eval_decode_size(cfg),
+            window=loop.source.window,
         ),  # fmt: skip
         split="validation",
         unknown=unknown,
@@ -156,23 +159,23 @@ def _write_report(
     log.info("report: %s", path)
 
 
-def _slice_notes(cfg, paths, y_true, logits: Tensor, temperature: float | None) -> list[str]:
-    """``--slice-by``: the figures per group as lines (the report's notes, the log); a column
-    that cannot be read is a warning here, never a lost run."""
+def _slices(cfg, paths, y_true, logits: Tensor, temperature: float | None) -> list[dict] | None:
+    """``--slice-by``: an evaluated split's figures per group (None without the option); a
+    column that cannot be read is a warning here, never a lost run."""
     if not cfg.data.slice_by:
-        return []
+        return None
     import torch
 
     from ..data.groups import read_values
-    from ..insight.slices import slice_lines, slice_metrics
+    from ..insight.slices import slice_metrics
 
     try:
         values = read_values(cfg.data.path, [Path(p) for p in paths], cfg.data.slice_by)
     except DataError as e:
         log.warning("--slice-by: %s", e)
-        return []
+        return None
     probs = torch.softmax(logits.float() / (temperature or 1.0), dim=1).numpy()
-    return slice_lines(cfg.data.slice_by, slice_metrics(values, y_true, probs, cfg.classes))
+    return slice_metrics(values, y_true, probs, cfg.classes)
 
 
 def _evaluate_test(cfg, loop, splits, ev_tf, show, temperature) -> dict:
@@ -185,9 +188,12 @@ def _evaluate_test(cfg, loop, splits, ev_tf, show, temperature) -> dict:
                             s.precision, s.channels_last)  # fmt: skip
     res = compute_metrics(logits, test_data.labels, cfg.classes, [str(p) for p in test_data.paths])
     res.task_scores = loop.task.eval_scores(logits, test_data.labels)  # none for built-in tasks
+    slices = _slices(cfg, test_data.paths, res.y_true, logits, temperature)
+    if slices is not None:  # write_eval writes them: RUN/eval-test/slices.csv, metrics.json
+        res.slice_by, res.slices = cfg.data.slice_by, slices
     write_eval(res, RunPaths(cfg.run.out).eval("test"), temperature)
     log.info("test accuracy %.4f on %d images", res.accuracy, res.n)
-    for line in _slice_notes(cfg, test_data.paths, res.y_true, logits, temperature):
+    for line in slice_lines(cfg.data.slice_by, slices) if slices else []:
         log.info("test %s", line)
     return {"accuracy": res.accuracy, "n": res.n, "top5": res.top5, **res.task_scores}
 
@@ -215,9 +221,15 @@ def _finish_one_label(
                 getattr(loop.data.train, "decoded", None), loop.data.val.decoded, ev_tf,
                 loop.step.device, cal.temperature)  # fmt: skip
     audit = _audit_training_labels(cfg, loop, splits, ev_tf, show) if cfg.run.audit else None
+    val = loop.data.val.decoded
+    slices = _slices(cfg, val.paths, val.labels.numpy(), val_logits, cal.temperature)
+    if slices is not None:  # validation's figures per group, as the test split's
+        folder = RunPaths(cfg.run.out).eval("val")
+        folder.mkdir(parents=True, exist_ok=True)
+        write_slices(folder / SLICES_CSV, cfg.data.slice_by, slices)
     if cfg.run.report:
         _write_report(cfg, loop, splits, val_logits, cal, skipped, duplicates, ev_tf, audit,
-                      unknown)  # fmt: skip
+                      unknown, slices)  # fmt: skip
     return _evaluate_test(cfg, loop, splits, ev_tf, show, cal.temperature) if splits.test else None
 
 
@@ -253,7 +265,7 @@ def _write_multilabel_report(cfg, loop, res, ev_tf, note: str, audit: dict | Non
     from ..insight.report_multilabel import MultiLabelReportData, write_multilabel_report
 
     explain = make_explainer(loop.eval_model, cfg.model.img_size, ev_tf, loop.step.device,
-                             base_size=eval_decode_size(cfg))  # fmt: skip
+                             base_size=eval_decode_size(cfg), window=loop.source.window)  # fmt: skip
     title = f"{cfg.model.arch} on {Path(cfg.data.path).name}: validation"
     data = MultiLabelReportData(title, res, explain, history=loop.history, notes=[note],
                                 audit=audit)  # fmt: skip

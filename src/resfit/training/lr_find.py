@@ -24,6 +24,7 @@ from ..core.atomic import atomic_open, atomic_path, atomic_write_json
 from ..core.config import TrainConfig
 from ..core.defaults import settle_recipe
 from ..core.errors import ConfigError, DataError
+from ..core.windows import parse_window
 from ..data.augmentation import batch_transform
 from ..data.datasets import DecodedImages, TransformedImages, decode_all
 from ..data.discovery import discover
@@ -199,7 +200,7 @@ def _model_and_data(
     g = torch.Generator().manual_seed(cfg.runtime.seed)
     order = torch.randperm(len(splits.train), generator=g)[: steps * cfg.optim.batch_size].tolist()
     data = decode_all([splits.train[i] for i in order], base_size_for(cfg.model.img_size),
-                      progress=cfg.run.progress)  # fmt: skip
+                      progress=cfg.run.progress, window=parse_window(cfg.data.window))  # fmt: skip
     if len(data) < 2:
         raise DataError(f"lr-find: fewer than 2 readable training images in {cfg.data.path}")
     return cfg, model, data, g
@@ -236,7 +237,7 @@ def _sweep_loop(
                          batches=_shuffled_batches(len(data), bs, finder.steps, g))  # fmt: skip
     train = TransformedImages(data, build_transforms(cfg)[0])
     # Never validated: the finder ends the fit mid-epoch, at its last batch.
-    loop = Loop(model, model, step, task, EpochData(train, train, train), InMemory(), callbacks,
+    loop = Loop(model, model, step, task, EpochData(train, train, train), InMemory(parse_window(cfg.data.window)), callbacks,
                 epochs=1, batch_size=bs, seed=cfg.runtime.seed, dist=Dist(), sharding=plan)  # fmt: skip
     loop.frozen = frozen
     return loop

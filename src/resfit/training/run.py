@@ -29,6 +29,7 @@ from torch import nn
 from ..core import runtime, threads
 from ..core.config import TrainConfig
 from ..core.errors import ConfigError, DataError, TrainingError
+from ..core.windows import parse_window
 from ..data.augmentation import batch_transform
 from ..data.datasets import DecodedImages, TransformedImages
 from ..data.discovery import write_splits
@@ -289,8 +290,8 @@ def _run(
     extra: Sequence[Callback] = (),
 ) -> TrainResult:
     out, show = Path(cfg.run.out), cfg.run.progress and dist_info.main
-    stream = cfg.data.data_mode in ("stream", "shards")
-    source = get_source(cfg.data.data_mode, **({"skip_log": RunPaths(out).skipped} if stream else {}))  # fmt: skip
+    stream = {"skip_log": RunPaths(out).skipped} if cfg.data.data_mode in ("stream", "shards") else {}  # fmt: skip
+    source = get_source(cfg.data.data_mode, window=parse_window(cfg.data.window), **stream)
     train_data, val_data, skipped, sharding = _open_data(cfg, source, splits, show, dist_info,
                                                          device)  # fmt: skip
     log.info(

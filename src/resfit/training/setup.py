@@ -19,11 +19,10 @@ from ..core.errors import ConfigError, TrainingError
 from ..core.hashing import file_sha256
 from ..core.resume import resume_changes
 from ..data.augmentation import eval_transform, train_transform
-from ..data.dicom import set_window
 from ..data.discovery import discover
 from ..data.preprocessing import base_size_for, for_channels
 from ..data.samples import DataSplits
-from ..data.shards import is_prepared, read_splits
+from ..data.shards import is_prepared, read_splits, shard_window
 from ..data.sources import choose_mode
 from ..models.adapters import adapt
 from ..models.resnet import get_spec
@@ -40,7 +39,6 @@ __all__ = ["build_transforms", "resolve"]
 def find_data(cfg: TrainConfig) -> DataSplits:
     """The splits of the run's data: a folder written by ``resfit prepare`` (its index, no file
     read), else the folder layout or manifest that :func:`resfit.data.discovery.discover` finds."""
-    set_window(cfg.data.window)  # every image of the run decodes through this window
     if is_prepared(cfg.data.path):
         return read_splits(cfg.data.path, task=cfg.data.task)
     return discover(cfg.data.path, val_fraction=cfg.data.val_fraction,
@@ -118,6 +116,8 @@ def resolve(cfg: TrainConfig, splits: DataSplits) -> tuple[TrainConfig, nn.Modul
             adapt(model).reset_head(len(splits.classes))
     pre["mean"], pre["std"] = pre.get("mean") or IMAGENET_MEAN, pre.get("std") or IMAGENET_STD
     resolved = resolve_config(cfg, splits.classes, pre, get_spec(m.arch).default_input_size)
+    if is_prepared(cfg.data.path):  # the prepared pixels' window, recorded as the run's own
+        resolved = resolved.replace(window=shard_window(cfg.data.path, cfg.data.window))
     note = defaults_note(cfg, resolved)
     if note:
         log.info(note)

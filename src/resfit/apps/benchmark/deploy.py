@@ -134,7 +134,9 @@ def bench_deploy(run: str | os.PathLike, *, val: str | os.PathLike | None = None
     paths = RunPaths(run)
     predictor = Predictor.from_run(run, device="cpu", precision="fp32", engine="torch")
     samples, source = validation_samples(run, cfg, classes, val)
-    checked = decode_all(pick_samples(samples, images), predictor.base_size, progress=False)
+    checked = decode_all(
+        pick_samples(samples, images), predictor.base_size, progress=False, window=predictor.window
+    )
     y = checked.labels.numpy() if len(checked) else np.zeros(0)
     if not len(checked) or y.ndim != 1:
         raise DataError(f"resfit bench deploy needs labelled validation images with one class "

@@ -287,7 +287,9 @@ class _Service:
             return _error(413, f"{sum(pixels):,} pixels in one request: over the "
                                f"--max-request-pixels limit of {o.max_request_pixels:,}")  # fmt: skip
         base = self.predictor.base_size
-        decoded = await self._each(files, decode_image_bytes, base, o.max_pixels)
+        decoded = await self._each(
+            files, decode_image_bytes, base, o.max_pixels, self.predictor.window
+        )
         if isinstance(decoded, JSONResponse):
             return decoded
         return [(name, img) for (name, _), img in zip(files, decoded, strict=True)]

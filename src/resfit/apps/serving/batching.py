@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
+from ...core.windows import Window
 from ...data.datasets import DecodedImages
 from ...data.decode import (
     MAX_PIXELS,
@@ -106,19 +107,24 @@ def _reason(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
-def decode_image_bytes(data: bytes, base_size: int, max_pixels: int = MAX_PIXELS) -> Tensor:
+def decode_image_bytes(
+    data: bytes, base_size: int, max_pixels: int = MAX_PIXELS, window: Window = None
+) -> Tensor:
     """An image body as a uint8 (3, H, W) tensor, decoded exactly as ``resfit predict`` decodes
     a file (:func:`resfit.data.decode.load_image` then the shorter side resized to ``base_size``), so
     the server and offline prediction give the same labels.
 
     ``max_pixels`` is checked from the header, before decoding. Raises :class:`BadImage`: 400
     empty, 415 not an image, 413 over ``max_pixels`` (or PIL's bomb guard), 422 broken.
-    A DICOM body (its ``DICM`` preamble) decodes as a ``.dcm`` file does, at the run's window.
+    A DICOM body (its ``DICM`` preamble) decodes as a ``.dcm`` file does, and a 16-bit one, at
+    ``window`` (the run's: the predictor's ``window``).
     """
     if is_dicom(Path("body"), data):
         _dicom_pixels(data, max_pixels)
         try:
-            return to_tensor(resize_shorter(load_image("body.dcm", data=data), base_size))
+            return to_tensor(
+                resize_shorter(load_image("body.dcm", data=data, window=window), base_size)
+            )
         except DecodeError as e:
             raise BadImage(422, f"broken DICOM: {e}") from None
     try:
@@ -130,7 +136,7 @@ def decode_image_bytes(data: bytes, base_size: int, max_pixels: int = MAX_PIXELS
                 img.seek(0)  # first frame of an animation
                 img = ImageOps.exif_transpose(img)
                 img.load()
-                rgb = pil_to_rgb(img)
+                rgb = pil_to_rgb(img, window)
     except BadImage:
         raise
     except Image.DecompressionBombError as e:
