@@ -16,11 +16,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/resfit demo
 
-# The whole suite in one process, as a user's long session runs (training, export, serving,
-# engines): native libraries must coexist (docs/design: "Native libraries in one long
-# process"). The 15 slowest tests are listed at the end.
+# The suite in two long-lived pytest-xdist workers (whole files each), as a user's long session
+# runs training, export, serving and engines in one process: native libraries must coexist
+# (docs/design: "Native libraries in one long process"). Two workers: many tests wait on child
+# processes and servers, so two cores finish 1.4x sooner than one process. The 15 slowest
+# tests are listed at the end.
 test: $(STAMP)
-	$(BIN)/pytest -q -m "not slow" -p no:cacheprovider --durations=15
+	$(BIN)/pytest -q -m "not slow" -p no:cacheprovider -n 2 --dist loadfile --durations=15
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow

@@ -30,6 +30,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
         monkeypatch.delenv(var, raising=False)
     procs = tmp_path / "procs"
     monkeypatch.setenv(threads.PROC_DIR_ENV, str(procs))
+    # What an earlier configure() in this process chose (a training test) is not this test's.
+    monkeypatch.setattr(threads, "_state", None)
     return procs
 
 

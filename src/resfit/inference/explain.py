@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -23,6 +23,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..core.errors import ConfigError
+from ..core.windows import Window
+from ..data.decode import load_image, resize_shorter, to_tensor
+from ..data.preprocessing import base_size_for
 from ..models.adapters import ModelAdapter, adapt, has_adapter
 
 _STAGED = ("stage_names", "forward_to", "forward_from")
@@ -156,3 +159,46 @@ def overlay_file(stem: str, class_name: str) -> str:
     if len(name.encode("utf-8", "surrogateescape")) > 240:  # most file systems allow 255 bytes
         name = f"{stem[:50]}.{safe[:50]}-{_short_hash(name)}.png"
     return name
+
+
+def make_explainer(
+    model: nn.Module,
+    img_size: int,
+    transform: Callable[[Tensor], Tensor],
+    device: torch.device,
+    *,
+    base_size: int | None = None,
+    window: Window = None,
+) -> Callable:
+    """A Grad-CAM overlay maker for the report: path, class -> PIL image of what the model saw.
+
+    ``base_size`` is the shorter side images are decoded at (a run's ``decode_size``; default
+    :func:`~resfit.data.augmentation.base_size_for` ``(img_size)``), so the overlay shows the crop
+    the model was given. ``window``: the run's intensity window (DICOM and 16-bit images).
+    """
+    size = base_size or base_size_for(img_size)
+    overlay = make_overlay(model, img_size, transform, device)
+
+    def explain(path: str, class_idx: int):
+        return overlay(to_tensor(resize_shorter(load_image(path, window=window), size)), class_idx)
+
+    return explain
+
+
+def make_overlay(
+    model: nn.Module, img_size: int, transform: Callable[[Tensor], Tensor], device: torch.device
+) -> Callable:
+    """Grad-CAM for an image already decoded at the run's size (uint8 (3, H, W), as the
+    service decodes a request): image, class index (None: the model's top class) -> the
+    overlay on the centre crop the model saw, as a PIL image."""
+    from torchvision.transforms.v2.functional import center_crop, to_pil_image
+
+    def overlay(img: Tensor, class_idx: int | None):
+        x = transform(img)[None].to(device)
+        cam = grad_cam(model, x, class_idx)
+        shown = to_pil_image(center_crop(img, [img_size, img_size]))
+        if img_size < 128:  # thumbnails of tiny inputs are unreadable
+            shown = shown.resize((128, 128))
+        return overlay_cam(shown, cam)
+
+    return overlay

@@ -34,11 +34,9 @@ from torch import Tensor, nn
 
 from ..core.atomic import atomic_csv
 from ..core.errors import ConfigError, RunError
-from ..core.windows import Window
 from ..data.datasets import DecodedImages, TransformedImages, decode_all, iter_batches
-from ..data.decode import load_image, resize_shorter, to_tensor
 from ..data.paths import find_images
-from ..data.preprocessing import EvalPreprocessing, base_size_for
+from ..data.preprocessing import EvalPreprocessing
 from ..data.samples import Sample
 from ..models.resnet import build_model
 from ..runs import RunPaths, load_run, load_weights, read_temperature, read_thresholds
@@ -47,6 +45,7 @@ from ..tasks.multi import MultiLabel
 from ..tasks.registry import task_for
 from ..tasks.single import SingleLabel
 from .engines import Engine, TorchEngine, create_engine
+from .explain import make_explainer, make_overlay
 from .stagestats import score_features
 from .trust import Trust, json_answer
 
@@ -460,48 +459,3 @@ def _write_text(path: str | os.PathLike | None, text: str) -> str:
         with atomic_csv(path) as f:
             f.write(text)
     return text
-
-
-def make_explainer(
-    model: nn.Module,
-    img_size: int,
-    transform: Callable[[Tensor], Tensor],
-    device: torch.device,
-    *,
-    base_size: int | None = None,
-    window: Window = None,
-) -> Callable:
-    """A Grad-CAM overlay maker for the report: path, class -> PIL image of what the model saw.
-
-    ``base_size`` is the shorter side images are decoded at (a run's ``decode_size``; default
-    :func:`~resfit.data.augmentation.base_size_for` ``(img_size)``), so the overlay shows the crop
-    the model was given. ``window``: the run's intensity window (DICOM and 16-bit images).
-    """
-    size = base_size or base_size_for(img_size)
-    overlay = make_overlay(model, img_size, transform, device)
-
-    def explain(path: str, class_idx: int):
-        return overlay(to_tensor(resize_shorter(load_image(path, window=window), size)), class_idx)
-
-    return explain
-
-
-def make_overlay(
-    model: nn.Module, img_size: int, transform: Callable[[Tensor], Tensor], device: torch.device
-) -> Callable:
-    """Grad-CAM for an image already decoded at the run's size (uint8 (3, H, W), as the
-    service decodes a request): image, class index (None: the model's top class) -> the
-    overlay on the centre crop the model saw, as a PIL image."""
-    from torchvision.transforms.v2.functional import center_crop, to_pil_image
-
-    from .explain import grad_cam, overlay_cam
-
-    def overlay(img: Tensor, class_idx: int | None):
-        x = transform(img)[None].to(device)
-        cam = grad_cam(model, x, class_idx)
-        shown = to_pil_image(center_crop(img, [img_size, img_size]))
-        if img_size < 128:  # thumbnails of tiny inputs are unreadable
-            shown = shown.resize((128, 128))
-        return overlay_cam(shown, cam)
-
-    return overlay
