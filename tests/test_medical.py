@@ -230,3 +230,27 @@ def test_shards_record_the_window(tmp_path: Path) -> None:
     img = ShardImages(out, "train", [first.index], 32)[0]
     # The stored pixels are windowed: 0..1000 of the ramp (its first 4 columns) black to white.
     assert img[0, 0, 0] < 40 and img[0, 0, 8:].min() > 235  # the file's own window: 51 at 8
+
+
+def test_audit_decodes_dicoms_through_its_window(tmp_path: Path, monkeypatch) -> None:
+    """`resfit audit --window`: the audit decodes through the window it is given, and says which
+    one in audit.json."""
+    import json
+
+    from resfit.apps.audit import audit
+    from resfit.data import datasets
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(6):
+            values = rng.integers(0, 4000, (24, 24)).astype(np.uint16)
+            write_dicom(tmp_path / "data" / cls / f"{i}.dcm", values)
+    seen = []
+    real = datasets.decode_all
+    monkeypatch.setattr(datasets, "decode_all",
+                        lambda *a, **kw: seen.append(kw.get("window")) or real(*a, **kw))  # fmt: skip
+    res = audit(tmp_path / "data", tmp_path / "out", arch="resnet20_cifar", weights=None,
+                img_size=16, folds=2, progress=False, window="lung", max_distance=-1)  # fmt: skip
+    assert seen == [parse_window("lung")] and seen[0] is not None
+    assert json.loads(res.files["json"].read_text())["window"] == "lung"

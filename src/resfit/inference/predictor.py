@@ -242,8 +242,10 @@ class Predictor:
         self, decoded: DecodedImages, batch_size: int = 64, *, ready: bool = False
     ) -> Tensor:
         """fp32 logits (N, classes) on the CPU for decoded images, in their order (``ready``:
-        images that :meth:`decode` already preprocessed)."""
-        return self.outputs(decoded, batch_size, ready=ready, features=False)[0]
+        images that :meth:`decode` already preprocessed): the same numbers as :meth:`predict`,
+        eval and serve give (with a feature-reading unknown score and the PyTorch engine, the
+        fp32 pass that also computes the score's features: :meth:`outputs`)."""
+        return self.outputs(decoded, batch_size, ready=ready)[0]
 
     def unknown_scores(
         self, decoded: DecodedImages, batch_size: int = 64, *, ready: bool = False
