@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 pytest.importorskip("pydicom")
@@ -229,7 +230,16 @@ def test_shards_record_the_window(tmp_path: Path) -> None:
     first = read_splits(out).train[0]
     img = ShardImages(out, "train", [first.index], 32)[0]
     # The stored pixels are windowed: 0..1000 of the ramp (its first 4 columns) black to white.
-    assert img[0, 0, 0] < 40 and img[0, 0, 8:].min() > 235  # the file's own window: 51 at 8
+    assert img.dtype == torch.float32  # the file's own window: 0.2 at column 8
+    assert img[0, 0, 0] < 40 / 255 and img[0, 0, 8:].min() > 235 / 255
+    # ...at 16-bit precision: what decoding the original file gives, not rounded to 8 bits.
+    from resfit.data.decode import resize_shorter, to_tensor
+
+    base = read_index(out)["base_size"]
+    decoded = load_image(first.path, window=parse_window("500,1000"))
+    direct = to_tensor(resize_shorter(resize_shorter(decoded, base), 32))
+    assert (img - direct).abs().max() < 1e-4
+    assert (torch.round(direct * 255) / 255 - direct).abs().max() > 5e-4  # 8 bits would fail
 
 
 def test_audit_decodes_dicoms_through_its_window(tmp_path: Path, monkeypatch) -> None:

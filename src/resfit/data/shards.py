@@ -25,9 +25,10 @@ continue a split from its last checkpoint. The fingerprints go to one small JSON
 per worker process; a sample done twice across a restart writes the same line twice.
 
 Windows: DICOM and 16-bit images are stored through ``prepare``'s ``window`` (the ``--window``
-text, recorded in the index as ``window``), in 8 bits (JPEG), so a run on shards loses the
-full precision that training on the original files keeps. A run on a prepared folder takes the
-recorded window as its own (:func:`shard_window`); asking for another one is an error.
+text, recorded in the index as ``window``) as 16-bit PNGs, read back as float images in
+[0, 1]: the windowed values reach the model at 16-bit precision, not through an 8-bit JPEG. A
+run on a prepared folder takes the recorded window as its own (:func:`shard_window`); asking
+for another one is an error.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from PIL import Image
 
 from ..core.atomic import atomic_write_text
 from ..core.errors import ConfigError, DataError, MissingExtraError
@@ -121,8 +125,6 @@ class _Encoder:
         return {"id": pos, "jpg": jpg}
 
     def encode(self, path: str, data: bytes) -> bytes:
-        from PIL import Image
-
         as_is = False
         if not is_dicom(Path(path), data):  # PIL cannot open a DICOM file: it is decoded below
             with Image.open(io.BytesIO(data)) as probe:
@@ -133,8 +135,14 @@ class _Encoder:
         if as_is:  # decoded all the same: a file that does not decode is listed, not stored
             return data
         buf = io.BytesIO()
-        # A windowed image is stored windowed, in 8 bits (a JPEG): the index records the window.
-        displayable(resize_shorter(img, self.base_size)).save(buf, "JPEG", quality=self.quality)
+        img = resize_shorter(img, self.base_size)
+        if img.mode == "F":  # windowed: 16 bits (a PNG) keep what 8 would round away
+            values = np.asarray(img, dtype=np.float32)
+            Image.fromarray(np.round(np.clip(values, 0, 1) * 65535).astype(np.uint16)).save(
+                buf, "PNG"
+            )
+            return buf.getvalue()
+        displayable(img).save(buf, "JPEG", quality=self.quality)
         return buf.getvalue()
 
 
@@ -426,8 +434,21 @@ class ShardImages(Sequence):
         if int(row["id"]) != k:
             raise DataError(f"{display_path(self.root / self.split)}: image {k} is stored as "
                             f"{int(row['id'])}; the shards are damaged, prepare them again")  # fmt: skip
-        img = load_image(f"{self.split}#{k}", max_side=self.base_size * 2, data=bytes(row["jpg"]))
+        data = bytes(row["jpg"])
+        img = _windowed(data) or load_image(f"{self.split}#{k}", max_side=self.base_size * 2,
+                                            data=data)  # fmt: skip
         return to_tensor(resize_shorter(img, self.base_size))
+
+
+def _windowed(data: bytes) -> Image.Image | None:
+    """A windowed image as stored (a 16-bit PNG), back to a float ``F`` image in [0, 1]; None
+    for anything else (a photo's JPEG)."""
+    if not data.startswith(b"\x89PNG"):
+        return None
+    with Image.open(io.BytesIO(data)) as img:
+        if img.mode not in ("I;16", "I;16L", "I;16B"):
+            return None
+        return Image.fromarray(np.asarray(img, dtype=np.float32) / 65535)
 
 
 __all__ = [
