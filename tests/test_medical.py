@@ -264,3 +264,18 @@ def test_audit_decodes_dicoms_through_its_window(tmp_path: Path, monkeypatch) ->
                 img_size=16, folds=2, progress=False, window="lung", max_distance=-1)  # fmt: skip
     assert seen == [parse_window("lung")] and seen[0] is not None
     assert json.loads(res.files["json"].read_text())["window"] == "lung"
+
+
+def test_memory_estimate_counts_what_a_grey_dicom_takes_decoded(tmp_path: Path) -> None:
+    """--data-mode auto's estimate reads a DICOM's size from its header and counts the float32
+    plane it is kept as (4 bytes a pixel), as decoding it then takes."""
+    from resfit.data.datasets import decode_all
+    from resfit.data.samples import Sample
+    from resfit.data.sources import _TENSOR_OVERHEAD, decoded_bytes
+
+    paths = [write_dicom(tmp_path / f"{i}.dcm", np.full((40, 60), 100 * i, np.uint16))
+             for i in range(3)]  # fmt: skip
+    samples = [Sample(p, 0) for p in paths]
+    assert decoded_bytes(samples, 32) == 3 * (4 * 32 * 48 + _TENSOR_OVERHEAD)
+    decoded = decode_all(samples, 32, progress=False)
+    assert all(im.untyped_storage().nbytes() == 4 * 32 * 48 for im in decoded.images)

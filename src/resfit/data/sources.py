@@ -56,7 +56,8 @@ from .samples import Sample
 
 log = logging.getLogger("resfit")
 
-# A decoded image as kept in memory: 3 bytes a pixel plus the tensor's own bookkeeping.
+# A decoded image as kept in memory: 3 bytes a pixel (4: a grey DICOM) plus the tensor's own
+# bookkeeping.
 _TENSOR_OVERHEAD = 400
 # auto keeps the images in memory only when they take at most this share of what is available
 # (the model, its activations, the optimizer and the workers need the rest).
@@ -329,22 +330,33 @@ def _cgroup_room() -> int | None:
 def decoded_bytes(samples: Sequence[Sample], base_size: int, probe: int = 64,
                   seed: int = 0) -> int:  # fmt: skip
     """The memory ``samples`` take decoded at ``base_size`` (shorter side), from the headers of
-    ``probe`` of them: count x base_size^2 x 3 x the mean aspect ratio."""
+    ``probe`` of them: count x base_size^2 x the mean aspect ratio x 3 bytes a pixel (RGB), 4
+    for a grey DICOM (kept as one float32 plane)."""
     from PIL import Image
 
     if not samples:
         return 0
     picks = random.Random(seed).sample(range(len(samples)), min(probe, len(samples)))
-    ratios = []
+    from .dicom import dicom_tags, is_dicom
+
+    ratios, depths = [], []
     for i in picks:
         try:
-            with Image.open(samples[i].path) as img:
-                w, h = img.size
+            path = samples[i].path
+            if is_dicom(path):  # PIL cannot read its header; a grey one is kept as float32
+                tags = dicom_tags(path, ("Rows", "Columns", "SamplesPerPixel"))
+                h, w = int(tags["Rows"]), int(tags["Columns"])
+                depths.append(3 if tags["SamplesPerPixel"] == "3" else 4)
+            else:
+                with Image.open(path) as img:
+                    w, h = img.size
+                depths.append(3)
             ratios.append(max(w, h) / max(1, min(w, h)))
         except Exception:  # an unreadable file: decoding will skip it
             continue
     ratio = sum(ratios) / len(ratios) if ratios else 4 / 3
-    per_image = 3 * base_size * round(base_size * ratio) + _TENSOR_OVERHEAD
+    depth = sum(depths) / len(depths) if depths else 3  # bytes a pixel
+    per_image = depth * base_size * round(base_size * ratio) + _TENSOR_OVERHEAD
     return int(len(samples) * per_image)
 
 
