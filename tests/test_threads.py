@@ -319,3 +319,17 @@ def test_worker_init_gives_one_thread(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "1", "1"]
+
+
+def test_alive_without_proc_asks_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where /proc does not tell (start time '0': macOS, Windows), a pid is alive when signal 0
+    reaches it: True for this process, False for a pid that has exited."""
+    import subprocess
+    import sys
+
+    from resfit.core.procs import alive
+
+    assert alive(os.getpid(), "0") is True
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert alive(child.pid, "0") is False

@@ -40,3 +40,4 @@ def alive(pid: int, start: str) -> bool:
         return False
     except PermissionError:  # exists, run by another user
         return True
+    return True

@@ -18,6 +18,7 @@ Linux only: elsewhere every function is a no-op that reports a sound stack.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import mmap
 import sys
@@ -37,10 +38,14 @@ class _StackT(ctypes.Structure):
     ]
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
+    """The C library, once (tests check the stack after every test); None off Linux."""
     if not sys.platform.startswith("linux"):
         return None
-    return ctypes.CDLL(None, use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    return libc
 
 
 def signal_stack() -> tuple[int, int] | None:
@@ -67,7 +72,6 @@ def _mapped(address: int, size: int) -> bool:
     length = address + size - start
     pages = (length + page - 1) // page
     vector = ctypes.create_string_buffer(pages)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
     return libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vector) == 0
 
 
@@ -79,7 +83,7 @@ def signal_stack_is_sound() -> bool:
 
 def mend_signal_stack() -> bool:
     """Give the calling thread a resfit-owned alternate signal stack if its current one points at
-    unmapped memory. Returns True when it had to (and logs it once per thread at debug level)."""
+    unmapped memory. Returns True when it had to (and logs it at debug level)."""
     if signal_stack_is_sound():
         return False
     libc = _libc()

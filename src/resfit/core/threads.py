@@ -236,8 +236,6 @@ def live_processes() -> int:
     """How many resfit processes run on this machine, this one included."""
     return len(_live_entries(registry_dir(), exclude=os.getpid())) + 1
 
-    return True
-
 
 def _live_entries(folder: Path, exclude: int | None = None) -> dict[int, Path]:
     """pid -> registry file of each live resfit process; the files of dead ones are removed.

@@ -245,7 +245,7 @@ class Predictor:
         images that :meth:`decode` already preprocessed): the same numbers as :meth:`predict`,
         eval and serve give (with a feature-reading unknown score and the PyTorch engine, the
         fp32 pass that also computes the score's features: :meth:`outputs`)."""
-        return self.outputs(decoded, batch_size, ready=ready)[0]
+        return self.outputs(decoded, batch_size, ready=ready, features=False)[0]
 
     def unknown_scores(
         self, decoded: DecodedImages, batch_size: int = 64, *, ready: bool = False
@@ -290,11 +290,15 @@ class Predictor:
         # the logits through its head (the computation the score and the conformal sets were
         # fitted with at training, so an image on a threshold stays on the same side). Other
         # runtimes (ONNX, OpenVINO) give logits only: the features are one more pass.
-        a, joint = adapt(self.model), want and isinstance(self.engine, TorchEngine)
+        # ``joint`` holds whether or not the caller wants the features back, so logits are the
+        # same numbers from every method.
+        a = adapt(self.model)
+        joint = self.trust.needs_features and isinstance(self.engine, TorchEngine)
         for x, _ in batches:
-            if want:
+            if want or joint:
                 f = score_features(a, x.to(self.device))
-                feats.append(f.cpu())
+                if want:
+                    feats.append(f.cpu())
             first = a.head(f[:, : a.num_features]).float().cpu() if joint else self.engine(x)
             views = [first, self.engine(x.flip(-1))] if self.tta else [first]
             out.append(torch.stack(views).mean(0))

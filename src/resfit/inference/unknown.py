@@ -21,7 +21,8 @@ unknown"):
 - ``vim``: ViM (Wang et al. 2022), the residual of the pooled features outside their
   principal subspace, scaled, minus the energy;
 - ``multistage``: ``vim`` plus the Mahalanobis distance (class means, shared covariance) of
-  the statistics of every stage, each standardised on the training images and summed (the
+  the statistics of every stage, each standardised on the validation images (the training
+  images where none are given) and summed (the
   per-stage Mahalanobis scores of Lee et al. 2018, combined with equal weights since no
   unknown images are there to weigh them).
 
